@@ -1,0 +1,3 @@
+from dstune.cli import main
+
+main()

@@ -1,0 +1,169 @@
+"""dstune command line. Each subcommand is a function; its docstring is its help text."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from dstune.errors import UserError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune a model: dstune train RECIPE.yaml [key=value ...]
+
+    The recipe (YAML) names the task, model, tokenizer, data, tuning methods, DeepSpeed config,
+    training and evaluation settings and output_dir; `key=value` overrides any field, e.g.
+    `training.lr=1e-4 deepspeed=zero3 methods='[{name: full}]'`. Run it as it is for one process,
+    or under a launcher (`deepspeed`, `torchrun`, srun) for many: the same recipe works on all.
+    """
+    from dstune.config import load_config
+    from dstune.engine.trainer import train
+
+    train(load_config(args.recipe, args.overrides))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a finished run: dstune eval RUN_DIR [--data FILE] [key=value ...]
+
+    Scores the trained model on FILE (default: the run's data.eval) and prints JSON metrics:
+    accuracy and macro-F1 (classification), perplexity (causal_lm, seq2seq), and BLEU/ROUGE when
+    evaluation.generate is on. Overrides apply to the run's saved config (e.g. evaluation.max_samples=100).
+    """
+    import torch
+
+    from dstune.data.tasks import prepare_eval
+    from dstune.engine.evaluate import evaluate
+    from dstune.engine.run_dir import load_run
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, tokenizer, model, labels = load_run(args.run_dir, device)
+    cfg = _override(cfg, args.overrides)
+    path = args.data or cfg.data.eval
+    if not path:
+        raise UserError("--data: the run has no data.eval; name an evaluation file")
+    data = prepare_eval(cfg, tokenizer, os.path.abspath(path), labels, key="--data")
+    gen = cfg.evaluation.generate if cfg.evaluation.generate is not None else cfg.task == "seq2seq"
+    result = evaluate(model, data, cfg.task, tokenizer, device, cfg.evaluation.batch_size, gen,
+                      cfg.evaluation.max_new_tokens)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate text with a finished causal_lm or seq2seq run: dstune generate RUN_DIR --prompt TEXT
+
+    Greedy by default; --sample with --temperature/--top-p samples. Prompts go through the
+    tokenizer's chat template when it has one, as in training.
+    """
+    import torch
+
+    from dstune.data.tasks import encode_prompt
+    from dstune.engine.run_dir import load_run
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, tokenizer, model, _ = load_run(args.run_dir, device)
+    if cfg.task == "classification":
+        raise UserError(f"{args.run_dir}: a classification run does not generate; use dstune eval")
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    torch.manual_seed(args.seed)
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt) if cfg.task == "causal_lm" else tokenizer(prompt)["input_ids"]
+        x = torch.tensor([ids], device=device)
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
+                             do_sample=args.sample, temperature=args.temperature if args.sample else None,
+                             top_p=args.top_p if args.sample else None, pad_token_id=tokenizer.pad_token_id)
+        new = out[0, x.shape[1]:] if cfg.task == "causal_lm" else out[0]
+        print(tokenizer.decode(new, skip_special_tokens=True).strip(), flush=True)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """List tuning methods with their options (built-ins and `dstune.methods` entry points)."""
+    from dstune.methods import available
+
+    for name, cls in sorted(available().items()):
+        print(f"{name:14s} {cls.description}")
+        for field, info in cls.Options.model_fields.items():
+            default = "" if info.is_required() else f" (default: {info.default!r})"
+            print(f"    {field}: {info.description or ''}{default}")
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    """Train a SentencePiece tokenizer on text files: dstune tokenizer train FILE... --out DIR
+
+    Writes tokenizer.model plus Hugging Face tokenizer files to DIR; point tokenizer.path at DIR.
+    """
+    from dstune.models.tokenizers import train_sentencepiece
+
+    out = train_sentencepiece(args.files, args.out, args.vocab_size, args.model_type)
+    print(f"tokenizer written to {out}")
+    return 0
+
+
+def _override(cfg, overrides: list[str]):
+    from dstune.config import config_from_dict, parse_overrides, _merge
+    return config_from_dict(_merge(cfg.model_dump(mode="json"), parse_overrides(overrides)), "override")
+
+
+def _help(fn) -> tuple[str, str]:
+    doc = (fn.__doc__ or "").strip()
+    return doc.splitlines()[0], doc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dstune", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, parent=sub):
+        short, long = _help(fn)
+        sp = parent.add_parser(name, help=short, description=long,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.set_defaults(func=fn)
+        return sp
+
+    sp = add("train", cmd_train)
+    sp.add_argument("recipe", help="YAML recipe (see recipes/)")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.lr=1e-4")
+
+    sp = add("eval", cmd_eval)
+    sp.add_argument("run_dir")
+    sp.add_argument("--data", help="evaluation file (default: the run's data.eval)")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
+
+    sp = add("generate", cmd_generate)
+    sp.add_argument("run_dir")
+    sp.add_argument("--prompt", action="append", help="prompt text (repeatable; default: one per stdin line)")
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    sp.add_argument("--temperature", type=float, default=0.8)
+    sp.add_argument("--top-p", type=float, default=0.95)
+    sp.add_argument("--seed", type=int, default=0)
+
+    add("methods", cmd_methods)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tok_command", required=True)
+    sp = add("train", cmd_tokenizer_train, tok)
+    sp.add_argument("files", nargs="+", help="plain-text files, one sentence or document per line")
+    sp.add_argument("--out", required=True, help="output folder")
+    sp.add_argument("--vocab-size", type=int, default=8000)
+    sp.add_argument("--model-type", choices=["unigram", "bpe", "char", "word"], default="unigram")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"dstune: error: {e}", file=sys.stderr)
+        code = e.exit_code
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Run config: one YAML recipe plus `key=value` overrides, validated by pydantic.
+
+Every field carries its help text; `dstune train --help` points here. Paths are relative
+to the working directory and are made absolute on load, so a run dir's saved
+`config.yaml` works from anywhere.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dstune.errors import UserError
+
+TASKS = ("classification", "causal_lm", "seq2seq")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    path: str | None = Field(None, description="local Hugging Face model folder (or the folder holding gguf_file)")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path`, loaded through transformers")
+    tiny: Literal["gpt2", "llama", "bert", "t5"] | None = Field(
+        None, description="build a tiny random model of this family instead of loading weights (tests)")
+    config_overrides: dict[str, Any] = Field(default_factory=dict, description="fields set on the model config")
+    trust_remote_code: bool = Field(False, description="allow model code shipped inside the model folder")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("set exactly one of model.path and model.tiny")
+        if self.gguf_file and not self.path:
+            raise ValueError("model.gguf_file needs model.path (the folder holding it)")
+        return self
+
+
+class TokenizerConfig(_Section):
+    path: str | None = Field(None, description="HF tokenizer folder or a SentencePiece .model file; default: model.path")
+
+
+class DataConfig(_Section):
+    train: str = Field(description="training data: .jsonl/.json/.csv/.parquet file or a saved `datasets` folder")
+    eval: str | None = Field(None, description="evaluation data, same formats; default: hold out eval_fraction of train")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of train held out for eval when eval is unset")
+    text_column: str = Field("text", description="input text (classification, plain causal_lm)")
+    label_column: str = Field("label", description="label (classification); labels are taken from the data")
+    prompt_column: str = Field("prompt", description="prompt (causal_lm prompt/response; masked from the loss)")
+    response_column: str = Field("response", description="response (causal_lm prompt/response)")
+    source_column: str = Field("source", description="source text (seq2seq)")
+    target_column: str = Field("target", description="target text (seq2seq)")
+    max_length: int = Field(128, gt=0, description="tokens per example (truncated); packed block size")
+    max_target_length: int = Field(64, gt=0, description="target tokens (seq2seq)")
+    packing: bool = Field(False, description="causal_lm: concatenate examples into full max_length blocks")
+
+
+class TrainingConfig(_Section):
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs when set")
+    epochs: float = Field(1.0, gt=0, description="passes over the training data")
+    micro_batch_size: int = Field(8, gt=0, description="examples per rank per forward pass")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(5e-5, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on biases and norms)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="decay after warmup")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0 = off)")
+    seed: int = Field(42, description="seeds init, data order and dropout")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision")
+    activation_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    log_every: int = Field(1, gt=0, description="steps between metric lines")
+    checkpoint_every: int = Field(0, ge=0, description="steps between DeepSpeed checkpoints (0 = only at the end)")
+    resume: bool = Field(True, description="continue from output_dir's last complete checkpoint if there is one")
+    dist_timeout_s: int = Field(600, gt=0, description="seconds a collective may wait before the job fails")
+
+
+class EvaluationConfig(_Section):
+    every: int = Field(0, ge=0, description="steps between evaluations (0 = before and after training only)")
+    batch_size: int = Field(16, gt=0, description="examples per rank per eval batch")
+    max_samples: int | None = Field(None, gt=0, description="evaluate on at most this many examples")
+    generate: bool | None = Field(None, description="score generations with BLEU/ROUGE; default: on for seq2seq")
+    max_new_tokens: int = Field(32, gt=0, description="generation length for BLEU/ROUGE")
+
+
+class RunConfig(_Section):
+    task: Literal["classification", "causal_lm", "seq2seq"] = Field(description="what the model learns")
+    model: ModelConfig
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig
+    methods: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"name": "full"}],
+        description="tuning methods, each {name: ..., options...}; see `dstune methods`")
+    deepspeed: str | dict[str, Any] = Field(
+        "zero0", description="ds_configs name (zero0..zero3, zero3_offload), a DeepSpeed JSON path, or inline")
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    output_dir: str = Field(description="run directory: checkpoints, metrics, trainable.safetensors")
+
+    def resolve_paths(self) -> "RunConfig":
+        """Make every path absolute (relative paths are taken from the working directory)."""
+        def absolute(p: str | None) -> str | None:
+            return None if p is None else os.path.abspath(os.path.expanduser(p))
+        self.model.path = absolute(self.model.path)
+        self.tokenizer.path = absolute(self.tokenizer.path)
+        self.data.train = absolute(self.data.train)
+        self.data.eval = absolute(self.data.eval)
+        self.output_dir = absolute(self.output_dir)
+        if isinstance(self.deepspeed, str) and self.deepspeed.endswith(".json"):
+            self.deepspeed = absolute(self.deepspeed)
+        return self
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`a.b=1 c=[x, y]` → {"a": {"b": 1}, "c": ["x", "y"]}; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r}: expected key=value (e.g. training.lr=1e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r}: {part} is not a section")
+        node[leaf] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in a YAML document to its 1-based line, so errors can say file:line."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                lines[path + (k.value,)] = k.start_mark.line + 1
+                walk(v, path + (k.value,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[path + (i,)] = v.start_mark.line + 1
+                walk(v, path + (i,))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def format_validation_error(err: ValidationError, source: str, key_lines: dict[tuple, int]) -> str:
+    """First pydantic error as one line: `recipe.yaml:7: training.lr: Input should be a valid number`."""
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+    if e["type"] not in ("missing", "extra_forbidden") and "input" in e and not isinstance(e["input"], dict):
+        msg += f" (got {e['input']!r})"
+    where = source
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in key_lines:
+            where = f"{source}:{key_lines[loc[:n]]}"
+            break
+    return f"{where}: {key}: {msg}"
+
+
+def load_config(recipe: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe, apply overrides, validate, and resolve paths. Raises UserError."""
+    path = Path(recipe)
+    if not path.is_file():
+        raise UserError(f"recipe not found: {path}")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a mapping of sections (task, model, data, ...)")
+    raw = _merge(raw, parse_overrides(overrides or []))
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, str(path), _key_lines(text))) from None
+    return cfg.resolve_paths()
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate an already-parsed config (e.g. a run dir's saved config.yaml)."""
+    try:
+        return RunConfig.model_validate(raw).resolve_paths()
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, source, {})) from None
+
+
+def dump_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,58 @@
+"""Data order and batches: a pure function of (seed, step), so resume and world size never change it.
+
+Each optimizer step takes the next `micro × accum × world` examples of the epoch's permutation;
+rank r gets a contiguous slice of that global batch, cut into `accum` micro-batches. One rank with
+accum=2 therefore sees exactly the examples two ranks with accum=1 see, and a run resumed at step
+s reads the same examples as an uninterrupted run at step s.
+"""
+from __future__ import annotations
+
+import torch
+
+from dstune.data.tasks import IGNORE
+
+
+class StepBatches:
+    def __init__(self, n_examples: int, micro: int, accum: int, world: int, rank: int, seed: int):
+        self.n, self.micro, self.accum, self.world, self.rank, self.seed = n_examples, micro, accum, world, rank, seed
+        self.global_batch = micro * accum * world
+        self.steps_per_epoch = n_examples // self.global_batch  # the incomplete tail batch is dropped
+        self._epoch, self._order = -1, None
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.n, generator=g).tolist()
+        return self._order
+
+    def for_step(self, step: int) -> list[list[int]]:
+        """Example indices of this rank's micro-batches for optimizer step `step` (0-based)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self._permutation(epoch)
+        start = within * self.global_batch + self.rank * self.micro * self.accum
+        mine = order[start:start + self.micro * self.accum]
+        return [mine[a * self.micro:(a + 1) * self.micro] for a in range(self.accum)]
+
+
+def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    rows = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def collate(rows: list[dict], pad_id: int, task: str) -> dict[str, torch.Tensor]:
+    """Pad a list of tokenized rows to the longest one; padded label positions are ignored by the loss."""
+    ids = [r["input_ids"] for r in rows]
+    batch = {"input_ids": _pad(ids, pad_id),
+             "attention_mask": _pad([[1] * len(s) for s in ids], 0)}
+    if task == "classification":
+        batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
+    else:
+        batch["labels"] = _pad([r["labels"] for r in rows], IGNORE)
+    return batch
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int, left: bool) -> dict[str, torch.Tensor]:
+    """Batch generation inputs; decoder-only models need left padding so every row ends at its last token."""
+    return {"input_ids": _pad(prompts, pad_id, left=left),
+            "attention_mask": _pad([[1] * len(p) for p in prompts], 0, left=left)}

@@ -1,0 +1,68 @@
+"""Read a table of examples from disk through `datasets`, with errors that name the file and line."""
+from __future__ import annotations
+
+import json
+import os
+
+from dstune.errors import UserError
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
+             ".arrow": "arrow"}
+
+
+def _check_jsonl(path: str, key: str) -> None:
+    """datasets' JSON errors do not say where; find the first bad row ourselves."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: {key}: malformed JSON row: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: {key}: each row must be a JSON object, got {type(row).__name__}")
+
+
+def load_table(path: str, key: str):
+    """Load a data file or a saved dataset folder as a `datasets.Dataset`; `key` names the config key."""
+    import datasets
+
+    if not os.path.exists(path):
+        raise UserError(f"{key}: file not found: {path}")
+    if os.path.isdir(path):
+        try:
+            ds = datasets.load_from_disk(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"{key}: {path} is not a saved dataset folder: {e}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise UserError(f"{key}: {path} holds splits {list(ds)}; point at one split's folder")
+            ds = ds["train"]
+    else:
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in _BUILDERS:
+            raise UserError(f"{key}: unsupported file type {ext!r} ({path}); use {', '.join(_BUILDERS)}")
+        if ext == ".jsonl" or (ext == ".json" and _looks_like_jsonl(path)):
+            _check_jsonl(path, key)
+        kwargs = {"sep": "\t"} if ext == ".tsv" else {}
+        try:
+            ds = datasets.load_dataset(_BUILDERS[ext], data_files=path, split="train", keep_in_memory=True,
+                                       **kwargs)
+        except Exception as e:  # datasets raises many types for unreadable files; all mean bad input here
+            raise UserError(f"{key}: cannot read {path}: {str(e).splitlines()[0]}") from None
+    if len(ds) == 0:
+        raise UserError(f"{key}: {path} has no rows")
+    return ds
+
+
+def _looks_like_jsonl(path: str) -> bool:
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1).strip()
+    return head == "{"
+
+
+def require_columns(ds, columns: list[str], key: str, path: str) -> None:
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise UserError(f"{key}: column {missing[0]!r} not in {path} (columns: {', '.join(ds.column_names)})")

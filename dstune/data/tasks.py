@@ -1,0 +1,159 @@
+"""Turn raw rows into token ids for each task: classification, causal_lm, seq2seq."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from dstune.config import RunConfig
+from dstune.data.files import load_table, require_columns
+from dstune.errors import UserError
+
+IGNORE = -100  # label id the loss skips (prompt tokens, padding)
+
+
+@dataclass
+class TaskData:
+    train: Any                  # datasets.Dataset of token ids
+    eval: Any | None            # same, with `ref` (and `prompt_ids`) columns for generation metrics
+    labels: list[str] | None = None  # classification label values (as text), index = class id
+    style: str = ""             # causal_lm: "text" or "chat" (prompt/response)
+
+
+def _with_eos(ids: list[int], eos: int | None) -> list[int]:
+    return ids if eos is None or (ids and ids[-1] == eos) else ids + [eos]
+
+
+def _causal_style(cfg: RunConfig, columns: list[str], path: str) -> str:
+    d = cfg.data
+    if d.text_column in columns:
+        return "text"
+    if d.prompt_column in columns and d.response_column in columns:
+        return "chat"
+    raise UserError(f"data.text_column: {path} has neither a {d.text_column!r} column nor "
+                    f"{d.prompt_column!r}+{d.response_column!r} (columns: {', '.join(columns)})")
+
+
+def _prompt_text(tokenizer, prompt: str) -> tuple[str, bool]:
+    """The prompt as the model should see it: through the chat template when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True), False
+    return prompt, True
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    text, add_special = _prompt_text(tokenizer, prompt)
+    return tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+
+def _encoder(cfg: RunConfig, tokenizer, style: str, labels: dict | None, for_eval: bool):
+    d, eos, n = cfg.data, tokenizer.eos_token_id, cfg.data.max_length
+
+    def classification(row):
+        ids = tokenizer(str(row[d.text_column]), truncation=True, max_length=n)["input_ids"]
+        return {"input_ids": ids, "labels": labels[str(row[d.label_column])]}
+
+    def causal_text(row):
+        ids = _with_eos(tokenizer(str(row[d.text_column]))["input_ids"], eos)
+        ids = ids if cfg.data.packing else ids[:n]
+        return {"input_ids": ids, "labels": list(ids)}
+
+    def causal_chat(row):
+        prompt = encode_prompt(tokenizer, str(row[d.prompt_column]))
+        reply = _with_eos(tokenizer(str(row[d.response_column]), add_special_tokens=False)["input_ids"], eos)
+        ids = prompt + reply
+        labels_ = [IGNORE] * len(prompt) + reply  # the prompt is context, not a target
+        if for_eval or not cfg.data.packing:
+            ids, labels_ = ids[:n], labels_[:n]
+        out = {"input_ids": ids, "labels": labels_}
+        if for_eval:
+            out.update(prompt_ids=prompt[-n:], ref=str(row[d.response_column]))
+        return out
+
+    def seq2seq(row):
+        src = _with_eos(tokenizer(str(row[d.source_column]))["input_ids"], eos)[:n]
+        tgt = _with_eos(tokenizer(str(row[d.target_column]))["input_ids"], eos)[:d.max_target_length]
+        out = {"input_ids": src, "labels": tgt}
+        if for_eval:
+            out["ref"] = str(row[d.target_column])
+        return out
+
+    if cfg.task == "classification":
+        return classification
+    if cfg.task == "seq2seq":
+        return seq2seq
+    return causal_chat if style == "chat" else causal_text
+
+
+def pack(ds, block: int):
+    """Concatenate all examples and cut them into full blocks of `block` tokens (the tail is dropped)."""
+    def chunk(batch):
+        ids = [t for seq in batch["input_ids"] for t in seq]
+        labels = [t for seq in batch["labels"] for t in seq]
+        cut = len(ids) // block * block
+        return {"input_ids": [ids[i:i + block] for i in range(0, cut, block)],
+                "labels": [labels[i:i + block] for i in range(0, cut, block)]}
+    return ds.map(chunk, batched=True, batch_size=len(ds), remove_columns=ds.column_names, keep_in_memory=True)
+
+
+def _check_columns(cfg: RunConfig, ds, path: str, key: str) -> str:
+    """Fail with the missing column's config key; return the causal_lm style ("text"/"chat")."""
+    d = cfg.data
+    if cfg.task == "classification":
+        require_columns(ds, [d.text_column], "data.text_column", path)
+        require_columns(ds, [d.label_column], "data.label_column", path)
+    elif cfg.task == "seq2seq":
+        require_columns(ds, [d.source_column], "data.source_column", path)
+        require_columns(ds, [d.target_column], "data.target_column", path)
+    else:
+        return _causal_style(cfg, ds.column_names, path)
+    return ""
+
+
+def _tokenize(cfg: RunConfig, tokenizer, ds, style: str, labels: list[str] | None, for_eval: bool):
+    label_map = {v: i for i, v in enumerate(labels)} if labels else None
+    if for_eval and labels:
+        unseen = {str(x) for x in ds[cfg.data.label_column]} - set(labels)
+        if unseen:
+            raise UserError(f"data.eval: labels {sorted(unseen)} do not occur in the training labels {labels}")
+    out = ds.map(_encoder(cfg, tokenizer, style, label_map, for_eval), remove_columns=ds.column_names,
+                 keep_in_memory=True)
+    if cfg.task == "causal_lm" and cfg.data.packing and (style == "text" or not for_eval):
+        out = pack(out, cfg.data.max_length)
+        if len(out) == 0:
+            raise UserError(f"data.max_length: fewer than {cfg.data.max_length} tokens in the data to pack")
+    return out
+
+
+def prepare_eval(cfg: RunConfig, tokenizer, path: str, labels: list[str] | None, key: str = "data.eval") -> TaskData:
+    """Tokenize one evaluation file the way training saw its data (same label ids)."""
+    raw = load_table(path, key)
+    style = _check_columns(cfg, raw, path, key)
+    if cfg.evaluation.max_samples:
+        raw = raw.select(range(min(len(raw), cfg.evaluation.max_samples)))
+    return TaskData(train=None, eval=_tokenize(cfg, tokenizer, raw, style, labels, True), labels=labels, style=style)
+
+
+def prepare_data(cfg: RunConfig, tokenizer) -> TaskData:
+    """Load train (and eval) rows, check the columns the task needs, and tokenize them."""
+    d = cfg.data
+    train_raw = load_table(d.train, "data.train")
+    style = _check_columns(cfg, train_raw, d.train, "data.train")
+    labels = None
+    if cfg.task == "classification":
+        labels = sorted({str(x) for x in train_raw[d.label_column]})
+        if len(labels) < 2:
+            raise UserError(f"data.label_column: {d.train} has only one label value ({labels[0]!r})")
+    evald = None
+    if d.eval:
+        evald = prepare_eval(cfg, tokenizer, d.eval, labels)
+        if evald.style != style:
+            raise UserError(f"data.eval: {d.eval} does not have the same columns as data.train")
+    elif d.eval_fraction > 0:
+        split = train_raw.train_test_split(test_size=d.eval_fraction, seed=cfg.training.seed)
+        train_raw, held_out = split["train"], split["test"]
+        if cfg.evaluation.max_samples:
+            held_out = held_out.select(range(min(len(held_out), cfg.evaluation.max_samples)))
+        evald = TaskData(None, _tokenize(cfg, tokenizer, held_out, style, labels, True), labels, style)
+    train = _tokenize(cfg, tokenizer, train_raw, style, labels, False)
+    return TaskData(train=train, eval=evald.eval if evald else None, labels=labels, style=style)

@@ -1,0 +1,84 @@
+"""Checkpoints: DeepSpeed checkpoints plus a pointer to the last *complete* one, and the
+small `trainable.safetensors` holding only what trained.
+
+A checkpoint counts as complete only once every rank has finished writing it: the pointer
+file is replaced atomically after a barrier, so a save cut off half-way is never loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from dstune.engine.distributed import barrier
+
+POINTER = "last_complete"
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(engine, run_dir: str, step: int, is_main: bool) -> str:
+    tag = f"step_{step:08d}"
+    ckpt = checkpoint_dir(run_dir)
+    engine.save_checkpoint(str(ckpt), tag=tag, client_state={"global_step": step}, save_latest=False)
+    barrier()
+    if is_main:
+        tmp = ckpt / f".{POINTER}.tmp"
+        tmp.write_text(json.dumps({"tag": tag, "global_step": step}))
+        os.replace(tmp, ckpt / POINTER)
+    barrier()
+    return tag
+
+
+def last_complete(run_dir: str) -> str | None:
+    """Tag of the newest checkpoint every rank finished writing, or None."""
+    pointer = checkpoint_dir(run_dir) / POINTER
+    if not pointer.is_file():
+        return None
+    tag = json.loads(pointer.read_text())["tag"]
+    return tag if (checkpoint_dir(run_dir) / tag).is_dir() else None
+
+
+def load_checkpoint(engine, run_dir: str, tag: str) -> int:
+    """Restore model, optimizer and LR schedule; return the global step to continue from."""
+    path, client = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {checkpoint_dir(run_dir)}")
+    return int(client["global_step"])
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full (gathered) copies of the trainable parameters; a collective under ZeRO-3, so call it on every rank."""
+    import deepspeed
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {n: p.detach().to("cpu", torch.float32).clone().contiguous() for n, p in named}
+
+
+def save_trainable(model: torch.nn.Module, path: str | os.PathLike, is_main: bool, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    state = trainable_state(model)
+    if is_main:
+        tmp = Path(f"{path}.tmp")
+        save_file(state, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+        os.replace(tmp, path)
+    barrier()
+
+
+def load_trainable(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load trainable.safetensors into a model built the same way; every key must match."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    missing_here = [k for k in state if k not in dict(model.named_parameters())]
+    if missing_here:
+        raise ValueError(f"{path}: {len(missing_here)} tensors have no parameter in the model, e.g. {missing_here[0]}")
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,75 @@
+"""DeepSpeed config: a file from ds_configs/, the user's JSON, or inline, completed from the recipe.
+
+The recipe is the single source of training hyper-parameters: batch sizes, clipping, precision and
+the optimizer's lr/betas/eps/weight decay are written into the DeepSpeed config from it; ZeRO,
+offload and communication settings come from the DeepSpeed config.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dstune.config import RunConfig
+from dstune.errors import UserError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def named_configs() -> list[str]:
+    return sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: deepspeed: invalid JSON: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: deepspeed: a DeepSpeed config is a JSON object")
+    return data
+
+
+def base_config(spec: str | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(spec, dict):
+        return copy.deepcopy(spec)
+    if spec.endswith(".json"):
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"deepspeed: file not found: {path}")
+        return _read_json(path)
+    path = DS_CONFIG_DIR / f"{spec}.json"
+    if not path.is_file():
+        raise UserError(f"deepspeed: unknown config {spec!r}; known: {', '.join(named_configs())} or a .json path")
+    return _read_json(path)
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    t = cfg.training
+    ds = base_config(cfg.deepspeed)
+    if zero_stage(ds) not in (0, 1, 2, 3):
+        raise UserError(f"deepspeed: zero_optimization.stage must be 0-3, got {zero_stage(ds)}")
+    ds.pop("scheduler", None)  # the schedule comes from training.lr_schedule
+    ds.update(
+        train_micro_batch_size_per_gpu=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        train_batch_size=t.micro_batch_size * t.gradient_accumulation_steps * world_size,
+        gradient_clipping=t.max_grad_norm,
+        steps_per_print=ds.get("steps_per_print", 10**9),
+    )
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": t.precision == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": t.precision == "fp16"}
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    opt["params"] = {**opt.get("params", {}), "lr": t.lr, "betas": list(t.betas), "eps": t.eps,
+                     "weight_decay": t.weight_decay}
+    if not torch.cuda.is_available():
+        # the fused (CUDA) Adam would be JIT-compiled for nothing; torch's AdamW does the same maths
+        opt["params"].setdefault("torch_adam", True)
+    return ds

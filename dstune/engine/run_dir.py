@@ -1,0 +1,31 @@
+"""Load a finished run directory back: config, tokenizer, and the model with what trained."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from dstune.config import RunConfig, config_from_dict
+from dstune.engine.checkpoint import load_trainable
+from dstune.errors import UserError
+from dstune.methods import apply_methods, build_methods
+from dstune.models.loading import load_model
+from dstune.models.tokenizers import load_tokenizer
+
+
+def load_run(run_dir: str, device: torch.device | None = None):
+    """(cfg, tokenizer, model, labels) of a run dir written by `dstune train`; the model is in eval mode."""
+    d = Path(run_dir)
+    for name in ("config.yaml", "run.json", "trainable.safetensors"):
+        if not (d / name).is_file():
+            raise UserError(f"{d}: not a finished dstune run (missing {name})")
+    cfg: RunConfig = config_from_dict(yaml.safe_load((d / "config.yaml").read_text()), str(d / "config.yaml"))
+    info = json.loads((d / "run.json").read_text())
+    tokenizer = load_tokenizer(str(d / "tokenizer"))
+    model = load_model(cfg, tokenizer, info.get("labels"))
+    apply_methods(model, build_methods(cfg.methods), cfg.task)
+    load_trainable(model, d / "trainable.safetensors")
+    model.to(device or torch.device("cpu")).eval()
+    return cfg, tokenizer, model, info.get("labels")

@@ -1,0 +1,215 @@
+"""The training recipe, top to bottom: set up, (resume,) train with periodic eval and checkpoints, save.
+
+Features: any task (classification / causal_lm / seq2seq), any tuning method mix, DeepSpeed ZeRO 0-3
+with offload, fp32/bf16/fp16, gradient accumulation, warmup + linear/cosine schedule, clipping,
+activation checkpointing, exact resume from the last complete checkpoint, metrics to JSONL and
+TensorBoard, tqdm progress on rank 0, and a `trainable.safetensors` of what trained.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from dstune.config import RunConfig, dump_config
+from dstune.data.batching import StepBatches, collate
+from dstune.data.tasks import prepare_data
+from dstune.engine import checkpoint as ckpt
+from dstune.engine.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
+from dstune.engine.ds_config import build_ds_config, zero_stage
+from dstune.engine.evaluate import evaluate
+from dstune.errors import UserError
+from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
+from dstune.models.loading import load_model
+from dstune.models.tokenizers import load_tokenizer
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Dropout & co. draw from a stream fixed by (seed, step, rank), so a resumed run repeats them exactly."""
+    torch.manual_seed(seed * 1_000_003 + step * 1_009 + rank)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """LR multiplier: linear warmup over `warmup` steps, then constant, linear or cosine decay to 0 at `total`."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return f
+
+
+class RunLog:
+    """metrics.jsonl + TensorBoard, written by rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.jsonl = open(run_dir / "metrics.jsonl", "a")
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, step: int, split: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+        self.jsonl.flush()
+        for k, v in values.items():
+            self.tb.add_scalar(f"{split}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def tokenizer_path(cfg: RunConfig) -> str:
+    return cfg.tokenizer.path or cfg.model.path or ""
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run one fine-tuning job described by `cfg` on whatever ranks the launcher started."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    t = cfg.training
+    # 1. everything that can reject the input, before anything is written
+    if not tokenizer_path(cfg):
+        raise UserError("tokenizer.path: required when the model is a tiny random config")
+    methods = build_methods(cfg.methods)
+    dist_ = init_distributed(t.dist_timeout_s)
+    if not dist_.is_main:
+        import datasets
+        datasets.disable_progress_bars()
+    tokenizer = load_tokenizer(tokenizer_path(cfg), None if cfg.tokenizer.path else cfg.model.gguf_file,
+                               cfg.model.trust_remote_code)
+    data = prepare_data(cfg, tokenizer)
+    batches = StepBatches(len(data.train), t.micro_batch_size, t.gradient_accumulation_steps, dist_.world,
+                          dist_.rank, t.seed)
+    if batches.steps_per_epoch == 0:
+        raise UserError(f"data.train: {len(data.train)} examples are fewer than one global batch "
+                        f"(micro_batch_size × gradient_accumulation_steps × ranks = {batches.global_batch})")
+    total_steps = t.max_steps or math.ceil(t.epochs * batches.steps_per_epoch)
+    ds_config = build_ds_config(cfg, dist_.world)
+    stage = zero_stage(ds_config)
+    hf_ds = HfDeepSpeedConfig(ds_config) if stage == 3 else None  # noqa: F841  (must stay alive while loading)
+
+    torch.manual_seed(t.seed)
+    model = load_model(cfg, tokenizer, data.labels)
+    apply_methods(model, methods, cfg.task)
+    if t.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_train, n_total = count_trainable(model)
+
+    # 2. the run dir; removed again if set-up fails before the first step
+    run_dir = Path(cfg.output_dir)
+    created = not run_dir.exists()
+    barrier()
+    if dist_.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    engine = None
+    try:
+        if dist_.is_main:
+            dump_config(cfg, run_dir / "config.yaml")
+            tokenizer.save_pretrained(run_dir / "tokenizer")
+            (run_dir / "run.json").write_text(json.dumps(
+                {"task": cfg.task, "labels": [str(x) for x in data.labels] if data.labels else None,
+                 "methods": [m.name for m in methods], "trainable_params": n_train, "total_params": n_total,
+                 "world_size": dist_.world, "zero_stage": stage}, indent=1))
+            print(f"[dstune] {', '.join(m.name for m in methods)}: {n_train:,} of {n_total:,} parameters train "
+                  f"({100 * n_train / n_total:.2f}%); {dist_.world} rank(s), ZeRO-{stage}, {t.precision}, "
+                  f"{total_steps} steps of {batches.global_batch} examples", flush=True)
+        groups = [{k: v for k, v in g.items() if k != "names"}
+                  for g in param_groups(model, methods, t.lr, t.weight_decay)]
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model, model_parameters=groups, config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, lr_lambda(t.lr_schedule, t.warmup_steps, total_steps)))
+        step = 0
+        tag = ckpt.last_complete(str(run_dir)) if t.resume else None
+        if tag:
+            step = ckpt.load_checkpoint(engine, str(run_dir), tag)
+            if dist_.is_main:
+                print(f"[dstune] resumed from {tag} (step {step})", flush=True)
+    except BaseException:
+        if engine is not None:
+            shutdown(engine)
+        if created and dist_.is_main:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+    log = RunLog(run_dir, dist_.is_main)
+    results = _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_, log, step, total_steps, stage)
+    save_trainable_final(engine, run_dir, dist_, cfg)
+    log.close()
+    shutdown(engine)
+    return results
+
+
+def _run_eval(cfg, engine, data, tokenizer, dist_: Dist, stage: int) -> dict:
+    e = cfg.evaluation
+    gen = e.generate if e.generate is not None else cfg.task == "seq2seq"
+    return evaluate(engine, data, cfg.task, tokenizer, dist_.device, e.batch_size, gen, e.max_new_tokens,
+                    dist_.rank, dist_.world, synced_gpus=stage == 3 and dist_.world > 1)
+
+
+def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: RunLog, step: int,
+          total_steps: int, stage: int) -> dict:
+    from tqdm.auto import tqdm
+
+    t, e = cfg.training, cfg.evaluation
+    results: dict = {}
+    if data.eval is not None and step == 0:
+        results["before"] = _run_eval(cfg, engine, data, tokenizer, dist_, stage)
+        log.write(0, "eval", results["before"])
+    engine.train()
+    bar = tqdm(total=total_steps, initial=step, disable=not dist_.is_main, desc="train", dynamic_ncols=True)
+    tokens_seen = 0
+    while step < total_steps:
+        seed_step(t.seed, step, dist_.rank)
+        started = time.perf_counter()
+        loss_sum = 0.0
+        for micro in batches.for_step(step):
+            batch = {k: v.to(dist_.device) for k, v in
+                     collate([data.train[i] for i in micro], tokenizer.pad_token_id, cfg.task).items()}
+            tokens_seen += int(batch["attention_mask"].sum())
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.item()
+        step += 1
+        loss = mean_over_ranks(loss_sum / t.gradient_accumulation_steps, dist_.device)
+        if step % t.log_every == 0 or step == total_steps:
+            log.write(step, "train", {"loss": loss, "lr": scheduler.get_last_lr()[0],
+                                      "step_s": time.perf_counter() - started})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if data.eval is not None and e.every and step % e.every == 0 and step < total_steps:
+            log.write(step, "eval", _run_eval(cfg, engine, data, tokenizer, dist_, stage))
+            engine.train()
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == total_steps:
+            ckpt.save_checkpoint(engine, cfg.output_dir, step, dist_.is_main)
+    bar.close()
+    if data.eval is not None:
+        results["after"] = _run_eval(cfg, engine, data, tokenizer, dist_, stage)
+        log.write(step, "eval", results["after"])
+    results["steps"] = step
+    if dist_.is_main:
+        path = Path(cfg.output_dir) / "results.json"
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**previous, **results}, indent=1))
+    return results
+
+
+def save_trainable_final(engine, run_dir: Path, dist_: Dist, cfg: RunConfig) -> None:
+    ckpt.save_trainable(engine.module, run_dir / "trainable.safetensors", dist_.is_main,
+                        {"task": cfg.task, "methods": ",".join(m["name"] for m in cfg.methods)})
+    if dist_.is_main:
+        print(f"[dstune] run dir: {run_dir}", flush=True)

@@ -1,0 +1,95 @@
+"""Tuning-method registry: built-ins register with one line; others via the `dstune.methods` entry point."""
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from dstune.errors import UserError
+from dstune.methods.base import TuningMethod
+from dstune.methods.full import Full
+
+METHODS: dict[str, type[TuningMethod]] = {}
+
+
+def register(cls: type[TuningMethod]) -> type[TuningMethod]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+register(Full)
+
+
+def available() -> dict[str, type[TuningMethod]]:
+    """Built-in methods plus third-party ones published under the `dstune.methods` entry-point group."""
+    found = dict(METHODS)
+    for ep in entry_points(group="dstune.methods"):
+        found.setdefault(ep.name, ep.load())
+    return found
+
+
+def build_methods(specs: list[dict[str, Any]]) -> list[TuningMethod]:
+    """Turn the recipe's `methods:` list into method objects, validating each one's options."""
+    known = available()
+    if not specs:
+        raise UserError("methods: list at least one tuning method (e.g. - name: full)")
+    out = []
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        if name not in known:
+            raise UserError(f"methods[{i}].name: unknown method {name!r}; known: {', '.join(sorted(known))}")
+        cls = known[name]
+        try:
+            options = cls.Options.model_validate(spec)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
+            raise UserError(f"methods[{i}] ({name}).{key}: {msg}") from None
+        out.append(cls(options))
+    return out
+
+
+def apply_methods(model: torch.nn.Module, methods: list[TuningMethod], task: str) -> None:
+    """Freeze everything, then let each method mark or add what trains."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in methods:
+        m.apply(model, task)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError("methods: nothing trains with these methods and options")
+
+
+def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    # biases and norm weights (1-D) are not decayed, as in BERT/GPT training recipes
+    return p.ndim < 2 or "norm" in name.lower()
+
+
+def param_groups(model: torch.nn.Module, methods: list[TuningMethod], lr: float,
+                 weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer param groups keyed by (LR scale, decay): one group per distinct pair."""
+    groups: dict[tuple[float, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = 1.0
+        for m in methods:
+            scale *= m.lr_scale(name)
+        decay = weight_decay > 0 and not _no_decay(name, p)
+        g = groups.setdefault((scale, decay), {"params": [], "names": [], "lr": lr * scale,
+                                               "weight_decay": weight_decay if decay else 0.0})
+        g["params"].append(p)
+        g["names"].append(name)
+    return list(groups.values())
+
+
+def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; uses ds_numel for ZeRO-3 partitioned parameters."""
+    def numel(p: torch.nn.Parameter) -> int:
+        return getattr(p, "ds_numel", p.numel())
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, total

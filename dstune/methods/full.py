@@ -1,0 +1,13 @@
+"""Full (task) fine-tuning: every parameter trains."""
+import torch
+
+from dstune.methods.base import TuningMethod
+
+
+class Full(TuningMethod):
+    name = "full"
+    description = "full fine-tuning: every parameter of the model trains"
+
+    def apply(self, model: torch.nn.Module, task: str) -> None:
+        for p in model.parameters():
+            p.requires_grad_(True)

@@ -1,0 +1,78 @@
+"""Build the model for a task: from a local folder, a GGUF file, or a tiny random config (tests)."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from dstune.config import RunConfig
+from dstune.errors import UserError
+
+
+def _auto_class(task: str):
+    import transformers as T
+    return {"classification": T.AutoModelForSequenceClassification,
+            "causal_lm": T.AutoModelForCausalLM,
+            "seq2seq": T.AutoModelForSeq2SeqLM}[task]
+
+
+def tiny_config(family: str, vocab_size: int, special: dict[str, int]) -> Any:
+    """A 2-layer, 32-wide model of a family, dropout off (so runs are comparable across world sizes)."""
+    import transformers as T
+    if family == "gpt2":
+        return T.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=512, vocab_size=vocab_size,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0, **special)
+    if family == "llama":
+        return T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512, **special)
+    if family == "bert":
+        return T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            vocab_size=vocab_size, max_position_embeddings=512, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0, **special)
+    if family == "t5":
+        return T.T5Config(d_model=32, d_ff=64, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=2,
+                          vocab_size=vocab_size, dropout_rate=0.0, decoder_start_token_id=special["pad_token_id"],
+                          **special)
+    raise UserError(f"model.tiny: unknown family {family!r}")
+
+
+def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.nn.Module:
+    """Instantiate the task model in fp32 (DeepSpeed casts for bf16/fp16 and keeps fp32 master weights).
+
+    Under ZeRO-3 the caller must hold a `HfDeepSpeedConfig` first, so weights are created partitioned.
+    """
+    from transformers import AutoConfig
+
+    task_kwargs: dict[str, Any] = {}
+    if cfg.task == "classification":
+        names = [str(x) for x in labels]
+        task_kwargs = dict(num_labels=len(names), id2label=dict(enumerate(names)),
+                           label2id={n: i for i, n in enumerate(names)})
+    auto = _auto_class(cfg.task)
+    m = cfg.model
+    if m.tiny:
+        special = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")
+                   if getattr(tokenizer, k) is not None}
+        config = tiny_config(m.tiny, len(tokenizer), special)
+        for k, v in {**task_kwargs, **m.config_overrides}.items():
+            setattr(config, k, v)
+        if cfg.task == "classification" and config.pad_token_id is None:
+            config.pad_token_id = tokenizer.pad_token_id
+        return auto.from_config(config, dtype=torch.float32)
+    if not os.path.isdir(m.path):
+        raise UserError(f"model.path: not a folder: {m.path}")
+    if m.gguf_file and not os.path.isfile(os.path.join(m.path, m.gguf_file)):
+        raise UserError(f"model.gguf_file: not found: {os.path.join(m.path, m.gguf_file)}")
+    try:
+        config = AutoConfig.from_pretrained(m.path, gguf_file=m.gguf_file, local_files_only=True,
+                                            trust_remote_code=m.trust_remote_code, **task_kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path: cannot read a model config in {m.path}: {str(e).splitlines()[0]}") from None
+    for k, v in m.config_overrides.items():
+        setattr(config, k, v)
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return auto.from_pretrained(m.path, config=config, gguf_file=m.gguf_file, local_files_only=True,
+                                trust_remote_code=m.trust_remote_code, dtype=torch.float32,
+                                use_safetensors=None if m.gguf_file else True)
