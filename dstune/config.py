@@ -7,6 +7,7 @@ to the working directory and are made absolute on load, so a run dir's saved
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from dstune.errors import UserError
 
 TASKS = ("classification", "causal_lm", "seq2seq")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` as a string; recipes mean a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 class _Section(BaseModel):
@@ -123,7 +138,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise UserError(f"override {item!r}: expected key=value (e.g. training.lr=1e-4)")
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = _yaml(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
         node = tree
@@ -186,7 +201,7 @@ def load_config(recipe: str | os.PathLike, overrides: list[str] | None = None) -
         raise UserError(f"recipe not found: {path}")
     text = path.read_text()
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = _yaml(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

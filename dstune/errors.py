@@ -5,3 +5,9 @@ class UserError(Exception):
     """Bad input (config, data, paths). The message names the key or file:line at fault."""
 
     exit_code = 2
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (library messages can run to pages)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from dstune.errors import UserError
+from dstune.errors import UserError, first_line
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
              ".arrow": "arrow"}
@@ -41,6 +41,8 @@ def load_table(path: str, key: str):
             ds = ds["train"]
     else:
         ext = os.path.splitext(path)[1].lower()
+        if os.path.getsize(path) == 0:
+            raise UserError(f"{key}: {path} has no rows")
         if ext not in _BUILDERS:
             raise UserError(f"{key}: unsupported file type {ext!r} ({path}); use {', '.join(_BUILDERS)}")
         if ext == ".jsonl" or (ext == ".json" and _looks_like_jsonl(path)):
@@ -50,7 +52,7 @@ def load_table(path: str, key: str):
             ds = datasets.load_dataset(_BUILDERS[ext], data_files=path, split="train", keep_in_memory=True,
                                        **kwargs)
         except Exception as e:  # datasets raises many types for unreadable files; all mean bad input here
-            raise UserError(f"{key}: cannot read {path}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"{key}: cannot read {path}: {first_line(e)}") from None
     if len(ds) == 0:
         raise UserError(f"{key}: {path} has no rows")
     return ds

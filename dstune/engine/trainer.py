@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -83,20 +84,21 @@ def train(cfg: RunConfig) -> dict:
     if not tokenizer_path(cfg):
         raise UserError("tokenizer.path: required when the model is a tiny random config")
     methods = build_methods(cfg.methods)
-    dist_ = init_distributed(t.dist_timeout_s)
-    if not dist_.is_main:
+    if int(os.environ.get("RANK", "0")) != 0:
         import datasets
         datasets.disable_progress_bars()
     tokenizer = load_tokenizer(tokenizer_path(cfg), None if cfg.tokenizer.path else cfg.model.gguf_file,
                                cfg.model.trust_remote_code)
     data = prepare_data(cfg, tokenizer)
+    build_ds_config(cfg, 1)  # reject a bad DeepSpeed config before starting the process group
+    dist_ = init_distributed(t.dist_timeout_s)
+    ds_config = build_ds_config(cfg, dist_.world)
     batches = StepBatches(len(data.train), t.micro_batch_size, t.gradient_accumulation_steps, dist_.world,
                           dist_.rank, t.seed)
     if batches.steps_per_epoch == 0:
         raise UserError(f"data.train: {len(data.train)} examples are fewer than one global batch "
                         f"(micro_batch_size × gradient_accumulation_steps × ranks = {batches.global_batch})")
     total_steps = t.max_steps or math.ceil(t.epochs * batches.steps_per_epoch)
-    ds_config = build_ds_config(cfg, dist_.world)
     stage = zero_stage(ds_config)
     hf_ds = HfDeepSpeedConfig(ds_config) if stage == 3 else None  # noqa: F841  (must stay alive while loading)
 
@@ -190,7 +192,7 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
             log.write(step, "train", {"loss": loss, "lr": scheduler.get_last_lr()[0],
                                       "step_s": time.perf_counter() - started})
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         if data.eval is not None and e.every and step % e.every == 0 and step < total_steps:
             log.write(step, "eval", _run_eval(cfg, engine, data, tokenizer, dist_, stage))
             engine.train()

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from dstune.config import RunConfig
-from dstune.errors import UserError
+from dstune.errors import UserError, first_line
 
 
 def _auto_class(task: str):
@@ -68,7 +68,7 @@ def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.n
         config = AutoConfig.from_pretrained(m.path, gguf_file=m.gguf_file, local_files_only=True,
                                             trust_remote_code=m.trust_remote_code, **task_kwargs)
     except (OSError, ValueError) as e:
-        raise UserError(f"model.path: cannot read a model config in {m.path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"model.path: cannot read a model config in {m.path}: {first_line(e)}") from None
     for k, v in m.config_overrides.items():
         setattr(config, k, v)
     if getattr(config, "pad_token_id", None) is None:

@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from dstune.errors import UserError
+from dstune.errors import UserError, first_line
 
 
 def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
@@ -22,7 +22,7 @@ def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: b
             tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, local_files_only=True,
                                                 trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
-            raise UserError(f"tokenizer.path: cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"tokenizer.path: cannot load a tokenizer from {path}: {first_line(e)}") from None
     if tok.pad_token is None:
         # batching needs a pad id; padded positions are masked, so reusing EOS/UNK is harmless
         tok.pad_token = tok.eos_token or tok.unk_token

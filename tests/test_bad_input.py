@@ -1,0 +1,103 @@
+"""Bad input ends with exit 2, one line naming the key or file:line, no traceback, and no output_dir."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import run_cli
+
+GOOD = {"task": "classification", "model": {"path": "MODEL"}, "tokenizer": {"path": "TOK"},
+        "data": {"train": "DATA"}, "training": {"max_steps": 2}, "output_dir": "OUT"}
+
+
+def write(tmp_path, ws, text: str | None = None, **changes) -> tuple:
+    """A recipe (YAML text, or GOOD with `changes`) using the workspace's model/tokenizer/data."""
+    if text is None:
+        cfg = json.loads(json.dumps(GOOD))
+        for key, value in changes.items():
+            node = cfg
+            *parents, leaf = key.split("__")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        text = json.dumps(cfg, indent=1)
+    out = tmp_path / "out"
+    text = (text.replace("MODEL", str(ws / "bert")).replace("TOK", str(ws / "tokenizer"))
+            .replace("DATA", str(ws / "cls_train.jsonl")).replace("OUT", str(out)))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path, out
+
+
+def assert_user_error(res, pattern: str, out) -> None:
+    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
+    assert "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("dstune: error:")]
+    assert len(errors) == 1, res.stderr
+    assert re.search(pattern, errors[0]), errors[0]
+    assert not out.exists(), "a failed run left its output_dir behind"
+
+
+def test_unknown_config_key_names_key_and_line(ws, tmp_path):
+    text = "task: classification\nmodel:\n  path: MODEL\ndata:\n  train: DATA\ntraining:\n  lrr: 0.1\noutput_dir: OUT\n"
+    path, out = write(tmp_path, ws, text)
+    assert_user_error(run_cli(["train", str(path)]), r"recipe\.yaml:7: training\.lrr: unknown key", out)
+
+
+def test_wrong_type_names_key(ws, tmp_path):
+    path, out = write(tmp_path, ws, training__lr="fast")
+    assert_user_error(run_cli(["train", str(path)]), r"recipe\.yaml:\d+: training\.lr: .*number.*'fast'", out)
+
+
+def test_wrong_type_in_override_names_key(ws, tmp_path):
+    path, out = write(tmp_path, ws)
+    assert_user_error(run_cli(["train", str(path), "training.micro_batch_size=two"]),
+                      r"training\.micro_batch_size: .*integer", out)
+
+
+def test_missing_data_file(ws, tmp_path):
+    path, out = write(tmp_path, ws, data__train=str(tmp_path / "nope.jsonl"))
+    assert_user_error(run_cli(["train", str(path)]), r"data\.train: file not found: .*nope\.jsonl", out)
+
+
+def test_malformed_jsonl_row_names_file_and_line(ws, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c", "label": \n')
+    path, out = write(tmp_path, ws, data__train=str(bad))
+    assert_user_error(run_cli(["train", str(path)]), r"bad\.jsonl:3: data\.train: malformed JSON row", out)
+
+
+def test_missing_label_column(ws, tmp_path):
+    path, out = write(tmp_path, ws, data__label_column="sentiment")
+    assert_user_error(run_cli(["train", str(path)]),
+                      r"data\.label_column: column 'sentiment' not in .*cls_train\.jsonl \(columns: .*label", out)
+
+
+def test_empty_dataset(ws, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    path, out = write(tmp_path, ws, data__train=str(empty))
+    assert_user_error(run_cli(["train", str(path)]), r"data\.train: .*empty\.jsonl has no rows", out)
+
+
+def test_unknown_deepspeed_config(ws, tmp_path):
+    path, out = write(tmp_path, ws, deepspeed="zero9")
+    assert_user_error(run_cli(["train", str(path)]), r"deepspeed: unknown config 'zero9'; known: zero0, zero1", out)
+
+
+def test_unknown_method(ws, tmp_path):
+    path, out = write(tmp_path, ws, methods=[{"name": "magic"}])
+    assert_user_error(run_cli(["train", str(path)]), r"methods\[0\]\.name: unknown method 'magic'", out)
+
+
+def test_missing_recipe(tmp_path):
+    res = run_cli(["train", str(tmp_path / "none.yaml")])
+    assert res.returncode == 2 and "dstune: error: recipe not found" in res.stderr
+
+
+@pytest.mark.parametrize("override", ["training.lr", "=3"])
+def test_malformed_override(ws, tmp_path, override):
+    path, out = write(tmp_path, ws)
+    assert_user_error(run_cli(["train", str(path), override]), r"expected key=value", out)

@@ -1,0 +1,96 @@
+"""Fast in-process checks of config parsing, data order, LR schedule and DeepSpeed configs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dstune.config import load_config, parse_overrides
+from dstune.data.batching import StepBatches, collate
+from dstune.engine.ds_config import DS_CONFIG_DIR, build_ds_config, named_configs
+from dstune.engine.trainer import lr_lambda
+from dstune.errors import UserError
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_overrides_parse_yaml_values_into_nested_keys():
+    assert parse_overrides(["training.lr=1e-4", "training.resume=false", "deepspeed=zero3",
+                            "methods=[{name: full}]"]) == {
+        "training": {"lr": 1e-4, "resume": False}, "deepspeed": "zero3", "methods": [{"name": "full"}]}
+
+
+def test_one_rank_with_accumulation_sees_the_examples_of_two_ranks():
+    one = StepBatches(100, micro=4, accum=2, world=1, rank=0, seed=3)
+    two = [StepBatches(100, micro=4, accum=1, world=2, rank=r, seed=3) for r in (0, 1)]
+    assert one.steps_per_epoch == two[0].steps_per_epoch == 12  # 100 // 8, tail dropped
+    for step in range(30):  # crosses epoch boundaries
+        assert one.for_step(step) == [b for s in two for b in s.for_step(step)]
+
+
+def test_each_epoch_is_a_new_permutation_and_covers_distinct_examples():
+    b = StepBatches(64, micro=8, accum=1, world=1, rank=0, seed=0)
+    epoch0 = [i for s in range(8) for i in b.for_step(s)[0]]
+    epoch1 = [i for s in range(8, 16) for i in b.for_step(s)[0]]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(64))
+    assert epoch0 != epoch1
+    assert StepBatches(64, 8, 1, 1, 0, seed=0).for_step(9) == b.for_step(9)  # a pure function of the step
+
+
+def test_collate_pads_inputs_and_masks_labels():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}], 0, "causal_lm")
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),
+    ("cosine", [0.5, 1.0, 1.0, 0.8535533905932737, 0.5, 0.14644660949]),
+])
+def test_lr_schedule_warms_up_then_decays(schedule, expected):
+    f = lr_lambda(schedule, warmup=2, total=6)
+    assert [f(s) for s in range(6)] == pytest.approx(expected)
+
+
+def test_every_ds_config_is_accepted_by_deepspeed():
+    from deepspeed.runtime.config import DeepSpeedConfig
+    assert named_configs() == ["zero0", "zero1", "zero2", "zero3", "zero3_offload"]
+    for name in named_configs():
+        raw = json.loads((DS_CONFIG_DIR / f"{name}.json").read_text())
+        assert DeepSpeedConfig(raw).zero_optimization_stage == int(name[4])
+
+
+def test_recipe_values_fill_the_deepspeed_config(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task: causal_lm\nmodel: {tiny: gpt2}\ndata: {train: x.jsonl}\noutput_dir: o\n"
+                      "deepspeed: zero2\ntraining: {micro_batch_size: 3, gradient_accumulation_steps: 2, "
+                      "precision: bf16, lr: 0.01, max_grad_norm: 0.5}\n")
+    ds = build_ds_config(load_config(recipe), world_size=4)
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"]["lr"] == 0.01 and ds["zero_optimization"]["stage"] == 2
+
+
+def test_invalid_deepspeed_json_names_file_and_line(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{\n  "zero_optimization": {"stage": 2,}\n}\n')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"task: causal_lm\nmodel: {{tiny: gpt2}}\ndata: {{train: x}}\noutput_dir: o\ndeepspeed: {bad}\n")
+    with pytest.raises(UserError, match=r"ds\.json:2: deepspeed: invalid JSON"):
+        build_ds_config(load_config(recipe), 1)
+
+
+def test_model_needs_exactly_one_source(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task: causal_lm\nmodel: {}\ndata: {train: x}\noutput_dir: o\n")
+    with pytest.raises(UserError, match=r"r\.yaml:2: model: .*exactly one of model\.path and model\.tiny"):
+        load_config(recipe)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_example_recipes_validate(recipe):
+    cfg = load_config(recipe)
+    assert cfg.task in ("classification", "causal_lm", "seq2seq")
