@@ -171,6 +171,7 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
     if data.eval is not None and step == 0:
         results["before"] = _run_eval(cfg, engine, data, tokenizer, dist_, stage)
         log.write(0, "eval", results["before"])
+        _write_results(cfg, dist_, results)
     engine.train()
     bar = tqdm(total=total_steps, initial=step, disable=not dist_.is_main, desc="train", dynamic_ncols=True)
     tokens_seen = 0
@@ -203,11 +204,17 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
         results["after"] = _run_eval(cfg, engine, data, tokenizer, dist_, stage)
         log.write(step, "eval", results["after"])
     results["steps"] = step
-    if dist_.is_main:
-        path = Path(cfg.output_dir) / "results.json"
-        previous = json.loads(path.read_text()) if path.exists() else {}
-        path.write_text(json.dumps({**previous, **results}, indent=1))
-    return results
+    return _write_results(cfg, dist_, results)
+
+
+def _write_results(cfg: RunConfig, dist_: Dist, results: dict) -> dict:
+    """Merge into results.json, so a resumed run keeps the 'before' score of its first start."""
+    if not dist_.is_main:
+        return results
+    path = Path(cfg.output_dir) / "results.json"
+    merged = {**(json.loads(path.read_text()) if path.exists() else {}), **results}
+    path.write_text(json.dumps(merged, indent=1))
+    return merged
 
 
 def save_trainable_final(engine, run_dir: Path, dist_: Dist, cfg: RunConfig) -> None:
