@@ -86,7 +86,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for name, cls in sorted(available().items()):
         print(f"{name:14s} {cls.description}")
         for field, info in cls.Options.model_fields.items():
-            default = "" if info.is_required() else f" (default: {info.default!r})"
+            default = "" if info.is_required() else f" (default: {info.get_default(call_default_factory=True)!r})"
             print(f"    {field}: {info.description or ''}{default}")
     return 0
 

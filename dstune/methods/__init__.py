@@ -8,8 +8,14 @@ import torch
 from pydantic import ValidationError
 
 from dstune.errors import UserError
+from dstune.methods.adapter import Adapter
 from dstune.methods.base import TuningMethod
+from dstune.methods.bitfit import BitFit
+from dstune.methods.freeze import Freeze
 from dstune.methods.full import Full
+from dstune.methods.ia3 import IA3
+from dstune.methods.layerwise_lr import LayerwiseLR
+from dstune.methods.lora import Lora
 
 METHODS: dict[str, type[TuningMethod]] = {}
 
@@ -20,6 +26,12 @@ def register(cls: type[TuningMethod]) -> type[TuningMethod]:
 
 
 register(Full)
+register(Freeze)
+register(LayerwiseLR)
+register(BitFit)
+register(Lora)
+register(IA3)
+register(Adapter)
 
 
 def available() -> dict[str, type[TuningMethod]]:
@@ -50,7 +62,23 @@ def build_methods(specs: list[dict[str, Any]]) -> list[TuningMethod]:
             msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
             raise UserError(f"methods[{i}] ({name}).{key}: {msg}") from None
         out.append(cls(options))
-    return out
+    check_composition([m.name for m in out])
+    return sorted(out, key=lambda m: m.order)  # base trainers first, then added modules, then LR shapers
+
+
+def check_composition(names: list[str]) -> None:
+    """Reject duplicates and contradictory pairs, naming both methods."""
+    known = available()
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise UserError(f"methods: {name} is listed twice")
+        for other in names[:i]:
+            if other in known[name].conflicts or name in known[other].conflicts:
+                raise UserError(f"methods: {other} and {name} cannot be combined: "
+                                f"{known[name].conflicts.get(other) or known[other].conflicts.get(name)}")
+        needs = known[name].needs_one_of
+        if needs and not any(n in needs for n in names):
+            raise UserError(f"methods: {name} needs one of {', '.join(needs)} in the same list")
 
 
 def apply_methods(model: torch.nn.Module, methods: list[TuningMethod], task: str) -> None:

@@ -22,6 +22,10 @@ class TuningMethod:
     name: ClassVar[str]
     description: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
+    order: ClassVar[int] = 1                       # 0: decides base weights, 1: adds modules, 2: shapes LRs
+    conflicts: ClassVar[dict[str, str]] = {}       # other method name → why the pair is impossible
+    needs_one_of: ClassVar[tuple[str, ...]] = ()   # methods this one only makes sense with
+    mergeable: ClassVar[bool] = True               # can `dstune export --format merged` fold it into the base
 
     def __init__(self, options: BaseModel):
         self.options = options
@@ -33,3 +37,7 @@ class TuningMethod:
     def lr_scale(self, param_name: str) -> float:
         """Multiplier on the base LR for one trainable parameter (1.0 unless the method says otherwise)."""
         return 1.0
+
+    def merged_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Base-model tensors with this method's trained change folded in (only those it changes)."""
+        return {}

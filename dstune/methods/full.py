@@ -7,6 +7,8 @@ from dstune.methods.base import TuningMethod
 class Full(TuningMethod):
     name = "full"
     description = "full fine-tuning: every parameter of the model trains"
+    order = 0
+    conflicts = {"freeze": "freeze already trains everything it does not freeze"}
 
     def apply(self, model: torch.nn.Module, task: str) -> None:
         for p in model.parameters():

@@ -1,0 +1,79 @@
+"""Bottleneck adapters (Houlsby, Pfeiffer): h + W_u σ(W_d h) after a sublayer, W_u zero-initialised."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from dstune.errors import UserError
+from dstune.methods.base import TuningMethod
+from dstune.methods.targets import matches, train_task_head
+
+# the projection that ends each sublayer, before the residual add (per family)
+SUBLAYER_OUTPUTS = {
+    "llama": {"attention": ["self_attn.o_proj"], "mlp": ["mlp.down_proj"]},
+    "gpt2": {"attention": ["attn.c_proj"], "mlp": ["mlp.c_proj"]},
+    "bert": {"attention": ["attention.output.dense"], "mlp": ["layer.*.output.dense"]},
+    "t5": {"attention": ["SelfAttention.o"], "mlp": ["DenseReluDense.wo"]},
+}
+
+
+class AdapterOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    style: Literal["houlsby", "pfeiffer"] = Field(
+        "houlsby", description="houlsby: after attention and MLP; pfeiffer: after the MLP only")
+    bottleneck: int = Field(64, gt=0, description="hidden size of the bottleneck")
+    activation: Literal["relu", "gelu", "silu"] = Field("relu", description="σ between W_d and W_u")
+    train_norms: bool = Field(False, description="also train the layer norms (as in Houlsby et al.)")
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, dim: int, bottleneck: int, activation: str):
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.act = {"relu": nn.ReLU(), "gelu": nn.GELU(), "silu": nn.SiLU()}[activation]
+        self.up = nn.Linear(bottleneck, dim)
+        nn.init.zeros_(self.up.weight)  # identity at step 0
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(self.act(self.down(h)))
+
+
+def _after(module, args, output):
+    return module.adapter(output)
+
+
+def _is_sublayer_output(name: str, patterns: list[str], kind: str) -> bool:
+    if kind == "mlp" and "attention" in name:  # BERT: attention.output.dense is not the MLP's
+        return False
+    return any(matches(name, [p]) if "*" not in p else
+               (name.endswith(p.split("*.")[1]) and ".layer." in name) for p in patterns)
+
+
+class Adapter(TuningMethod):
+    name = "adapter"
+    description = "bottleneck adapters h + W_u σ(W_d h) (Houlsby: after attention and MLP; Pfeiffer: after MLP)"
+    Options = AdapterOptions
+    mergeable = False  # a non-linear bottleneck cannot fold into a weight matrix
+
+    def apply(self, model: nn.Module, task: str) -> None:
+        o = self.options
+        kind = model.config.model_type
+        if kind not in SUBLAYER_OUTPUTS:
+            raise UserError(f"methods (adapter): no adapter placement known for model type {kind!r}")
+        places = ["mlp"] if o.style == "pfeiffer" else ["attention", "mlp"]
+        dim = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
+        self.count = 0
+        for name, module in list(model.named_modules()):
+            if any(_is_sublayer_output(name, SUBLAYER_OUTPUTS[kind][p], p) for p in places):
+                module.adapter = Bottleneck(dim, o.bottleneck, o.activation)
+                module.register_forward_hook(_after)
+                self.count += 1
+        if o.train_norms:
+            for name, p in model.named_parameters():
+                if "norm" in name.lower():
+                    p.requires_grad_(True)
+        train_task_head(model, task)

@@ -1,0 +1,74 @@
+"""IA3: learned vectors that rescale chosen activations (keys, values, feed-forward inputs)."""
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from dstune.methods.base import TuningMethod
+from dstune.methods.targets import IA3_TARGETS, family_default, find_linears, linear_shape, matches, train_task_head
+
+
+class IA3Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target_modules: list[str] | None = Field(None, description="module names to rescale; default: PEFT's per-family choice")
+    feedforward_modules: list[str] | None = Field(
+        None, description="of those, the ones whose *input* is rescaled; default: PEFT's per-family choice")
+
+
+class Scale(nn.Module):
+    """A learned per-feature scale, initialised to 1 (the model is unchanged at step 0)."""
+
+    def __init__(self, shape: tuple[int, int]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.flatten().to(x.dtype)
+
+
+def _scale_output(module, args, output):
+    return module.ia3_l(output)
+
+
+def _scale_input(module, args):
+    return (module.ia3_l(args[0]), *args[1:])
+
+
+class IA3(TuningMethod):
+    name = "ia3"
+    description = "IA3: rescale keys, values and feed-forward inputs by learned vectors (mergeable)"
+    Options = IA3Options
+
+    def apply(self, model: nn.Module, task: str) -> None:
+        o = self.options
+        default_targets, default_ff = family_default(IA3_TARGETS, model, self.name) \
+            if o.target_modules is None else (o.target_modules, o.feedforward_modules or [])
+        self.targets = default_targets
+        self.feedforward = o.feedforward_modules if o.feedforward_modules is not None else default_ff
+        self.wrapped: list[tuple[str, bool]] = []
+        for name, module in list(find_linears(model, self.targets)):
+            d_in, d_out = linear_shape(module)
+            ff = matches(name, self.feedforward)
+            module.ia3_l = Scale((1, d_in) if ff else (d_out, 1))  # PEFT's shapes, for export
+            if ff:
+                module.register_forward_pre_hook(_scale_input)
+            else:
+                module.register_forward_hook(_scale_output)
+            self.wrapped.append((name, ff))
+        train_task_head(model, task)
+
+    def merged_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Scaling an input (output) feature = scaling that column (row) of W; biases scale with outputs."""
+        out = {}
+        for name, ff in self.wrapped:
+            m = model.get_submodule(name)
+            v = m.ia3_l.weight.detach().flatten()
+            linear = isinstance(m, nn.Linear)  # Conv1D stores W transposed: [in, out]
+            if ff:
+                out[f"{name}.weight"] = m.weight.detach() * (v[None, :] if linear else v[:, None])
+            else:
+                out[f"{name}.weight"] = m.weight.detach() * (v[:, None] if linear else v[None, :])
+                if m.bias is not None:
+                    out[f"{name}.bias"] = m.bias.detach() * v
+        return out

@@ -1,0 +1,96 @@
+"""Where methods attach: layer indices, linear layers, task heads, per-family default targets."""
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from dstune.errors import UserError
+
+_LAYER = re.compile(r"\.(?:layers|layer|h|block)\.(\d+)\.")
+
+# heads created for the task (not in the pretrained weights): they always train under PEFT methods,
+# as PEFT's `modules_to_save` does for sequence classification
+TASK_HEADS = ("classifier", "score")
+
+# PEFT's per-family defaults, so a recipe that names no targets trains what PEFT would
+LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"], "t5": ["q", "v"]}
+IA3_TARGETS = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+               "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+               "bert": (["key", "value", "output.dense"], ["output.dense"]),
+               "t5": (["k", "v", "wo"], ["wo"])}
+
+
+def layer_index(param_name: str) -> int | None:
+    """Transformer block index in a parameter/module name (`model.layers.3.mlp...` → 3), else None."""
+    m = _LAYER.search(f".{param_name}.")
+    return int(m.group(1)) if m else None
+
+
+def num_layers(model: nn.Module) -> int:
+    c = model.config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(c, key, None):
+            return int(getattr(c, key))
+    raise UserError(f"cannot tell how many layers a {type(model).__name__} has")
+
+
+def is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or GPT-2's transposed Conv1D."""
+    w = module.weight
+    shape = getattr(w, "ds_shape", w.shape)  # ZeRO-3 partitioned weights keep their real shape here
+    return (shape[1], shape[0]) if isinstance(module, nn.Linear) else (shape[0], shape[1])
+
+
+def _is_output_head(model: nn.Module, name: str) -> bool:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_names = {n for n, m in model.named_modules() if out is not None and m is out}
+    return name in head_names or name.split(".")[0] in TASK_HEADS
+
+
+def matches(name: str, targets: list[str]) -> bool:
+    """PEFT's rule: a target matches a module whose name equals it or ends with `.target`."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_linears(model: nn.Module, targets: list[str] | str) -> Iterator[tuple[str, nn.Module]]:
+    """Linear layers named by `targets` ("all-linear": every linear except output and task heads)."""
+    found = False
+    for name, module in model.named_modules():
+        if not is_linear(module):
+            continue
+        hit = not _is_output_head(model, name) if targets == "all-linear" else matches(name, list(targets))
+        if hit:
+            found = True
+            yield name, module
+    if not found:
+        raise UserError(f"target_modules: {targets!r} matches no linear layer of this {model.config.model_type} model")
+
+
+def family_default(table: dict, model: nn.Module, method: str):
+    kind = model.config.model_type
+    if kind not in table:
+        raise UserError(f"methods ({method}).target_modules: no default for model type {kind!r}; set it")
+    return table[kind]
+
+
+def train_task_head(model: nn.Module, task: str) -> None:
+    if task == "classification":
+        for name, p in model.named_parameters():
+            if name.split(".")[0] in TASK_HEADS:
+                p.requires_grad_(True)
+
+
+def get_submodule(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name) if name else model
+
+
+def zeros_like_shape(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)

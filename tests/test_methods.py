@@ -1,0 +1,163 @@
+"""Tuning methods on tiny GPT-2, Llama and BERT: what trains, PEFT parity, zero-init, merging, composition."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+from dstune.errors import UserError
+from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
+from dstune.models.loading import tiny_config
+
+SPECIAL = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
+FAMILIES = {"gpt2": ("causal_lm", T.AutoModelForCausalLM), "llama": ("causal_lm", T.AutoModelForCausalLM),
+            "bert": ("classification", T.AutoModelForSequenceClassification)}
+
+
+def tiny(family: str) -> tuple[torch.nn.Module, str]:
+    task, auto = FAMILIES[family]
+    torch.manual_seed(0)
+    cfg = tiny_config(family, 100, SPECIAL)
+    if task == "classification":
+        cfg.num_labels = 3
+    return auto.from_config(cfg).eval(), task
+
+
+def with_methods(family: str, *specs: dict) -> tuple[torch.nn.Module, str]:
+    model, task, _ = with_methods_list(family, *specs)
+    return model, task
+
+
+def with_methods_list(family: str, *specs: dict):
+    model, task = tiny(family)
+    methods = build_methods(list(specs))
+    apply_methods(model, methods, task)
+    return model, task, methods
+
+
+def batch(task: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 100, (2, 12), generator=g)
+    labels = torch.tensor([0, 2]) if task == "classification" else ids
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def grads_after_backward(model, task) -> set[str]:
+    model(**batch(task)).loss.backward()
+    return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+EXPECT = {  # method spec → predicate on the names that must (and alone may) get gradients
+    "full": ({"name": "full"}, lambda n: True),
+    "freeze": ({"name": "freeze", "layers": 1}, lambda n: ".0." not in n and not any(
+        e in n for e in ("_embeddings.weight", "embed_tokens", "wte", "wpe"))),
+    "bitfit": ({"name": "bitfit"}, lambda n: n.endswith(".bias") or n.startswith(("classifier", "score"))),
+    "lora": ({"name": "lora", "r": 4}, lambda n: ".lora_" in n or n.startswith(("classifier", "score"))),
+    "ia3": ({"name": "ia3"}, lambda n: ".ia3_l." in n or n.startswith(("classifier", "score"))),
+    "adapter": ({"name": "adapter", "bottleneck": 8}, lambda n: ".adapter." in n or n.startswith(("classifier", "score"))),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("method", list(EXPECT))
+def test_only_intended_parameters_get_gradients(family, method):
+    if method == "bitfit" and family == "llama":
+        with pytest.raises(UserError, match="nothing trains"):  # Llama has no biases
+            with_methods(family, EXPECT[method][0])
+        return
+    model, task = with_methods(family, EXPECT[method][0])
+    intended = {n for n, _ in model.named_parameters() if EXPECT[method][1](n)}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == intended
+    got = grads_after_backward(model, task)
+    # zero-initialised up-projections block the gradient of the layer below them at step 0
+    blocked = {n for n in intended if method == "adapter" and ".down." in n} | \
+              {n for n in intended if method == "lora" and ".lora_A." in n}
+    assert got <= intended and intended - blocked <= got | {n for n in intended if n.endswith(".bias")}
+
+
+def _peft_count(family: str, config) -> int:
+    import peft
+    model, task = tiny(family)
+    config.task_type = "SEQ_CLS" if task == "classification" else "CAUSAL_LM"
+    return count_trainable(peft.get_peft_model(model, config))[0]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("targets", [None, "all-linear"])
+def test_lora_trainable_count_equals_peft(family, targets):
+    import peft
+    ours = count_trainable(with_methods(family, {"name": "lora", "r": 4, "target_modules": targets})[0])[0]
+    theirs = _peft_count(family, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_ia3_trainable_count_equals_peft(family):
+    import peft
+    ours = count_trainable(with_methods(family, {"name": "ia3"})[0])[0]
+    assert ours == _peft_count(family, peft.IA3Config())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("spec", [{"name": "lora", "r": 4}, {"name": "ia3"}, {"name": "adapter", "bottleneck": 8},
+                                  {"name": "adapter", "style": "pfeiffer", "bottleneck": 8}])
+def test_zero_initialised_methods_leave_logits_unchanged(family, spec):
+    base, task = tiny(family)
+    model, _ = with_methods(family, spec)
+    x = batch(task)
+    with torch.no_grad():
+        assert torch.equal(base(**x).logits, model(**x).logits)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("spec", [{"name": "lora", "r": 4, "target_modules": "all-linear"}, {"name": "ia3"}])
+def test_merged_weights_reproduce_the_adapted_model(family, spec):
+    model, task, (method,) = with_methods_list(family, spec)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "ia3_l" in n:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "ia3_l" in n else 0.0))
+    merged = method.merged_state(model)
+    plain, _ = tiny(family)
+    plain.load_state_dict({**plain.state_dict(), **merged})
+    x = batch(task)
+    with torch.no_grad():
+        assert (plain(**x).logits - model(**x).logits).abs().max() < 1e-5
+
+
+def test_layerwise_lr_decays_from_the_top():
+    model, _, methods = with_methods_list("llama", {"name": "full"}, {"name": "layerwise_lr", "decay": 0.5})
+    groups = param_groups(model, methods, 1.0, 0.0)
+    lr_of = {n: g["lr"] for g in groups for n in g["names"]}
+    assert lr_of["model.layers.1.mlp.down_proj.weight"] == 1.0
+    assert lr_of["model.layers.0.mlp.down_proj.weight"] == 0.5
+    assert lr_of["model.embed_tokens.weight"] == 0.25
+    assert lr_of["lm_head.weight"] == 1.0 and lr_of["model.norm.weight"] == 1.0
+
+
+def test_weight_decay_skips_biases_and_norms():
+    model, _ = with_methods("gpt2", {"name": "full"})
+    groups = param_groups(model, build_methods([{"name": "full"}]), 1e-3, 0.1)
+    decay_of = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert decay_of["transformer.h.0.attn.c_attn.weight"] == 0.1
+    assert decay_of["transformer.h.0.attn.c_attn.bias"] == 0.0
+    assert decay_of["transformer.h.0.ln_1.weight"] == 0.0
+
+
+@pytest.mark.parametrize("specs,message", [
+    ([{"name": "full"}, {"name": "freeze"}], r"methods: full and freeze cannot be combined"),
+    ([{"name": "layerwise_lr"}], r"methods: layerwise_lr needs one of full, freeze"),
+    ([{"name": "lora"}, {"name": "lora"}], r"methods: lora is listed twice"),
+    ([{"name": "lora", "rank": 4}], r"methods\[0\] \(lora\)\.rank: unknown option"),
+    ([{"name": "lora", "r": 0}], r"methods\[0\] \(lora\)\.r: Input should be greater than 0"),
+])
+def test_impossible_combinations_and_bad_options_are_config_errors(specs, message):
+    with pytest.raises(UserError, match=message):
+        build_methods(specs)
+
+
+def test_lora_with_unknown_target_says_so():
+    with pytest.raises(UserError, match=r"target_modules: \['nope'\] matches no linear layer"):
+        with_methods("llama", {"name": "lora", "target_modules": ["nope"]})
