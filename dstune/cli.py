@@ -38,7 +38,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dstune.engine.run_dir import load_run
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, tokenizer, model, labels = load_run(args.run_dir, device)
+    cfg, tokenizer, model, labels, _ = load_run(args.run_dir, device)
     cfg = _override(cfg, args.overrides)
     path = args.data or cfg.data.eval
     if not path:
@@ -63,7 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from dstune.engine.run_dir import load_run
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, tokenizer, model, _ = load_run(args.run_dir, device)
+    cfg, tokenizer, model, _, _ = load_run(args.run_dir, device)
     if cfg.task == "classification":
         raise UserError(f"{args.run_dir}: a classification run does not generate; use dstune eval")
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -76,6 +76,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              top_p=args.top_p if args.sample else None, pad_token_id=tokenizer.pad_token_id)
         new = out[0, x.shape[1]:] if cfg.task == "causal_lm" else out[0]
         print(tokenizer.decode(new, skip_special_tokens=True).strip(), flush=True)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a finished run: dstune export RUN_DIR --format peft|merged --out DIR
+
+    peft: adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained(base, DIR)`
+    loads (LoRA, IA3). merged: a plain Hugging Face model folder with what trained folded into the base
+    weights (full, freeze, layerwise_lr, BitFit, LoRA, IA3); bottleneck adapters cannot merge.
+    """
+    from dstune.engine.export import export
+
+    out = export(args.run_dir, args.out, args.format)
+    print(f"{args.format} export written to {out}")
     return 0
 
 
@@ -142,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--temperature", type=float, default=0.8)
     sp.add_argument("--top-p", type=float, default=0.95)
     sp.add_argument("--seed", type=int, default=0)
+
+    sp = add("export", cmd_export)
+    sp.add_argument("run_dir")
+    sp.add_argument("--format", choices=["peft", "merged"], required=True)
+    sp.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
 
     add("methods", cmd_methods)
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 STEPS = 6
 
 
-def lm_recipe(ws, tmp_path, name: str, stage: int | None = None, **training) -> str:
+def lm_recipe(ws, tmp_path, name: str, stage: int | None = None, methods: list | None = None, **training) -> str:
     """Tiny GPT-2 on packed text: every micro-batch has the same token count, so per-rank mean losses
     average to exactly the global mean."""
     ds = "zero0"
@@ -32,7 +32,8 @@ def lm_recipe(ws, tmp_path, name: str, stage: int | None = None, **training) -> 
     path.write_text(json.dumps({
         "task": "causal_lm", "model": {"path": str(ws / "gpt2")},
         "data": {"train": str(ws / "lm.jsonl"), "max_length": 32, "packing": True},
-        "deepspeed": ds, "training": t, "output_dir": str(tmp_path / name)}))
+        "deepspeed": ds, "training": t, "output_dir": str(tmp_path / name),
+        "methods": methods or [{"name": "full"}]}))
     return str(path)
 
 
@@ -89,3 +90,26 @@ def test_killed_run_resumes_exactly(ws, built_ops, tmp_path):
     assert max(resumed) == steps
     for step in range(killed_at + 1, steps + 1):
         assert abs(resumed[step]["loss"] - reference[step]["loss"]) < 1e-6, step
+
+
+METHOD_SPECS = {
+    "lora": [{"name": "lora", "r": 4, "target_modules": "all-linear"}],
+    "ia3": [{"name": "ia3"}],
+    "adapter": [{"name": "adapter", "bottleneck": 8}],
+    "bitfit": [{"name": "bitfit"}],
+    "freeze+layerwise_lr": [{"name": "freeze", "layers": 1}, {"name": "layerwise_lr", "decay": 0.5}],
+}
+
+
+@pytest.mark.parametrize("method", list(METHOD_SPECS))
+def test_method_under_two_rank_zero3_matches_one_rank(ws, built_ops, tmp_path, method):
+    specs = METHOD_SPECS[method]
+    ok(run_cli(["train", lm_recipe(ws, tmp_path, "one", methods=specs, gradient_accumulation_steps=2, lr=2e-2)]))
+    ok(run_cli(["train", lm_recipe(ws, tmp_path, "two", 3, methods=specs, lr=2e-2)], nproc=2))
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    for step in one:
+        assert abs(one[step]["loss"] - two[step]["loss"]) < 1e-5, (step, one[step]["loss"], two[step]["loss"])
+    assert two[STEPS]["loss"] < two[1]["loss"]
+    w1 = load_file(str(tmp_path / "one" / "trainable.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "trainable.safetensors"))
+    assert w1.keys() == w2.keys() and all((w1[k] - w2[k]).abs().max() < 1e-4 for k in w1)

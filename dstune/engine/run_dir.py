@@ -16,7 +16,7 @@ from dstune.models.tokenizers import load_tokenizer
 
 
 def load_run(run_dir: str, device: torch.device | None = None):
-    """(cfg, tokenizer, model, labels) of a run dir written by `dstune train`; the model is in eval mode."""
+    """(cfg, tokenizer, model, labels, methods) of a run dir written by `dstune train`; the model is in eval mode."""
     d = Path(run_dir)
     for name in ("config.yaml", "run.json", "trainable.safetensors"):
         if not (d / name).is_file():
@@ -25,7 +25,8 @@ def load_run(run_dir: str, device: torch.device | None = None):
     info = json.loads((d / "run.json").read_text())
     tokenizer = load_tokenizer(str(d / "tokenizer"))
     model = load_model(cfg, tokenizer, info.get("labels"))
-    apply_methods(model, build_methods(cfg.methods), cfg.task)
+    methods = build_methods(cfg.methods)
+    apply_methods(model, methods, cfg.task)
     load_trainable(model, d / "trainable.safetensors")
     model.to(device or torch.device("cpu")).eval()
-    return cfg, tokenizer, model, info.get("labels")
+    return cfg, tokenizer, model, info.get("labels"), methods
