@@ -73,7 +73,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         x = torch.tensor([ids], device=device)
         out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
                              do_sample=args.sample, temperature=args.temperature if args.sample else None,
-                             top_p=args.top_p if args.sample else None, pad_token_id=tokenizer.pad_token_id)
+                             top_p=args.top_p if args.sample else None, pad_token_id=tokenizer.pad_token_id,
+                             **getattr(model, "dstune_generate_kwargs", {}))
         new = out[0, x.shape[1]:] if cfg.task == "causal_lm" else out[0]
         print(tokenizer.decode(new, skip_special_tokens=True).strip(), flush=True)
     return 0

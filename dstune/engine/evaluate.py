@@ -87,7 +87,8 @@ def _generation_scores(model, ds, task, tokenizer, device, batch_size, max_new_t
         inputs = {k: v.to(device) for k, v in
                   collate_prompts(prompts, tokenizer.pad_token_id, left=task == "causal_lm").items()}
         out = module.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus)
+                              pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
+                              **getattr(module, "dstune_generate_kwargs", {}))
         if task == "causal_lm":
             out = out[:, inputs["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)

@@ -38,21 +38,62 @@ def export(run_dir: str, out: str, fmt: str) -> Path:
         tokenizer.save_pretrained(path)
         return path
     names = [m.name for m in methods]
-    if len(methods) != 1 or names[0] not in ("lora", "ia3"):
-        raise UserError(f"--format peft: supported for a single lora or ia3 method; this run used {', '.join(names)}")
+    if len(methods) != 1 or names[0] not in PEFT_EXPORTABLE:
+        raise UserError(f"--format peft: supported for one of {', '.join(PEFT_EXPORTABLE)} alone; "
+                        f"this run used {', '.join(names)}")
     path = _prepare_out(out)
-    _write_peft(model, methods[0], cfg, path)
+    config, tensors = PEFT_EXPORTABLE[names[0]](model, methods[0])
+    write_peft_folder(path, {**_peft_common(cfg, model), **config}, tensors)
     tokenizer.save_pretrained(path)
     return path
 
 
-def _write_peft(model: torch.nn.Module, method, cfg, path: Path) -> None:
+def _peft_common(cfg, model) -> dict:
+    return {"task_type": PEFT_TASK[cfg.task], "base_model_name_or_path": cfg.model.path, "inference_mode": True,
+            "modules_to_save": list(TASK_HEADS) if cfg.task == "classification" else None}
+
+
+def _task_heads(model, prefix: str = "base_model.model.") -> dict[str, torch.Tensor]:
+    return {f"{prefix}{n}": p.detach().contiguous() for n, p in model.named_parameters()
+            if p.requires_grad and n.split(".")[0] in TASK_HEADS}
+
+
+def write_peft_folder(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=1))
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+
+
+def _prompt_like(model, method, peft_type: str, embeddings: torch.Tensor, token_dim: int, heads: int) -> tuple:
+    config = {"peft_type": peft_type, "num_virtual_tokens": method.options.num_virtual_tokens,
+              "token_dim": token_dim, "num_transformer_submodules": 1, "num_attention_heads": heads}
+    # prompt-learning PEFT models wrap the base model one level less deep than LoRA/IA3 ones
+    return config, {"prompt_embeddings": embeddings.contiguous(), **_task_heads(model, "base_model.")}
+
+
+def _export_prompt(model, method) -> tuple:
+    w = model.dstune_prompt.embedding.weight.detach().float()
+    config, tensors = _prompt_like(model, method, "PROMPT_TUNING", w, w.shape[1],
+                                   model.config.num_attention_heads)
+    config.update(prompt_tuning_init="RANDOM", num_layers=model.config.num_hidden_layers)
+    return config, tensors
+
+
+def _export_prefix(model, method) -> tuple:
+    from dstune.methods.prefix import kv_geometry
+    kv_heads, head_dim = kv_geometry(model.config)
+    enc = model.dstune_prefix
+    config, tensors = _prompt_like(model, method, "PREFIX_TUNING", method.folded_prefix(model), kv_heads * head_dim,
+                                   kv_heads)
+    config.update(num_layers=enc.shape[1], prefix_projection=False)  # the MLP is folded into the tensor
+    return config, tensors
+
+
+def _export_lora_ia3(model: torch.nn.Module, method) -> tuple:
     from transformers.pytorch_utils import Conv1D
 
-    common = {"task_type": PEFT_TASK[cfg.task], "base_model_name_or_path": cfg.model.path, "inference_mode": True,
-              "modules_to_save": list(TASK_HEADS) if cfg.task == "classification" else None,
-              "target_modules": [n for n, *_ in _wrapped(method)]}
+    common = {"target_modules": [n for n, *_ in _wrapped(method)]}
     conv1d = any(isinstance(model.get_submodule(n), Conv1D) for n, *_ in _wrapped(method))
     tensors = {}
     for name, p in model.named_parameters():
@@ -72,10 +113,12 @@ def _write_peft(model: torch.nn.Module, method, cfg, path: Path) -> None:
     else:
         config = {"peft_type": "IA3", "feedforward_modules": [n for n, ff in method.wrapped if ff],
                   "fan_in_fan_out": conv1d, "init_ia3_weights": True, **common}
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "adapter_config.json").write_text(json.dumps(config, indent=1))
-    save_file(tensors, str(path / "adapter_model.safetensors"))
+    return config, tensors
 
 
 def _wrapped(method):
     return [(w,) if isinstance(w, str) else w for w in method.wrapped]
+
+
+PEFT_EXPORTABLE = {"lora": _export_lora_ia3, "ia3": _export_lora_ia3, "prompt": _export_prompt,
+                   "prefix": _export_prefix}

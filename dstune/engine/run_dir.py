@@ -26,7 +26,7 @@ def load_run(run_dir: str, device: torch.device | None = None):
     tokenizer = load_tokenizer(str(d / "tokenizer"))
     model = load_model(cfg, tokenizer, info.get("labels"))
     methods = build_methods(cfg.methods)
-    apply_methods(model, methods, cfg.task)
+    apply_methods(model, methods, cfg.task, tokenizer)
     load_trainable(model, d / "trainable.safetensors")
     model.to(device or torch.device("cpu")).eval()
     return cfg, tokenizer, model, info.get("labels"), methods

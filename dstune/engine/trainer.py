@@ -104,7 +104,7 @@ def train(cfg: RunConfig) -> dict:
 
     torch.manual_seed(t.seed)
     model = load_model(cfg, tokenizer, data.labels)
-    apply_methods(model, methods, cfg.task)
+    apply_methods(model, methods, cfg.task, tokenizer)
     if t.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_train, n_total = count_trainable(model)

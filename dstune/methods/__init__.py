@@ -16,6 +16,8 @@ from dstune.methods.full import Full
 from dstune.methods.ia3 import IA3
 from dstune.methods.layerwise_lr import LayerwiseLR
 from dstune.methods.lora import Lora
+from dstune.methods.prefix import Prefix
+from dstune.methods.prompt import Prompt
 
 METHODS: dict[str, type[TuningMethod]] = {}
 
@@ -32,6 +34,8 @@ register(BitFit)
 register(Lora)
 register(IA3)
 register(Adapter)
+register(Prompt)
+register(Prefix)
 
 
 def available() -> dict[str, type[TuningMethod]]:
@@ -81,12 +85,14 @@ def check_composition(names: list[str]) -> None:
             raise UserError(f"methods: {name} needs one of {', '.join(needs)} in the same list")
 
 
-def apply_methods(model: torch.nn.Module, methods: list[TuningMethod], task: str) -> None:
+def apply_methods(model: torch.nn.Module, methods: list[TuningMethod], task: str, tokenizer=None) -> None:
     """Freeze everything, then let each method mark or add what trains."""
     for p in model.parameters():
         p.requires_grad_(False)
     for m in methods:
+        m.tokenizer = tokenizer
         m.apply(model, task)
+    model.dstune_generate_kwargs = {k: v for m in methods for k, v in m.generate_kwargs.items()}
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError("methods: nothing trains with these methods and options")
 

@@ -26,6 +26,8 @@ class TuningMethod:
     conflicts: ClassVar[dict[str, str]] = {}       # other method name → why the pair is impossible
     needs_one_of: ClassVar[tuple[str, ...]] = ()   # methods this one only makes sense with
     mergeable: ClassVar[bool] = True               # can `dstune export --format merged` fold it into the base
+    generate_kwargs: ClassVar[dict] = {}           # what `model.generate` needs with this method applied
+    tokenizer = None                               # the run's tokenizer, set before `apply`
 
     def __init__(self, options: BaseModel):
         self.options = options

@@ -1,0 +1,58 @@
+"""Pure-PyTorch reference of prefix-KV attention: concatenate the prefix, build the mask, call SDPA."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sequence_mask(attn_mask: torch.Tensor | None, q_len: int, k_len: int, causal: bool,
+                  device: torch.device) -> torch.Tensor | None:
+    """Boolean (True = attend) or additive float mask over the sequence keys, or None for "all visible".
+
+    HF passes either nothing (plain causal / unpadded), a boolean mask, or an additive float mask.
+    A causal mask with fewer queries than keys (decoding with a cache) is aligned bottom-right.
+    """
+    if attn_mask is not None:
+        return attn_mask
+    if not causal or q_len == 1:
+        return None
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+
+
+def with_prefix_columns(mask: torch.Tensor | None, n_prefix: int) -> torch.Tensor | None:
+    """Prepend `n_prefix` always-visible key columns to a mask."""
+    if mask is None:
+        return None
+    shape = (*mask.shape[:-1], n_prefix)
+    visible = torch.ones(shape, dtype=torch.bool, device=mask.device) if mask.dtype == torch.bool \
+        else torch.zeros(shape, dtype=mask.dtype, device=mask.device)
+    return torch.cat([visible, mask], dim=-1)
+
+
+def prefix_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                               prefix_v: torch.Tensor, attn_mask: torch.Tensor | None = None, causal: bool = True,
+                               scale: float | None = None, position_bias: torch.Tensor | None = None,
+                               dropout: float = 0.0) -> torch.Tensor:
+    """Attention of q [B,Hq,S,D] over prefix_k/v [Hkv,P,D] (shared by the batch) followed by k/v [B,Hkv,T,D].
+
+    The prefix is always visible; the sequence is causal (if `causal`) and masked by `attn_mask`;
+    `position_bias` (T5) covers the sequence keys and is 0 for the prefix. Returns [B,S,Hq,D].
+    """
+    B, Hq, S, _ = q.shape
+    Hkv, P = prefix_k.shape[0], prefix_k.shape[1]
+    keys = torch.cat([prefix_k.to(k.dtype)[None].expand(B, -1, -1, -1), k], dim=2)
+    values = torch.cat([prefix_v.to(v.dtype)[None].expand(B, -1, -1, -1), v], dim=2)
+    if Hq != Hkv:  # grouped-query attention: each KV head serves Hq/Hkv query heads
+        keys = keys.repeat_interleave(Hq // Hkv, dim=1)
+        values = values.repeat_interleave(Hq // Hkv, dim=1)
+    mask = with_prefix_columns(sequence_mask(attn_mask, S, k.shape[2], causal, q.device), P)
+    if position_bias is not None:
+        bias = F.pad(position_bias, (P, 0))
+        if mask is None:
+            mask = bias
+        elif mask.dtype == torch.bool:
+            mask = bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
+        else:
+            mask = bias + mask
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout, scale=scale)
+    return out.transpose(1, 2).contiguous()

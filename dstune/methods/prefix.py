@@ -1,0 +1,126 @@
+"""Prefix tuning: P learned keys/values in every self-attention layer, injected at the attention call.
+
+The prefix does not travel through `past_key_values` (whose API changes every transformers release):
+dstune registers an attention function with transformers' AttentionInterface that reads the layer's
+prefix and calls `dstune.kernels.prefix_attention`. So it works with SDPA, activation checkpointing,
+KV-cached generation and ZeRO-3, on GPT-2, Llama (GQA), BERT and T5.
+
+Layout: the prefix of all L layers is one tensor [P, L·2·Hkv·D] (PEFT's layout: layer l's keys at
+slot 2l, values at 2l+1), either a plain parameter or, with `projection`, the output of a small MLP
+over P embeddings (PEFT's prefix_projection) — folded into a plain tensor at export.
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from dstune.errors import UserError
+from dstune.kernels import prefix_attention
+from dstune.methods.base import TuningMethod
+from dstune.methods.targets import train_task_head
+
+ATTENTION_NAME = "dstune_prefix"
+# the self-attention modules (the ones that call the attention function) per family, in layer order
+SELF_ATTENTION = {"llama": "self_attn", "gpt2": "attn", "bert": "attention.self", "t5": "SelfAttention"}
+
+
+class PrefixOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_virtual_tokens: int = Field(16, gt=0, description="P: prefix keys/values per layer")
+    projection: bool = Field(False, description="produce the prefix with an MLP over P embeddings (reparameterisation)")
+    projection_hidden: int = Field(512, gt=0, description="hidden size of that MLP")
+
+
+def kv_geometry(config) -> tuple[int, int]:
+    """(key/value heads, head dim) of a model config."""
+    heads = next(getattr(config, k) for k in ("num_attention_heads", "n_head", "num_heads") if hasattr(config, k))
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
+    return kv_heads, head_dim
+
+
+class PrefixEncoder(nn.Module):
+    """Produces the [P, L·2·Hkv·D] prefix, directly or through an MLP (tanh, as in Li & Liang)."""
+
+    def __init__(self, n_tokens: int, n_layers: int, kv_heads: int, head_dim: int, projection: bool, hidden: int):
+        super().__init__()
+        self.shape = (n_tokens, n_layers, 2, kv_heads, head_dim)
+        token_dim, out = kv_heads * head_dim, n_layers * 2 * kv_heads * head_dim
+        self.embedding = nn.Embedding(n_tokens, token_dim if projection else out)
+        self.mlp = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, out)) if projection else None
+        self.register_buffer("positions", torch.arange(n_tokens), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        x = self.embedding(self.positions)
+        return self.mlp(x) if self.mlp is not None else x
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+               position_bias=None, **kwargs):
+    """The registered attention function: plain attention plus this layer's prefix, if it has one."""
+    prefix = getattr(module, "_dstune_prefix", None)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if prefix is None:  # e.g. T5 cross-attention: no prefix there
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, position_bias=position_bias, **kwargs)
+    pk, pv = prefix
+    out = prefix_attention(query, key, value, pk.to(query.dtype), pv.to(query.dtype), attention_mask, causal,
+                           scaling, position_bias, dropout)
+    return out, None
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(ATTENTION_NAME, _attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # same masks as SDPA (None when causal suffices)
+
+
+def _distribute(model: nn.Module, args, kwargs):
+    """Forward pre-hook: compute all layers' prefixes once, hand each attention module its slice, and
+    number the real tokens after the prefix (positions P, P+1, ...), as when the prefix is a past cache."""
+    enc: PrefixEncoder = model.dstune_prefix
+    kv = enc().view(enc.shape)  # [P, L, 2, Hkv, D]
+    for i, attn in enumerate(model._dstune_attention):
+        attn._dstune_prefix = (kv[:, i, 0].transpose(0, 1), kv[:, i, 1].transpose(0, 1))  # [Hkv, P, D] each
+    if not model.config.is_encoder_decoder:  # T5 has relative positions: nothing to shift
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs["inputs_embeds"][..., 0]
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            cache = kwargs.get("past_key_values")
+            past = cache.get_seq_length() if cache is not None else 0
+            positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)[None]
+        kwargs["position_ids"] = positions + enc.shape[0]
+    return args, kwargs
+
+
+class Prefix(TuningMethod):
+    name = "prefix"
+    description = "prefix tuning: learned per-layer key/value prefixes (optional MLP reparameterisation)"
+    Options = PrefixOptions
+    mergeable = False  # extra keys/values are not a weight change
+
+    def apply(self, model: nn.Module, task: str) -> None:
+        kind = model.config.model_type
+        if kind not in SELF_ATTENTION:
+            raise UserError(f"methods (prefix): no self-attention layout known for model type {kind!r}")
+        suffix = SELF_ATTENTION[kind]
+        attention = [m for n, m in model.named_modules() if n.endswith("." + suffix)]
+        kv_heads, head_dim = kv_geometry(model.config)
+        o = self.options
+        model.dstune_prefix = PrefixEncoder(o.num_virtual_tokens, len(attention), kv_heads, head_dim, o.projection,
+                                            o.projection_hidden)
+        object.__setattr__(model, "_dstune_attention", attention)  # plain list: not registered as submodules
+        model.register_forward_pre_hook(_distribute, with_kwargs=True)
+        register_attention()
+        model.set_attn_implementation(ATTENTION_NAME)
+        train_task_head(model, task)
+
+    def folded_prefix(self, model: nn.Module) -> torch.Tensor:
+        """The [P, L·2·Hkv·D] prefix as a plain tensor (the MLP, if any, evaluated and dropped)."""
+        with torch.no_grad():
+            return model.dstune_prefix().detach().float()

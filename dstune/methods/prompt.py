@@ -1,0 +1,95 @@
+"""Soft prompt tuning: P learned embeddings prepended to the input embeddings."""
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from dstune.data.tasks import IGNORE
+from dstune.errors import UserError
+from dstune.methods.base import TuningMethod
+from dstune.methods.targets import train_task_head
+
+
+class PromptOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_virtual_tokens: int = Field(16, gt=0, description="P: learned embeddings prepended to every input")
+    init_text: str | None = Field(None, description="initialise from this text's token embeddings (repeated to P)")
+
+
+class SoftPrompt(nn.Module):
+    def __init__(self, n_tokens: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(n_tokens, dim)
+        self.register_buffer("positions", torch.arange(n_tokens), persistent=False)
+
+    def forward(self, batch: int) -> torch.Tensor:
+        return self.embedding(self.positions)[None].expand(batch, -1, -1)
+
+
+def _prepend(model: nn.Module, args, kwargs):
+    """Forward pre-hook: input_ids → [prompt; token embeddings]; masks and labels grow to match.
+
+    Every call gets the prompt, so generation runs without a KV cache (the cache would hold it once)."""
+    ids = kwargs.pop("input_ids", None)
+    if ids is None and args:
+        ids, args = args[0], args[1:]
+    if ids is None:
+        return args, kwargs
+    prompt = model.dstune_prompt(ids.shape[0])
+    embeds = model.get_input_embeddings()(ids)
+    kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype), embeds], dim=1)
+    P = prompt.shape[1]
+    pad = lambda t, value: torch.cat([t.new_full((t.shape[0], P), value), t], dim=1)  # noqa: E731
+    if kwargs.get("attention_mask") is not None:
+        kwargs["attention_mask"] = pad(kwargs["attention_mask"], 1)
+    if kwargs.get("token_type_ids") is not None:
+        kwargs["token_type_ids"] = pad(kwargs["token_type_ids"], 0)
+    labels = kwargs.get("labels")
+    if labels is not None and labels.dim() == 2 and not model.config.is_encoder_decoder:
+        kwargs["labels"] = pad(labels, IGNORE)  # virtual tokens are never targets
+    for k in ("position_ids", "cache_position"):  # let the model number the longer sequence itself
+        kwargs.pop(k, None)
+    return args, kwargs
+
+
+def _drop_virtual_positions(model: nn.Module, args, kwargs, output):
+    """Forward hook: logits only for the real tokens (the loss was already computed over all of them)."""
+    if getattr(output, "logits", None) is not None and output.logits.dim() == 3:
+        output.logits = output.logits[:, model.dstune_prompt.embedding.num_embeddings:]
+    return output
+
+
+class Prompt(TuningMethod):
+    name = "prompt"
+    description = "soft prompt tuning: P learned input embeddings, random or initialised from a text"
+    Options = PromptOptions
+    mergeable = False
+    generate_kwargs = {"use_cache": False}
+
+    def apply(self, model: nn.Module, task: str) -> None:
+        if model.config.is_encoder_decoder:
+            raise UserError("methods (prompt): encoder-decoder models are not supported; use prefix or lora")
+        o = self.options
+        emb = model.get_input_embeddings()
+        dim = getattr(emb, "ds_shape", emb.weight.shape)[1]
+        model.dstune_prompt = SoftPrompt(o.num_virtual_tokens, dim)
+        if o.init_text:
+            self._init_from_text(model, emb)
+        model.register_forward_pre_hook(_prepend, with_kwargs=True)
+        if task == "causal_lm":
+            model.register_forward_hook(_drop_virtual_positions, with_kwargs=True)
+        train_task_head(model, task)
+
+    def _init_from_text(self, model: nn.Module, emb: nn.Module) -> None:
+        import deepspeed
+
+        if self.tokenizer is None:
+            raise UserError("methods (prompt).init_text: needs the run's tokenizer")
+        ids = self.tokenizer(self.options.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise UserError("methods (prompt).init_text: the text has no tokens")
+        P = self.options.num_virtual_tokens
+        ids = torch.tensor((ids * (P // len(ids) + 1))[:P])
+        with deepspeed.zero.GatheredParameters([emb.weight]), torch.no_grad():
+            model.dstune_prompt.embedding.weight.copy_(emb.weight[ids].float())
