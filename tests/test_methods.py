@@ -55,6 +55,10 @@ EXPECT = {  # method spec → predicate on the names that must (and alone may) g
     "lora": ({"name": "lora", "r": 4}, lambda n: ".lora_" in n or n.startswith(("classifier", "score"))),
     "ia3": ({"name": "ia3"}, lambda n: ".ia3_l." in n or n.startswith(("classifier", "score"))),
     "adapter": ({"name": "adapter", "bottleneck": 8}, lambda n: ".adapter." in n or n.startswith(("classifier", "score"))),
+    "prompt": ({"name": "prompt", "num_virtual_tokens": 3}, lambda n: "dstune_prompt" in n or n.startswith(("classifier", "score"))),
+    "prefix": ({"name": "prefix", "num_virtual_tokens": 3}, lambda n: "dstune_prefix" in n or n.startswith(("classifier", "score"))),
+    "prefix_mlp": ({"name": "prefix", "num_virtual_tokens": 3, "projection": True, "projection_hidden": 8},
+                   lambda n: "dstune_prefix" in n or n.startswith(("classifier", "score"))),
 }
 
 
@@ -97,6 +101,45 @@ def test_ia3_trainable_count_equals_peft(family):
     import peft
     ours = count_trainable(with_methods(family, {"name": "ia3"})[0])[0]
     assert ours == _peft_count(family, peft.IA3Config())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("spec,config", [
+    ({"name": "prompt", "num_virtual_tokens": 5}, lambda: __import__("peft").PromptTuningConfig(num_virtual_tokens=5)),
+    ({"name": "prefix", "num_virtual_tokens": 5}, lambda: __import__("peft").PrefixTuningConfig(num_virtual_tokens=5)),
+    ({"name": "prefix", "num_virtual_tokens": 5, "projection": True, "projection_hidden": 16},
+     lambda: __import__("peft").PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=16)),
+], ids=["prompt", "prefix", "prefix_mlp"])
+def test_prompt_and_prefix_trainable_counts_equal_peft(family, spec, config):
+    assert count_trainable(with_methods(family, spec)[0])[0] == _peft_count(family, config())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("spec", [{"name": "prefix", "num_virtual_tokens": 3}, {"name": "prompt", "num_virtual_tokens": 3}])
+def test_prefix_and_prompt_work_with_activation_checkpointing(family, spec):
+    results = []
+    for ckpt in (False, True):
+        model, task = with_methods(family, spec)
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        loss = model(**batch(task)).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (l0, g0), (l1, g1) = results
+    assert abs(l0 - l1) < 1e-6 and g0.keys() == g1.keys()
+    assert all(torch.allclose(g0[n], g1[n], atol=1e-6) for n in g0) and all(g0[n].abs().sum() > 0 for n in g0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("spec", [{"name": "prefix", "num_virtual_tokens": 3}, {"name": "prompt", "num_virtual_tokens": 3}])
+def test_generation_with_cache_equals_without(family, spec):
+    model, _ = with_methods(family, spec)
+    ids = torch.randint(4, 100, (1, 5), generator=torch.Generator().manual_seed(2))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(**kw, **model.dstune_generate_kwargs)
+    without = model.generate(**{**kw, "use_cache": False})
+    assert with_cache.shape == (1, 11) and torch.equal(with_cache, without)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

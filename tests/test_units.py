@@ -94,3 +94,13 @@ def test_model_needs_exactly_one_source(tmp_path):
 def test_example_recipes_validate(recipe):
     cfg = load_config(recipe)
     assert cfg.task in ("classification", "causal_lm", "seq2seq")
+
+
+def test_methods_command_lists_every_method_with_its_options():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "dstune", "methods"], capture_output=True, text=True, timeout=120).stdout
+    for name in ("full", "freeze", "layerwise_lr", "bitfit", "prompt", "prefix", "adapter", "lora", "ia3"):
+        assert f"\n{name} " in f"\n{out}", name
+    assert "    r: rank of the update (default: 8)" in out
+    assert "    num_virtual_tokens: P: prefix keys/values per layer (default: 16)" in out

@@ -37,6 +37,7 @@ def _prepend(model: nn.Module, args, kwargs):
     if ids is None:
         return args, kwargs
     prompt = model.dstune_prompt(ids.shape[0])
+    model._dstune_real_len = ids.shape[1]
     embeds = model.get_input_embeddings()(ids)
     kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype), embeds], dim=1)
     P = prompt.shape[1]
@@ -55,8 +56,9 @@ def _prepend(model: nn.Module, args, kwargs):
 
 def _drop_virtual_positions(model: nn.Module, args, kwargs, output):
     """Forward hook: logits only for the real tokens (the loss was already computed over all of them)."""
-    if getattr(output, "logits", None) is not None and output.logits.dim() == 3:
-        output.logits = output.logits[:, model.dstune_prompt.embedding.num_embeddings:]
+    real = model._dstune_real_len  # logits may cover fewer positions (generate keeps only the last)
+    if getattr(output, "logits", None) is not None and output.logits.dim() == 3 and output.logits.shape[1] > real:
+        output.logits = output.logits[:, -real:]
     return output
 
 
@@ -72,7 +74,7 @@ class Prompt(TuningMethod):
             raise UserError("methods (prompt): encoder-decoder models are not supported; use prefix or lora")
         o = self.options
         emb = model.get_input_embeddings()
-        dim = getattr(emb, "ds_shape", emb.weight.shape)[1]
+        dim = getattr(emb.weight, "ds_shape", emb.weight.shape)[1]  # ZeRO-3: the real shape
         model.dstune_prompt = SoftPrompt(o.num_virtual_tokens, dim)
         if o.init_text:
             self._init_from_text(model, emb)
