@@ -21,7 +21,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dstune.engine.trainer import train
 
     train(load_config(args.recipe, args.overrides))
-    return 0
+    # Everything is written and the process group is gone. Leave without interpreter teardown: C++
+    # destructors of DeepSpeed/gloo background threads sometimes abort there ("terminate called without
+    # an active exception") and turn a finished run into exit code 134.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -94,6 +99,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Predict per-GPU memory before a run: dstune estimate RECIPE [key=value ...] [--world-size N] [--json]
+
+    Reads only the model config (no weights): weights, gradients, optimizer states, activations and
+    buffers per rank for the recipe's model, methods, ZeRO stage, offload, precision, micro-batch and
+    sequence length (data.max_length, or --seq-len). Frozen parameters hold weights only. Prints a table
+    with DeepSpeed's own estimate beside it, or with --json one object per rank with integer byte fields.
+    """
+    from dstune.config import load_config
+    from dstune.profiling.estimate import deepspeed_estimate, estimate
+    from dstune.profiling.report import estimate_table
+
+    cfg = load_config(args.recipe, args.overrides)
+    tokenizer = None
+    if cfg.model.tiny and cfg.tokenizer.path:
+        from dstune.models.tokenizers import load_tokenizer
+        tokenizer = load_tokenizer(cfg.tokenizer.path)
+    per_rank, table, info = estimate(cfg, args.world_size, args.seq_len, cuda=not args.cpu, tokenizer=tokenizer)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in per_rank]))
+        return 0
+    theirs = deepspeed_estimate(table, info["zero_stage"], args.world_size, info["offload_optimizer"],
+                                info["largest_param"])
+    print(estimate_table(cfg, per_rank[0], table, info, args.world_size, theirs))
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     """List tuning methods with their options (built-ins and `dstune.methods` entry points)."""
     from dstune.methods import available
@@ -163,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["peft", "merged"], required=True)
     sp.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
 
+    sp = add("estimate", cmd_estimate)
+    sp.add_argument("recipe")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. deepspeed=zero3 training.precision=bf16")
+    sp.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (GPUs) in total")
+    sp.add_argument("--seq-len", type=int, help="tokens per example (default: data.max_length)")
+    sp.add_argument("--cpu", action="store_true", help="no CUDA context in the buffers (CPU ranks)")
+    sp.add_argument("--json", action="store_true", help="one JSON object per rank with integer byte fields")
+
     add("methods", cmd_methods)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tok_command", required=True)
@@ -175,7 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may follow options too (`dstune estimate R --world-size 8 deepspeed=zero3`)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = args.func(args)
     except UserError as e:

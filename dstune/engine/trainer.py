@@ -174,7 +174,7 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
         _write_results(cfg, dist_, results)
     engine.train()
     bar = tqdm(total=total_steps, initial=step, disable=not dist_.is_main, desc="train", dynamic_ncols=True)
-    tokens_seen = 0
+    tokens_seen, first_step = 0, True
     while step < total_steps:
         seed_step(t.seed, step, dist_.rank)
         started = time.perf_counter()
@@ -188,6 +188,9 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
             engine.step()
             loss_sum += loss.item()
         step += 1
+        if first_step:
+            _write_memory(cfg, engine, dist_)
+            first_step = False
         loss = mean_over_ranks(loss_sum / t.gradient_accumulation_steps, dist_.device)
         if step % t.log_every == 0 or step == total_steps:
             log.write(step, "train", {"loss": loss, "lr": scheduler.get_last_lr()[0],
@@ -205,6 +208,22 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
         log.write(step, "eval", results["after"])
     results["steps"] = step
     return _write_results(cfg, dist_, results)
+
+
+def _write_memory(cfg: RunConfig, engine, dist_: Dist) -> None:
+    """memory.json: what each rank's engine holds by part after its first optimizer step."""
+    import psutil
+    import torch.distributed as dist
+
+    from dstune.profiling.measure import engine_model_state_bytes
+
+    mine = {"rank": dist_.rank, **engine_model_state_bytes(engine), "process_rss": psutil.Process().memory_info().rss}
+    if torch.cuda.is_available():
+        mine["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
+    ranks = [None] * dist_.world
+    dist.all_gather_object(ranks, mine)
+    if dist_.is_main:
+        (Path(cfg.output_dir) / "memory.json").write_text(json.dumps({"after_first_step": ranks}, indent=1))
 
 
 def _write_results(cfg: RunConfig, dist_: Dist, results: dict) -> dict:

@@ -1,0 +1,205 @@
+"""Per-rank memory a run will need, by part, from the model config alone (no weights loaded).
+
+PEFT-aware: frozen parameters hold weights only; gradients, fp32 master copies and Adam moments
+exist for trainable parameters alone. Model-state terms follow the ZeRO paper (mixed-precision
+Adam: 2Ψ weights + 2Ψ gradients + 12Ψ optimizer states = 16Ψ bytes per trainable parameter),
+sharded by stage, with DeepSpeed's own padding rules so the numbers match its tensors exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from dstune.config import RunConfig
+from dstune.engine.ds_config import build_ds_config, zero_stage
+from dstune.errors import UserError
+from dstune.methods import apply_methods, build_methods, param_groups
+
+ZERO12_ALIGNMENT = 2  # DeepSpeed pads each flat ZeRO-1/2 group to a multiple of 2 × ranks elements
+
+
+@dataclass
+class MemoryEstimate:
+    rank: int
+    weights: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    buffers: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer_states + self.activations + self.buffers
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+@dataclass
+class ParamTable:
+    """What the estimate needs to know about the parameters: sizes, which train, in which optimizer group."""
+    frozen: list[int]                 # numel of each frozen parameter
+    groups: list[list[int]]           # numel of each trainable parameter, per optimizer param group
+
+    @property
+    def trainable(self) -> int:
+        return sum(sum(g) for g in self.groups)
+
+    @property
+    def total(self) -> int:
+        return self.trainable + sum(self.frozen)
+
+
+def bytes_per_element(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def model_state_bytes(table: ParamTable, stage: int, world: int, precision: str,
+                      offload_optimizer: bool = False, offload_params: bool = False) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer_states) bytes on one rank's device.
+
+    b = 2 (bf16/fp16) or 4 (fp32) bytes per element; Ψ_T trainable, Ψ_F frozen elements; W ranks.
+      stage 0: weights b(Ψ_T+Ψ_F); grads b·Ψ_T; optimizer 8Ψ_T (+4Ψ_T fp32 master and 4Ψ_T fp32 grads if b=2)
+      stage 1: weights b(Ψ_F + pad(Ψ_T)); grads b·Ψ_T (whole, before the reduce); optimizer 12·pad(Ψ_T)/W
+      stage 2: as stage 1, but grads b·pad(Ψ_T)/W
+      stage 3: every parameter split in W: weights b·Σ⌈n/W⌉; grads b·Σ_T⌈n/W⌉; optimizer 12·Σ_T⌈n/W⌉
+    pad(Ψ) rounds each optimizer group up to a multiple of 2W, as DeepSpeed's flat buffers do. An fp32
+    run keeps a separate fp32 master copy under ZeRO 1-3 too, so optimizer states are 12 bytes either way.
+    Offloaded optimizer states (and, under ZeRO-3, parameters) live in CPU memory and count 0 here.
+    """
+    b = bytes_per_element(precision)
+    T, F = table.trainable, sum(table.frozen)
+    if stage == 0:
+        optim = 8 * T + (8 * T if b == 2 else 0)
+        weights, grads = b * (T + F), b * T
+    elif stage in (1, 2):
+        align = ZERO12_ALIGNMENT * world
+        padded = sum(math.ceil(sum(g) / align) * align for g in table.groups)
+        weights = b * (F + padded)
+        grads = b * T if stage == 1 else b * padded // world
+        optim = 12 * padded // world
+    elif stage == 3:
+        def shard(n: int) -> int:
+            return math.ceil(n / world)
+        trainable_shards = sum(shard(n) for g in table.groups for n in g)
+        weights = b * (trainable_shards + sum(shard(n) for n in table.frozen))
+        grads = b * trainable_shards
+        optim = 12 * trainable_shards
+        if offload_params:
+            weights = 0
+    else:
+        raise UserError(f"deepspeed: zero_optimization.stage must be 0-3, got {stage}")
+    if offload_optimizer:
+        optim = 0
+    return weights, grads, optim
+
+
+def activation_bytes(config: Any, micro_batch: int, seq_len: int, precision: str, checkpointing: bool,
+                     trainable_input_side: bool = True) -> int:
+    """Activations kept for backward on one rank (Korthikanti et al. 2022, flash attention: no S² term).
+
+    Per transformer layer ≈ 34·s·b·h bytes in 16-bit (×2 in fp32); with activation checkpointing only
+    each layer's input (2·s·b·h) is kept, plus one layer recomputed at a time. The LM head adds the
+    logits: s·b·V·(b + 4 + 4) (the logits, their fp32 copy for the loss, and its gradient).
+    """
+    h = getattr(config, "hidden_size", None) or getattr(config, "d_model", None) or config.n_embd
+    layers = (getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+              or config.num_layers + getattr(config, "num_decoder_layers", 0))
+    vocab = getattr(config, "vocab_size", 0)
+    scale = bytes_per_element(precision) / 2
+    per_layer = int(34 * seq_len * micro_batch * h * scale)
+    body = (layers * 2 * seq_len * micro_batch * h * scale + per_layer) if checkpointing else layers * per_layer
+    logits = seq_len * micro_batch * vocab * (bytes_per_element(precision) + 8)
+    return int(body + logits)
+
+
+def buffer_bytes(ds_config: dict, stage: int, precision: str, table: ParamTable, cuda: bool) -> int:
+    """DeepSpeed's communication buckets and, on a GPU, the CUDA context and cuBLAS workspace."""
+    z = ds_config.get("zero_optimization", {})
+    b = bytes_per_element(precision)
+    if stage in (1, 2):
+        buckets = 2 * int(float(z.get("reduce_bucket_size", 5e8))) * b if stage == 2 else 0
+        buckets = min(buckets, 2 * b * table.trainable)  # a bucket never holds more than all the gradients
+    elif stage == 3:
+        largest = max([n for g in table.groups for n in g] + table.frozen, default=0)
+        buckets = b * min(int(float(z.get("stage3_prefetch_bucket_size", 5e7))), table.total) + 2 * b * largest
+    else:
+        buckets = 0
+    cuda_context = 600 * 2**20 if cuda else 0  # context + cuBLAS workspace, typical on an H100 (unmeasured)
+    return buckets + cuda_context
+
+
+def meta_model(cfg: RunConfig, tokenizer=None, labels: list | None = None):
+    """The recipe's model with its methods applied, on the meta device: shapes only, no memory, no weights."""
+    from transformers import AutoConfig
+
+    from dstune.models.loading import _auto_class, tiny_config
+
+    if cfg.model.tiny:
+        vocab = len(tokenizer) if tokenizer is not None else 32000
+        config = tiny_config(cfg.model.tiny, vocab, {"pad_token_id": 0})
+    else:
+        try:
+            config = AutoConfig.from_pretrained(cfg.model.path, gguf_file=cfg.model.gguf_file, local_files_only=True,
+                                                trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.path: cannot read a model config in {cfg.model.path}: {e}") from None
+    for k, v in cfg.model.config_overrides.items():
+        setattr(config, k, v)
+    if cfg.task == "classification":
+        config.num_labels = len(labels) if labels else 2
+        if getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = 0
+    with torch.device("meta"):
+        model = _auto_class(cfg.task).from_config(config)
+        methods = build_methods([{k: v for k, v in m.items() if k != "init_text"} for m in cfg.methods])
+        apply_methods(model, methods, cfg.task, tokenizer)
+    return model, methods
+
+
+def parameter_table(model: torch.nn.Module, methods, cfg: RunConfig) -> ParamTable:
+    groups = param_groups(model, methods, cfg.training.lr, cfg.training.weight_decay)
+    trainable = {id(p) for g in groups for p in g["params"]}
+    frozen = [p.numel() for p in model.parameters() if id(p) not in trainable]
+    return ParamTable(frozen=frozen, groups=[[p.numel() for p in g["params"]] for g in groups])
+
+
+def estimate(cfg: RunConfig, world_size: int, seq_len: int | None = None, cuda: bool = True,
+             tokenizer=None, labels: list | None = None) -> tuple[list[MemoryEstimate], ParamTable, dict]:
+    """One MemoryEstimate per rank (they are equal: DeepSpeed pads every rank's share to the same size)."""
+    if world_size < 1:
+        raise UserError(f"--world-size: must be at least 1, got {world_size}")
+    ds = build_ds_config(cfg, world_size)
+    stage = zero_stage(ds)
+    z = ds.get("zero_optimization", {})
+    offload_opt = z.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
+    offload_par = z.get("offload_param", {}).get("device", "none") in ("cpu", "nvme")
+    model, methods = meta_model(cfg, tokenizer, labels)
+    table = parameter_table(model, methods, cfg)
+    t = cfg.training
+    weights, grads, optim = model_state_bytes(table, stage, world_size, t.precision, offload_opt, offload_par)
+    acts = activation_bytes(model.config, t.micro_batch_size, seq_len or cfg.data.max_length, t.precision,
+                            t.activation_checkpointing)
+    buffers = buffer_bytes(ds, stage, t.precision, table, cuda)
+    per_rank = [MemoryEstimate(r, weights, grads, optim, acts, buffers) for r in range(world_size)]
+    return per_rank, table, {"zero_stage": stage, "offload_optimizer": offload_opt, "offload_params": offload_par,
+                             "largest_param": max([n for g in table.groups for n in g] + table.frozen)}
+
+
+def deepspeed_estimate(table: ParamTable, stage: int, world_size: int, offload: bool, largest: int) -> int | None:
+    """What DeepSpeed's own model-state estimator says per GPU (it counts every parameter as trainable)."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        if stage in (1, 2):
+            from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+            return int(estimate_zero2_model_states_mem_needs(table.total, world_size, 1, offload)[1])
+        if stage == 3:
+            from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+            return int(estimate_zero3_model_states_mem_needs(table.total, largest, world_size, 1, offload,
+                                                             offload)[1])
+    return None

@@ -1,0 +1,32 @@
+"""Human-readable reports of memory estimates."""
+from __future__ import annotations
+
+from dstune.config import RunConfig
+
+
+def human_bytes(n: int | float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def estimate_table(cfg: RunConfig, est, table, info: dict, world: int, deepspeed_says: int | None) -> str:
+    """Markdown table of one rank's estimate, parts and total, with DeepSpeed's own number for contrast."""
+    t = cfg.training
+    head = (f"{', '.join(m['name'] for m in cfg.methods)} — {table.trainable:,} of {table.total:,} parameters train "
+            f"({100 * table.trainable / max(table.total, 1):.2f}%); ZeRO-{info['zero_stage']}"
+            f"{' + optimizer offload' if info['offload_optimizer'] else ''}"
+            f"{' + parameter offload' if info['offload_params'] else ''}, {t.precision}, {world} rank(s), "
+            f"micro-batch {t.micro_batch_size}, activation checkpointing {'on' if t.activation_checkpointing else 'off'}")
+    rows = [("weights", est.weights), ("gradients", est.gradients), ("optimizer states", est.optimizer_states),
+            ("activations", est.activations), ("buffers (comm buckets, CUDA context)", est.buffers),
+            ("**total per rank**", est.total)]
+    lines = [head, "", "| part | bytes | |", "|---|---:|---:|"]
+    lines += [f"| {name} | {n:,} | {human_bytes(n)} |" for name, n in rows]
+    if deepspeed_says is not None:
+        lines += ["", f"DeepSpeed's own model-state estimate: {human_bytes(deepspeed_says)} per GPU "
+                      f"(it counts all {table.total:,} parameters as trainable); "
+                      f"dstune's model states: {human_bytes(est.weights + est.gradients + est.optimizer_states)}"]
+    return "\n".join(lines)

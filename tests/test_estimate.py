@@ -1,0 +1,69 @@
+"""`dstune estimate` predicts the model-state bytes DeepSpeed really holds on each rank, PEFT-aware."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ok, run_cli
+from test_distributed import lm_recipe
+
+METHODS = {"full": [{"name": "full"}], "lora": [{"name": "lora", "r": 4, "target_modules": "all-linear"}],
+           "prefix": [{"name": "prefix", "num_virtual_tokens": 5}]}
+CASES = [(2, s, m) for s in (1, 2, 3) for m in METHODS] + [(4, 2, "lora"), (4, 3, "prefix")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,stage,method", CASES, ids=[f"w{w}-zero{s}-{m}" for w, s, m in CASES])
+def test_estimate_equals_bytes_the_engine_holds(ws, built_ops, tmp_path, world, stage, method):
+    recipe = lm_recipe(ws, tmp_path, "run", stage, methods=METHODS[method], max_steps=1, micro_batch_size=1,
+                       weight_decay=0.1)  # two optimizer groups (decay / no decay): two padded flat buffers
+    ok(run_cli(["train", recipe], nproc=world))
+    measured = json.loads((tmp_path / "run" / "memory.json").read_text())["after_first_step"]
+    predicted = json.loads(ok(run_cli(["estimate", recipe, "--world-size", str(world), "--cpu", "--json"])).stdout)
+    assert len(measured) == len(predicted) == world
+    for m, p in zip(measured, predicted):
+        assert m["weights"] == p["weights"], (m, p)
+        assert m["optimizer_states"] == p["optimizer_states"], (m, p)
+        if stage == 3:  # ZeRO-3 keeps a flat gradient partition; ZeRO-1/2 gradients are gone after the step
+            assert m["gradients"] == p["gradients"], (m, p)
+    if method != "full":  # frozen weights hold no optimizer state: full fine-tuning would hold 3× the weights
+        assert p["optimizer_states"] < p["weights"]
+
+
+def test_frozen_parameters_hold_weights_only(tmp_path):
+    from dstune.profiling.estimate import ParamTable, model_state_bytes
+    full = ParamTable(frozen=[], groups=[[1000, 24]])
+    peft = ParamTable(frozen=[1000], groups=[[24]])
+    for stage in (0, 1, 2, 3):
+        wf, gf, of = model_state_bytes(full, stage, 2, "bf16")
+        wp, gp, op = model_state_bytes(peft, stage, 2, "bf16")
+        assert gp < gf and op < of and wp <= wf + 8  # same weights (up to padding), far less of the rest
+    # the ZeRO paper's 16 bytes per trainable parameter for mixed-precision Adam, on one rank
+    w, g, o = model_state_bytes(ParamTable([], [[4096]]), 1, 1, "bf16")
+    assert w + g + o == 16 * 4096
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--world-size", "0"], r"--world-size: must be at least 1, got 0"),
+    (["deepspeed={zero_optimization: {stage: 7}}"], r"deepspeed: zero_optimization\.stage must be 0-3, got 7"),
+    (["model.tiny=gpt5"], r"model\.tiny: Input should be 'gpt2', 'llama', 'bert' or 't5'"),
+])
+def test_bad_estimate_input(ws, tmp_path, args, message):
+    import re
+    recipe = lm_recipe(ws, tmp_path, "run")
+    if args[0].startswith("model.tiny"):
+        args = args + ["model.path=null"]
+    res = run_cli(["estimate", recipe, *args])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert re.search(message, res.stderr), res.stderr
+
+
+def test_unknown_model_type_is_a_clear_error(ws, tmp_path):
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "not-a-model"}')
+    recipe = lm_recipe(ws, tmp_path, "run")
+    res = run_cli(["estimate", recipe, f"model.path={bad}"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "dstune: error: model.path: cannot read a model config in" in res.stderr
