@@ -15,7 +15,7 @@ from dstune.methods.targets import matches, train_task_head
 SUBLAYER_OUTPUTS = {
     "llama": {"attention": ["self_attn.o_proj"], "mlp": ["mlp.down_proj"]},
     "gpt2": {"attention": ["attn.c_proj"], "mlp": ["mlp.c_proj"]},
-    "bert": {"attention": ["attention.output.dense"], "mlp": ["layer.*.output.dense"]},
+    "bert": {"attention": ["attention.output.dense"], "mlp": ["output.dense"]},
     "t5": {"attention": ["SelfAttention.o"], "mlp": ["DenseReluDense.wo"]},
 }
 
@@ -47,10 +47,8 @@ def _after(module, args, output):
 
 
 def _is_sublayer_output(name: str, patterns: list[str], kind: str) -> bool:
-    if kind == "mlp" and "attention" in name:  # BERT: attention.output.dense is not the MLP's
-        return False
-    return any(matches(name, [p]) if "*" not in p else
-               (name.endswith(p.split("*.")[1]) and ".layer." in name) for p in patterns)
+    # BERT's attention output is `attention.output.dense`; its MLP output is the other `output.dense`
+    return matches(name, patterns) and not (kind == "mlp" and "attention" in name)
 
 
 class Adapter(TuningMethod):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import re
 from typing import Iterator
 
-import torch
 from torch import nn
 
 from dstune.errors import UserError
@@ -86,11 +85,3 @@ def train_task_head(model: nn.Module, task: str) -> None:
         for name, p in model.named_parameters():
             if name.split(".")[0] in TASK_HEADS:
                 p.requires_grad_(True)
-
-
-def get_submodule(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name) if name else model
-
-
-def zeros_like_shape(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(shape, dtype=like.dtype, device=like.device)
