@@ -104,3 +104,44 @@ def test_methods_command_lists_every_method_with_its_options():
         assert f"\n{name} " in f"\n{out}", name
     assert "    r: rank of the update (default: 8)" in out
     assert "    num_virtual_tokens: P: prefix keys/values per layer (default: 16)" in out
+
+
+def _recipe(tmp_path, task: str, train: Path, **data) -> Path:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"task": task, "model": {"tiny": "gpt2"}, "data": {"train": str(train), **data},
+                                  "output_dir": str(tmp_path / "o")}))
+    return recipe
+
+
+def test_chat_prompts_use_the_template_and_are_masked_from_the_loss(ws, tmp_path):
+    from dstune.data.tasks import IGNORE, prepare_data
+    from dstune.models.tokenizers import load_tokenizer
+    tok = load_tokenizer(str(ws / "tokenizer"))
+    tok.chat_template = "{% for m in messages %}user {{ m['content'] }} {% endfor %}assistant"  # words it knows
+    data = prepare_data(load_config(_recipe(tmp_path, "causal_lm", ws / "chat.jsonl")), tok)
+    row = data.train[0]
+    n_prompt = sum(1 for t in row["labels"] if t == IGNORE)
+    prompt_text = tok.decode(row["input_ids"][:n_prompt])
+    assert prompt_text.startswith("user say ") and prompt_text.rstrip().endswith("assistant")
+    reply = row["input_ids"][n_prompt:]
+    assert row["labels"][n_prompt:] == reply and reply[-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "saved"])
+def test_csv_parquet_and_saved_datasets_load_like_jsonl(ws, tmp_path, fmt):
+    import datasets
+    from dstune.data.files import load_table
+    rows = datasets.load_dataset("json", data_files=str(ws / "cls_train.jsonl"), split="train")
+    path = tmp_path / f"train.{fmt}"
+    {"csv": rows.to_csv, "parquet": rows.to_parquet, "saved": rows.save_to_disk}[fmt](str(path))
+    loaded = load_table(str(path), "data.train")
+    assert loaded["text"] == rows["text"] and loaded["label"] == rows["label"]
+
+
+def test_packing_fills_every_block(ws, tmp_path):
+    from dstune.data.tasks import prepare_data
+    from dstune.models.tokenizers import load_tokenizer
+    tok = load_tokenizer(str(ws / "tokenizer"))
+    data = prepare_data(load_config(_recipe(tmp_path, "causal_lm", ws / "lm.jsonl", packing=True, max_length=16)), tok)
+    assert len(data.train) > 10 and all(len(r["input_ids"]) == 16 for r in data.train)
+    assert tok.eos_token_id in data.train[0]["input_ids"] + data.train[1]["input_ids"]  # documents are separated
