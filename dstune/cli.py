@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from dstune.errors import UserError
 
@@ -126,6 +127,23 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Compare methods side by side: dstune bench RECIPE --methods full,lora,prefix [--steps 10] [--out DIR]
+
+    Runs each method in its own process on the recipe's model, data and shapes, then writes
+    DIR/bench.md (table), DIR/bench.json (a list of objects with method, trainable_params, tokens_per_s,
+    step_s, mfu, peak_bytes, estimate_bytes) and DIR/bench.png (memory by part per method, estimate beside
+    the measured peak; tokens/s). Peak is the CUDA allocator's on a GPU, the process RSS on CPU.
+    """
+    from dstune.profiling.bench import bench
+
+    rows = bench(args.recipe, args.overrides, args.methods.split(","), args.out, args.steps)
+    print((Path(args.out) / "bench.md").read_text())
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     """List tuning methods with their options (built-ins and `dstune.methods` entry points)."""
     from dstune.methods import available
@@ -202,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seq-len", type=int, help="tokens per example (default: data.max_length)")
     sp.add_argument("--cpu", action="store_true", help="no CUDA context in the buffers (CPU ranks)")
     sp.add_argument("--json", action="store_true", help="one JSON object per rank with integer byte fields")
+
+    sp = add("bench", cmd_bench)
+    sp.add_argument("recipe")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides applied to every method's run")
+    sp.add_argument("--methods", default="full,lora,prefix,prompt", help="comma-separated method names")
+    sp.add_argument("--steps", type=int, default=10, help="optimizer steps per method (the first 2 are warm-up)")
+    sp.add_argument("--out", default="runs/bench", help="output folder")
+    sp.add_argument("--json", help="also write the result list to this file")
 
     add("methods", cmd_methods)
 

@@ -174,15 +174,15 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
         _write_results(cfg, dist_, results)
     engine.train()
     bar = tqdm(total=total_steps, initial=step, disable=not dist_.is_main, desc="train", dynamic_ncols=True)
-    tokens_seen, first_step = 0, True
+    first_step = True
     while step < total_steps:
         seed_step(t.seed, step, dist_.rank)
         started = time.perf_counter()
-        loss_sum = 0.0
+        loss_sum, step_tokens = 0.0, 0
         for micro in batches.for_step(step):
             batch = {k: v.to(dist_.device) for k, v in
                      collate([data.train[i] for i in micro], tokenizer.pad_token_id, cfg.task).items()}
-            tokens_seen += int(batch["attention_mask"].sum())
+            step_tokens += int(batch["attention_mask"].sum())
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
@@ -192,9 +192,11 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
             _write_memory(cfg, engine, dist_)
             first_step = False
         loss = mean_over_ranks(loss_sum / t.gradient_accumulation_steps, dist_.device)
+        step_s = time.perf_counter() - started
+        tokens = mean_over_ranks(step_tokens, dist_.device) * dist_.world
         if step % t.log_every == 0 or step == total_steps:
-            log.write(step, "train", {"loss": loss, "lr": scheduler.get_last_lr()[0],
-                                      "step_s": time.perf_counter() - started})
+            log.write(step, "train", {"loss": loss, "lr": scheduler.get_last_lr()[0], "step_s": step_s,
+                                      "tokens": tokens, "tokens_per_s": tokens / step_s})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         if data.eval is not None and e.every and step % e.every == 0 and step < total_steps:

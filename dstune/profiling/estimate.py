@@ -17,6 +17,7 @@ from dstune.config import RunConfig
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods, param_groups
+from dstune.profiling.flops import flops_per_token
 
 ZERO12_ALIGNMENT = 2  # DeepSpeed pads each flat ZeRO-1/2 group to a multiple of 2 × ranks elements
 
@@ -105,9 +106,7 @@ def activation_bytes(config: Any, micro_batch: int, seq_len: int, precision: str
     each layer's input (2·s·b·h) is kept, plus one layer recomputed at a time. The LM head adds the
     logits: s·b·V·(b + 4 + 4) (the logits, their fp32 copy for the loss, and its gradient).
     """
-    h = getattr(config, "hidden_size", None) or getattr(config, "d_model", None) or config.n_embd
-    layers = (getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-              or config.num_layers + getattr(config, "num_decoder_layers", 0))
+    h, layers = _hidden(config), _layers(config)
     vocab = getattr(config, "vocab_size", 0)
     scale = bytes_per_element(precision) / 2
     per_layer = int(34 * seq_len * micro_batch * h * scale)
@@ -185,8 +184,22 @@ def estimate(cfg: RunConfig, world_size: int, seq_len: int | None = None, cuda: 
                             t.activation_checkpointing)
     buffers = buffer_bytes(ds, stage, t.precision, table, cuda)
     per_rank = [MemoryEstimate(r, weights, grads, optim, acts, buffers) for r in range(world_size)]
+    c = model.config
+    body = table.total - model.get_input_embeddings().weight.numel()
+    per_token = flops_per_token(body, table.trainable, table.trainable == table.total, _layers(c), _hidden(c),
+                                seq_len or cfg.data.max_length)
     return per_rank, table, {"zero_stage": stage, "offload_optimizer": offload_opt, "offload_params": offload_par,
-                             "largest_param": max([n for g in table.groups for n in g] + table.frozen)}
+                             "largest_param": max([n for g in table.groups for n in g] + table.frozen),
+                             "flops_per_token": per_token}
+
+
+def _hidden(config: Any) -> int:
+    return getattr(config, "hidden_size", None) or getattr(config, "d_model", None) or config.n_embd
+
+
+def _layers(config: Any) -> int:
+    return (getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+            or config.num_layers + getattr(config, "num_decoder_layers", 0))
 
 
 def deepspeed_estimate(table: ParamTable, stage: int, world_size: int, offload: bool, largest: int) -> int | None:
