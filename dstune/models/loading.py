@@ -10,7 +10,8 @@ from dstune.config import RunConfig
 from dstune.errors import UserError, first_line
 
 
-def _auto_class(task: str):
+def auto_class(task: str):
+    """The transformers Auto class that builds a model for a dstune task."""
     import transformers as T
     return {"classification": T.AutoModelForSequenceClassification,
             "causal_lm": T.AutoModelForCausalLM,
@@ -49,7 +50,7 @@ def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.n
         names = [str(x) for x in labels]
         task_kwargs = dict(num_labels=len(names), id2label=dict(enumerate(names)),
                            label2id={n: i for i, n in enumerate(names)})
-    auto = _auto_class(cfg.task)
+    auto = auto_class(cfg.task)
     m = cfg.model
     if m.tiny:
         special = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")

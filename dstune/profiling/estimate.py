@@ -135,7 +135,7 @@ def meta_model(cfg: RunConfig, tokenizer=None, labels: list | None = None):
     """The recipe's model with its methods applied, on the meta device: shapes only, no memory, no weights."""
     from transformers import AutoConfig
 
-    from dstune.models.loading import _auto_class, tiny_config
+    from dstune.models.loading import auto_class, tiny_config
 
     if cfg.model.tiny:
         vocab = len(tokenizer) if tokenizer is not None else 32000
@@ -153,7 +153,7 @@ def meta_model(cfg: RunConfig, tokenizer=None, labels: list | None = None):
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = 0
     with torch.device("meta"):
-        model = _auto_class(cfg.task).from_config(config)
+        model = auto_class(cfg.task).from_config(config)
         methods = build_methods([{k: v for k, v in m.items() if k != "init_text"} for m in cfg.methods])
         apply_methods(model, methods, cfg.task, tokenizer)
     return model, methods
