@@ -181,6 +181,8 @@ def _help(fn) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dstune", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the `deepspeed` launcher passes --local_rank=N before the subcommand (it also sets LOCAL_RANK)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name, fn, parent=sub):

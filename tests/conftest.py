@@ -51,10 +51,14 @@ def kill_tree(pid: int) -> None:
 
 
 def run_cli(args: list[str], nproc: int = 1, cwd: Path | None = None, timeout: int = LAUNCH_TIMEOUT_S,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `dstune ARGS` as one process, or under torchrun with `nproc` ranks; kill the whole group on timeout."""
+            env: dict | None = None, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """Run `dstune ARGS` as one process, or with `nproc` ranks under torchrun or the `deepspeed` launcher;
+    kill the whole process tree on timeout."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "dstune", *args]
+    elif launcher == "deepspeed":
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
+               str(free_port()), "--module", "dstune", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "dstune", *args]

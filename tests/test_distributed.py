@@ -62,6 +62,13 @@ def test_two_ranks_match_one_rank(ws, built_ops, single_rank, tmp_path, stage):
         assert (w1[k] - w2[k]).abs().max() < 1e-4, k
 
 
+def test_deepspeed_launcher_matches_one_rank(ws, built_ops, single_rank, tmp_path):
+    ok(run_cli(["train", lm_recipe(ws, tmp_path, "run", 2)], nproc=2, launcher="deepspeed"))
+    one, two = read_metrics(single_rank), read_metrics(tmp_path / "run")
+    assert sorted(two) == sorted(one)
+    assert all(abs(one[s]["loss"] - two[s]["loss"]) < 1e-5 for s in one)
+
+
 def test_killed_run_resumes_exactly(ws, built_ops, tmp_path):
     steps = 60
     ref_recipe = lm_recipe(ws, tmp_path, "reference", 2, max_steps=steps)
