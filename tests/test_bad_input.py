@@ -101,3 +101,14 @@ def test_missing_recipe(tmp_path):
 def test_malformed_override(ws, tmp_path, override):
     path, out = write(tmp_path, ws)
     assert_user_error(run_cli(["train", str(path), override]), r"expected key=value", out)
+
+
+def test_missing_tokenizer(ws, tmp_path):
+    path, out = write(tmp_path, ws, tokenizer__path=str(tmp_path / "no-tokenizer"))
+    assert_user_error(run_cli(["train", str(path)]), r"tokenizer\.path: not found: .*no-tokenizer", out)
+
+
+def test_data_smaller_than_one_global_batch(ws, tmp_path):
+    path, out = write(tmp_path, ws, training__micro_batch_size=500)
+    assert_user_error(run_cli(["train", str(path)]),
+                      r"data\.train: 64 examples are fewer than one global batch .* = 500\)", out)
