@@ -1,0 +1,111 @@
+"""The rest of the bad-input paths, checked in-process: each raises UserError with the message users see."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dstune.config import load_config
+from dstune.errors import UserError
+
+
+def recipe(tmp_path, task: str, train, **data):
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps({"task": task, "model": {"tiny": "gpt2"}, "data": {"train": str(train), **data},
+                                "output_dir": str(tmp_path / "o")}))
+    return load_config(path)
+
+
+@pytest.fixture
+def tok(ws):
+    from dstune.models.tokenizers import load_tokenizer
+    return load_tokenizer(str(ws / "tokenizer"))
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_unsupported_file_type(tmp_path):
+    from dstune.data.files import load_table
+    (tmp_path / "d.xml").write_text("<x/>")
+    with pytest.raises(UserError, match=r"data\.train: unsupported file type '\.xml'"):
+        load_table(str(tmp_path / "d.xml"), "data.train")
+
+
+def test_jsonl_row_that_is_not_an_object(tmp_path):
+    from dstune.data.files import load_table
+    bad = write_rows(tmp_path / "d.jsonl", [{"text": "a"}, [1, 2]])
+    with pytest.raises(UserError, match=r"d\.jsonl:2: data\.train: each row must be a JSON object, got list"):
+        load_table(str(bad), "data.train")
+
+
+def test_single_label_value(tmp_path, tok):
+    from dstune.data.tasks import prepare_data
+    data = write_rows(tmp_path / "d.jsonl", [{"text": "a b", "label": "x"}] * 4)
+    with pytest.raises(UserError, match=r"data\.label_column: .* has only one label value \('x'\)"):
+        prepare_data(recipe(tmp_path, "classification", data), tok)
+
+
+def test_eval_label_unseen_in_training(tmp_path, tok):
+    from dstune.data.tasks import prepare_data
+    train = write_rows(tmp_path / "t.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
+    ev = write_rows(tmp_path / "e.jsonl", [{"text": "a", "label": "z"}])
+    with pytest.raises(UserError, match=r"data\.eval: labels \['z'\] do not occur in the training labels"):
+        prepare_data(recipe(tmp_path, "classification", train, eval=str(ev)), tok)
+
+
+def test_causal_lm_without_text_or_prompt_columns(tmp_path, tok):
+    from dstune.data.tasks import prepare_data
+    data = write_rows(tmp_path / "d.jsonl", [{"body": "a b"}])
+    with pytest.raises(UserError, match=r"data\.text_column: .* has neither a 'text' column nor 'prompt'\+'response'"):
+        prepare_data(recipe(tmp_path, "causal_lm", data), tok)
+
+
+def test_seq2seq_without_target_column(tmp_path, tok):
+    from dstune.data.tasks import prepare_data
+    data = write_rows(tmp_path / "d.jsonl", [{"source": "a b"}])
+    with pytest.raises(UserError, match=r"data\.target_column: column 'target' not in"):
+        prepare_data(recipe(tmp_path, "seq2seq", data), tok)
+
+
+def test_tokenizer_train_missing_file_and_tiny_vocab(tmp_path):
+    from dstune.models.tokenizers import train_sentencepiece
+    with pytest.raises(UserError, match=r"tokenizer train: file not found: .*nope\.txt"):
+        train_sentencepiece([str(tmp_path / "nope.txt")], str(tmp_path / "out"))
+    (tmp_path / "c.txt").write_text("a b c\n")
+    with pytest.raises(UserError, match=r"--vocab-size: must be at least 8"):
+        train_sentencepiece([str(tmp_path / "c.txt")], str(tmp_path / "out"), vocab_size=4)
+
+
+def test_model_path_and_gguf_file_must_exist(tmp_path, tok):
+    from dstune.models.loading import load_model
+    cfg = recipe(tmp_path, "causal_lm", tmp_path / "d.jsonl")
+    cfg.model.tiny, cfg.model.path = None, str(tmp_path / "nomodel")
+    with pytest.raises(UserError, match=r"model\.path: not a folder: .*nomodel"):
+        load_model(cfg, tok)
+    (tmp_path / "m").mkdir()
+    cfg.model.path, cfg.model.gguf_file = str(tmp_path / "m"), "x.gguf"
+    with pytest.raises(UserError, match=r"model\.gguf_file: not found: .*x\.gguf"):
+        load_model(cfg, tok)
+
+
+def test_export_out_must_be_empty(tmp_path):
+    from dstune.engine.export import _prepare_out
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "f").write_text("x")
+    with pytest.raises(UserError, match=r"--out: .*out exists and is not empty"):
+        _prepare_out(str(tmp_path / "out"))
+
+
+def test_bench_needs_more_steps_than_warmup(tmp_path):
+    from dstune.profiling.bench import bench
+    with pytest.raises(UserError, match=r"--steps: must be more than the 2 warm-up steps"):
+        bench(str(tmp_path / "r.yaml"), [], ["full"], str(tmp_path / "b"), 2)
+
+
+def test_run_dir_that_is_not_a_run(tmp_path):
+    from dstune.engine.run_dir import load_run
+    with pytest.raises(UserError, match=r"not a finished dstune run \(missing config\.yaml\)"):
+        load_run(str(tmp_path))
