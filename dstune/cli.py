@@ -144,6 +144,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    """Launch training on many GPUs or nodes: dstune launch --launcher deepspeed|torchrun|slurm RECIPE [key=value ...]
+
+    Checks the recipe, hostfile and node counts first, writes the hostfile (from --hosts) into the
+    run's output_dir, then runs the real launcher through launch/deepspeed.sh, launch/torchrun.sh or
+    `sbatch launch/slurm.sbatch`. --dry-run prints the exact command instead. For example:
+      dstune launch --launcher deepspeed --procs-per-node 8 RECIPE            (one node, 8 GPUs)
+      dstune launch --launcher deepspeed --hostfile hosts RECIPE              (N nodes over ssh, run once)
+      dstune launch --launcher deepspeed --hostfile hosts --no-ssh --node-rank R RECIPE   (on every node)
+      dstune launch --launcher torchrun --nodes N --node-rank R --master-addr node1 RECIPE (on every node)
+      dstune launch --launcher slurm --nodes N --procs-per-node 8 --sbatch-arg=--gpus-per-node=8 RECIPE
+    """
+    from dstune.config import load_config
+    from dstune.launch import describe, execute, plan_launch
+
+    if not Path(args.recipe).is_file():
+        raise UserError(f"{args.recipe}: recipe not found")
+    cfg = load_config(args.recipe, args.overrides)
+    plan = plan_launch(args.launcher, args.recipe, args.overrides, cfg.output_dir, cfg.training.dist_timeout_s,
+                       nodes=args.nodes, procs_per_node=args.procs_per_node, hostfile=args.hostfile,
+                       hosts=args.hosts.split(",") if args.hosts else None, node_rank=args.node_rank,
+                       master_addr=args.master_addr, master_port=args.master_port, no_ssh=args.no_ssh,
+                       sbatch_args=args.sbatch_arg)
+    if args.dry_run:
+        print(describe(plan))
+        return 0
+    execute(plan)
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     """List tuning methods with their options (built-ins and `dstune.methods` entry points)."""
     from dstune.methods import available
@@ -230,6 +260,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, default=10, help="optimizer steps per method (the first 2 are warm-up)")
     sp.add_argument("--out", default="runs/bench", help="output folder")
     sp.add_argument("--json", help="also write the result list to this file")
+
+    sp = add("launch", cmd_launch)
+    sp.add_argument("recipe")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides, passed on to every rank")
+    sp.add_argument("--launcher", choices=["deepspeed", "torchrun", "slurm"], default="deepspeed")
+    sp.add_argument("--nodes", type=int, help="number of nodes (default: the hostfile's hosts, else 1)")
+    sp.add_argument("--procs-per-node", type=int,
+                    help="ranks per node, one per GPU (default: hostfile slots, else the GPUs here, else 1)")
+    sp.add_argument("--hostfile", help="DeepSpeed hostfile: one 'HOST slots=N' line per node")
+    sp.add_argument("--hosts", help="comma-separated node names; writes OUTPUT_DIR/hostfile (Slurm: --nodelist)")
+    sp.add_argument("--node-rank", type=int, help="this node's index (torchrun, deepspeed --no-ssh)")
+    sp.add_argument("--master-addr", help="address of node 0 (default: the first host)")
+    sp.add_argument("--master-port", type=int, default=29500)
+    sp.add_argument("--no-ssh", action="store_true", help="deepspeed: one launcher per node instead of pdsh/ssh")
+    sp.add_argument("--sbatch-arg", action="append", default=[],
+                    help="extra sbatch option, repeatable: --sbatch-arg=--partition=gpu --sbatch-arg=--time=4:00:00")
+    sp.add_argument("--dry-run", action="store_true", help="print the command (and files it writes), run nothing")
 
     add("methods", cmd_methods)
 

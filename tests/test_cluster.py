@@ -1,0 +1,240 @@
+"""Multi-node launches on two real nodes and a real Slurm cluster (tests/cluster.py stands them up).
+
+A tiny ZeRO-3 LoRA fine-tune runs across the two nodes through `deepspeed --no_ssh`, `deepspeed` over
+pdsh/ssh, `torchrun` and `sbatch launch/slurm.sbatch`, all started with `dstune launch`; each must
+finish, write a checkpoint and log the same losses as the same run on one node with 2 ranks. Killing
+one rank must fail the job within the distributed timeout, and a rerun (or a Slurm requeue) resumes.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cluster import NODES, Cluster, unavailable_reason
+from conftest import free_port, ok, read_metrics, run_cli
+
+_reason = unavailable_reason()
+pytestmark = [pytest.mark.slow, pytest.mark.cluster,
+              pytest.mark.skipif(_reason is not None, reason=f"two-node cluster: {_reason}")]
+
+STEPS = 6
+LONG_STEPS = 40
+TIMEOUT_S = 20  # training.dist_timeout_s of the kill test
+RUN_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster()
+    with c:
+        yield c
+    shutil.rmtree(c.root, ignore_errors=True)
+
+
+def recipe(ws, tmp_path: Path, name: str, steps: int = STEPS, **training) -> str:
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    t = {"max_steps": steps, "micro_batch_size": 2, "lr": 2e-2, "warmup_steps": 2, "seed": 7,
+         "checkpoint_every": 3, **training}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps({
+        "task": "causal_lm", "model": {"path": str(ws / "gpt2")},
+        "data": {"train": str(ws / "lm.jsonl"), "max_length": 32, "packing": True, "eval_fraction": 0.0},
+        "deepspeed": str(zero3), "training": t, "output_dir": str(tmp_path / name),
+        "methods": [{"name": "lora", "r": 4, "target_modules": "all-linear"}]}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_node(ws, built_ops, tmp_path_factory):
+    """The reference: the same recipes on one node with 2 ranks."""
+    tmp = tmp_path_factory.mktemp("one_node")
+    ok(run_cli(["train", recipe(ws, tmp, "short")], nproc=2))
+    ok(run_cli(["train", recipe(ws, tmp, "long", LONG_STEPS)], nproc=2))
+    return {"short": read_metrics(tmp / "short"), "long": read_metrics(tmp / "long")}
+
+
+def on_both(cluster: Cluster, argv_for_node) -> dict[str, subprocess.CompletedProcess]:
+    """Start `argv_for_node(node, rank)` on both nodes at once; wait for both (killing both on timeout)."""
+    procs = {node: cluster.popen(node, *argv_for_node(node, rank), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+             for rank, node in enumerate(NODES)}
+    return {node: _finish(p, RUN_TIMEOUT_S) for node, p in procs.items()}
+
+
+def _finish(p: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        raise AssertionError(f"{p.args[-6:]} hung\n{out[-2000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def assert_matches_one_node(run_dir: Path, reference: dict, steps: int = STEPS) -> None:
+    got = read_metrics(run_dir)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step, row in reference.items():
+        assert abs(row["loss"] - got[step]["loss"]) < 1e-5, (step, row["loss"], got[step]["loss"])
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["world_size"] == 2 and run["zero_stage"] == 3
+    assert (run_dir / "checkpoints" / "last_complete").exists()
+    assert (run_dir / "trainable.safetensors").exists()
+
+
+def launch(*args: str) -> list[str]:
+    return ["dstune", "launch", *args]
+
+
+def test_nodes_are_separate_hosts(cluster):
+    assert cluster.run("node1", "hostname").stdout.strip() == "node1"
+    assert cluster.run("node1", "ssh", "node2", "hostname").stdout.strip() == "node2"
+    assert cluster.run("node1", "sinfo", "-h", "-N", "-o", "%N %T").stdout.split() == ["node1", "idle",
+                                                                                        "node2", "idle"]
+
+
+def test_torchrun_two_nodes(cluster, ws, one_node, tmp_path):
+    r, port = recipe(ws, tmp_path, "run"), str(free_port())
+    res = on_both(cluster, lambda node, rank: launch(
+        "--launcher", "torchrun", "--nodes", "2", "--node-rank", str(rank), "--master-addr", NODES["node1"],
+        "--master-port", port, r))
+    for node in NODES:
+        ok(res[node])
+    assert_matches_one_node(tmp_path / "run", one_node["short"])
+
+
+def test_deepspeed_no_ssh_two_nodes(cluster, ws, one_node, tmp_path):
+    r, port = recipe(ws, tmp_path, "run"), str(free_port())
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# one launcher per node, no ssh\nnode1 slots=1\nnode2 slots=1\n")
+    res = on_both(cluster, lambda node, rank: launch(
+        "--launcher", "deepspeed", "--hostfile", str(hostfile), "--no-ssh", "--node-rank", str(rank),
+        "--master-addr", NODES["node1"], "--master-port", port, r))
+    for node in NODES:
+        ok(res[node])
+    assert_matches_one_node(tmp_path / "run", one_node["short"])
+
+
+def test_deepspeed_over_ssh_two_nodes(cluster, ws, one_node, tmp_path):
+    """Run once on node1: pdsh starts a DeepSpeed launcher on each node over ssh."""
+    r = recipe(ws, tmp_path, "run")
+    res = ok(cluster.run("node1", *launch("--launcher", "deepspeed", "--hosts", "node1,node2",
+                                          "--procs-per-node", "1", "--master-port", str(free_port()), r),
+                         timeout=RUN_TIMEOUT_S))
+    assert (tmp_path / "run" / "hostfile").read_text() == "node1 slots=1\nnode2 slots=1\n"
+    assert "node2" in res.stdout + res.stderr  # pdsh prefixes remote output with the host name
+    assert_matches_one_node(tmp_path / "run", one_node["short"])
+
+
+def submit(cluster: Cluster, recipe_path: str) -> str:
+    res = ok(cluster.run("node1", *launch("--launcher", "slurm", "--nodes", "2", "--procs-per-node", "1",
+                                          recipe_path)))
+    return re.search(r"Submitted batch job (\d+)", res.stdout).group(1)
+
+
+def job_state(cluster: Cluster, job: str) -> str:
+    out = cluster.run("node1", "scontrol", "show", "job", job, "-o").stdout
+    return re.search(r"JobState=(\S+)", out).group(1)
+
+
+def wait_job(cluster: Cluster, job: str, timeout: float = RUN_TIMEOUT_S) -> str:
+    """Poll the controller (sbatch --wait polls at growing intervals, up to half a minute late)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        state = job_state(cluster, job)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(0.5)
+    ok(cluster.run("node1", "scancel", job))
+    raise AssertionError(f"job {job} still {state} after {timeout}s")
+
+
+def test_slurm_two_nodes(cluster, ws, one_node, tmp_path):
+    job = submit(cluster, recipe(ws, tmp_path, "run"))
+    state = wait_job(cluster, job)
+    log = (tmp_path / "run" / f"slurm-{job}.out").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert f"rendezvous {NODES['node1']}:" in log, log[-2000:]
+    assert_matches_one_node(tmp_path / "run", one_node["short"])
+
+
+def _dstune_ranks(cluster: Cluster, node: str) -> list[psutil.Process]:
+    """The training processes on a node (not the launchers above them)."""
+    procs = []
+    for pid in cluster.pids_on(node):
+        try:
+            cmd = psutil.Process(pid).cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if "dstune" in cmd and "train" in cmd and "torch.distributed.run" not in " ".join(cmd) \
+                and not any(c.endswith("torchrun") for c in cmd):
+            procs.append(psutil.Process(pid))
+    return procs
+
+
+def _wait_for_checkpoint(run_dir: Path, at_least: int, procs, timeout: float = RUN_TIMEOUT_S) -> int:
+    pointer = run_dir / "checkpoints" / "last_complete"
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and all(p.poll() is None for p in procs):
+        if pointer.exists() and json.loads(pointer.read_text())["global_step"] >= at_least:
+            return json.loads(pointer.read_text())["global_step"]
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at step >= {at_least} in {run_dir}")
+
+
+def test_killed_rank_fails_the_job_in_time_and_rerun_resumes(cluster, ws, one_node, tmp_path):
+    r, port = recipe(ws, tmp_path, "run", LONG_STEPS, dist_timeout_s=TIMEOUT_S), str(free_port())
+    argv = lambda node, rank: launch("--launcher", "torchrun", "--nodes", "2", "--node-rank", str(rank),  # noqa: E731
+                                     "--master-addr", NODES["node1"], "--master-port", port, r)
+    procs = {node: cluster.popen(node, *argv(node, rank), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for rank, node in enumerate(NODES)}
+    _wait_for_checkpoint(tmp_path / "run", 6, procs.values())
+    victims = _dstune_ranks(cluster, "node2")
+    assert len(victims) == 1, victims
+    victims[0].kill()
+    killed = time.monotonic()
+    results = {node: _finish(p, TIMEOUT_S + 60) for node, p in procs.items()}
+    elapsed = time.monotonic() - killed
+    for node, res in results.items():
+        assert res.returncode != 0, f"{node} exited 0 after a rank died"
+    assert elapsed < TIMEOUT_S + 30, f"the job took {elapsed:.0f}s to fail (timeout {TIMEOUT_S}s)"
+    step = json.loads((tmp_path / "run" / "checkpoints" / "last_complete").read_text())["global_step"]
+    assert step < LONG_STEPS
+
+    port = str(free_port())
+    res = on_both(cluster, argv)
+    for node in NODES:
+        ok(res[node])
+    assert f"resumed from step_{step:08d}" in res["node1"].stdout
+    got = read_metrics(tmp_path / "run")  # the killed run's lines, then the resumed run's
+    assert max(got) == LONG_STEPS
+    for s in range(step + 1, LONG_STEPS + 1):
+        assert abs(got[s]["loss"] - one_node["long"][s]["loss"]) < 1e-5, s
+
+
+def test_requeued_slurm_job_resumes(cluster, ws, one_node, tmp_path):
+    job = submit(cluster, recipe(ws, tmp_path, "run", LONG_STEPS))
+    _wait_for_checkpoint(tmp_path / "run", 6, [])
+    ok(cluster.run("node1", "scontrol", "requeue", job))
+    # a requeued job waits two minutes before it may start again; let it start now
+    end = time.monotonic() + 60
+    while job_state(cluster, job) != "PENDING" and time.monotonic() < end:
+        time.sleep(0.2)
+    ok(cluster.run("node1", "scontrol", "update", f"JobId={job}", "StartTime=now"))
+    state = wait_job(cluster, job)
+    log = (tmp_path / "run" / f"slurm-{job}.out").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert "(restart 1)" in log
+    step = int(re.search(r"resumed from step_(\d+)", log).group(1))
+    got = read_metrics(tmp_path / "run")
+    assert max(got) == LONG_STEPS
+    for s in range(step + 1, LONG_STEPS + 1):
+        assert abs(got[s]["loss"] - one_node["long"][s]["loss"]) < 1e-5, s
