@@ -198,6 +198,23 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels_build(args: argparse.Namespace) -> int:
+    """Build dstune's CUDA extensions now instead of on first use: dstune kernels build
+
+    Compiles every extension in dstune/kernels/csrc with nvcc for sm_80 and sm_90 into the JIT cache
+    (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), e.g. while building a cluster image, so
+    jobs start without compiling. Needs a CUDA device and toolkit.
+    """
+    from dstune.kernels.build import build_all, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        raise UserError(f"kernels build: {reason}")
+    for name in build_all():
+        print(f"built {name}")
+    return 0
+
+
 def _override(cfg, overrides: list[str]):
     from dstune.config import config_from_dict, parse_overrides, _merge
     return config_from_dict(_merge(cfg.model_dump(mode="json"), parse_overrides(overrides)), "override")
@@ -286,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output folder")
     sp.add_argument("--vocab-size", type=int, default=8000)
     sp.add_argument("--model-type", choices=["unigram", "bpe", "char", "word"], default="unigram")
+
+    kern = sub.add_parser("kernels", help="CUDA extensions").add_subparsers(dest="kernels_command", required=True)
+    add("build", cmd_kernels_build, kern)
     return p
 
 

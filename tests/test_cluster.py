@@ -174,8 +174,10 @@ def _dstune_ranks(cluster: Cluster, node: str) -> list[psutil.Process]:
             cmd = psutil.Process(pid).cmdline()
         except psutil.NoSuchProcess:
             continue
-        if "dstune" in cmd and "train" in cmd and "torch.distributed.run" not in " ".join(cmd) \
-                and not any(c.endswith("torchrun") for c in cmd):
+        names = [Path(c).name for c in cmd]
+        launcher = any(n in ("torchrun", "deepspeed") or "torch.distributed.run" in c or "deepspeed.launcher" in c
+                       for n, c in zip(names, cmd))
+        if "dstune" in names and "train" in cmd and not launcher:
             procs.append(psutil.Process(pid))
     return procs
 
@@ -206,6 +208,7 @@ def test_killed_rank_fails_the_job_in_time_and_rerun_resumes(cluster, ws, one_no
     for node, res in results.items():
         assert res.returncode != 0, f"{node} exited 0 after a rank died"
     assert elapsed < TIMEOUT_S + 30, f"the job took {elapsed:.0f}s to fail (timeout {TIMEOUT_S}s)"
+    print(f"torchrun job failed on both nodes {elapsed:.1f}s after the kill")
     step = json.loads((tmp_path / "run" / "checkpoints" / "last_complete").read_text())["global_step"]
     assert step < LONG_STEPS
 
@@ -234,6 +237,30 @@ def test_requeued_slurm_job_resumes(cluster, ws, one_node, tmp_path):
     assert state == "COMPLETED", log[-3000:]
     assert "(restart 1)" in log
     step = int(re.search(r"resumed from step_(\d+)", log).group(1))
+    got = read_metrics(tmp_path / "run")
+    assert max(got) == LONG_STEPS
+    for s in range(step + 1, LONG_STEPS + 1):
+        assert abs(got[s]["loss"] - one_node["long"][s]["loss"]) < 1e-5, s
+
+
+def test_killed_rank_fails_the_slurm_job_and_resubmit_resumes(cluster, ws, one_node, tmp_path):
+    r = recipe(ws, tmp_path, "run", LONG_STEPS, dist_timeout_s=TIMEOUT_S)
+    job = submit(cluster, r)
+    _wait_for_checkpoint(tmp_path / "run", 6, [])
+    victims = _dstune_ranks(cluster, "node2")
+    assert len(victims) == 1, victims
+    victims[0].kill()
+    killed = time.monotonic()
+    state = wait_job(cluster, job, TIMEOUT_S + 60)
+    elapsed = time.monotonic() - killed
+    assert state == "FAILED", state
+    assert elapsed < TIMEOUT_S + 30, f"the job took {elapsed:.0f}s to fail (timeout {TIMEOUT_S}s)"
+    print(f"Slurm job failed {elapsed:.1f}s after the kill")
+    step = json.loads((tmp_path / "run" / "checkpoints" / "last_complete").read_text())["global_step"]
+
+    job = submit(cluster, r)
+    assert wait_job(cluster, job) == "COMPLETED"
+    assert f"resumed from step_{step:08d}" in (tmp_path / "run" / f"slurm-{job}.out").read_text()
     got = read_metrics(tmp_path / "run")
     assert max(got) == LONG_STEPS
     for s in range(step + 1, LONG_STEPS + 1):

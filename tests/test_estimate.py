@@ -27,6 +27,9 @@ def test_estimate_equals_bytes_the_engine_holds(ws, built_ops, tmp_path, world, 
         assert m["optimizer_states"] == p["optimizer_states"], (m, p)
         if stage == 3:  # ZeRO-3 keeps a flat gradient partition; ZeRO-1/2 gradients are gone after the step
             assert m["gradients"] == p["gradients"], (m, p)
+    phases = json.loads((tmp_path / "run" / "memory.json").read_text())["phase_peaks"]
+    assert [r["rank"] for r in phases] == list(range(world))
+    assert all(set(r["rss"]) == {"init", "forward", "backward", "step"} for r in phases)
     if method != "full":  # frozen weights hold no optimizer state: full fine-tuning would hold 3× the weights
         assert p["optimizer_states"] < p["weights"]
 

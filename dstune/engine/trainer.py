@@ -27,6 +27,7 @@ from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
 from dstune.models.loading import load_model
 from dstune.models.tokenizers import load_tokenizer
+from dstune.profiling.phases import PhaseMemory
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -92,6 +93,7 @@ def train(cfg: RunConfig) -> dict:
     data = prepare_data(cfg, tokenizer)
     build_ds_config(cfg, 1)  # reject a bad DeepSpeed config before starting the process group
     dist_ = init_distributed(t.dist_timeout_s)
+    memory = PhaseMemory(dist_.device)
     ds_config = build_ds_config(cfg, dist_.world)
     batches = StepBatches(len(data.train), t.micro_batch_size, t.gradient_accumulation_steps, dist_.world,
                           dist_.rank, t.seed)
@@ -147,8 +149,11 @@ def train(cfg: RunConfig) -> dict:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
+    memory.mark("init")
     log = RunLog(run_dir, dist_.is_main)
-    results = _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_, log, step, total_steps, stage)
+    results = _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_, log, step, total_steps, stage, memory)
+    _write_memory(cfg, dist_, "phase_peaks", memory.report())
+    memory.close()
     save_trainable_final(engine, run_dir, dist_, cfg)
     log.close()
     shutdown(engine)
@@ -163,7 +168,7 @@ def _run_eval(cfg, engine, data, tokenizer, dist_: Dist, stage: int) -> dict:
 
 
 def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: RunLog, step: int,
-          total_steps: int, stage: int) -> dict:
+          total_steps: int, stage: int, memory: PhaseMemory) -> dict:
     from tqdm.auto import tqdm
 
     t, e = cfg.training, cfg.evaluation
@@ -184,12 +189,15 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
                      collate([data.train[i] for i in micro], tokenizer.pad_token_id, cfg.task).items()}
             step_tokens += int(batch["attention_mask"].sum())
             loss = engine(**batch).loss
+            memory.mark("forward")
             engine.backward(loss)
+            memory.mark("backward")
             engine.step()
+            memory.mark("step")
             loss_sum += loss.item()
         step += 1
         if first_step:
-            _write_memory(cfg, engine, dist_)
+            _write_memory(cfg, dist_, "after_first_step", engine_bytes(engine))
             first_step = False
         loss = mean_over_ranks(loss_sum / t.gradient_accumulation_steps, dist_.device)
         step_s = time.perf_counter() - started
@@ -212,20 +220,28 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
     return _write_results(cfg, dist_, results)
 
 
-def _write_memory(cfg: RunConfig, engine, dist_: Dist) -> None:
-    """memory.json: what each rank's engine holds by part after its first optimizer step."""
+def engine_bytes(engine) -> dict:
+    """What this rank's engine holds by part right now, and the process RSS (and CUDA peak on a GPU)."""
     import psutil
-    import torch.distributed as dist
 
     from dstune.profiling.measure import engine_model_state_bytes
 
-    mine = {"rank": dist_.rank, **engine_model_state_bytes(engine), "process_rss": psutil.Process().memory_info().rss}
+    mine = {**engine_model_state_bytes(engine), "process_rss": psutil.Process().memory_info().rss}
     if torch.cuda.is_available():
         mine["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
+    return mine
+
+
+def _write_memory(cfg: RunConfig, dist_: Dist, key: str, mine: dict) -> None:
+    """memory.json[key]: one entry per rank (after_first_step: engine bytes; phase_peaks: PhaseMemory)."""
+    import torch.distributed as dist
+
     ranks = [None] * dist_.world
-    dist.all_gather_object(ranks, mine)
+    dist.all_gather_object(ranks, {"rank": dist_.rank, **mine})
     if dist_.is_main:
-        (Path(cfg.output_dir) / "memory.json").write_text(json.dumps({"after_first_step": ranks}, indent=1))
+        path = Path(cfg.output_dir) / "memory.json"
+        current = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**current, key: ranks}, indent=1))
 
 
 def _write_results(cfg: RunConfig, dist_: Dist, results: dict) -> dict:

@@ -44,13 +44,18 @@ def _row(cfg: RunConfig, method: str, run: Path) -> dict:
     train = [x for x in lines if x["split"] == "train"][WARMUP_STEPS:] or [x for x in lines if x["split"] == "train"]
     step_s = statistics.median(x["step_s"] for x in train)
     tokens_per_s = statistics.median(x["tokens_per_s"] for x in train)
-    memory = json.loads((run / "memory.json").read_text())["after_first_step"][0]
-    peak = memory.get("cuda_max_allocated", memory["process_rss"])
+    recorded = json.loads((run / "memory.json").read_text())
+    memory, phases = recorded["after_first_step"][0], recorded["phase_peaks"][0]
+    cuda = "allocator_peak" in phases
+    # peak over the whole run: the allocator's on a GPU, the process's peak RSS on CPU
+    peak = max(phases["allocator_peak"].values()) if cuda else phases["peak_rss"]
     est_cfg = cfg.model_copy(update={"methods": BENCH_METHODS[method]})
-    (est, *_), _, info_est = estimate(est_cfg, info["world_size"], cuda="cuda_max_allocated" in memory)
+    (est, *_), _, info_est = estimate(est_cfg, info["world_size"], cuda=cuda)
     return {"method": method, "trainable_params": info["trainable_params"], "tokens_per_s": tokens_per_s,
             "step_s": step_s, "mfu": mfu(tokens_per_s, info_est["flops_per_token"], info["world_size"]), "peak_bytes": peak,
-            "peak_source": "cuda_max_allocated" if "cuda_max_allocated" in memory else "process_rss",
+            "peak_source": "cuda allocator" if cuda else "peak RSS",
+            "device_peak_bytes": max(phases["device_peak"].values()) if cuda and phases["device_peak"] else None,
+            "phase_peaks": phases,
             "estimate_bytes": est.total, "estimate": est.as_dict(),
             "model_state_bytes_measured": memory["weights"] + memory["gradients"] + memory["optimizer_states"]}
 

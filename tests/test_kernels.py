@@ -1,0 +1,72 @@
+"""Native extensions: every .cu in dstune/kernels/csrc compiles with nvcc for sm_80 and sm_90 (no GPU
+needed); on a GPU, the memory sampler sees allocations the caching allocator makes."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from dstune.kernels.build import ARCHS, CSRC, EXTENSIONS, nvcc_check
+
+SOURCES = sorted(CSRC.glob("*.cu"))
+
+
+def test_every_source_belongs_to_an_extension():
+    listed = {s for sources in EXTENSIONS.values() for s in sources}
+    assert {p.name for p in SOURCES} == listed
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("source", SOURCES, ids=[p.name for p in SOURCES])
+def test_source_compiles_for_sm80_and_sm90(source, tmp_path):
+    res = nvcc_check(source, tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    obj = (tmp_path / f"{source.stem}.o").read_bytes()
+    for arch in ARCHS:  # both architectures' machine code is in the object
+        assert f"sm_{arch}".encode() in obj
+
+
+def test_phase_memory_on_cpu_says_what_it_measured():
+    from dstune.profiling.phases import PHASES, PhaseMemory
+    mem = PhaseMemory(torch.device("cpu"))
+    for phase in PHASES:
+        mem.mark(phase)
+    report = mem.report()
+    assert "RSS" in report["measured_by"] and "no CUDA" in report["measured_by"]
+    assert set(report["rss"]) == set(PHASES) and all(v > 0 for v in report["rss"].values())
+    assert report["peak_rss"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampler_sees_a_device_allocation():
+    from dstune.kernels.build import load
+    sampler = load("dstune_memory_sampler").MemorySampler(0, 50)
+    sampler.start()
+    base = sampler.last()
+    x = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    import time
+    time.sleep(0.05)
+    sampler.stop()
+    assert sampler.error() == ""
+    assert sampler.samples() > 1
+    assert sampler.peak() - base >= 256 * 2**20
+    del x
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_phase_memory_on_gpu_reports_each_phase():
+    from dstune.profiling.phases import PHASES, PhaseMemory
+    mem = PhaseMemory(torch.device("cuda", 0))
+    for i, phase in enumerate(PHASES):
+        x = torch.empty((i + 1) * 2**20, dtype=torch.uint8, device="cuda")
+        mem.mark(phase)
+        del x
+    report = mem.report()
+    mem.close()
+    for i, phase in enumerate(PHASES):
+        assert report["allocator_peak"][phase] >= (i + 1) * 2**20
+    assert report["device_peak"] is not None, report["measured_by"]
