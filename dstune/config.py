@@ -88,6 +88,9 @@ class TrainingConfig(_Section):
     seed: int = Field(42, description="seeds init, data order and dropout")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision")
     activation_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    loss_chunk_tokens: int = Field(
+        1024, ge=0, description="causal_lm: cross-entropy over this many tokens at a time, never fp32 logits "
+                                "for the whole batch (0 = transformers' loss)")
     log_every: int = Field(1, gt=0, description="steps between metric lines")
     checkpoint_every: int = Field(0, ge=0, description="steps between DeepSpeed checkpoints (0 = only at the end)")
     resume: bool = Field(True, description="continue from output_dir's last complete checkpoint if there is one")
