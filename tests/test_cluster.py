@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster,
               pytest.mark.skipif(_reason is not None, reason=f"two-node cluster: {_reason}")]
 
 STEPS = 6
-LONG_STEPS = 40
+LONG_STEPS = 120  # long enough (~10 s) to be killed or requeued mid-run
+LONG_CHECKPOINT_EVERY = 12
 TIMEOUT_S = 20  # training.dist_timeout_s of the kill test
 RUN_TIMEOUT_S = 300
 
@@ -42,7 +43,7 @@ def recipe(ws, tmp_path: Path, name: str, steps: int = STEPS, **training) -> str
     zero3 = tmp_path / "zero3.json"
     zero3.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
     t = {"max_steps": steps, "micro_batch_size": 2, "lr": 2e-2, "warmup_steps": 2, "seed": 7,
-         "checkpoint_every": 3, **training}
+         "checkpoint_every": 3 if steps == STEPS else LONG_CHECKPOINT_EVERY, **training}
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps({
         "task": "causal_lm", "model": {"path": str(ws / "gpt2")},
@@ -192,13 +193,18 @@ def _wait_for_checkpoint(run_dir: Path, at_least: int, procs, timeout: float = R
     raise AssertionError(f"no checkpoint at step >= {at_least} in {run_dir}")
 
 
-def test_killed_rank_fails_the_job_in_time_and_rerun_resumes(cluster, ws, one_node, tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_killed_rank_fails_the_job_in_time_and_rerun_resumes(cluster, ws, one_node, tmp_path, launcher):
+    """One launcher per node (torchrun; deepspeed --no_ssh); the rank on node2 is SIGKILLed mid-run."""
     r, port = recipe(ws, tmp_path, "run", LONG_STEPS, dist_timeout_s=TIMEOUT_S), str(free_port())
-    argv = lambda node, rank: launch("--launcher", "torchrun", "--nodes", "2", "--node-rank", str(rank),  # noqa: E731
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
+    nodes = ["--hostfile", str(hostfile), "--no-ssh"] if launcher == "deepspeed" else ["--nodes", "2"]
+    argv = lambda node, rank: launch("--launcher", launcher, *nodes, "--node-rank", str(rank),  # noqa: E731
                                      "--master-addr", NODES["node1"], "--master-port", port, r)
     procs = {node: cluster.popen(node, *argv(node, rank), stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for rank, node in enumerate(NODES)}
-    _wait_for_checkpoint(tmp_path / "run", 6, procs.values())
+    _wait_for_checkpoint(tmp_path / "run", LONG_CHECKPOINT_EVERY, procs.values())
     victims = _dstune_ranks(cluster, "node2")
     assert len(victims) == 1, victims
     victims[0].kill()
@@ -208,7 +214,7 @@ def test_killed_rank_fails_the_job_in_time_and_rerun_resumes(cluster, ws, one_no
     for node, res in results.items():
         assert res.returncode != 0, f"{node} exited 0 after a rank died"
     assert elapsed < TIMEOUT_S + 30, f"the job took {elapsed:.0f}s to fail (timeout {TIMEOUT_S}s)"
-    print(f"torchrun job failed on both nodes {elapsed:.1f}s after the kill")
+    print(f"{launcher} job failed on both nodes {elapsed:.1f}s after the kill")
     step = json.loads((tmp_path / "run" / "checkpoints" / "last_complete").read_text())["global_step"]
     assert step < LONG_STEPS
 
@@ -225,7 +231,7 @@ def test_killed_rank_fails_the_job_in_time_and_rerun_resumes(cluster, ws, one_no
 
 def test_requeued_slurm_job_resumes(cluster, ws, one_node, tmp_path):
     job = submit(cluster, recipe(ws, tmp_path, "run", LONG_STEPS))
-    _wait_for_checkpoint(tmp_path / "run", 6, [])
+    _wait_for_checkpoint(tmp_path / "run", LONG_CHECKPOINT_EVERY, [])
     ok(cluster.run("node1", "scontrol", "requeue", job))
     # a requeued job waits two minutes before it may start again; let it start now
     end = time.monotonic() + 60
@@ -246,7 +252,7 @@ def test_requeued_slurm_job_resumes(cluster, ws, one_node, tmp_path):
 def test_killed_rank_fails_the_slurm_job_and_resubmit_resumes(cluster, ws, one_node, tmp_path):
     r = recipe(ws, tmp_path, "run", LONG_STEPS, dist_timeout_s=TIMEOUT_S)
     job = submit(cluster, r)
-    _wait_for_checkpoint(tmp_path / "run", 6, [])
+    _wait_for_checkpoint(tmp_path / "run", LONG_CHECKPOINT_EVERY, [])
     victims = _dstune_ranks(cluster, "node2")
     assert len(victims) == 1, victims
     victims[0].kill()
