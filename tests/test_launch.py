@@ -119,11 +119,38 @@ def plan(launcher="deepspeed", **kw):
     (dict(nodes=0), "--nodes: must be at least 1"),
     (dict(master_port=70000), "--master-port: 70000 is not a TCP port"),
     (dict(launcher="mpirun"), "--launcher: 'mpirun' is not one of deepspeed, torchrun, slurm"),
+    (dict(hosts=["a"], hostfile="h"), "--hostfile and --hosts: give one of them"),
+    (dict(hosts=["a", "b"], procs_per_node=None, launcher="torchrun", node_rank=0), None),
 ])
 def test_bad_launch_settings(kw, message):
+    if message is None:  # the control case: a valid launch plans without error
+        plan(**kw)
+        return
     with pytest.raises(UserError) as e:
         plan(**kw)
     assert str(e.value).startswith(message)
+
+
+def test_hostfile_problems_for_each_launcher(tmp_path):
+    (tmp_path / "hosts").write_text("a slots=2\nb slots=2\n")
+    with pytest.raises(UserError, match=r"^--hostfile: Slurm picks the nodes; use --nodes"):
+        plan("slurm", hostfile=str(tmp_path / "hosts"))
+    with pytest.raises(UserError, match=r"^--procs-per-node 4 does not match the slots in .*hosts$"):
+        plan(hostfile=str(tmp_path / "hosts"), procs_per_node=4)
+    with pytest.raises(UserError, match=r"^.*missing: cannot read hostfile \(No such file or directory\)$"):
+        parse_hostfile(tmp_path / "missing")
+
+
+def test_kernels_build_without_cuda_says_why(tmp_path):
+    if torch_cuda():
+        pytest.skip("CUDA is present: the build would run")
+    res = dstune("kernels", "build", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.strip() == "dstune: error: kernels build: no CUDA device"
+
+
+def torch_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def test_node_count_must_match_the_hostfile(recipe, tmp_path):
