@@ -70,3 +70,17 @@ def test_unknown_model_type_is_a_clear_error(ws, tmp_path):
     res = run_cli(["estimate", recipe, f"model.path={bad}"])
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "dstune: error: model.path: cannot read a model config in" in res.stderr
+
+
+def test_activation_terms_follow_task_loss_and_checkpointing():
+    from transformers import LlamaConfig
+
+    from dstune.profiling.estimate import activation_bytes
+    c = LlamaConfig(hidden_size=2048, num_hidden_layers=22, vocab_size=32000)
+    plain = activation_bytes(c, 4, 2048, "bf16", False, "causal_lm", 0)
+    chunked = activation_bytes(c, 4, 2048, "bf16", False, "causal_lm", 1024)
+    # the chunked loss drops the fp32 copy and log-softmax: 8 bytes per logit, less one chunk's temporaries
+    assert plain - chunked == 8 * 4 * 2048 * 32000 - 12 * 1024 * 32000
+    assert activation_bytes(c, 4, 2048, "bf16", True, "causal_lm", 1024) < chunked
+    classification = activation_bytes(c, 4, 2048, "bf16", False, "classification")
+    assert chunked - classification == 4 * 2048 * 32000 * 2 + 12 * 1024 * 32000  # no vocabulary logits

@@ -99,20 +99,25 @@ def model_state_bytes(table: ParamTable, stage: int, world: int, precision: str,
 
 
 def activation_bytes(config: Any, micro_batch: int, seq_len: int, precision: str, checkpointing: bool,
-                     trainable_input_side: bool = True) -> int:
+                     task: str = "causal_lm", loss_chunk_tokens: int = 0) -> int:
     """Activations kept for backward on one rank (Korthikanti et al. 2022, flash attention: no S² term).
 
     Per transformer layer ≈ 34·s·b·h bytes in 16-bit (×2 in fp32); with activation checkpointing only
-    each layer's input (2·s·b·h) is kept, plus one layer recomputed at a time. The LM head adds the
-    logits: s·b·V·(b + 4 + 4) (the logits, their fp32 copy for the loss, and its gradient).
+    each layer's input (2·s·b·h) is kept, plus one layer recomputed at a time. Token-level tasks add the
+    logits (s·b·V in the training precision); transformers' loss adds an fp32 copy and an fp32
+    log-softmax (8 bytes per logit), dstune's chunked loss only its chunk's fp32 temporaries.
+    Classification logits are negligible.
     """
     h, layers = _hidden(config), _layers(config)
-    vocab = getattr(config, "vocab_size", 0)
     scale = bytes_per_element(precision) / 2
     per_layer = int(34 * seq_len * micro_batch * h * scale)
     body = (layers * 2 * seq_len * micro_batch * h * scale + per_layer) if checkpointing else layers * per_layer
-    logits = seq_len * micro_batch * vocab * (bytes_per_element(precision) + 8)
-    return int(body + logits)
+    if task == "classification":
+        return int(body)
+    vocab, tokens = getattr(config, "vocab_size", 0), seq_len * micro_batch
+    chunked = task == "causal_lm" and loss_chunk_tokens > 0
+    loss = 12 * min(loss_chunk_tokens, tokens) * vocab if chunked else 8 * tokens * vocab
+    return int(body + tokens * vocab * bytes_per_element(precision) + loss)
 
 
 def buffer_bytes(ds_config: dict, stage: int, precision: str, table: ParamTable, cuda: bool) -> int:
@@ -181,7 +186,7 @@ def estimate(cfg: RunConfig, world_size: int, seq_len: int | None = None, cuda: 
     t = cfg.training
     weights, grads, optim = model_state_bytes(table, stage, world_size, t.precision, offload_opt, offload_par)
     acts = activation_bytes(model.config, t.micro_batch_size, seq_len or cfg.data.max_length, t.precision,
-                            t.activation_checkpointing)
+                            t.activation_checkpointing, cfg.task, t.loss_chunk_tokens)
     buffers = buffer_bytes(ds, stage, t.precision, table, cuda)
     per_rank = [MemoryEstimate(r, weights, grads, optim, acts, buffers) for r in range(world_size)]
     c = model.config
