@@ -96,8 +96,9 @@ def plan_launch(launcher: str, recipe: str, overrides: list[str], output_dir: st
         if len(set(names)) != len(names):
             raise UserError(f"--hosts: a host is listed twice in {','.join(names)}")
         pool = {h: procs_per_node or _gpus_here() or 1 for h in names}
-        hostfile = str(run_dir / "hostfile")
-        files[Path(hostfile)] = format_hostfile(pool)
+        if launcher != "slurm":  # Slurm takes the names as --nodelist
+            hostfile = str(run_dir / "hostfile")
+            files[Path(hostfile)] = format_hostfile(pool)
     if pool is not None:
         where = "--hosts" if hosts else hostfile
         if nodes is not None and nodes != len(pool):
@@ -127,7 +128,6 @@ def plan_launch(launcher: str, recipe: str, overrides: list[str], output_dir: st
                 f"--output={run_dir / 'slurm-%j.out'}"]
         if hosts:
             argv.append(f"--nodelist={','.join(pool)}")
-            files.clear()  # Slurm needs no hostfile
         argv += [*(sbatch_args or []), str(LAUNCH_DIR / "slurm.sbatch"), *user_args]
         return Plan(argv, {}, files, via_script=False, make_dirs=[run_dir])  # sbatch writes its log there
 

@@ -189,3 +189,9 @@ def test_scripts_are_valid_bash():
     for script in ("common.sh", "deepspeed.sh", "torchrun.sh", "slurm.sbatch"):
         res = subprocess.run(["bash", "-n", str(LAUNCH_DIR / script)], capture_output=True, text=True)
         assert res.returncode == 0, (script, res.stderr)
+
+
+def test_slurm_takes_hosts_as_a_nodelist_without_a_hostfile(recipe):
+    argv, out = dry_run(recipe, "--launcher", "slurm", "--hosts", "gpu-a,gpu-b")
+    assert "--nodes=2" in argv and "--nodelist=gpu-a,gpu-b" in argv
+    assert "# writes" not in out
