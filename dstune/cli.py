@@ -134,10 +134,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     DIR/bench.md (table), DIR/bench.json (a list of objects with method, trainable_params, tokens_per_s,
     step_s, mfu, peak_bytes, estimate_bytes) and DIR/bench.png (memory by part per method, estimate beside
     the measured peak; tokens/s). Peak is the CUDA allocator's on a GPU, the process RSS on CPU.
+    With --peer SCRIPT (the HF + PEFT + DeepSpeed baseline, e.g. recipes/bench_llama_1b.yaml with
+    --peer peer_bench.py) the baseline runs first for each method on the same shapes, and the table adds
+    tokens/s and peak-memory ratios; it refuses when the peer's model has another parameter count.
     """
     from dstune.profiling.bench import bench
 
-    rows = bench(args.recipe, args.overrides, args.methods.split(","), args.out, args.steps)
+    rows = bench(args.recipe, args.overrides, args.methods.split(","), args.out, args.steps, args.peer, args.peer_size)
     print((Path(args.out) / "bench.md").read_text())
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -277,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, default=10, help="optimizer steps per method (the first 2 are warm-up)")
     sp.add_argument("--out", default="runs/bench", help="output folder")
     sp.add_argument("--json", help="also write the result list to this file")
+    sp.add_argument("--peer", metavar="SCRIPT", help="peer baseline script (prints `RESULT {json}`) run side by side")
+    sp.add_argument("--peer-size", default="1b", help="the peer's model size name (its --size)")
 
     sp = add("launch", cmd_launch)
     sp.add_argument("recipe")

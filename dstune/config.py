@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from dstune.errors import UserError
 
 TASKS = ("classification", "causal_lm", "seq2seq")
+RANDOM_DATA = "random"  # data.train value: synthetic token ids instead of a file
 
 
 class _Loader(yaml.SafeLoader):
@@ -59,7 +60,9 @@ class TokenizerConfig(_Section):
 
 
 class DataConfig(_Section):
-    train: str = Field(description="training data: .jsonl/.json/.csv/.parquet file or a saved `datasets` folder")
+    train: str = Field(description="training data: .jsonl/.json/.csv/.parquet file or a saved `datasets` folder; "
+                                   "`random`: uniform random token ids in full max_length blocks (causal_lm "
+                                   "throughput benchmarks, no tokenizer needed)")
     eval: str | None = Field(None, description="evaluation data, same formats; default: hold out eval_fraction of train")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of train held out for eval when eval is unset")
     text_column: str = Field("text", description="input text (classification, plain causal_lm)")
@@ -93,6 +96,7 @@ class TrainingConfig(_Section):
                                 "for the whole batch (0 = transformers' loss)")
     log_every: int = Field(1, gt=0, description="steps between metric lines")
     checkpoint_every: int = Field(0, ge=0, description="steps between DeepSpeed checkpoints (0 = only at the end)")
+    save_final: bool = Field(True, description="write the final checkpoint and trainable weights (bench: off)")
     resume: bool = Field(True, description="continue from output_dir's last complete checkpoint if there is one")
     dist_timeout_s: int = Field(600, gt=0, description="seconds a collective may wait before the job fails")
 
@@ -125,7 +129,7 @@ class RunConfig(_Section):
             return None if p is None else os.path.abspath(os.path.expanduser(p))
         self.model.path = absolute(self.model.path)
         self.tokenizer.path = absolute(self.tokenizer.path)
-        self.data.train = absolute(self.data.train)
+        self.data.train = self.data.train if self.data.train == RANDOM_DATA else absolute(self.data.train)
         self.data.eval = absolute(self.data.eval)
         self.output_dir = absolute(self.output_dir)
         if isinstance(self.deepspeed, str) and self.deepspeed.endswith(".json"):

@@ -33,3 +33,84 @@ def test_bench_compares_methods(ws, built_ops, tmp_path):
 def test_bench_rejects_unknown_method(ws, tmp_path):
     res = run_cli(["bench", lm_recipe(ws, tmp_path, "unused"), "--methods", "full,magic"])
     assert res.returncode == 2 and "dstune: error: --methods: unknown magic; known: full," in res.stderr
+
+
+# Stands in for the GPU-only peer baseline script: same command line, same `RESULT {json}` contract.
+STAND_IN_PEER = '''
+import argparse, json, os, sys
+p = argparse.ArgumentParser()
+for a in ("--method", "--size", "--seq", "--bsz", "--zero", "--steps", "--vtokens"):
+    p.add_argument(a)
+p.add_argument("--ckpt", action="store_true")
+a = p.parse_args()
+with open(os.environ["PEER_LOG"], "a") as f:
+    f.write(json.dumps(vars(a)) + "\\n")
+if a.method == "prompt":
+    sys.exit("peer: no GPU here")
+print("some log line")
+print("RESULT " + json.dumps({"method": a.method, "params": int(os.environ["PEER_PARAMS"]), "tok_s": 1000.0,
+                              "step_s": 0.5, "peak_gib": 1.5, "trainable": 1, "loss": 4.0}))
+'''
+
+
+def random_tokens_recipe(tmp_path, precision: str = "bf16") -> str:
+    """Tiny Llama on `data.train: random`: no tokenizer, no data file."""
+    path = tmp_path / "random.yaml"
+    path.write_text(f"""task: causal_lm
+model:
+  tiny: llama
+  config_overrides: {{vocab_size: 300, max_position_embeddings: 64}}
+data: {{train: random, max_length: 32}}
+deepspeed: zero2
+training: {{micro_batch_size: 2, precision: {precision}, lr: 1.0e-3}}
+output_dir: {tmp_path / "unused"}
+""")
+    return str(path)
+
+
+def test_bench_runs_the_peer_side_by_side(built_ops, tmp_path, monkeypatch):
+    peer = tmp_path / "peer.py"
+    peer.write_text(STAND_IN_PEER)
+    log = tmp_path / "peer_log.jsonl"
+    monkeypatch.setenv("PEER_LOG", str(log))
+    # tiny llama: embeddings 300x32 twice + 2 layers x (q,o 32x32; k,v 32x16; MLP 3x32x64; 2 norms) + final norm
+    base = 2 * 300 * 32 + 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32) + 32
+    monkeypatch.setenv("PEER_PARAMS", str(base))
+    out = tmp_path / "bench"
+    res = ok(run_cli(["bench", random_tokens_recipe(tmp_path), "--methods", "full,prefix", "--steps", "4",
+                      "--out", str(out), "--peer", str(peer), "--peer-size", "tiny"]))
+    calls = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [c["method"] for c in calls] == ["full", "prefix"]
+    for c in calls:  # the recipe's shapes, and as many measured steps as dstune's after its warm-up
+        assert (c["size"], c["seq"], c["bsz"], c["zero"], c["steps"], c["ckpt"]) == ("tiny", "32", "2", "2", "2", False)
+    assert calls[0]["vtokens"] is None and calls[1]["vtokens"] == "32"
+    rows = json.loads((out / "bench.json").read_text())
+    for r in rows:
+        assert r["peer"]["tok_s"] == 1000.0
+        assert r["tokens_per_s_vs_peer"] == r["tokens_per_s"] / 1000.0
+        assert r["peak_vs_peer"] is None  # RSS against an allocator peak would be no ratio at all
+        steps = [json.loads(x) for x in (out / r["method"] / "metrics.jsonl").read_text().splitlines()]
+        assert {s["tokens"] for s in steps} == {2 * 32}  # random data: full blocks, no padding
+    assert not list(out.glob("*/checkpoint*")) and not list(out.glob("*/trainable.safetensors"))  # bench saves none
+    assert "Against the peer baseline" in res.stdout and "| prefix |" in res.stdout
+
+
+def test_bench_refuses_a_peer_of_another_shape_or_that_fails(built_ops, tmp_path, monkeypatch):
+    peer = tmp_path / "peer.py"
+    peer.write_text(STAND_IN_PEER)
+    monkeypatch.setenv("PEER_LOG", str(tmp_path / "log"))
+    monkeypatch.setenv("PEER_PARAMS", "123")
+    recipe = random_tokens_recipe(tmp_path)
+    args = ["bench", recipe, "--steps", "3", "--out", str(tmp_path / "b"), "--peer", str(peer)]
+    res = run_cli([*args, "--methods", "full"])
+    assert res.returncode == 2 and "--peer-size: the peer's model has 123 parameters, the recipe's" in res.stderr
+    res = run_cli([*args, "--methods", "prompt"])  # the peer fails first: dstune's run never starts
+    assert res.returncode == 2 and "bench: peer prompt failed (exit 1): peer: no GPU here" in res.stderr
+    assert not (tmp_path / "b" / "prompt").exists()
+    # refused before anything runs
+    res = run_cli([*args, "--methods", "full,adapter"])
+    assert res.returncode == 2 and "the peer baseline runs only full, lora, prefix, prompt, not adapter" in res.stderr
+    res = run_cli(["bench", random_tokens_recipe(tmp_path, "fp32"), "--methods", "full", "--peer", str(peer)])
+    assert res.returncode == 2 and "training.precision: the peer baseline runs bf16, the recipe fp32" in res.stderr
+    res = run_cli([*args[:-1], str(tmp_path / "missing.py"), "--methods", "full"])
+    assert res.returncode == 2 and "--peer: no such file:" in res.stderr

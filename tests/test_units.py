@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,38 @@ def test_packing_fills_every_block(ws, tmp_path):
     data = prepare_data(load_config(_recipe(tmp_path, "causal_lm", ws / "lm.jsonl", packing=True, max_length=16)), tok)
     assert len(data.train) > 10 and all(len(r["input_ids"]) == 16 for r in data.train)
     assert tok.eos_token_id in data.train[0]["input_ids"] + data.train[1]["input_ids"]  # documents are separated
+
+
+def _random_data(tmp_path, *, task: str = "causal_lm", extra: str = "", overrides: str = "{vocab_size: 50}"):
+    from dstune.data.tasks import prepare_data
+    path = tmp_path / "random.yaml"
+    path.write_text(f"task: {task}\nmodel: {{tiny: llama, config_overrides: {overrides}}}\n"
+                    f"data: {{train: random, max_length: 12{extra}}}\noutput_dir: {tmp_path / 'run'}\n")
+    return prepare_data(load_config(path), None)
+
+
+def test_random_token_data_is_full_blocks_below_the_vocabulary_and_repeatable(tmp_path):
+    data = _random_data(tmp_path)
+    rows = [data.train[i] for i in (0, 1, len(data.train) - 1)]
+    assert all(len(r["input_ids"]) == 12 and r["labels"] == r["input_ids"] for r in rows)
+    assert all(0 <= t < 50 for r in rows for t in r["input_ids"])
+    assert rows[0]["input_ids"] != rows[1]["input_ids"]  # fresh ids per row
+    assert _random_data(tmp_path).train[1] == rows[1]     # and the same ids for the same (seed, row)
+    with pytest.raises(IndexError):
+        data.train[len(data.train)]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(task="seq2seq"), "data.train: `random` data is for causal_lm, not seq2seq"),
+    (dict(extra=", eval_fraction: 0.1"), "data.eval: random data has nothing to evaluate on"),
+    (dict(overrides="{}"), "model.config_overrides.vocab_size: needed (an int >= 2) for random data"),
+])
+def test_random_token_data_refuses_what_it_cannot_be(tmp_path, kwargs, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        _random_data(tmp_path, **kwargs)
+
+
+def test_tiny_config_overrides_reach_derived_fields():
+    from dstune.models.loading import tiny_config
+    config = tiny_config("llama", 100, {}, {"hidden_size": 256, "num_attention_heads": 4})
+    assert config.head_dim == 64  # set after construction, head_dim would stay 32 / 4 = 8

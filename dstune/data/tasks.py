@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dstune.config import RunConfig
+import torch
+
+from dstune.config import RANDOM_DATA, RunConfig
 from dstune.data.files import load_table, require_columns
 from dstune.errors import UserError
 
@@ -96,6 +98,42 @@ def pack(ds, block: int):
     return ds.map(chunk, batched=True, batch_size=len(ds), remove_columns=ds.column_names, keep_in_memory=True)
 
 
+RANDOM_EXAMPLES = 1 << 16  # rows of `data.train: random`; set training.max_steps for longer runs
+
+
+class RandomTokens:
+    """Rows of `max_length` uniform random token ids (labels = ids), made on demand from (seed, index).
+
+    What throughput benchmarks feed: every row a full block, so tokens/s counts no padding.
+    """
+
+    def __init__(self, n: int, length: int, vocab: int, seed: int):
+        self.n, self.length, self.vocab, self.seed = n, length, vocab, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        g = torch.Generator().manual_seed(self.seed * RANDOM_EXAMPLES + i)
+        ids = torch.randint(0, self.vocab, (self.length,), generator=g).tolist()
+        return {"input_ids": ids, "labels": ids}
+
+
+def random_data(cfg: RunConfig, tokenizer) -> TaskData:
+    """`data.train: random`: causal_lm only, ids below the tokenizer's (or model.config_overrides') vocab."""
+    d = cfg.data
+    if cfg.task != "causal_lm":
+        raise UserError(f"data.train: `random` data is for causal_lm, not {cfg.task}")
+    if d.eval or d.eval_fraction:
+        raise UserError("data.eval: random data has nothing to evaluate on; unset data.eval and data.eval_fraction")
+    vocab = len(tokenizer) if tokenizer is not None else cfg.model.config_overrides.get("vocab_size")
+    if not isinstance(vocab, int) or vocab < 2:
+        raise UserError("model.config_overrides.vocab_size: needed (an int >= 2) for random data without a tokenizer")
+    return TaskData(train=RandomTokens(RANDOM_EXAMPLES, d.max_length, vocab, cfg.training.seed), eval=None)
+
+
 def _check_columns(cfg: RunConfig, ds, path: str, key: str) -> str:
     """Fail with the missing column's config key; return the causal_lm style ("text"/"chat")."""
     d = cfg.data
@@ -137,6 +175,8 @@ def prepare_eval(cfg: RunConfig, tokenizer, path: str, labels: list[str] | None,
 def prepare_data(cfg: RunConfig, tokenizer) -> TaskData:
     """Load train (and eval) rows, check the columns the task needs, and tokenize them."""
     d = cfg.data
+    if d.train == RANDOM_DATA:
+        return random_data(cfg, tokenizer)
     train_raw = load_table(d.train, "data.train")
     style = _check_columns(cfg, train_raw, d.train, "data.train")
     labels = None

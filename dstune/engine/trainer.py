@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dstune.config import RunConfig, dump_config
+from dstune.config import RANDOM_DATA, RunConfig, dump_config
 from dstune.data.batching import StepBatches, collate
 from dstune.data.tasks import prepare_data
 from dstune.engine import checkpoint as ckpt
@@ -83,14 +83,17 @@ def train(cfg: RunConfig) -> dict:
 
     t = cfg.training
     # 1. everything that can reject the input, before anything is written
-    if not tokenizer_path(cfg):
+    random_tokens = cfg.data.train == RANDOM_DATA
+    if not tokenizer_path(cfg) and not random_tokens:
         raise UserError("tokenizer.path: required when the model is a tiny random config")
     methods = build_methods(cfg.methods)
     if int(os.environ.get("RANK", "0")) != 0:
         import datasets
         datasets.disable_progress_bars()
-    tokenizer = load_tokenizer(tokenizer_path(cfg), None if cfg.tokenizer.path else cfg.model.gguf_file,
-                               cfg.model.trust_remote_code)
+    tokenizer = None  # random token ids need none
+    if tokenizer_path(cfg):
+        tokenizer = load_tokenizer(tokenizer_path(cfg), None if cfg.tokenizer.path else cfg.model.gguf_file,
+                                   cfg.model.trust_remote_code)
     data = prepare_data(cfg, tokenizer)
     build_ds_config(cfg, 1)  # reject a bad DeepSpeed config before starting the process group
     dist_ = init_distributed(t.dist_timeout_s)
@@ -109,6 +112,7 @@ def train(cfg: RunConfig) -> dict:
     model = load_model(cfg, tokenizer, data.labels)
     if cfg.task == "causal_lm" and t.loss_chunk_tokens:
         use_chunked_loss(model, t.loss_chunk_tokens)
+    base_params = sum(p.numel() for p in model.parameters())  # the model before methods add any
     apply_methods(model, methods, cfg.task, tokenizer)
     if t.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -125,10 +129,12 @@ def train(cfg: RunConfig) -> dict:
     try:
         if dist_.is_main:
             dump_config(cfg, run_dir / "config.yaml")
-            tokenizer.save_pretrained(run_dir / "tokenizer")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(run_dir / "tokenizer")
             (run_dir / "run.json").write_text(json.dumps(
                 {"task": cfg.task, "labels": [str(x) for x in data.labels] if data.labels else None,
                  "methods": [m.name for m in methods], "trainable_params": n_train, "total_params": n_total,
+                 "base_params": base_params,
                  "world_size": dist_.world, "zero_stage": stage}, indent=1))
             print(f"[dstune] {', '.join(m.name for m in methods)}: {n_train:,} of {n_total:,} parameters train "
                   f"({100 * n_train / n_total:.2f}%); {dist_.world} rank(s), ZeRO-{stage}, {t.precision}, "
@@ -157,7 +163,8 @@ def train(cfg: RunConfig) -> dict:
     results = _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_, log, step, total_steps, stage, memory)
     _write_memory(cfg, dist_, "phase_peaks", memory.report())
     memory.close()
-    save_trainable_final(engine, run_dir, dist_, cfg)
+    if t.save_final:
+        save_trainable_final(engine, run_dir, dist_, cfg)
     log.close()
     shutdown(engine)
     return results
@@ -183,13 +190,14 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
     engine.train()
     bar = tqdm(total=total_steps, initial=step, disable=not dist_.is_main, desc="train", dynamic_ncols=True)
     first_step = True
+    pad_id = tokenizer.pad_token_id if tokenizer is not None else 0  # random data has no padding
     while step < total_steps:
         seed_step(t.seed, step, dist_.rank)
         started = time.perf_counter()
         loss_sum, step_tokens = 0.0, 0
         for micro in batches.for_step(step):
             batch = {k: v.to(dist_.device) for k, v in
-                     collate([data.train[i] for i in micro], tokenizer.pad_token_id, cfg.task).items()}
+                     collate([data.train[i] for i in micro], pad_id, cfg.task).items()}
             step_tokens += int(batch["attention_mask"].sum())
             loss = engine(**batch).loss
             memory.mark("forward")
@@ -213,7 +221,7 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
         if data.eval is not None and e.every and step % e.every == 0 and step < total_steps:
             log.write(step, "eval", _run_eval(cfg, engine, data, tokenizer, dist_, stage))
             engine.train()
-        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == total_steps:
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or (step == total_steps and t.save_final):
             ckpt.save_checkpoint(engine, cfg.output_dir, step, dist_.is_main)
     bar.close()
     if data.eval is not None:

@@ -18,24 +18,27 @@ def auto_class(task: str):
             "seq2seq": T.AutoModelForSeq2SeqLM}[task]
 
 
-def tiny_config(family: str, vocab_size: int, special: dict[str, int]) -> Any:
-    """A 2-layer, 32-wide model of a family, dropout off (so runs are comparable across world sizes)."""
+def tiny_config(family: str, vocab_size: int, special: dict[str, int], overrides: dict[str, Any] | None = None) -> Any:
+    """A 2-layer, 32-wide model of a family, dropout off (so runs are comparable across world sizes).
+
+    `overrides` go to the config's constructor, so derived fields (a Llama's head_dim) follow them.
+    """
     import transformers as T
-    if family == "gpt2":
-        return T.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=512, vocab_size=vocab_size,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0, **special)
-    if family == "llama":
-        return T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512, **special)
-    if family == "bert":
-        return T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                            vocab_size=vocab_size, max_position_embeddings=512, hidden_dropout_prob=0.0,
-                            attention_probs_dropout_prob=0.0, **special)
-    if family == "t5":
-        return T.T5Config(d_model=32, d_ff=64, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=2,
-                          vocab_size=vocab_size, dropout_rate=0.0, decoder_start_token_id=special["pad_token_id"],
-                          **special)
-    raise UserError(f"model.tiny: unknown family {family!r}")
+    families = {
+        "gpt2": (T.GPT2Config, dict(n_embd=32, n_layer=2, n_head=2, n_positions=512, resid_pdrop=0.0,
+                                    embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)),
+        "llama": (T.LlamaConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)),
+        "bert": (T.BertConfig, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    max_position_embeddings=512, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0)),
+        "t5": (T.T5Config, dict(d_model=32, d_ff=64, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=2,
+                                dropout_rate=0.0, decoder_start_token_id=special.get("pad_token_id", 0))),
+    }
+    if family not in families:
+        raise UserError(f"model.tiny: unknown family {family!r}")
+    cls, defaults = families[family]
+    return cls(**{**defaults, "vocab_size": vocab_size, **special, **(overrides or {})})
 
 
 def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.nn.Module:
@@ -53,11 +56,11 @@ def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.n
     auto = auto_class(cfg.task)
     m = cfg.model
     if m.tiny:
+        # no tokenizer (random token data): model.config_overrides gives the vocabulary
         special = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")
-                   if getattr(tokenizer, k) is not None}
-        config = tiny_config(m.tiny, len(tokenizer), special)
-        for k, v in {**task_kwargs, **m.config_overrides}.items():
-            setattr(config, k, v)
+                   if getattr(tokenizer, k, None) is not None}
+        config = tiny_config(m.tiny, len(tokenizer) if tokenizer is not None else m.config_overrides["vocab_size"],
+                             special, {**task_kwargs, **m.config_overrides})
         if cfg.task == "classification" and config.pad_token_id is None:
             config.pad_token_id = tokenizer.pad_token_id
         return auto.from_config(config, dtype=torch.float32)
@@ -72,7 +75,7 @@ def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.n
         raise UserError(f"model.path: cannot read a model config in {m.path}: {first_line(e)}") from None
     for k, v in m.config_overrides.items():
         setattr(config, k, v)
-    if getattr(config, "pad_token_id", None) is None:
+    if getattr(config, "pad_token_id", None) is None and tokenizer is not None:
         config.pad_token_id = tokenizer.pad_token_id
     return auto.from_pretrained(m.path, config=config, gguf_file=m.gguf_file, local_files_only=True,
                                 trust_remote_code=m.trust_remote_code, dtype=torch.float32,

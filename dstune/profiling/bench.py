@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from dstune.config import RunConfig, load_config
+from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.errors import UserError
 from dstune.profiling.estimate import estimate
 from dstune.profiling.flops import mfu
@@ -28,14 +29,66 @@ BENCH_METHODS = {
 WARMUP_STEPS = 2  # first steps include allocator growth and lazy init: left out of the medians
 
 
+PEER_METHODS = ("full", "lora", "prefix", "prompt")  # what the peer baseline script can run
+
+
+def _check_run(res: subprocess.CompletedProcess, what: str) -> None:
+    if res.returncode != 0:
+        tail = (res.stderr.strip().splitlines() or res.stdout.strip().splitlines() or ["(no output)"])[-1]
+        raise UserError(f"bench: {what} failed (exit {res.returncode}): {tail}")
+
+
 def _run_one(recipe: str, overrides: list[str], method: str, out: Path, steps: int) -> None:
     cmd = [sys.executable, "-m", "dstune", "train", recipe, *overrides, f"methods={json.dumps(BENCH_METHODS[method])}",
            f"training.max_steps={steps}", "training.resume=false", "training.checkpoint_every=0",
-           "data.eval=null", "data.eval_fraction=0", f"output_dir={out}"]
+           "training.save_final=false", "data.eval=null", "data.eval_fraction=0", f"output_dir={out}"]
+    _check_run(subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy()), f"method {method}")
+
+
+def peer_command(script: str, size: str, cfg: RunConfig, method: str, steps: int) -> list[str]:
+    """The peer baseline's command line for the recipe's shapes (it measures after 3 warm-up steps of its own)."""
+    t = cfg.training
+    cmd = [sys.executable, script, "--method", method, "--size", size, "--seq", str(cfg.data.max_length),
+           "--bsz", str(t.micro_batch_size), "--zero", str(zero_stage(build_ds_config(cfg, 1))),
+           "--steps", str(steps - WARMUP_STEPS)]
+    virtual = BENCH_METHODS[method][0].get("num_virtual_tokens")
+    if virtual:
+        cmd += ["--vtokens", str(virtual)]
+    return cmd + (["--ckpt"] if t.activation_checkpointing else [])
+
+
+def check_peer(script: str, cfg: RunConfig, methods: list[str]) -> None:
+    """Refuse before anything runs when the peer cannot run these methods on these settings."""
+    if not os.path.isfile(script):
+        raise UserError(f"--peer: no such file: {script}")
+    if cfg.training.precision != "bf16":
+        raise UserError(f"training.precision: the peer baseline runs bf16, the recipe {cfg.training.precision}")
+    if cfg.training.gradient_accumulation_steps != 1:
+        raise UserError("training.gradient_accumulation_steps: the peer baseline takes one micro-batch per step; set 1")
+    other = [m for m in methods if m not in PEER_METHODS]
+    if other:
+        raise UserError(f"--methods: the peer baseline runs only {', '.join(PEER_METHODS)}, not {', '.join(other)}")
+
+
+def run_peer(cmd: list[str], method: str) -> dict:
+    """Run the peer baseline once; its last `RESULT {json}` line."""
     res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-    if res.returncode != 0:
-        tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise UserError(f"bench: method {method} failed: {tail}")
+    _check_run(res, f"peer {method}")
+    found = [line[len("RESULT "):] for line in res.stdout.splitlines() if line.startswith("RESULT ")]
+    if not found:
+        raise UserError(f"bench: peer {method} printed no RESULT line")
+    return json.loads(found[-1])
+
+
+def compare_with_peer(row: dict, peer: dict, base_params: int) -> dict:
+    """Ratios of dstune to the peer on one method; refuses when the two did not train the same model
+    (the peer reports its parameter count before PEFT adds any, so compare with dstune's base model)."""
+    if peer["params"] != base_params:
+        raise UserError(f"--peer-size: the peer's model has {peer['params']:,} parameters, the recipe's "
+                        f"{base_params:,}; pick the peer size (or recipe) with the same shape")
+    peer_peak = round(peer["peak_gib"] * 2**30)
+    return {**row, "peer": peer, "tokens_per_s_vs_peer": row["tokens_per_s"] / peer["tok_s"],
+            "peak_vs_peer": row["peak_bytes"] / peer_peak if row["peak_source"] == "cuda allocator" else None}
 
 
 def _row(cfg: RunConfig, method: str, run: Path) -> dict:
@@ -60,8 +113,10 @@ def _row(cfg: RunConfig, method: str, run: Path) -> dict:
             "model_state_bytes_measured": memory["weights"] + memory["gradients"] + memory["optimizer_states"]}
 
 
-def bench(recipe: str, overrides: list[str], methods: list[str], out_dir: str, steps: int) -> list[dict]:
-    """Run every method, then write bench.md, bench.json and bench.png to out_dir."""
+def bench(recipe: str, overrides: list[str], methods: list[str], out_dir: str, steps: int,
+          peer: str | None = None, peer_size: str = "1b") -> list[dict]:
+    """Run every method (and, with `peer`, the peer baseline script on the same shapes), then write
+    bench.md, bench.json and bench.png to out_dir."""
     from tqdm.auto import tqdm
 
     unknown = [m for m in methods if m not in BENCH_METHODS]
@@ -70,11 +125,23 @@ def bench(recipe: str, overrides: list[str], methods: list[str], out_dir: str, s
     if steps <= WARMUP_STEPS:
         raise UserError(f"--steps: must be more than the {WARMUP_STEPS} warm-up steps")
     cfg = load_config(recipe, overrides)
+    if peer:
+        check_peer(peer, cfg, methods)
     out = Path(out_dir)
     rows = []
-    for method in tqdm(methods, desc="bench", unit="method"):
+    bar = tqdm(methods, desc="bench", unit="method")
+    for method in bar:
+        peer_result = None
+        if peer:  # first, so a peer that cannot run fails before dstune's run
+            bar.set_postfix_str(f"{method}: peer")
+            peer_result = run_peer(peer_command(peer, peer_size, cfg, method, steps), method)
+        bar.set_postfix_str(f"{method}: dstune")
         _run_one(recipe, overrides, method, out / method, steps)
-        rows.append(_row(cfg, method, out / method))
+        row = _row(cfg, method, out / method)
+        if peer_result is not None:
+            base = json.loads((out / method / "run.json").read_text())["base_params"]
+            row = compare_with_peer(row, peer_result, base)
+        rows.append(row)
     (out / "bench.json").write_text(json.dumps(rows, indent=1))
     (out / "bench.md").write_text(markdown(rows))
     plot(rows, out / "bench.png")
@@ -89,6 +156,16 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {m} "
                      f"| {human_bytes(r['peak_bytes'])} ({r['peak_source']}) | {human_bytes(r['estimate_bytes'])} "
                      f"| {human_bytes(r['model_state_bytes_measured'])} |")
+    if any("peer" in r for r in rows):
+        lines += ["", "Against the peer baseline (same shapes, same call):", "",
+                  "| method | tokens/s | peer tokens/s | × peer | peak memory | peer peak | × peer |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in (r for r in rows if "peer" in r):
+            p = r["peer"]
+            peak_ratio = "n/a" if r["peak_vs_peer"] is None else f"{r['peak_vs_peer']:.2f}"
+            lines.append(f"| {r['method']} | {r['tokens_per_s']:,.0f} | {p['tok_s']:,.0f} "
+                         f"| {r['tokens_per_s_vs_peer']:.2f} | {human_bytes(r['peak_bytes'])} "
+                         f"| {human_bytes(p['peak_gib'] * 2**30)} | {peak_ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -114,7 +191,15 @@ def plot(rows: list[dict], path: Path) -> None:
     mem.set_ylabel("MiB per rank")
     mem.set_title("memory: estimate by part vs measured")
     mem.legend(fontsize=8)
-    speed.bar(names, [r["tokens_per_s"] for r in rows], color="tab:gray")
+    if any("peer" in r for r in rows):  # dstune and the peer side by side per method
+        x = range(len(rows))
+        speed.bar([i - 0.2 for i in x], [r["tokens_per_s"] for r in rows], width=0.4, label="dstune")
+        speed.bar([i + 0.2 for i in x], [r["peer"]["tok_s"] if "peer" in r else 0 for r in rows], width=0.4,
+                  color="tab:gray", label="peer (HF + PEFT + DeepSpeed)")
+        speed.set_xticks(list(x), names)
+        speed.legend(fontsize=8)
+    else:
+        speed.bar(names, [r["tokens_per_s"] for r in rows], color="tab:gray")
     speed.set_ylabel("tokens / s")
     speed.set_title("throughput")
     fig.tight_layout()

@@ -144,15 +144,15 @@ def meta_model(cfg: RunConfig, tokenizer=None, labels: list | None = None):
 
     if cfg.model.tiny:
         vocab = len(tokenizer) if tokenizer is not None else 32000
-        config = tiny_config(cfg.model.tiny, vocab, {"pad_token_id": 0})
+        config = tiny_config(cfg.model.tiny, vocab, {"pad_token_id": 0}, cfg.model.config_overrides)
     else:
         try:
             config = AutoConfig.from_pretrained(cfg.model.path, gguf_file=cfg.model.gguf_file, local_files_only=True,
                                                 trust_remote_code=cfg.model.trust_remote_code)
         except (OSError, ValueError) as e:
             raise UserError(f"model.path: cannot read a model config in {cfg.model.path}: {e}") from None
-    for k, v in cfg.model.config_overrides.items():
-        setattr(config, k, v)
+        for k, v in cfg.model.config_overrides.items():
+            setattr(config, k, v)
     if cfg.task == "classification":
         config.num_labels = len(labels) if labels else 2
         if getattr(config, "pad_token_id", None) is None:
