@@ -103,10 +103,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_estimate(args: argparse.Namespace) -> int:
     """Predict per-GPU memory before a run: dstune estimate RECIPE [key=value ...] [--world-size N] [--json]
 
-    Reads only the model config (no weights): weights, gradients, optimizer states, activations and
-    buffers per rank for the recipe's model, methods, ZeRO stage, offload, precision, micro-batch and
-    sequence length (data.max_length, or --seq-len). Frozen parameters hold weights only. Prints a table
-    with DeepSpeed's own estimate beside it, or with --json one object per rank with integer byte fields.
+    Reads only the model config (no weights): weights, gradients, optimizer states, activations, buffers
+    and optimizer-step temporaries per rank for the recipe's model, methods, ZeRO stage, offload, precision,
+    micro-batch and sequence length (data.max_length, or --seq-len). Frozen parameters hold weights only;
+    activations come from one training step traced on fake tensors. Prints a table with DeepSpeed's own
+    estimate beside it, or with --json one object per rank with integer byte fields (total = the peak).
     """
     from dstune.config import load_config
     from dstune.profiling.estimate import deepspeed_estimate, estimate

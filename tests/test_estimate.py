@@ -72,15 +72,41 @@ def test_unknown_model_type_is_a_clear_error(ws, tmp_path):
     assert "dstune: error: model.path: cannot read a model config in" in res.stderr
 
 
-def test_activation_terms_follow_task_loss_and_checkpointing():
-    from transformers import LlamaConfig
+BUCKET_PROBE = """
+import json, sys, torch, deepspeed
+stage, overlap, bf16 = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
+model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+ds = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": bf16},
+      "zero_optimization": {"stage": stage, "reduce_bucket_size": 100000, "overlap_comm": overlap},
+      "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+seen = []
+def look(p):  # the buckets live during the backward only: look from inside it
+    seen.append(sum(b.numel() * b.element_size() for k in engine.optimizer.ipg_buckets.values() for b in k.buffer))
+for p in model.parameters():
+    p.register_post_accumulate_grad_hook(look)
+x = torch.randn(2, 64, dtype=torch.bfloat16 if bf16 else torch.float32)
+engine.backward(engine(x).float().sum())
+print("BUCKETS " + json.dumps({"config": ds, "bytes": max(seen)}))
+"""
 
-    from dstune.profiling.estimate import activation_bytes
-    c = LlamaConfig(hidden_size=2048, num_hidden_layers=22, vocab_size=32000)
-    plain = activation_bytes(c, 4, 2048, "bf16", False, "causal_lm", 0)
-    chunked = activation_bytes(c, 4, 2048, "bf16", False, "causal_lm", 1024)
-    # the chunked loss drops the fp32 copy and log-softmax: 8 bytes per logit, less one chunk's temporaries
-    assert plain - chunked == 8 * 4 * 2048 * 32000 - 12 * 1024 * 32000
-    assert activation_bytes(c, 4, 2048, "bf16", True, "causal_lm", 1024) < chunked
-    classification = activation_bytes(c, 4, 2048, "bf16", False, "classification")
-    assert chunked - classification == 4 * 2048 * 32000 * 2 + 12 * 1024 * 32000  # no vocabulary logits
+
+@pytest.mark.parametrize("stage,overlap,bf16", [(2, 0, 0), (2, 1, 1), (1, 0, 1), (1, 1, 0)])
+def test_zero12_bucket_term_is_what_deepspeed_allocates(built_ops, tmp_path, stage, overlap, bf16):
+    """A 0.1M-element bucket for a model of 4.7K parameters: DeepSpeed allocates it whole, once or twice."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+    from dstune.profiling.estimate import zero12_bucket_bytes
+    probe = tmp_path / "probe.py"
+    probe.write_text(BUCKET_PROBE)
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}
+    out = subprocess.run([sys.executable, str(probe), str(stage), str(overlap), str(bf16)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    line = [x for x in out.stdout.splitlines() if x.startswith("BUCKETS ")]
+    assert line, out.stderr[-2000:]
+    got = json.loads(line[0][len("BUCKETS "):])
+    assert got["bytes"] == zero12_bucket_bytes(got["config"], "bf16" if bf16 else "fp32") > 0

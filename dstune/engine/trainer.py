@@ -23,10 +23,9 @@ from dstune.engine import checkpoint as ckpt
 from dstune.engine.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.evaluate import evaluate
-from dstune.engine.losses import use_chunked_loss
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
-from dstune.models.loading import load_model
+from dstune.models.loading import load_model, prepare_for_training
 from dstune.models.tokenizers import load_tokenizer
 from dstune.profiling.phases import PhaseMemory
 
@@ -110,12 +109,9 @@ def train(cfg: RunConfig) -> dict:
 
     torch.manual_seed(t.seed)
     model = load_model(cfg, tokenizer, data.labels)
-    if cfg.task == "causal_lm" and t.loss_chunk_tokens:
-        use_chunked_loss(model, t.loss_chunk_tokens)
     base_params = sum(p.numel() for p in model.parameters())  # the model before methods add any
     apply_methods(model, methods, cfg.task, tokenizer)
-    if t.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prepare_for_training(model, cfg)
     n_train, n_total = count_trainable(model)
 
     # 2. the run dir; removed again if set-up fails before the first step

@@ -80,3 +80,14 @@ def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.n
     return auto.from_pretrained(m.path, config=config, gguf_file=m.gguf_file, local_files_only=True,
                                 trust_remote_code=m.trust_remote_code, dtype=torch.float32,
                                 use_safetensors=None if m.gguf_file else True)
+
+
+def prepare_for_training(model: torch.nn.Module, cfg: RunConfig) -> None:
+    """The chunked loss and the activation checkpointing the recipe asks for (training and the estimate's trace)."""
+    from dstune.engine.losses import use_chunked_loss
+
+    t = cfg.training
+    if cfg.task == "causal_lm" and t.loss_chunk_tokens:
+        use_chunked_loss(model, t.loss_chunk_tokens)
+    if t.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -4,6 +4,8 @@ PEFT-aware: frozen parameters hold weights only; gradients, fp32 master copies a
 exist for trainable parameters alone. Model-state terms follow the ZeRO paper (mixed-precision
 Adam: 2Ψ weights + 2Ψ gradients + 12Ψ optimizer states = 16Ψ bytes per trainable parameter),
 sharded by stage, with DeepSpeed's own padding rules so the numbers match its tensors exactly.
+Activations are not a rule of thumb: one training step of the recipe's model is traced on fake tensors
+(`dstune.profiling.activations`), so what frozen layers, the loss and checkpointing save comes out as is.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from dstune.config import RunConfig
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods, param_groups
+from dstune.profiling.activations import DTYPES, ActivationTrace, default_dtype, example_batch, trace_step
 from dstune.profiling.flops import flops_per_token
 
 ZERO12_ALIGNMENT = 2  # DeepSpeed pads each flat ZeRO-1/2 group to a multiple of 2 × ranks elements
@@ -28,12 +31,15 @@ class MemoryEstimate:
     weights: int
     gradients: int
     optimizer_states: int
-    activations: int
+    activations: int        # peak of the traced forward + backward: saved activations and backward temporaries
     buffers: int
+    step_temporaries: int   # alive only inside the optimizer step, when the activations are gone
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer_states + self.activations + self.buffers
+        """The peak: model states and buffers, plus the larger of the activations and the step's temporaries."""
+        return (self.weights + self.gradients + self.optimizer_states + self.buffers
+                + max(self.activations, self.step_temporaries))
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
@@ -98,26 +104,35 @@ def model_state_bytes(table: ParamTable, stage: int, world: int, precision: str,
     return weights, grads, optim
 
 
-def activation_bytes(config: Any, micro_batch: int, seq_len: int, precision: str, checkpointing: bool,
-                     task: str = "causal_lm", loss_chunk_tokens: int = 0) -> int:
-    """Activations kept for backward on one rank (Korthikanti et al. 2022, flash attention: no S² term).
+def step_temporary_bytes(table: ParamTable, stage: int, world: int, precision: str, ds_config: dict) -> int:
+    """What DeepSpeed's optimizer step allocates on top of the model states, one optimizer group at a time.
 
-    Per transformer layer ≈ 34·s·b·h bytes in 16-bit (×2 in fp32); with activation checkpointing only
-    each layer's input (2·s·b·h) is kept, plus one layer recomputed at a time. Token-level tasks add the
-    logits (s·b·V in the training precision); transformers' loss adds an fp32 copy and an fp32
-    log-softmax (8 bytes per logit), dstune's chunked loss only its chunk's fp32 temporaries.
-    Classification logits are negligible.
+    ZeRO-1/2 flatten the group's gradient partition (b bytes per element) and cast it to fp32 for the
+    optimizer (4 more, unless it already is fp32); ZeRO-3 casts each sub-group (`sub_group_size`) to fp32.
+    Stage 0 keeps its fp32 gradients for good (counted in optimizer_states).
     """
-    h, layers = _hidden(config), _layers(config)
-    scale = bytes_per_element(precision) / 2
-    per_layer = int(34 * seq_len * micro_batch * h * scale)
-    body = (layers * 2 * seq_len * micro_batch * h * scale + per_layer) if checkpointing else layers * per_layer
-    if task == "classification":
-        return int(body)
-    vocab, tokens = getattr(config, "vocab_size", 0), seq_len * micro_batch
-    chunked = task == "causal_lm" and loss_chunk_tokens > 0
-    loss = 12 * min(loss_chunk_tokens, tokens) * vocab if chunked else 8 * tokens * vocab
-    return int(body + tokens * vocab * bytes_per_element(precision) + loss)
+    b = bytes_per_element(precision)
+    z = ds_config.get("zero_optimization", {})
+    if z.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme"):
+        return 0  # the fp32 copy is made in CPU memory
+    if stage in (1, 2):
+        align = ZERO12_ALIGNMENT * world
+        largest = max((math.ceil(sum(g) / align) * align // world for g in table.groups), default=0)
+        return largest * (b + (4 if b != 4 else 0))
+    if stage == 3:
+        shard = sum(math.ceil(n / world) for g in table.groups for n in g)
+        return 4 * min(shard, int(float(z.get("sub_group_size", 1e9))))
+    return 0
+
+
+def zero12_bucket_bytes(ds_config: dict, precision: str) -> int:
+    """ZeRO-1/2 gradient buckets: with contiguous gradients (the default) DeepSpeed allocates one bucket of
+    `reduce_bucket_size` elements, two with `overlap_comm`, whatever the number of trainable parameters."""
+    z = ds_config.get("zero_optimization", {})
+    if not z.get("contiguous_gradients", True):
+        return 0
+    buffers = 2 if z.get("overlap_comm", False) else 1
+    return buffers * int(float(z.get("reduce_bucket_size", 5e8))) * bytes_per_element(precision)
 
 
 def buffer_bytes(ds_config: dict, stage: int, precision: str, table: ParamTable, cuda: bool) -> int:
@@ -125,8 +140,7 @@ def buffer_bytes(ds_config: dict, stage: int, precision: str, table: ParamTable,
     z = ds_config.get("zero_optimization", {})
     b = bytes_per_element(precision)
     if stage in (1, 2):
-        buckets = 2 * int(float(z.get("reduce_bucket_size", 5e8))) * b if stage == 2 else 0
-        buckets = min(buckets, 2 * b * table.trainable)  # a bucket never holds more than all the gradients
+        buckets = zero12_bucket_bytes(ds_config, precision)
     elif stage == 3:
         largest = max([n for g in table.groups for n in g] + table.frozen, default=0)
         buckets = b * min(int(float(z.get("stage3_prefetch_bucket_size", 5e7))), table.total) + 2 * b * largest
@@ -136,11 +150,11 @@ def buffer_bytes(ds_config: dict, stage: int, precision: str, table: ParamTable,
     return buckets + cuda_context
 
 
-def meta_model(cfg: RunConfig, tokenizer=None, labels: list | None = None):
-    """The recipe's model with its methods applied, on the meta device: shapes only, no memory, no weights."""
+def model_config(cfg: RunConfig, tokenizer=None, labels: list | None = None):
+    """The recipe's model config (a tiny config with its overrides, or the folder's config.json)."""
     from transformers import AutoConfig
 
-    from dstune.models.loading import auto_class, tiny_config
+    from dstune.models.loading import tiny_config
 
     if cfg.model.tiny:
         vocab = len(tokenizer) if tokenizer is not None else 32000
@@ -157,11 +171,38 @@ def meta_model(cfg: RunConfig, tokenizer=None, labels: list | None = None):
         config.num_labels = len(labels) if labels else 2
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = 0
-    with torch.device("meta"):
-        model = auto_class(cfg.task).from_config(config)
-        methods = build_methods([{k: v for k, v in m.items() if k != "init_text"} for m in cfg.methods])
-        apply_methods(model, methods, cfg.task, tokenizer)
+    return config
+
+
+def _with_methods(cfg: RunConfig, config, tokenizer):
+    from dstune.models.loading import auto_class
+
+    model = auto_class(cfg.task).from_config(config)
+    methods = build_methods([{k: v for k, v in m.items() if k != "init_text"} for m in cfg.methods])
+    apply_methods(model, methods, cfg.task, tokenizer)
     return model, methods
+
+
+def meta_model(cfg: RunConfig, tokenizer=None, labels: list | None = None):
+    """The recipe's model with its methods applied, on the meta device: shapes only, no memory, no weights."""
+    config = model_config(cfg, tokenizer, labels)
+    with torch.device("meta"):
+        return _with_methods(cfg, config, tokenizer)
+
+
+def traced_activations(cfg: RunConfig, micro_batch: int, seq_len: int, tokenizer=None,
+                       labels: list | None = None) -> ActivationTrace:
+    """Trace one training step of the recipe's model (methods, precision, loss, checkpointing) on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dstune.models.loading import prepare_for_training
+
+    config = model_config(cfg, tokenizer, labels)
+    with FakeTensorMode(allow_non_fake_inputs=False), default_dtype(DTYPES[cfg.training.precision]):
+        model, _ = _with_methods(cfg, config, tokenizer)
+        prepare_for_training(model, cfg)
+        batch = example_batch(cfg.task, model.config, micro_batch, seq_len, cfg.data.max_target_length)
+        return trace_step(model, batch)
 
 
 def parameter_table(model: torch.nn.Module, methods, cfg: RunConfig) -> ParamTable:
@@ -185,17 +226,17 @@ def estimate(cfg: RunConfig, world_size: int, seq_len: int | None = None, cuda: 
     table = parameter_table(model, methods, cfg)
     t = cfg.training
     weights, grads, optim = model_state_bytes(table, stage, world_size, t.precision, offload_opt, offload_par)
-    acts = activation_bytes(model.config, t.micro_batch_size, seq_len or cfg.data.max_length, t.precision,
-                            t.activation_checkpointing, cfg.task, t.loss_chunk_tokens)
+    trace = traced_activations(cfg, t.micro_batch_size, seq_len or cfg.data.max_length, tokenizer, labels)
     buffers = buffer_bytes(ds, stage, t.precision, table, cuda)
-    per_rank = [MemoryEstimate(r, weights, grads, optim, acts, buffers) for r in range(world_size)]
+    step = step_temporary_bytes(table, stage, world_size, t.precision, ds)
+    per_rank = [MemoryEstimate(r, weights, grads, optim, trace.peak, buffers, step) for r in range(world_size)]
     c = model.config
     body = table.total - model.get_input_embeddings().weight.numel()
     per_token = flops_per_token(body, table.trainable, table.trainable == table.total, _layers(c), _hidden(c),
                                 seq_len or cfg.data.max_length)
     return per_rank, table, {"zero_stage": stage, "offload_optimizer": offload_opt, "offload_params": offload_par,
                              "largest_param": max([n for g in table.groups for n in g] + table.frozen),
-                             "flops_per_token": per_token}
+                             "flops_per_token": per_token, "activations_after_forward": trace.after_forward}
 
 
 def _hidden(config: Any) -> int:

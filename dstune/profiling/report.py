@@ -21,10 +21,14 @@ def estimate_table(cfg: RunConfig, est, table, info: dict, world: int, deepspeed
             f"{' + parameter offload' if info['offload_params'] else ''}, {t.precision}, {world} rank(s), "
             f"micro-batch {t.micro_batch_size}, activation checkpointing {'on' if t.activation_checkpointing else 'off'}")
     rows = [("weights", est.weights), ("gradients", est.gradients), ("optimizer states", est.optimizer_states),
-            ("activations", est.activations), ("buffers (comm buckets, CUDA context)", est.buffers),
-            ("**total per rank**", est.total)]
+            ("activations (traced forward + backward peak)", est.activations),
+            ("buffers (comm buckets, CUDA context)", est.buffers),
+            ("optimizer-step temporaries (not alive with the activations)", est.step_temporaries),
+            ("**peak per rank**", est.total)]
     lines = [head, "", "| part | bytes | |", "|---|---:|---:|"]
     lines += [f"| {name} | {n:,} | {human_bytes(n)} |" for name, n in rows]
+    lines += ["", f"peak = model states + buffers + the larger of activations and step temporaries; the forward "
+                  f"leaves {human_bytes(info['activations_after_forward'])} of activations for the backward"]
     if deepspeed_says is not None:
         lines += ["", f"DeepSpeed's own model-state estimate: {human_bytes(deepspeed_says)} per GPU "
                       f"(it counts all {table.total:,} parameters as trainable); "
