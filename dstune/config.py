@@ -91,6 +91,9 @@ class TrainingConfig(_Section):
     seed: int = Field(42, description="seeds init, data order and dropout")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision")
     activation_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    activation_checkpointing_every: int = Field(
+        1, gt=0, description="with activation_checkpointing: recompute every n-th layer only; the others keep "
+                             "their activations (less recompute for more memory; `dstune estimate` shows both)")
     loss_chunk_tokens: int = Field(
         1024, ge=0, description="causal_lm: cross-entropy over this many tokens at a time, never fp32 logits "
                                 "for the whole batch (0 = transformers' loss)")

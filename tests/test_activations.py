@@ -74,7 +74,10 @@ def test_what_a_method_saves_follows_what_trains(tmp_path):
 
     full, lora, prompt = after_forward("full"), after_forward("lora"), after_forward("prompt")
     assert prompt < lora < full
-    assert after_forward("full", "training.activation_checkpointing=true") < full / 3
+    every_layer = after_forward("full", "training.activation_checkpointing=true")
+    every_other = after_forward("full", "training.activation_checkpointing=true",
+                                "training.activation_checkpointing_every=2")
+    assert every_layer < full / 3 and every_layer < every_other < full
     # transformers' loss keeps fp32 log-probabilities (4 bytes per logit); the chunked one the bf16 logits (2)
     logits = 2 * 256 * 4000
     assert after_forward("full", "training.loss_chunk_tokens=0") - full == pytest.approx(2 * logits, rel=0.01)
@@ -98,3 +101,20 @@ def test_estimate_predicts_measured_gpu_peaks_within_10_percent(method, checkpoi
     (est, *_), _, _ = estimate(cfg, 1, cuda=False)
     measured = H100_PEAKS[method, checkpointing] * 2**30
     assert abs(est.total / measured - 1) < 0.10, (est, est.total / 2**30)
+
+
+def test_checkpointing_every_other_layer_changes_no_number(tmp_path):
+    """Recomputing half the layers gives the plain step's loss and gradients."""
+    results = []
+    for extra in ([], ["training.activation_checkpointing=true", "training.activation_checkpointing_every=2"]):
+        cfg = recipe(tmp_path, "llama", "full", "model.config_overrides={vocab_size: 300, num_hidden_layers: 4}",
+                     *extra)
+        model, batch = real_step(cfg, 2, 24)
+        model.train()
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (l0, g0), (l1, g1) = results
+    assert l0 == pytest.approx(l1, abs=1e-6) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1))
+    layers = real_step(cfg, 2, 24)[0].model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False, True, False]

@@ -90,4 +90,5 @@ def prepare_for_training(model: torch.nn.Module, cfg: RunConfig) -> None:
     if cfg.task == "causal_lm" and t.loss_chunk_tokens:
         use_chunked_loss(model, t.loss_chunk_tokens)
     if t.activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              every_n_layers=t.activation_checkpointing_every)
