@@ -128,3 +128,18 @@ def test_method_under_two_rank_zero3_matches_one_rank(ws, built_ops, tmp_path, m
     w1 = load_file(str(tmp_path / "one" / "trainable.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "trainable.safetensors"))
     assert w1.keys() == w2.keys() and all((w1[k] - w2[k]).abs().max() < 1e-4 for k in w1)
+
+
+def test_compiled_layers_train_like_eager(ws, built_ops, single_rank, tmp_path):
+    """training.compile: torch.compile (inductor, CPU here) of each GPT-2 block gives the eager run's losses."""
+    res = ok(run_cli(["train", lm_recipe(ws, tmp_path, "run", gradient_accumulation_steps=2, compile=True)]))
+    assert "; 2 layers compiled" in res.stdout
+    eager, compiled = read_metrics(single_rank), read_metrics(tmp_path / "run")
+    assert sorted(compiled) == sorted(eager)
+    assert all(abs(eager[s]["loss"] - compiled[s]["loss"]) < 1e-4 for s in eager), (eager, compiled)
+
+
+def test_compile_refuses_zero3(ws, tmp_path):
+    res = run_cli(["train", lm_recipe(ws, tmp_path, "run", 3, compile=True)])
+    assert res.returncode == 2 and "training.compile: ZeRO-3 gathers parameters in module hooks" in res.stderr
+    assert not (tmp_path / "run").exists()

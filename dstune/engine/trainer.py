@@ -25,7 +25,7 @@ from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.evaluate import evaluate
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
-from dstune.models.loading import load_model, prepare_for_training
+from dstune.models.loading import compile_layers, load_model, prepare_for_training
 from dstune.models.tokenizers import load_tokenizer
 from dstune.profiling.phases import PhaseMemory
 
@@ -112,6 +112,7 @@ def train(cfg: RunConfig) -> dict:
     base_params = sum(p.numel() for p in model.parameters())  # the model before methods add any
     apply_methods(model, methods, cfg.task, tokenizer)
     prepare_for_training(model, cfg)
+    compiled = compile_layers(model, stage) if t.compile else 0
     n_train, n_total = count_trainable(model)
 
     # 2. the run dir; removed again if set-up fails before the first step
@@ -134,7 +135,8 @@ def train(cfg: RunConfig) -> dict:
                  "world_size": dist_.world, "zero_stage": stage}, indent=1))
             print(f"[dstune] {', '.join(m.name for m in methods)}: {n_train:,} of {n_total:,} parameters train "
                   f"({100 * n_train / n_total:.2f}%); {dist_.world} rank(s), ZeRO-{stage}, {t.precision}, "
-                  f"{total_steps} steps of {batches.global_batch} examples", flush=True)
+                  f"{total_steps} steps of {batches.global_batch} examples"
+                  f"{f'; {compiled} layers compiled' if compiled else ''}", flush=True)
         groups = [{k: v for k, v in g.items() if k != "names"}
                   for g in param_groups(model, methods, t.lr, t.weight_decay)]
         engine, _, _, scheduler = deepspeed.initialize(

@@ -92,3 +92,19 @@ def prepare_for_training(model: torch.nn.Module, cfg: RunConfig) -> None:
     if t.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
                                               every_n_layers=t.activation_checkpointing_every)
+
+
+def compile_layers(model: torch.nn.Module, zero_stage: int) -> int:
+    """torch.compile every transformer layer in place (one compiled graph serves all identical layers);
+    returns how many. Embeddings, the head and the loss stay eager, as do methods outside the layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if zero_stage == 3:
+        raise UserError("training.compile: ZeRO-3 gathers parameters in module hooks torch.compile cannot trace; "
+                        "use ZeRO 0-2 or compile: false")
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise UserError(f"training.compile: found no transformer layers to compile in {type(model).__name__}")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
