@@ -96,7 +96,8 @@ def test_estimate_predicts_measured_gpu_peaks_within_10_percent(method, checkpoi
     """The same settings through `estimate` (no CUDA context: the allocator's peak does not see it)."""
     from pathlib import Path
     cfg = load_config(Path(__file__).parents[1] / "recipes" / "bench_llama_1b.yaml", [
-        f"methods={PEER_METHODS[method]}", "training.loss_chunk_tokens=0", "deepspeed={zero_optimization: {stage: 2}}",
+        f"methods={PEER_METHODS[method]}", "training.loss_chunk_tokens=0", "training.lean_rmsnorm=false",
+        "deepspeed={zero_optimization: {stage: 2}}",
         f"training.activation_checkpointing={str(checkpointing).lower()}"])
     (est, *_), _, _ = estimate(cfg, 1, cuda=False)
     measured = H100_PEAKS[method, checkpointing] * 2**30
@@ -118,3 +119,20 @@ def test_checkpointing_every_other_layer_changes_no_number(tmp_path):
     assert l0 == pytest.approx(l1, abs=1e-6) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1))
     layers = real_step(cfg, 2, 24)[0].model.layers
     assert [layer.gradient_checkpointing for layer in layers] == [True, False, True, False]
+
+
+def test_lean_rmsnorm_keeps_4_bytes_per_element_less_and_the_same_loss(tmp_path):
+    """Full fine-tuning in bf16: transformers' norm keeps an fp32 copy (4 bytes) and bf16 normalised values
+    (2) per element; the lean one keeps the bf16 input (2). 2 norms per layer (2 layers) plus the final one."""
+    def step(lean: bool):
+        cfg = recipe(tmp_path, "llama", "full", "training.precision=bf16", f"training.lean_rmsnorm={str(lean).lower()}")
+        return cfg, traced_activations(cfg, 2, 24)
+
+    (cfg, lean), (_, plain) = step(True), step(False)
+    elements = 2 * 24 * 32 * (2 * 2 + 1)
+    assert plain.after_forward - lean.after_forward == 4 * elements
+    losses = []
+    for on in (True, False):
+        model, batch = real_step(step(on)[0], 2, 24)
+        losses.append(model(**batch).loss.item())
+    assert losses[0] == losses[1]  # the forward is the same arithmetic

@@ -83,12 +83,16 @@ def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.n
 
 
 def prepare_for_training(model: torch.nn.Module, cfg: RunConfig) -> None:
-    """The chunked loss and the activation checkpointing the recipe asks for (training and the estimate's trace)."""
+    """The chunked loss, lean norms and activation checkpointing the recipe asks for (training and the
+    estimate's trace)."""
+    from dstune.engine.lean_norm import use_lean_rmsnorm
     from dstune.engine.losses import use_chunked_loss
 
     t = cfg.training
     if cfg.task == "causal_lm" and t.loss_chunk_tokens:
         use_chunked_loss(model, t.loss_chunk_tokens)
+    if t.lean_rmsnorm:
+        use_lean_rmsnorm(model)
     if t.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
                                               every_n_layers=t.activation_checkpointing_every)
