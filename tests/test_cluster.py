@@ -240,7 +240,8 @@ def test_requeued_slurm_job_resumes(cluster, ws, one_node, tmp_path):
     ok(cluster.run("node1", "scontrol", "update", f"JobId={job}", "StartTime=now"))
     state = wait_job(cluster, job)
     log = (tmp_path / "run" / f"slurm-{job}.out").read_text()
-    assert state == "COMPLETED", log[-3000:]
+    shown = cluster.run("node1", "scontrol", "show", "job", job).stdout  # Restarts, Reason, ExitCode
+    assert state == "COMPLETED", shown + log[-3000:]
     assert "(restart 1)" in log
     step = int(re.search(r"resumed from step_(\d+)", log).group(1))
     got = read_metrics(tmp_path / "run")
