@@ -119,6 +119,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         from dstune.models.tokenizers import load_tokenizer
         tokenizer = load_tokenizer(cfg.tokenizer.path)
     per_rank, table, info = estimate(cfg, args.world_size, args.seq_len, cuda=not args.cpu, tokenizer=tokenizer)
+    if info["activations_after_forward"] is None:
+        print(f"dstune: warning: activations by {info['activations_source']}", file=sys.stderr)
     if args.json:
         print(json.dumps([r.as_dict() for r in per_rank]))
         return 0

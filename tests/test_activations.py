@@ -136,3 +136,19 @@ def test_lean_rmsnorm_keeps_4_bytes_per_element_less_and_the_same_loss(tmp_path)
         model, batch = real_step(step(on)[0], 2, 24)
         losses.append(model(**batch).loss.item())
     assert losses[0] == losses[1]  # the forward is the same arithmetic
+
+
+def test_a_model_the_trace_cannot_run_falls_back_to_the_rule_of_thumb(tmp_path, monkeypatch, capsys):
+    import dstune.profiling.estimate as est
+    from dstune.profiling.report import estimate_table
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("aten.some_op: no fake implementation\nmore detail")
+
+    cfg = recipe(tmp_path, "llama", "full")
+    traced = estimate(cfg, 1, cuda=False)[0][0].activations
+    monkeypatch.setattr(est, "traced_activations", fail)
+    (e, *_), table, info = estimate(cfg, 1, cuda=False)
+    assert info["activations_source"] == "rule of thumb: the trace failed (aten.some_op: no fake implementation)"
+    assert e.activations == est.rule_of_thumb_activation_bytes(model_config(cfg), 8, 24, "fp32", False) != traced
+    assert "**activations: rule of thumb: the trace failed" in estimate_table(cfg, e, table, info, 1, None)

@@ -17,7 +17,7 @@ import torch
 
 from dstune.config import RunConfig
 from dstune.engine.ds_config import build_ds_config, zero_stage
-from dstune.errors import UserError
+from dstune.errors import UserError, first_line
 from dstune.methods import apply_methods, build_methods, param_groups
 from dstune.profiling.activations import DTYPES, ActivationTrace, default_dtype, example_batch, trace_step
 from dstune.profiling.flops import flops_per_token
@@ -125,6 +125,20 @@ def step_temporary_bytes(table: ParamTable, stage: int, world: int, precision: s
     return 0
 
 
+def rule_of_thumb_activation_bytes(config: Any, micro_batch: int, seq_len: int, precision: str,
+                                   checkpointing: bool) -> int:
+    """Fallback for models the fake-tensor trace cannot run: Korthikanti et al. (2022) without the S² term,
+    ≈ 34·s·b·h bytes per layer in 16-bit (×2 in fp32), only each layer's input (2·s·b·h) plus one layer with
+    checkpointing, plus the logits with transformers' loss (2 + 4 bytes per logit in 16-bit). Blind to
+    frozen layers, MLP width and GQA: expect tens of percent off."""
+    h, layers = _hidden(config), _layers(config)
+    scale = bytes_per_element(precision) / 2
+    per_layer = 34 * seq_len * micro_batch * h * scale
+    body = layers * 2 * seq_len * micro_batch * h * scale + per_layer if checkpointing else layers * per_layer
+    logits = seq_len * micro_batch * getattr(config, "vocab_size", 0) * (bytes_per_element(precision) + 4)
+    return int(body + logits)
+
+
 def zero12_bucket_bytes(ds_config: dict, precision: str) -> int:
     """ZeRO-1/2 gradient buckets: with contiguous gradients (the default) DeepSpeed allocates one bucket of
     `reduce_bucket_size` elements, two with `overlap_comm`, whatever the number of trainable parameters."""
@@ -226,17 +240,25 @@ def estimate(cfg: RunConfig, world_size: int, seq_len: int | None = None, cuda: 
     table = parameter_table(model, methods, cfg)
     t = cfg.training
     weights, grads, optim = model_state_bytes(table, stage, world_size, t.precision, offload_opt, offload_par)
-    trace = traced_activations(cfg, t.micro_batch_size, seq_len or cfg.data.max_length, tokenizer, labels)
+    seq = seq_len or cfg.data.max_length
+    try:
+        trace = traced_activations(cfg, t.micro_batch_size, seq, tokenizer, labels)
+        activations, after_forward, source = trace.peak, trace.after_forward, "traced"
+    except Exception as e:  # an op without a fake-tensor implementation, data-dependent control flow, ...
+        activations = rule_of_thumb_activation_bytes(model.config, t.micro_batch_size, seq, t.precision,
+                                                     t.activation_checkpointing)
+        after_forward, source = None, f"rule of thumb: the trace failed ({first_line(e)})"
     buffers = buffer_bytes(ds, stage, t.precision, table, cuda)
     step = step_temporary_bytes(table, stage, world_size, t.precision, ds)
-    per_rank = [MemoryEstimate(r, weights, grads, optim, trace.peak, buffers, step) for r in range(world_size)]
+    per_rank = [MemoryEstimate(r, weights, grads, optim, activations, buffers, step) for r in range(world_size)]
     c = model.config
     body = table.total - model.get_input_embeddings().weight.numel()
     per_token = flops_per_token(body, table.trainable, table.trainable == table.total, _layers(c), _hidden(c),
                                 seq_len or cfg.data.max_length)
     return per_rank, table, {"zero_stage": stage, "offload_optimizer": offload_opt, "offload_params": offload_par,
                              "largest_param": max([n for g in table.groups for n in g] + table.frozen),
-                             "flops_per_token": per_token, "activations_after_forward": trace.after_forward}
+                             "flops_per_token": per_token, "activations_after_forward": after_forward,
+                             "activations_source": source}
 
 
 def _hidden(config: Any) -> int:

@@ -27,8 +27,12 @@ def estimate_table(cfg: RunConfig, est, table, info: dict, world: int, deepspeed
             ("**peak per rank**", est.total)]
     lines = [head, "", "| part | bytes | |", "|---|---:|---:|"]
     lines += [f"| {name} | {n:,} | {human_bytes(n)} |" for name, n in rows]
-    lines += ["", f"peak = model states + buffers + the larger of activations and step temporaries; the forward "
-                  f"leaves {human_bytes(info['activations_after_forward'])} of activations for the backward"]
+    lines += ["", "peak = model states + buffers + the larger of activations and step temporaries"]
+    if info["activations_after_forward"] is not None:
+        lines[-1] += (f"; the forward leaves {human_bytes(info['activations_after_forward'])} of activations "
+                      f"for the backward")
+    else:
+        lines += ["", f"**activations: {info['activations_source']}**"]
     if deepspeed_says is not None:
         lines += ["", f"DeepSpeed's own model-state estimate: {human_bytes(deepspeed_says)} per GPU "
                       f"(it counts all {table.total:,} parameters as trainable); "
