@@ -108,7 +108,7 @@ def masks_as_in_a_real_step() -> Iterator[None]:
 
 
 def trace_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ActivationTrace:
-    """Live bytes of one training forward + backward of a model built under the same FakeTensorMode."""
+    """Live bytes of one training forward + backward (fake tensors for the estimate, real ones in tests)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def drop(p: torch.Tensor) -> None:
