@@ -94,8 +94,13 @@ def prepare_for_training(model: torch.nn.Module, cfg: RunConfig) -> None:
     if t.lean_rmsnorm:
         use_lean_rmsnorm(model)
     if t.activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                              every_n_layers=t.activation_checkpointing_every)
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
+                                                  every_n_layers=t.activation_checkpointing_every)
+        else:  # transformers before 5.23 calls it gradient_checkpointing_enable
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs,
+                                                every_n_layers=t.activation_checkpointing_every)
 
 
 def compile_layers(model: torch.nn.Module, zero_stage: int) -> int:

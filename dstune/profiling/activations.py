@@ -97,9 +97,12 @@ def masks_as_in_a_real_step() -> Iterator[None]:
     declared unpacked, the one value-dependent check left, so the trace takes the real step's path."""
     import transformers.masking_utils as masking
 
-    saved = {name: getattr(masking, name) for name in ("is_tracing", "find_packed_sequence_indices")}
-    masking.is_tracing = lambda tensor=None: saved["is_tracing"]()  # dynamo/jit/stream capture still count
-    masking.find_packed_sequence_indices = lambda position_ids: None
+    saved = {name: getattr(masking, name) for name in ("is_tracing", "find_packed_sequence_indices")
+             if hasattr(masking, name)}
+    if "is_tracing" in saved:
+        masking.is_tracing = lambda tensor=None: saved["is_tracing"]()  # dynamo/jit/stream capture still count
+    if "find_packed_sequence_indices" in saved:
+        masking.find_packed_sequence_indices = lambda position_ids: None
     try:
         yield
     finally:
