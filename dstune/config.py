@@ -94,8 +94,8 @@ class TrainingConfig(_Section):
     activation_checkpointing_every: int = Field(
         1, gt=0, description="with activation_checkpointing: recompute every n-th layer only; the others keep "
                              "their activations (less recompute for more memory; `dstune estimate` shows both)")
-    lean_rmsnorm: bool = Field(True, description="Llama-style RMSNorm keeps its input, not an fp32 copy, for the "
-                                                 "backward (same numbers, less activation memory)")
+    lean_activations: bool = Field(True, description="Llama-style RMSNorm and SwiGLU keep no redundant copies "
+                                                     "for the backward (same numbers, less activation memory)")
     compile: bool = Field(False, description="torch.compile each transformer layer (ZeRO 0-2; the first steps "
                                              "pay the compile time)")
     loss_chunk_tokens: int = Field(

@@ -6,8 +6,8 @@ import pytest
 from conftest import ok, read_metrics, run_cli
 from test_distributed import lm_recipe
 
-PLAIN = ["training.lean_rmsnorm=false", "training.loss_chunk_tokens=0"]
-FAST = ["training.lean_rmsnorm=true", "training.loss_chunk_tokens=16"]
+PLAIN = ["training.lean_activations=false", "training.loss_chunk_tokens=0"]
+FAST = ["training.lean_activations=true", "training.loss_chunk_tokens=16"]
 
 
 @pytest.mark.slow

@@ -83,16 +83,16 @@ def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.n
 
 
 def prepare_for_training(model: torch.nn.Module, cfg: RunConfig) -> None:
-    """The chunked loss, lean norms and activation checkpointing the recipe asks for (training and the
+    """The chunked loss, lean activations and activation checkpointing the recipe asks for (training and the
     estimate's trace)."""
-    from dstune.engine.lean_norm import use_lean_rmsnorm
+    from dstune.engine.lean_activations import use_lean_activations
     from dstune.engine.losses import use_chunked_loss
 
     t = cfg.training
     if cfg.task == "causal_lm" and t.loss_chunk_tokens:
         use_chunked_loss(model, t.loss_chunk_tokens)
-    if t.lean_rmsnorm:
-        use_lean_rmsnorm(model)
+    if t.lean_activations:
+        use_lean_activations(model)
     if t.activation_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):

@@ -1,0 +1,81 @@
+"""Keep less for the backward where transformers' Llama-family layers keep redundant copies.
+
+- RMSNorm upcasts its input to fp32, and autograd keeps that copy (4 bytes per element) and, when the
+  weight trains, the normalised values in the input dtype (2 more in bf16): twice per layer. The lean
+  one keeps the input as it came and one fp32 rstd per token, and recomputes the rest in the backward:
+  the same forward arithmetic op for op, the same backward maths in fp32.
+- The SwiGLU MLP `down(silu(gate(x)) * up(x))` keeps gate(x) for the SiLU, and silu(gate(x)) and up(x)
+  for the product. The lean one keeps gate(x) and up(x) and recomputes the SiLU in the backward with the
+  same kernels: bitwise the same forward and gradients, one intermediate-sized tensor less per layer.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+# transformers classes whose forward is exactly `weight * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)`
+LLAMA_STYLE_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
+# ... and whose MLP forward is exactly `down_proj(act_fn(gate_proj(x)) * up_proj(x))`, with a SiLU act_fn
+LLAMA_STYLE_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+SILU_CLASSES = ("SiLU", "SiLUActivation")
+
+
+class _LeanRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.to(torch.float32)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.to(torch.float32) * rstd
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            g = (grad * weight).to(torch.float32)
+            grad_x = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            normed = xhat.to(x.dtype).to(torch.float32)  # the forward multiplied the weight by these values
+            grad_w = (grad.to(torch.float32) * normed).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+def lean_rms_norm(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    return _LeanRMSNorm.apply(hidden_states, module.weight, module.variance_epsilon)
+
+
+class _LeanSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[1]:
+            grad_up = grad * F.silu(gate)
+        if ctx.needs_input_grad[0]:
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return grad_gate, grad_up
+
+
+def lean_swiglu_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module.down_proj(_LeanSwiGLU.apply(module.gate_proj(x), module.up_proj(x)))
+
+
+def use_lean_activations(model: torch.nn.Module) -> dict[str, int]:
+    """Route `model`'s Llama-style RMSNorms and SwiGLU MLPs through the lean versions; returns how many."""
+    norms = [m for m in model.modules() if type(m).__name__ in LLAMA_STYLE_RMSNORMS]
+    mlps = [m for m in model.modules() if type(m).__name__ in LLAMA_STYLE_MLPS
+            and type(getattr(m, "act_fn", None)).__name__ in SILU_CLASSES]
+    for m in norms:
+        m.forward = functools.partial(lean_rms_norm, m)
+    for m in mlps:
+        m.forward = functools.partial(lean_swiglu_mlp, m)
+    return {"rmsnorm": len(norms), "swiglu": len(mlps)}
