@@ -130,7 +130,7 @@ def test_lean_activations_keep_exactly_the_redundant_copies_less_and_the_same_lo
                      f"training.lean_activations={str(lean).lower()}")
         return cfg, traced_activations(cfg, 2, 24)
 
-    (cfg, lean), (_, plain) = step(True), step(False)
+    (_, lean), (_, plain) = step(True), step(False)
     tokens, hidden, intermediate, layers = 2 * 24, 32, 64, 2
     norms = 4 * tokens * hidden * (2 * layers + 1)
     swiglu = 2 * tokens * intermediate * layers
