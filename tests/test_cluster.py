@@ -146,6 +146,11 @@ def job_state(cluster: Cluster, job: str) -> str:
     return re.search(r"JobState=(\S+)", out).group(1)
 
 
+def nodes_idle(cluster: Cluster) -> bool:
+    states = cluster.run("node1", "sinfo", "-h", "-N", "-o", "%T").stdout.split()
+    return bool(states) and all(state == "idle" for state in states)
+
+
 def wait_job(cluster: Cluster, job: str, timeout: float = RUN_TIMEOUT_S) -> str:
     """Poll the controller (sbatch --wait polls at growing intervals, up to half a minute late)."""
     end = time.monotonic() + timeout
@@ -233,9 +238,10 @@ def test_requeued_slurm_job_resumes(cluster, ws, one_node, tmp_path):
     job = submit(cluster, recipe(ws, tmp_path, "run", LONG_STEPS))
     _wait_for_checkpoint(tmp_path / "run", LONG_CHECKPOINT_EVERY, [])
     ok(cluster.run("node1", "scontrol", "requeue", job))
-    # a requeued job waits two minutes before it may start again; let it start now
+    # a requeued job waits two minutes before it may start again; let it start as soon as the old tasks are
+    # gone (started while the nodes still complete the old run, the restarted batch script failed at once)
     end = time.monotonic() + 60
-    while job_state(cluster, job) != "PENDING" and time.monotonic() < end:
+    while not (job_state(cluster, job) == "PENDING" and nodes_idle(cluster)) and time.monotonic() < end:
         time.sleep(0.2)
     ok(cluster.run("node1", "scontrol", "update", f"JobId={job}", "StartTime=now"))
     state = wait_job(cluster, job)
