@@ -114,3 +114,6 @@ def test_bench_refuses_a_peer_of_another_shape_or_that_fails(built_ops, tmp_path
     assert res.returncode == 2 and "training.precision: the peer baseline runs bf16, the recipe fp32" in res.stderr
     res = run_cli([*args[:-1], str(tmp_path / "missing.py"), "--methods", "full"])
     assert res.returncode == 2 and "--peer: no such file:" in res.stderr
+    res = run_cli(["bench", random_tokens_recipe(tmp_path), "training.gradient_accumulation_steps=2", "--methods", "full",
+                   "--peer", str(peer)])
+    assert res.returncode == 2 and "training.gradient_accumulation_steps: the peer baseline takes one" in res.stderr

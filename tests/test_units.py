@@ -181,3 +181,19 @@ def test_tiny_config_overrides_reach_derived_fields():
     from dstune.models.loading import tiny_config
     config = tiny_config("llama", 100, {}, {"hidden_size": 256, "num_attention_heads": 4})
     assert config.head_dim == 64  # set after construction, head_dim would stay 32 / 4 = 8
+
+
+def test_compile_needs_transformer_layers():
+    import torch
+
+    from dstune.models.loading import compile_layers
+    with pytest.raises(UserError, match=r"training\.compile: found no transformer layers to compile in Sequential"):
+        compile_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)), 2)
+
+
+def test_a_run_trained_on_random_tokens_has_no_text_to_load(tmp_path):
+    from dstune.engine.run_dir import load_run
+    for name in ("config.yaml", "run.json", "trainable.safetensors"):
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(UserError, match="trained on random token ids, it has no tokenizer to read or write text"):
+        load_run(str(tmp_path))

@@ -21,10 +21,10 @@ def load_run(run_dir: str, device: torch.device | None = None):
     for name in ("config.yaml", "run.json", "trainable.safetensors"):
         if not (d / name).is_file():
             raise UserError(f"{d}: not a finished dstune run (missing {name})")
-    cfg: RunConfig = config_from_dict(yaml.safe_load((d / "config.yaml").read_text()), str(d / "config.yaml"))
-    info = json.loads((d / "run.json").read_text())
     if not (d / "tokenizer").is_dir():
         raise UserError(f"{d}: trained on random token ids, it has no tokenizer to read or write text with")
+    cfg: RunConfig = config_from_dict(yaml.safe_load((d / "config.yaml").read_text()), str(d / "config.yaml"))
+    info = json.loads((d / "run.json").read_text())
     tokenizer = load_tokenizer(str(d / "tokenizer"))
     model = load_model(cfg, tokenizer, info.get("labels"))
     methods = build_methods(cfg.methods)
