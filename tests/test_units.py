@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -197,3 +198,14 @@ def test_a_run_trained_on_random_tokens_has_no_text_to_load(tmp_path):
         (tmp_path / name).write_text("{}")
     with pytest.raises(UserError, match="trained on random token ids, it has no tokenizer to read or write text"):
         load_run(str(tmp_path))
+
+
+@pytest.mark.parametrize("given,expected", [("9.0a", "9.0"), ("8.0;9.0a", "8.0;9.0"), ("8.0 9.0+PTX", "8.0 9.0+PTX"),
+                                            ("10.0a;12.0f", "10.0;12.0"), ("8.6", "8.6")])
+def test_arch_list_is_made_readable_for_deepspeed_op_builds(given, expected, monkeypatch):
+    from dstune.engine.distributed import prepare_env
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "0")  # a launcher's: left alone
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", given)
+    prepare_env()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == expected

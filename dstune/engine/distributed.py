@@ -6,6 +6,7 @@ Launchers (`deepspeed`, `torchrun`, Slurm wrappers) set RANK/WORLD_SIZE/MASTER_*
 from __future__ import annotations
 
 import os
+import re
 import socket
 import warnings
 from dataclasses import dataclass
@@ -27,8 +28,18 @@ def prepare_env() -> None:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch and deepspeed_arch_list(arch) != arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(arch)
     # DeepSpeed calls collectives that torch has renamed; the warning repeats every step
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
+
+
+def deepspeed_arch_list(value: str) -> str:
+    """TORCH_CUDA_ARCH_LIST in a form DeepSpeed's op builder can read. It parses each entry as numbers, so
+    an arch-specific entry such as "9.0a" (set by some CUDA images) crashes its JIT builds (FusedAdam) with
+    "invalid literal for int()"; "9.0" builds the same kernels for the optimizer."""
+    return re.sub(r"(\d+\.\d+)[a-z]+", r"\1", value)
 
 
 @dataclass

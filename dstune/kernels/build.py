@@ -1,8 +1,9 @@
 """Build dstune's native extensions: JIT on first use (cached in TORCH_EXTENSIONS_DIR), or ahead of
 time with `dstune kernels build` (e.g. while building a cluster image, so jobs never compile).
 
-Every source in csrc/ is a .cu file compiled by nvcc for sm_80 (A100) and sm_90 (H100/H200);
-`nvcc_check` compiles them without a GPU, which is what CI does.
+Every source in csrc/ is a .cu file for sm_80 (A100) and sm_90 (H100/H200). The JIT build compiles for
+the GPU present (or TORCH_CUDA_ARCH_LIST, e.g. "8.0;9.0" for an image that serves both); `nvcc_check`
+compiles for both without a GPU, which is what CI does.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def load(name: str):
     from torch.utils.cpp_extension import load as jit_load
     log.debug("loading extension %s (JIT build if not cached)", name)
     return jit_load(name=name, sources=[str(CSRC / s) for s in EXTENSIONS[name]],
-                    extra_cuda_cflags=["-O3", "-std=c++17", *gencode_flags()], verbose=False)
+                    extra_cuda_cflags=["-O3", "-std=c++17"], verbose=False)
 
 
 def build_all() -> list[str]:
