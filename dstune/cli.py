@@ -138,8 +138,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     step_s, mfu, peak_bytes, estimate_bytes) and DIR/bench.png (memory by part per method, estimate beside
     the measured peak; tokens/s). Peak is the CUDA allocator's on a GPU, the process RSS on CPU.
     With --peer SCRIPT (the HF + PEFT + DeepSpeed baseline, e.g. recipes/bench_llama_1b.yaml with
-    --peer peer_bench.py) the baseline runs first for each method on the same shapes, and the table adds
-    tokens/s and peak-memory ratios; it refuses when the peer's model has another parameter count.
+    --peer benchmarks/peer_bench.py) the baseline runs first for each method on the same shapes, and the
+    table adds tokens/s and peak-memory ratios; it refuses when the peer's model has another parameter
+    count. Each child's whole output is kept in DIR/METHOD.log (and DIR/METHOD-peer.log).
     """
     from dstune.profiling.bench import bench
 

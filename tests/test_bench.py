@@ -107,6 +107,7 @@ def test_bench_refuses_a_peer_of_another_shape_or_that_fails(built_ops, tmp_path
     res = run_cli([*args, "--methods", "prompt"])  # the peer fails first: dstune's run never starts
     assert res.returncode == 2 and "bench: peer prompt failed (exit 1): peer: no GPU here" in res.stderr
     assert not (tmp_path / "b" / "prompt").exists()
+    assert "peer: no GPU here" in (tmp_path / "b" / "prompt-peer.log").read_text()  # the whole output is kept
     # refused before anything runs
     res = run_cli([*args, "--methods", "full,adapter"])
     assert res.returncode == 2 and "the peer baseline runs only full, lora, prefix, prompt, not adapter" in res.stderr

@@ -32,17 +32,22 @@ WARMUP_STEPS = 2  # first steps include allocator growth and lazy init: left out
 PEER_METHODS = ("full", "lora", "prefix", "prompt")  # what the peer baseline script can run
 
 
-def _check_run(res: subprocess.CompletedProcess, what: str) -> None:
+def _run_logged(cmd: list[str], log: Path, what: str) -> str:
+    """Run one child process, keep its whole output in `log`; its stdout. A failure names the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{res.stdout}--- stderr\n{res.stderr}")
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or res.stdout.strip().splitlines() or ["(no output)"])[-1]
-        raise UserError(f"bench: {what} failed (exit {res.returncode}): {tail}")
+        raise UserError(f"bench: {what} failed (exit {res.returncode}): {tail} (whole output: {log})")
+    return res.stdout
 
 
 def _run_one(recipe: str, overrides: list[str], method: str, out: Path, steps: int) -> None:
     cmd = [sys.executable, "-m", "dstune", "train", recipe, *overrides, f"methods={json.dumps(BENCH_METHODS[method])}",
            f"training.max_steps={steps}", "training.resume=false", "training.checkpoint_every=0",
            "training.save_final=false", "data.eval=null", "data.eval_fraction=0", f"output_dir={out}"]
-    _check_run(subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy()), f"method {method}")
+    _run_logged(cmd, out.parent / f"{method}.log", f"method {method}")
 
 
 def peer_command(script: str, size: str, cfg: RunConfig, method: str, steps: int) -> list[str]:
@@ -70,11 +75,10 @@ def check_peer(script: str, cfg: RunConfig, methods: list[str]) -> None:
         raise UserError(f"--methods: the peer baseline runs only {', '.join(PEER_METHODS)}, not {', '.join(other)}")
 
 
-def run_peer(cmd: list[str], method: str) -> dict:
-    """Run the peer baseline once; its last `RESULT {json}` line."""
-    res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-    _check_run(res, f"peer {method}")
-    found = [line[len("RESULT "):] for line in res.stdout.splitlines() if line.startswith("RESULT ")]
+def run_peer(cmd: list[str], method: str, log: Path) -> dict:
+    """Run the peer baseline once (its output kept in `log`); its last `RESULT {json}` line."""
+    stdout = _run_logged(cmd, log, f"peer {method}")
+    found = [line[len("RESULT "):] for line in stdout.splitlines() if line.startswith("RESULT ")]
     if not found:
         raise UserError(f"bench: peer {method} printed no RESULT line")
     return json.loads(found[-1])
@@ -134,7 +138,7 @@ def bench(recipe: str, overrides: list[str], methods: list[str], out_dir: str, s
         peer_result = None
         if peer:  # first, so a peer that cannot run fails before dstune's run
             bar.set_postfix_str(f"{method}: peer")
-            peer_result = run_peer(peer_command(peer, peer_size, cfg, method, steps), method)
+            peer_result = run_peer(peer_command(peer, peer_size, cfg, method, steps), method, out / f"{method}-peer.log")
         bar.set_postfix_str(f"{method}: dstune")
         _run_one(recipe, overrides, method, out / method, steps)
         row = _row(cfg, method, out / method)
@@ -187,7 +191,11 @@ def plot(rows: list[dict], path: Path) -> None:
                 label=f"measured peak ({rows[0]['peak_source']})")
     mem.scatter(names, [r["model_state_bytes_measured"] / 2**20 for r in rows], color="tab:red", marker="x", zorder=3,
                 label="measured model states (engine tensors)")
-    mem.set_yscale("symlog")  # a CPU process's RSS dwarfs a tiny model; keep both visible
+    peers = [(r["method"], r["peer"]["peak_gib"] * 2**10) for r in rows if "peer" in r]
+    if peers:
+        mem.scatter(*zip(*peers), color="tab:gray", marker="_", s=600, zorder=3, label="peer's measured peak")
+    if rows[0]["peak_source"] != "cuda allocator":
+        mem.set_yscale("symlog")  # a CPU process's RSS dwarfs a tiny model; keep both visible
     mem.set_ylabel("MiB per rank")
     mem.set_title("memory: estimate by part vs measured")
     mem.legend(fontsize=8)
