@@ -1,14 +1,17 @@
-"""Prefix attention on a GPU: the CUDA kernel's numerics and speed, with the alternatives beside it.
+"""Prefix attention on a GPU: numerics and speed of dstune's paths, with the alternatives beside them.
 
     python benchmarks/prefix_attention.py [--quick]
 
+Paths: "sdpa" (the default for unmasked sequences: prefix concatenated, flash attention with lower-right
+causality, no mask) and "kernel" (the CUDA kernel, DSTUNE_PREFIX_KERNEL=1; it also masks padded keys).
 1. Numerics: forward output and all five gradients (dq, dk, dv, dprefix_k, dprefix_v) against a float64
    reference on fresh random inputs, over batch, heads, GQA ratio, sequence lengths that are not
-   multiples of the tiles, P in {1, 16, 64, 128}, padding, bf16 and fp16. Relative error (Frobenius)
-   must be <= 1e-2 with no NaN.
-2. Speed, forward+backward (median of triton's do_bench): the kernel, PEFT's way (prefix expanded over
+   multiples of the tiles, P in {1, 16, 64, 128}, padding (kernel only), bf16 and fp16. Relative error
+   (Frobenius) must be <= 1e-2 with no NaN.
+2. Speed, forward+backward (median of triton's do_bench): both paths, PEFT's way (prefix expanded over
    the batch, concatenated, explicit mask) and FlexAttention with a block mask, each as a ratio to plain
-   causal SDPA without a prefix, against the work floor 1.05 * (S/2 + P) / (S/2).
+   causal SDPA without a prefix; `ok` compares the default path with the work floor
+   1.05 * (S/2 + P) / (S/2).
 Prints a table for each; exits 1 if any numerics row fails.
 """
 from __future__ import annotations
@@ -38,8 +41,10 @@ def reference(q, k, v, pk, pv, key_valid, causal, scale):
     return out.transpose(1, 2)
 
 
-def numerics_row(B, Hq, Hkv, S, P, padded, dtype, D=64, causal=True):
+def numerics_row(path, B, Hq, Hkv, S, P, padded, dtype, D=64, causal=True):
+    """Errors of one path ("kernel": the CUDA kernel; "sdpa": dstune's default for unmasked sequences)."""
     from dstune.kernels.prefix_cuda import prefix_attention_op
+    from dstune.kernels.reference import prefix_attention_lower_right
     g = torch.Generator(device="cuda").manual_seed(B * 1000 + S + P)
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
     q, k, v, pk, pv = r(B, Hq, S, D), r(B, Hkv, S, D), r(B, Hkv, S, D), r(Hkv, P, D), r(Hkv, P, D)
@@ -54,7 +59,10 @@ def numerics_row(B, Hq, Hkv, S, P, padded, dtype, D=64, causal=True):
     dout = torch.randn(expected.shape, device="cuda", dtype=torch.float64, generator=g)
     expected.backward(dout)
     ins = [t.to(dtype).requires_grad_() for t in (q, k, v, pk, pv)]
-    out, _ = prefix_attention_op(*ins, key_valid, causal, scale)
+    if path == "kernel":
+        out, _ = prefix_attention_op(*ins, key_valid, causal, scale)
+    else:
+        out = prefix_attention_lower_right(*ins, causal, scale)
     out.backward(dout.to(dtype))
     rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
     errors = {"out": rel(out, expected.detach())}
@@ -62,14 +70,15 @@ def numerics_row(B, Hq, Hkv, S, P, padded, dtype, D=64, causal=True):
         errors[name] = rel(t.grad, leaf.grad)
     nan = any(torch.isnan(x).any().item() for x in [out] + [t.grad for t in ins])
     ok = not nan and max(errors.values()) <= 1e-2
-    return {"B": B, "Hq": Hq, "Hkv": Hkv, "S": S, "P": P, "pad": padded, "dtype": str(dtype)[6:], **errors,
-            "nan": nan, "ok": ok}
+    return {"path": path, "B": B, "Hq": Hq, "Hkv": Hkv, "S": S, "P": P, "pad": padded, "dtype": str(dtype)[6:],
+            **errors, "nan": nan, "ok": ok}
 
 
 def speed_row(B, Hq, Hkv, S, D, P, dtype=torch.bfloat16):
     from triton.testing import do_bench
 
     from dstune.kernels.prefix_cuda import prefix_attention_op
+    from dstune.kernels.reference import prefix_attention_lower_right
     q = torch.randn(B, Hq, S, D, device="cuda", dtype=dtype, requires_grad=True)
     k = torch.randn(B, Hkv, S, D, device="cuda", dtype=dtype, requires_grad=True)
     v = torch.randn_like(k, requires_grad=True)
@@ -86,6 +95,9 @@ def speed_row(B, Hq, Hkv, S, D, P, dtype=torch.bfloat16):
         out, _ = prefix_attention_op(q, k, v, pk, pv, None, True, D ** -0.5)
         out.backward(g)
 
+    def sdpa_lower_right():
+        prefix_attention_lower_right(q, k, v, pk, pv, True).backward(g)
+
     def peft_style():
         kk = torch.cat([pk[None].expand(B, -1, -1, -1), k], 2)
         vv = torch.cat([pv[None].expand(B, -1, -1, -1), v], 2)
@@ -93,7 +105,7 @@ def speed_row(B, Hq, Hkv, S, D, P, dtype=torch.bfloat16):
         F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=rep > 1).backward(gq)
 
     times = {name: do_bench(fn, warmup=25, rep=100, return_mode="median")
-             for name, fn in (("plain", plain), ("kernel", kernel), ("peft", peft_style))}
+             for name, fn in (("plain", plain), ("sdpa", sdpa_lower_right), ("kernel", kernel), ("peft", peft_style))}
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         flex = torch.compile(flex_attention)
@@ -108,10 +120,10 @@ def speed_row(B, Hq, Hkv, S, D, P, dtype=torch.bfloat16):
         print(f"(FlexAttention skipped: {str(e).splitlines()[0]})", file=sys.stderr)
         times["flex"] = float("nan")
     floor = 1.05 * (S / 2 + P) / (S / 2)
+    x = {name: t / times["plain"] for name, t in times.items()}
     return {"B": B, "Hq": Hq, "Hkv": Hkv, "S": S, "D": D, "P": P, "plain_ms": times["plain"],
-            "kernel_ms": times["kernel"], "kernel_x": times["kernel"] / times["plain"], "target_x": floor,
-            "peft_x": times["peft"] / times["plain"], "flex_x": times["flex"] / times["plain"],
-            "ok": times["kernel"] / times["plain"] <= floor}
+            "sdpa_x": x["sdpa"], "target_x": floor, "kernel_x": x["kernel"], "peft_x": x["peft"],
+            "flex_x": x["flex"], "ok": x["sdpa"] <= floor}
 
 
 def table(rows: list[dict]) -> str:
@@ -130,11 +142,12 @@ def main() -> int:
         print("benchmarks/prefix_attention.py: needs a CUDA device", file=sys.stderr)
         return 2
     device = torch.cuda.get_device_name()
-    cases = [(B, Hq, Hkv, S, P, pad, dt)
+    cases = [(path, B, Hq, Hkv, S, P, pad, dt)
+             for path in ("sdpa", "kernel")
              for (B, Hq, Hkv) in ((1, 4, 4), (2, 8, 2), (3, 8, 1))
              for S in ((77, 256) if args.quick else (1, 77, 130, 256))
              for P in (1, 16, 64, 128)
-             for pad in (False, True)
+             for pad in ((False,) if path == "sdpa" else (False, True))  # padded batches never take sdpa
              for dt in (torch.bfloat16, torch.float16)]
     numerics = [numerics_row(*c) for c in cases]
     print(f"## numerics vs float64 ({device}; relative Frobenius error, limit 1e-2)\n")

@@ -93,3 +93,30 @@ def test_prefix_gradients_are_reduced_over_the_batch():
     per_row = sum(torch.autograd.grad(prefix_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], pk, pv).sum(), pk)[0]
                   for b in range(q.shape[0]))
     assert torch.allclose(pk.grad, per_row, atol=1e-5)
+
+
+@pytest.mark.parametrize("Hq,Hkv,causal", [(4, 4, True), (4, 1, True), (4, 2, False)])
+def test_unmasked_fast_path_matches_the_reference_with_gradients(Hq, Hkv, causal):
+    from dstune.kernels.reference import prefix_attention_lower_right, prefix_attention_reference
+    leaves = lambda: [t.clone().requires_grad_() for t in inputs(Hq=Hq, Hkv=Hkv, S=9, P=4, seed=5)]  # noqa: E731
+    fast, ref = leaves(), leaves()
+    dout = torch.randn(2, 9, Hq, 8, generator=torch.Generator().manual_seed(6))
+    out_fast = prefix_attention_lower_right(*fast, causal)
+    out_ref = prefix_attention_reference(*ref, None, causal)
+    (out_fast * dout).sum().backward()
+    (out_ref * dout).sum().backward()
+    assert (out_fast - out_ref).abs().max() < 1e-5
+    for a, b in zip(fast, ref):
+        assert (a.grad - b.grad).abs().max() < 1e-5
+
+
+def test_debug_log_names_the_path_each_input_takes(caplog):
+    import dstune.kernels as kernels
+    kernels._logged.clear()
+    q, k, v, pk, pv = inputs()
+    with caplog.at_level("DEBUG", logger="dstune.kernels"):
+        prefix_attention(q, k, v, pk, pv)  # full blocks, no mask
+        prefix_attention(q[:, :, :2], k, v, pk, pv)  # two queries over a cache
+    assert [r.getMessage() for r in caplog.records] == [
+        "prefix attention: SDPA, lower-right causal (no mask)",
+        "prefix attention: reference (a mask, a position bias or a cache)"]

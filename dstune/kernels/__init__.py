@@ -4,13 +4,13 @@ from __future__ import annotations
 import logging
 import os
 
-from dstune.kernels.reference import prefix_attention_reference
+from dstune.kernels.reference import prefix_attention_lower_right, prefix_attention_reference
 
 log = logging.getLogger(__name__)
 
 # DSTUNE_PREFIX_KERNEL=1 sends supported CUDA inputs to the CUDA kernel (csrc/prefix_attention.cu).
-# Off by default: it compiles for sm_80/sm_90 but its numerics have not yet been checked on a GPU
-# (benchmarks/prefix_attention.py does that).
+# Off by default: its numerics pass on an H100 but it is far slower than flash attention
+# (benchmarks/prefix_attention.py measures both).
 KERNEL_ENV = "DSTUNE_PREFIX_KERNEL"
 _logged: set[str] = set()
 
@@ -25,8 +25,9 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask=None, causal=True, s
                      dropout=0.0):
     """Attention with a learned key/value prefix shared by the batch; see `prefix_attention_reference`.
 
-    Returns [B, S, Hq, D]. Runs the CUDA kernel when it is enabled and supports the inputs, else the
-    reference; debug logs say which path ran and why.
+    Returns [B, S, Hq, D]. Runs the CUDA kernel when it is enabled and supports the inputs; else, for
+    sequences without a mask or bias (training on full blocks), SDPA with lower-right causality (flash
+    attention on CUDA); else the general reference. Debug logs say which path ran and why.
     """
     if q.is_cuda and os.environ.get(KERNEL_ENV, "0") == "1":
         from dstune.kernels.prefix_cuda import key_padding, prefix_attention_op, unsupported_reason
@@ -42,7 +43,9 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask=None, causal=True, s
                                              scale if scale is not None else q.shape[-1] ** -0.5)
                 return out
             reason = "mask is not causal + key padding"
-        _path(f"reference ({reason})")
-    else:
-        _path("reference")
+        _path(f"CUDA kernel skipped ({reason})")
+    if attn_mask is None and position_bias is None and q.shape[2] == k.shape[2]:
+        _path("SDPA, lower-right causal (no mask)")
+        return prefix_attention_lower_right(q, k, v, prefix_k, prefix_v, causal, scale, dropout)
+    _path("reference (a mask, a position bias or a cache)")
     return prefix_attention_reference(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, position_bias, dropout)

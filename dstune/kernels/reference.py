@@ -1,8 +1,10 @@
-"""Pure-PyTorch reference of prefix-KV attention: concatenate the prefix, build the mask, call SDPA."""
+"""Pure-PyTorch prefix-KV attention: the general reference (concatenate the prefix, build the mask, call
+SDPA) and the path for unmasked sequences (on CUDA: flash attention with lower-right causality, no mask)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def sequence_mask(attn_mask: torch.Tensor | None, q_len: int, k_len: int, causal: bool,
@@ -55,4 +57,27 @@ def prefix_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         else:
             mask = bias + mask
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout, scale=scale)
+    return out.transpose(1, 2).contiguous()
+
+
+def prefix_attention_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                                 prefix_v: torch.Tensor, causal: bool = True, scale: float | None = None,
+                                 dropout: float = 0.0) -> torch.Tensor:
+    """Prefix attention for sequences with no padding mask (q and k/v of one length S).
+
+    With the P prefix keys in front, "prefix visible, sequence causal" is causality aligned to the
+    bottom-right corner of the S x (P+S) score matrix: query i sees keys 0 .. P+i. On CUDA, torch's
+    lower-right causal bias hands that to a fused kernel without building a mask (flash attention
+    aligns its causal mask that way natively); elsewhere SDPA gets the explicit mask. Returns [B,S,Hq,D].
+    """
+    B, Hq, S, _ = q.shape
+    Hkv, P = prefix_k.shape[0], prefix_k.shape[1]
+    keys = torch.cat([prefix_k.to(k.dtype)[None].expand(B, -1, -1, -1), k], dim=2)
+    values = torch.cat([prefix_v.to(v.dtype)[None].expand(B, -1, -1, -1), v], dim=2)
+    mask = None
+    if causal:  # the bias object is CUDA dispatch only: a CPU step (or the estimate's fake trace) gets the mask
+        mask = causal_lower_right(S, P + S) if q.is_cuda else \
+            torch.ones(S, P + S, dtype=torch.bool, device=q.device).tril(P)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                         enable_gqa=Hq != Hkv)
     return out.transpose(1, 2).contiguous()
