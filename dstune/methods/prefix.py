@@ -118,6 +118,10 @@ class Prefix(TuningMethod):
         model.register_forward_pre_hook(_distribute, with_kwargs=True)
         register_attention()
         model.set_attn_implementation(ATTENTION_NAME)
+        from transformers import PreTrainedModel
+        for sub in model.modules():  # transformers < 5.23 leaves e.g. T5's encoder/decoder stacks on sdpa
+            if isinstance(sub, PreTrainedModel) and sub.config._attn_implementation != ATTENTION_NAME:
+                sub.set_attn_implementation(ATTENTION_NAME)
         train_task_head(model, task)
 
     def folded_prefix(self, model: nn.Module) -> torch.Tensor:
