@@ -7,7 +7,8 @@ import torch
 from dstune.config import load_config
 from dstune.models.loading import prepare_for_training
 from dstune.profiling.activations import DTYPES, default_dtype, example_batch, trace_step
-from dstune.profiling.estimate import _with_methods, estimate, model_config, traced_activations
+from dstune.models.loading import recipe_config
+from dstune.profiling.estimate import _with_methods, estimate, traced_activations
 
 METHODS = {"full": "[{name: full}]", "lora": "[{name: lora, r: 4, target_modules: all-linear}]",
            "prefix": "[{name: prefix, num_virtual_tokens: 5}]", "prompt": "[{name: prompt, num_virtual_tokens: 5}]"}
@@ -26,7 +27,7 @@ def real_step(cfg, micro_batch: int, seq_len: int):
     """The same step on real CPU tensors: a real model, real ids, real autograd."""
     torch.manual_seed(0)
     with default_dtype(DTYPES[cfg.training.precision]):
-        model, _ = _with_methods(cfg, model_config(cfg), None)
+        model, _ = _with_methods(cfg, recipe_config(cfg), None)
     prepare_for_training(model, cfg)
     return model, example_batch(cfg.task, model.config, micro_batch, seq_len, cfg.data.max_target_length)
 
@@ -154,5 +155,5 @@ def test_a_model_the_trace_cannot_run_falls_back_to_the_rule_of_thumb(tmp_path, 
     monkeypatch.setattr(est, "traced_activations", fail)
     (e, *_), table, info = estimate(cfg, 1, cuda=False)
     assert info["activations_source"] == "rule of thumb: the trace failed (aten.some_op: no fake implementation)"
-    assert e.activations == est.rule_of_thumb_activation_bytes(model_config(cfg), 8, 24, "fp32", False) != traced
+    assert e.activations == est.rule_of_thumb_activation_bytes(recipe_config(cfg), 8, 24, "fp32", False) != traced
     assert "**activations: rule of thumb: the trace failed" in estimate_table(cfg, e, table, info, 1, None)

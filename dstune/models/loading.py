@@ -41,42 +41,52 @@ def tiny_config(family: str, vocab_size: int, special: dict[str, int], overrides
     return cls(**{**defaults, "vocab_size": vocab_size, **special, **(overrides or {})})
 
 
+def recipe_config(cfg: RunConfig, tokenizer=None, labels: list | None = None) -> Any:
+    """The recipe's model config, nothing loaded (training and `dstune estimate` both start here): a tiny
+    config, or the folder's config.json, with `model.config_overrides`; the classification head's labels
+    (two when the estimate knows none); special token ids from the tokenizer, if there is one."""
+    from transformers import AutoConfig
+
+    m = cfg.model
+    task_kwargs: dict[str, Any] = {}
+    if cfg.task == "classification":
+        names = [str(x) for x in labels] if labels else ["0", "1"]
+        task_kwargs = dict(num_labels=len(names), id2label=dict(enumerate(names)),
+                           label2id={n: i for i, n in enumerate(names)})
+    if m.tiny:
+        # no tokenizer (random token data, or an estimate): model.config_overrides gives the vocabulary
+        special = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")
+                   if getattr(tokenizer, k, None) is not None}
+        vocab = len(tokenizer) if tokenizer is not None else m.config_overrides.get("vocab_size", 32000)
+        config = tiny_config(m.tiny, vocab, special, {**task_kwargs, **m.config_overrides})
+    else:
+        if not os.path.isdir(m.path):
+            raise UserError(f"model.path: not a folder: {m.path}")
+        if m.gguf_file and not os.path.isfile(os.path.join(m.path, m.gguf_file)):
+            raise UserError(f"model.gguf_file: not found: {os.path.join(m.path, m.gguf_file)}")
+        try:
+            config = AutoConfig.from_pretrained(m.path, gguf_file=m.gguf_file, local_files_only=True,
+                                                trust_remote_code=m.trust_remote_code, **task_kwargs)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.path: cannot read a model config in {m.path}: {first_line(e)}") from None
+        for k, v in m.config_overrides.items():
+            setattr(config, k, v)
+    if getattr(config, "pad_token_id", None) is None and (tokenizer is not None or cfg.task == "classification"):
+        # a classification head finds each row's last token by the pad id
+        config.pad_token_id = tokenizer.pad_token_id if tokenizer is not None else 0
+    return config
+
+
 def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.nn.Module:
     """Instantiate the task model in fp32 (DeepSpeed casts for bf16/fp16 and keeps fp32 master weights).
 
     Under ZeRO-3 the caller must hold a `HfDeepSpeedConfig` first, so weights are created partitioned.
     """
-    from transformers import AutoConfig
-
-    task_kwargs: dict[str, Any] = {}
-    if cfg.task == "classification":
-        names = [str(x) for x in labels]
-        task_kwargs = dict(num_labels=len(names), id2label=dict(enumerate(names)),
-                           label2id={n: i for i, n in enumerate(names)})
+    config = recipe_config(cfg, tokenizer, labels)
     auto = auto_class(cfg.task)
     m = cfg.model
     if m.tiny:
-        # no tokenizer (random token data): model.config_overrides gives the vocabulary
-        special = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")
-                   if getattr(tokenizer, k, None) is not None}
-        config = tiny_config(m.tiny, len(tokenizer) if tokenizer is not None else m.config_overrides["vocab_size"],
-                             special, {**task_kwargs, **m.config_overrides})
-        if cfg.task == "classification" and config.pad_token_id is None:
-            config.pad_token_id = tokenizer.pad_token_id
         return auto.from_config(config, dtype=torch.float32)
-    if not os.path.isdir(m.path):
-        raise UserError(f"model.path: not a folder: {m.path}")
-    if m.gguf_file and not os.path.isfile(os.path.join(m.path, m.gguf_file)):
-        raise UserError(f"model.gguf_file: not found: {os.path.join(m.path, m.gguf_file)}")
-    try:
-        config = AutoConfig.from_pretrained(m.path, gguf_file=m.gguf_file, local_files_only=True,
-                                            trust_remote_code=m.trust_remote_code, **task_kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model.path: cannot read a model config in {m.path}: {first_line(e)}") from None
-    for k, v in m.config_overrides.items():
-        setattr(config, k, v)
-    if getattr(config, "pad_token_id", None) is None and tokenizer is not None:
-        config.pad_token_id = tokenizer.pad_token_id
     return auto.from_pretrained(m.path, config=config, gguf_file=m.gguf_file, local_files_only=True,
                                 trust_remote_code=m.trust_remote_code, dtype=torch.float32,
                                 use_safetensors=None if m.gguf_file else True)

@@ -19,6 +19,7 @@ from dstune.config import RunConfig
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.errors import UserError, first_line
 from dstune.methods import apply_methods, build_methods, param_groups
+from dstune.models.loading import auto_class, prepare_for_training, recipe_config
 from dstune.profiling.activations import DTYPES, ActivationTrace, default_dtype, example_batch, trace_step
 from dstune.profiling.flops import flops_per_token
 
@@ -164,33 +165,7 @@ def buffer_bytes(ds_config: dict, stage: int, precision: str, table: ParamTable,
     return buckets + cuda_context
 
 
-def model_config(cfg: RunConfig, tokenizer=None, labels: list | None = None):
-    """The recipe's model config (a tiny config with its overrides, or the folder's config.json)."""
-    from transformers import AutoConfig
-
-    from dstune.models.loading import tiny_config
-
-    if cfg.model.tiny:
-        vocab = len(tokenizer) if tokenizer is not None else 32000
-        config = tiny_config(cfg.model.tiny, vocab, {"pad_token_id": 0}, cfg.model.config_overrides)
-    else:
-        try:
-            config = AutoConfig.from_pretrained(cfg.model.path, gguf_file=cfg.model.gguf_file, local_files_only=True,
-                                                trust_remote_code=cfg.model.trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise UserError(f"model.path: cannot read a model config in {cfg.model.path}: {e}") from None
-        for k, v in cfg.model.config_overrides.items():
-            setattr(config, k, v)
-    if cfg.task == "classification":
-        config.num_labels = len(labels) if labels else 2
-        if getattr(config, "pad_token_id", None) is None:
-            config.pad_token_id = 0
-    return config
-
-
 def _with_methods(cfg: RunConfig, config, tokenizer):
-    from dstune.models.loading import auto_class
-
     model = auto_class(cfg.task).from_config(config)
     methods = build_methods([{k: v for k, v in m.items() if k != "init_text"} for m in cfg.methods])
     apply_methods(model, methods, cfg.task, tokenizer)
@@ -199,7 +174,7 @@ def _with_methods(cfg: RunConfig, config, tokenizer):
 
 def meta_model(cfg: RunConfig, tokenizer=None, labels: list | None = None):
     """The recipe's model with its methods applied, on the meta device: shapes only, no memory, no weights."""
-    config = model_config(cfg, tokenizer, labels)
+    config = recipe_config(cfg, tokenizer, labels)
     with torch.device("meta"):
         return _with_methods(cfg, config, tokenizer)
 
@@ -209,9 +184,7 @@ def traced_activations(cfg: RunConfig, micro_batch: int, seq_len: int, tokenizer
     """Trace one training step of the recipe's model (methods, precision, loss, checkpointing) on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from dstune.models.loading import prepare_for_training
-
-    config = model_config(cfg, tokenizer, labels)
+    config = recipe_config(cfg, tokenizer, labels)
     with FakeTensorMode(allow_non_fake_inputs=False), default_dtype(DTYPES[cfg.training.precision]):
         model, _ = _with_methods(cfg, config, tokenizer)
         prepare_for_training(model, cfg)
