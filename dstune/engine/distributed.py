@@ -28,9 +28,8 @@ def prepare_env() -> None:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if arch and deepspeed_arch_list(arch) != arch:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(arch)
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     # DeepSpeed calls collectives that torch has renamed; the warning repeats every step
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
 
