@@ -105,6 +105,23 @@ def test_estimate_predicts_measured_gpu_peaks_within_10_percent(method, checkpoi
     assert abs(est.total / measured - 1) < 0.10, (est, est.total / 2**30)
 
 
+# dstune's own runs of recipes/bench_llama_1b.yaml with its defaults (lean activations, chunked loss), same H100
+# and shapes: peak allocated (GiB), from `dstune bench` (docs/sample_bench/bench.json).
+DSTUNE_H100_PEAKS = {"full": 26.92, "lora": 13.65, "prompt": 10.40, "prefix": 10.19}
+
+
+@pytest.mark.parametrize("method", list(DSTUNE_H100_PEAKS))
+def test_estimate_predicts_dstunes_own_gpu_peaks_within_10_percent(method):
+    from pathlib import Path
+
+    from dstune.profiling.bench import BENCH_METHODS
+    cfg = load_config(Path(__file__).parents[1] / "recipes" / "bench_llama_1b.yaml", [])
+    cfg = cfg.model_copy(update={"methods": BENCH_METHODS[method]})
+    (est, *_), _, info = estimate(cfg, 1, cuda=False)  # the allocator does not see the CUDA context
+    assert info["activations_source"] == "traced"
+    assert abs(est.total / (DSTUNE_H100_PEAKS[method] * 2**30) - 1) < 0.10, (est, est.total / 2**30)
+
+
 def test_checkpointing_every_other_layer_changes_no_number(tmp_path):
     """Recomputing half the layers gives the plain step's loss and gradients."""
     results = []
