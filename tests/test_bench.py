@@ -106,6 +106,7 @@ def test_bench_refuses_a_peer_of_another_shape_or_that_fails(built_ops, tmp_path
     assert res.returncode == 2 and "--peer-size: the peer's model has 123 parameters, the recipe's" in res.stderr
     res = run_cli([*args, "--methods", "prompt"])  # the peer fails first: dstune's run never starts
     assert res.returncode == 2 and "bench: peer prompt failed (exit 1): peer: no GPU here" in res.stderr
+    assert f"(whole output: {tmp_path / 'b' / 'prompt-peer.log'})" in res.stderr
     assert not (tmp_path / "b" / "prompt").exists()
     assert "peer: no GPU here" in (tmp_path / "b" / "prompt-peer.log").read_text()  # the whole output is kept
     # refused before anything runs
