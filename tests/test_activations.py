@@ -88,19 +88,27 @@ def test_what_a_method_saves_follows_what_trains(tmp_path):
 # init, ZeRO-2 defaults, bf16, micro-batch 4 x 2048 tokens, transformers' loss, torch fused AdamW (GiB).
 H100_PEAKS = {("full", False): 32.6, ("lora", False): 19.0, ("prompt", False): 15.9, ("prefix", False): 17.6,
               ("full", True): 23.1, ("lora", True): 6.45, ("prompt", True): 6.38}
-PEER_METHODS = {"full": "[{name: full}]", "lora": "[{name: lora, r: 16, alpha: 32, target_modules: all-linear}]",
-                "prompt": "[{name: prompt, num_virtual_tokens: 32}]", "prefix": "[{name: prefix, num_virtual_tokens: 32}]"}
+
+
+def bench_recipe_estimate(method: str, *overrides: str):
+    """recipes/bench_llama_1b.yaml with one of bench's methods, estimated as the allocator sees it (no CUDA
+    context: the allocator's peak does not include it)."""
+    import json
+    from pathlib import Path
+
+    from dstune.profiling.bench import BENCH_METHODS
+    cfg = load_config(Path(__file__).parents[1] / "recipes" / "bench_llama_1b.yaml",
+                      [f"methods={json.dumps(BENCH_METHODS[method])}", *overrides])
+    (est, *_), _, info = estimate(cfg, 1, cuda=False)
+    return est, info
 
 
 @pytest.mark.parametrize("method,checkpointing", list(H100_PEAKS), ids=[f"{m}{'-ckpt' if c else ''}" for m, c in H100_PEAKS])
 def test_estimate_predicts_measured_gpu_peaks_within_10_percent(method, checkpointing):
-    """The same settings through `estimate` (no CUDA context: the allocator's peak does not see it)."""
-    from pathlib import Path
-    cfg = load_config(Path(__file__).parents[1] / "recipes" / "bench_llama_1b.yaml", [
-        f"methods={PEER_METHODS[method]}", "training.loss_chunk_tokens=0", "training.lean_activations=false",
-        "deepspeed={zero_optimization: {stage: 2}}",
-        f"training.activation_checkpointing={str(checkpointing).lower()}"])
-    (est, *_), _, _ = estimate(cfg, 1, cuda=False)
+    """The same settings through `estimate`."""
+    est, _ = bench_recipe_estimate(method, "training.loss_chunk_tokens=0", "training.lean_activations=false",
+                                   "deepspeed={zero_optimization: {stage: 2}}",
+                                   f"training.activation_checkpointing={str(checkpointing).lower()}")
     measured = H100_PEAKS[method, checkpointing] * 2**30
     assert abs(est.total / measured - 1) < 0.10, (est, est.total / 2**30)
 
@@ -112,12 +120,7 @@ DSTUNE_H100_PEAKS = {"full": 26.92, "lora": 13.65, "prompt": 10.40, "prefix": 10
 
 @pytest.mark.parametrize("method", list(DSTUNE_H100_PEAKS))
 def test_estimate_predicts_dstunes_own_gpu_peaks_within_10_percent(method):
-    from pathlib import Path
-
-    from dstune.profiling.bench import BENCH_METHODS
-    cfg = load_config(Path(__file__).parents[1] / "recipes" / "bench_llama_1b.yaml", [])
-    cfg = cfg.model_copy(update={"methods": BENCH_METHODS[method]})
-    (est, *_), _, info = estimate(cfg, 1, cuda=False)  # the allocator does not see the CUDA context
+    est, info = bench_recipe_estimate(method)
     assert info["activations_source"] == "traced"
     assert abs(est.total / (DSTUNE_H100_PEAKS[method] * 2**30) - 1) < 0.10, (est, est.total / 2**30)
 

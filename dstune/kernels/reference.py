@@ -31,6 +31,11 @@ def with_prefix_columns(mask: torch.Tensor | None, n_prefix: int) -> torch.Tenso
     return torch.cat([visible, mask], dim=-1)
 
 
+def in_front(prefix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The shared prefix [H, P, D] in front of every batch row of x [B, H, T, D] (the batch expand is a view)."""
+    return torch.cat([prefix.to(x.dtype)[None].expand(x.shape[0], -1, -1, -1), x], dim=2)
+
+
 def prefix_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
                                prefix_v: torch.Tensor, attn_mask: torch.Tensor | None = None, causal: bool = True,
                                scale: float | None = None, position_bias: torch.Tensor | None = None,
@@ -40,10 +45,9 @@ def prefix_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     The prefix is always visible; the sequence is causal (if `causal`) and masked by `attn_mask`;
     `position_bias` (T5) covers the sequence keys and is 0 for the prefix. Returns [B,S,Hq,D].
     """
-    B, Hq, S, _ = q.shape
+    Hq, S = q.shape[1], q.shape[2]
     Hkv, P = prefix_k.shape[0], prefix_k.shape[1]
-    keys = torch.cat([prefix_k.to(k.dtype)[None].expand(B, -1, -1, -1), k], dim=2)
-    values = torch.cat([prefix_v.to(v.dtype)[None].expand(B, -1, -1, -1), v], dim=2)
+    keys, values = in_front(prefix_k, k), in_front(prefix_v, v)
     if Hq != Hkv:  # grouped-query attention: each KV head serves Hq/Hkv query heads
         keys = keys.repeat_interleave(Hq // Hkv, dim=1)
         values = values.repeat_interleave(Hq // Hkv, dim=1)
@@ -70,10 +74,9 @@ def prefix_attention_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     lower-right causal bias hands that to a fused kernel without building a mask (flash attention
     aligns its causal mask that way natively); elsewhere SDPA gets the explicit mask. Returns [B,S,Hq,D].
     """
-    B, Hq, S, _ = q.shape
+    Hq, S = q.shape[1], q.shape[2]
     Hkv, P = prefix_k.shape[0], prefix_k.shape[1]
-    keys = torch.cat([prefix_k.to(k.dtype)[None].expand(B, -1, -1, -1), k], dim=2)
-    values = torch.cat([prefix_v.to(v.dtype)[None].expand(B, -1, -1, -1), v], dim=2)
+    keys, values = in_front(prefix_k, k), in_front(prefix_v, v)
     mask = None
     if causal:  # the bias object is CUDA dispatch only: a CPU step (or the estimate's fake trace) gets the mask
         mask = causal_lower_right(S, P + S) if q.is_cuda else \
