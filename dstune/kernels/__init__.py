@@ -4,14 +4,19 @@ from __future__ import annotations
 import logging
 import os
 
+from dstune.errors import UserError
 from dstune.kernels.reference import prefix_attention_lower_right, prefix_attention_reference
 
 log = logging.getLogger(__name__)
 
-# DSTUNE_PREFIX_KERNEL=1 sends supported CUDA inputs to the CUDA kernel (csrc/prefix_attention.cu).
-# Off by default: its numerics pass on an H100 but it is far slower than flash attention
-# (benchmarks/prefix_attention.py measures both).
-KERNEL_ENV = "DSTUNE_PREFIX_KERNEL"
+# DSTUNE_PREFIX_ATTENTION picks the path for inputs it supports (the rest take the general paths below):
+#   auto   - SDPA over the concatenated prefix with lower-right causality (the measured default)
+#   split  - two fused attentions merged by log-sum-exp (split.py); the sequence part runs the kernel
+#            plain causal SDPA runs (cuDNN on an H100). Numerics checked on CPU; its GPU speed is unmeasured.
+#   kernel - the CUDA kernel (csrc/prefix_attention.cu): numerics pass on an H100, far slower than flash.
+# benchmarks/prefix_attention.py measures every path.
+PATH_ENV = "DSTUNE_PREFIX_ATTENTION"
+PATHS = ("auto", "split", "kernel")
 _logged: set[str] = set()
 
 
@@ -21,15 +26,32 @@ def _path(name: str) -> None:
         log.debug("prefix attention: %s", name)
 
 
+def chosen_path() -> str:
+    """The path DSTUNE_PREFIX_ATTENTION asks for (auto when unset)."""
+    name = os.environ.get(PATH_ENV, "auto") or "auto"
+    if name not in PATHS:
+        raise UserError(f"{PATH_ENV}: expected one of {', '.join(PATHS)}, got {name!r}")
+    return name
+
+
 def prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask=None, causal=True, scale=None, position_bias=None,
                      dropout=0.0):
     """Attention with a learned key/value prefix shared by the batch; see `prefix_attention_reference`.
 
-    Returns [B, S, Hq, D]. Runs the CUDA kernel when it is enabled and supports the inputs; else, for
-    sequences without a mask or bias (training on full blocks), SDPA with lower-right causality (flash
+    Returns [B, S, Hq, D]. Runs the path DSTUNE_PREFIX_ATTENTION names when it supports the inputs; else,
+    for sequences without a mask or bias (training on full blocks), SDPA with lower-right causality (flash
     attention on CUDA); else the general reference. Debug logs say which path ran and why.
     """
-    if q.is_cuda and os.environ.get(KERNEL_ENV, "0") == "1":
+    path = chosen_path()
+    unmasked = attn_mask is None and position_bias is None and q.shape[2] == k.shape[2]
+    if path == "split":
+        from dstune.kernels.split import prefix_attention_split, split_backends
+        backends = split_backends(q, k, prefix_k, causal, scale) if unmasked and not dropout else None
+        if backends is not None:
+            _path(f"split: {backends[0].name} (sequence) + {backends[1].name} (prefix), merged by log-sum-exp")
+            return prefix_attention_split(q, k, v, prefix_k, prefix_v, backends, causal, scale)
+        _path("split skipped (a mask, a bias, a cache, dropout, or no fused kernel for the shapes)")
+    if path == "kernel" and q.is_cuda:
         from dstune.kernels.prefix_cuda import key_padding, prefix_attention_op, unsupported_reason
         reason = unsupported_reason(q, k, prefix_k, causal, position_bias, dropout)
         if reason is None:
@@ -44,7 +66,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask=None, causal=True, s
                 return out
             reason = "mask is not causal + key padding"
         _path(f"CUDA kernel skipped ({reason})")
-    if attn_mask is None and position_bias is None and q.shape[2] == k.shape[2]:
+    if unmasked:
         _path("SDPA, lower-right causal (no mask)")
         return prefix_attention_lower_right(q, k, v, prefix_k, prefix_v, causal, scale, dropout)
     _path("reference (a mask, a position bias or a cache)")

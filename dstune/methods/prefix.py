@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from dstune.errors import UserError
-from dstune.kernels import prefix_attention
+from dstune.kernels import chosen_path, prefix_attention
 from dstune.methods.base import TuningMethod
 from dstune.methods.targets import train_task_head
 
@@ -108,6 +108,7 @@ class Prefix(TuningMethod):
         kind = model.config.model_type
         if kind not in SELF_ATTENTION:
             raise UserError(f"methods (prefix): no self-attention layout known for model type {kind!r}")
+        chosen_path()  # a bad DSTUNE_PREFIX_ATTENTION stops the run here, not in the first forward
         suffix = SELF_ATTENTION[kind]
         attention = [m for n, m in model.named_modules() if n.endswith("." + suffix)]
         kv_heads, head_dim = kv_geometry(model.config)
