@@ -25,7 +25,9 @@ class LoraOptions(BaseModel):
 def _lora_forward(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     # submodules are called (not their weights read) so ZeRO-3 gathers them like any layer
     x = module.lora_dropout(args[0])
-    return output + module.lora_B(module.lora_A(x.to(module.lora_A.weight.dtype))).to(output.dtype) * module.lora_scaling
+    delta = module.lora_B(module.lora_A(x.to(module.lora_A.weight.dtype))).to(output.dtype)
+    # output + scaling·delta in one elementwise pass (and one rounding), not a scaled copy then a sum
+    return torch.add(output, delta, alpha=module.lora_scaling)
 
 
 class Lora(TuningMethod):
