@@ -2,7 +2,7 @@
 
     python benchmarks/prefix_attention.py [--quick]
 
-Paths (DSTUNE_PREFIX_ATTENTION picks one in training): "sdpa" (auto, the default for unmasked sequences:
+Paths (the prefix method's `attention` option picks one): "sdpa" (auto, the default for unmasked sequences:
 prefix concatenated, flash attention with lower-right causality, no mask), "split" (the sequence part on
 the kernel plain causal SDPA runs, the prefix part beside it, merged by log-sum-exp) and "kernel" (the
 CUDA kernel; it also masks padded keys).

@@ -140,7 +140,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     With --peer SCRIPT (the HF + PEFT + DeepSpeed baseline, e.g. recipes/bench_llama_1b.yaml with
     --peer benchmarks/peer_bench.py) the baseline runs first for each method on the same shapes, and the
     table adds tokens/s and peak-memory ratios; it refuses when the peer's model has another parameter
-    count. Each child's whole output is kept in DIR/METHOD.log (and DIR/METHOD-peer.log).
+    count; the peer runs once per tuning method (prefix-split, prefix tuning on the split attention path,
+    shares prefix's). Each child's whole output is kept in DIR/METHOD.log (and DIR/METHOD-peer.log).
     """
     from dstune.profiling.bench import bench
 

@@ -77,14 +77,16 @@ def test_bench_runs_the_peer_side_by_side(built_ops, tmp_path, monkeypatch):
     base = 2 * 300 * 32 + 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32) + 32
     monkeypatch.setenv("PEER_PARAMS", str(base))
     out = tmp_path / "bench"
-    res = ok(run_cli(["bench", random_tokens_recipe(tmp_path), "--methods", "full,prefix", "--steps", "4",
-                      "--out", str(out), "--peer", str(peer), "--peer-size", "tiny"]))
+    res = ok(run_cli(["bench", random_tokens_recipe(tmp_path), "--methods", "full,prefix,prefix-split", "--steps",
+                      "4", "--out", str(out), "--peer", str(peer), "--peer-size", "tiny"]))
     calls = [json.loads(x) for x in log.read_text().splitlines()]
-    assert [c["method"] for c in calls] == ["full", "prefix"]
+    assert [c["method"] for c in calls] == ["full", "prefix"]  # prefix-split is prefix tuning: one peer run for both
+    assert "attention: split" in (out / "prefix-split" / "config.yaml").read_text()
     for c in calls:  # the recipe's shapes, and as many measured steps as dstune's after its warm-up
         assert (c["size"], c["seq"], c["bsz"], c["zero"], c["steps"], c["ckpt"]) == ("tiny", "32", "2", "2", "2", False)
     assert calls[0]["vtokens"] is None and calls[1]["vtokens"] == "32"
     rows = json.loads((out / "bench.json").read_text())
+    assert [r["method"] for r in rows] == ["full", "prefix", "prefix-split"]
     for r in rows:
         assert r["peer"]["tok_s"] == 1000.0
         assert r["tokens_per_s_vs_peer"] == r["tokens_per_s"] / 1000.0

@@ -122,7 +122,7 @@ def test_debug_log_names_the_path_each_input_takes(caplog):
         "prefix attention: reference (a mask, a position bias or a cache)"]
 
 
-def _errors_vs_float64(dtype, device="cpu", causal=True, **shape):
+def _errors_vs_float64(dtype, device="cpu", causal=True, path="split", **shape):
     """Relative errors of prefix_attention (output, then dq, dk, dv, dprefix_k, dprefix_v) vs float64_attention."""
     base = inputs(**shape)
     leaves = [t.double().requires_grad_() for t in base]
@@ -130,7 +130,7 @@ def _errors_vs_float64(dtype, device="cpu", causal=True, **shape):
     dout = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     expected.backward(dout)
     ins = [t.to(device, dtype).requires_grad_() for t in base]
-    out = prefix_attention(*ins, None, causal)
+    out = prefix_attention(*ins, None, causal, path=path)
     out.backward(dout.to(device, dtype))
     rel = lambda a, b: ((a.detach().double().cpu() - b).norm() / b.norm()).item()  # noqa: E731
     return [rel(out, expected.detach())] + [rel(t.grad, leaf.grad) for t, leaf in zip(ins, leaves)]
@@ -139,28 +139,25 @@ def _errors_vs_float64(dtype, device="cpu", causal=True, **shape):
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (4, 1)])
 @pytest.mark.parametrize("P", [1, 16])
 @pytest.mark.parametrize("causal", [True, False])
-def test_split_path_matches_float64_with_gradients(monkeypatch, Hq, Hkv, P, causal):
-    monkeypatch.setenv("DSTUNE_PREFIX_ATTENTION", "split")
+def test_split_path_matches_float64_with_gradients(Hq, Hkv, P, causal):
     errors = _errors_vs_float64(torch.float32, causal=causal, Hq=Hq, Hkv=Hkv, S=9, P=P, D=16, seed=P)
     assert max(errors) < 1e-5, errors
 
 
-def test_split_path_in_bf16_is_within_bf16_tolerance(monkeypatch):
-    monkeypatch.setenv("DSTUNE_PREFIX_ATTENTION", "split")
+def test_split_path_in_bf16_is_within_bf16_tolerance():
     errors = _errors_vs_float64(torch.bfloat16, Hq=8, Hkv=2, S=33, P=16, D=32, seed=4)
     assert max(errors) < 1e-2, errors
 
 
-def test_split_path_trains_a_model_like_the_default_path(monkeypatch, caplog):
+def test_split_path_trains_a_model_like_the_default_path(caplog):
     """Loss and every trainable gradient of a prefix-tuned Llama, with and without activation checkpointing."""
     import dstune.kernels as kernels
     from test_methods import batch, with_methods
     results = {}
     for path in ("auto", "split"):
-        monkeypatch.setenv("DSTUNE_PREFIX_ATTENTION", path)
         kernels._logged.clear()
         for ckpt in (False, True):
-            model, task = with_methods("llama", {"name": "prefix", "num_virtual_tokens": 4})
+            model, task = with_methods("llama", {"name": "prefix", "num_virtual_tokens": 4, "attention": path})
             if ckpt:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.train()
@@ -176,40 +173,37 @@ def test_split_path_trains_a_model_like_the_default_path(monkeypatch, caplog):
         assert all(torch.allclose(grads[n], grads0[n], atol=1e-5) for n in grads0)
 
 
-def test_split_path_skips_inputs_it_cannot_take(monkeypatch, caplog):
+def test_split_path_skips_inputs_it_cannot_take(caplog):
     import dstune.kernels as kernels
-    monkeypatch.setenv("DSTUNE_PREFIX_ATTENTION", "split")
     kernels._logged.clear()
     q, k, v, pk, pv = inputs()
     with caplog.at_level("DEBUG", logger="dstune.kernels"):
-        got = prefix_attention(q[:, :, :2], k, v, pk, pv)  # two queries over a cache
+        got = prefix_attention(q[:, :, :2], k, v, pk, pv, path="split")  # two queries over a cache
     assert caplog.messages[0].startswith("prefix attention: split skipped")
     assert (got.double() - float64_attention(q[:, :, :2], k, v, pk, pv)).abs().max() < 1e-5
 
 
-def test_split_path_traces_on_fake_tensors(monkeypatch):
+def test_split_path_traces_on_fake_tensors():
     """The memory estimate traces the model on fake tensors: the split path must run there too."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    monkeypatch.setenv("DSTUNE_PREFIX_ATTENTION", "split")
     with FakeTensorMode():
         q, k, v, pk, pv = (t.requires_grad_() for t in inputs(Hq=4, Hkv=2, S=64, P=8, D=16))
-        out = prefix_attention(q, k, v, pk, pv)
+        out = prefix_attention(q, k, v, pk, pv, path="split")
         out.sum().backward()
         assert out.shape == (2, 64, 4, 16) and pk.grad.shape == pk.shape and k.grad.shape == k.shape
 
 
-def test_unknown_path_is_a_user_error_naming_the_variable(monkeypatch):
+def test_unknown_attention_path_is_a_config_error_naming_the_key():
     from dstune.errors import UserError
-    monkeypatch.setenv("DSTUNE_PREFIX_ATTENTION", "fastest")
-    with pytest.raises(UserError, match="DSTUNE_PREFIX_ATTENTION: expected one of auto, split, kernel, got 'fastest'"):
-        prefix_attention(*inputs())
+    from dstune.methods import build_methods
+    with pytest.raises(UserError, match=r"methods\[0\] \(prefix\)\.attention: Input should be 'auto', 'split' or"):
+        build_methods([{"name": "prefix", "attention": "fastest"}])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("Hq,Hkv,S,P", [(4, 4, 130, 16), (8, 2, 77, 1), (4, 1, 256, 64)])
-def test_split_path_on_cuda_matches_float64(monkeypatch, dtype, Hq, Hkv, S, P):
-    monkeypatch.setenv("DSTUNE_PREFIX_ATTENTION", "split")
+def test_split_path_on_cuda_matches_float64(dtype, Hq, Hkv, S, P):
     errors = _errors_vs_float64(dtype, "cuda", Hq=Hq, Hkv=Hkv, S=S, P=P, D=64, seed=S)
     assert max(errors) < 1e-2, errors

@@ -2,20 +2,18 @@
 from __future__ import annotations
 
 import logging
-import os
 
-from dstune.errors import UserError
 from dstune.kernels.reference import prefix_attention_lower_right, prefix_attention_reference
 
 log = logging.getLogger(__name__)
 
-# DSTUNE_PREFIX_ATTENTION picks the path for inputs it supports (the rest take the general paths below):
+# Paths for the inputs they support (the rest take the general paths below); the prefix method's
+# `attention` option picks one:
 #   auto   - SDPA over the concatenated prefix with lower-right causality (the measured default)
 #   split  - two fused attentions merged by log-sum-exp (split.py); the sequence part runs the kernel
 #            plain causal SDPA runs (cuDNN on an H100). Numerics checked on CPU; its GPU speed is unmeasured.
 #   kernel - the CUDA kernel (csrc/prefix_attention.cu): numerics pass on an H100, far slower than flash.
 # benchmarks/prefix_attention.py measures every path.
-PATH_ENV = "DSTUNE_PREFIX_ATTENTION"
 PATHS = ("auto", "split", "kernel")
 _logged: set[str] = set()
 
@@ -26,23 +24,14 @@ def _path(name: str) -> None:
         log.debug("prefix attention: %s", name)
 
 
-def chosen_path() -> str:
-    """The path DSTUNE_PREFIX_ATTENTION asks for (auto when unset)."""
-    name = os.environ.get(PATH_ENV, "auto") or "auto"
-    if name not in PATHS:
-        raise UserError(f"{PATH_ENV}: expected one of {', '.join(PATHS)}, got {name!r}")
-    return name
-
-
 def prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask=None, causal=True, scale=None, position_bias=None,
-                     dropout=0.0):
+                     dropout=0.0, path: str = "auto"):
     """Attention with a learned key/value prefix shared by the batch; see `prefix_attention_reference`.
 
-    Returns [B, S, Hq, D]. Runs the path DSTUNE_PREFIX_ATTENTION names when it supports the inputs; else,
+    Returns [B, S, Hq, D]. Runs `path` (one of PATHS) when it supports the inputs; else,
     for sequences without a mask or bias (training on full blocks), SDPA with lower-right causality (flash
     attention on CUDA); else the general reference. Debug logs say which path ran and why.
     """
-    path = chosen_path()
     unmasked = attn_mask is None and position_bias is None and q.shape[2] == k.shape[2]
     if path == "split":
         from dstune.kernels.split import prefix_attention_split, split_backends

@@ -11,12 +11,14 @@ over P embeddings (PEFT's prefix_projection) — folded into a plain tensor at e
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from dstune.errors import UserError
-from dstune.kernels import chosen_path, prefix_attention
+from dstune.kernels import prefix_attention
 from dstune.methods.base import TuningMethod
 from dstune.methods.targets import train_task_head
 
@@ -30,6 +32,10 @@ class PrefixOptions(BaseModel):
     num_virtual_tokens: int = Field(16, gt=0, description="P: prefix keys/values per layer")
     projection: bool = Field(False, description="produce the prefix with an MLP over P embeddings (reparameterisation)")
     projection_hidden: int = Field(512, gt=0, description="hidden size of that MLP")
+    attention: Literal["auto", "split", "kernel"] = Field(
+        "auto", description="prefix attention path for unmasked blocks: auto (SDPA over the concatenated prefix), "
+                            "split (plain attention's fused kernel + the prefix part, merged by log-sum-exp) or "
+                            "kernel (dstune's CUDA kernel); see dstune.kernels")
 
 
 def kv_geometry(config) -> tuple[int, int]:
@@ -67,7 +73,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
                                       is_causal=is_causal, position_bias=position_bias, **kwargs)
     pk, pv = prefix
     out = prefix_attention(query, key, value, pk.to(query.dtype), pv.to(query.dtype), attention_mask, causal,
-                           scaling, position_bias, dropout)
+                           scaling, position_bias, dropout, module._dstune_prefix_path)
     return out, None
 
 
@@ -108,7 +114,6 @@ class Prefix(TuningMethod):
         kind = model.config.model_type
         if kind not in SELF_ATTENTION:
             raise UserError(f"methods (prefix): no self-attention layout known for model type {kind!r}")
-        chosen_path()  # a bad DSTUNE_PREFIX_ATTENTION stops the run here, not in the first forward
         suffix = SELF_ATTENTION[kind]
         attention = [m for n, m in model.named_modules() if n.endswith("." + suffix)]
         kv_heads, head_dim = kv_geometry(model.config)
@@ -116,6 +121,8 @@ class Prefix(TuningMethod):
         model.dstune_prefix = PrefixEncoder(o.num_virtual_tokens, len(attention), kv_heads, head_dim, o.projection,
                                             o.projection_hidden)
         object.__setattr__(model, "_dstune_attention", attention)  # plain list: not registered as submodules
+        for attn in attention:
+            attn._dstune_prefix_path = o.attention
         model.register_forward_pre_hook(_distribute, with_kwargs=True)
         register_attention()
         model.set_attn_implementation(ATTENTION_NAME)

@@ -25,11 +25,17 @@ BENCH_METHODS = {
     "adapter": [{"name": "adapter"}],
     "prompt": [{"name": "prompt", "num_virtual_tokens": 32}],
     "prefix": [{"name": "prefix", "num_virtual_tokens": 32}],
+    "prefix-split": [{"name": "prefix", "num_virtual_tokens": 32, "attention": "split"}],
 }
 WARMUP_STEPS = 2  # first steps include allocator growth and lazy init: left out of the medians
 
 
 PEER_METHODS = ("full", "lora", "prefix", "prompt")  # what the peer baseline script can run
+
+
+def peer_method(method: str) -> str:
+    """The peer's name for a bench method: its tuning method's (prefix-split is prefix tuning)."""
+    return BENCH_METHODS[method][0]["name"]
 
 
 def _run_logged(cmd: list[str], log: Path, what: str) -> str:
@@ -53,7 +59,7 @@ def _run_one(recipe: str, overrides: list[str], method: str, out: Path, steps: i
 def peer_command(script: str, size: str, cfg: RunConfig, method: str, steps: int) -> list[str]:
     """The peer baseline's command line for the recipe's shapes (it measures after 3 warm-up steps of its own)."""
     t = cfg.training
-    cmd = [sys.executable, script, "--method", method, "--size", size, "--seq", str(cfg.data.max_length),
+    cmd = [sys.executable, script, "--method", peer_method(method), "--size", size, "--seq", str(cfg.data.max_length),
            "--bsz", str(t.micro_batch_size), "--zero", str(zero_stage(build_ds_config(cfg, 1))),
            "--steps", str(steps - WARMUP_STEPS)]
     virtual = BENCH_METHODS[method][0].get("num_virtual_tokens")
@@ -70,7 +76,7 @@ def check_peer(script: str, cfg: RunConfig, methods: list[str]) -> None:
         raise UserError(f"training.precision: the peer baseline runs bf16, the recipe {cfg.training.precision}")
     if cfg.training.gradient_accumulation_steps != 1:
         raise UserError("training.gradient_accumulation_steps: the peer baseline takes one micro-batch per step; set 1")
-    other = [m for m in methods if m not in PEER_METHODS]
+    other = [m for m in methods if peer_method(m) not in PEER_METHODS]
     if other:
         raise UserError(f"--methods: the peer baseline runs only {', '.join(PEER_METHODS)}, not {', '.join(other)}")
 
@@ -132,13 +138,17 @@ def bench(recipe: str, overrides: list[str], methods: list[str], out_dir: str, s
     if peer:
         check_peer(peer, cfg, methods)
     out = Path(out_dir)
-    rows = []
+    rows, peer_results = [], {}
     bar = tqdm(methods, desc="bench", unit="method")
     for method in bar:
         peer_result = None
-        if peer:  # first, so a peer that cannot run fails before dstune's run
-            bar.set_postfix_str(f"{method}: peer")
-            peer_result = run_peer(peer_command(peer, peer_size, cfg, method, steps), method, out / f"{method}-peer.log")
+        if peer:  # first, so a peer that cannot run fails before dstune's run; once per peer method
+            name = peer_method(method)
+            if name not in peer_results:
+                bar.set_postfix_str(f"{method}: peer")
+                peer_results[name] = run_peer(peer_command(peer, peer_size, cfg, method, steps), name,
+                                              out / f"{name}-peer.log")
+            peer_result = peer_results[name]
         bar.set_postfix_str(f"{method}: dstune")
         _run_one(recipe, overrides, method, out / method, steps)
         row = _row(cfg, method, out / method)
