@@ -194,9 +194,9 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
         started = time.perf_counter()
         loss_sum, step_tokens = 0.0, 0
         for micro in batches.for_step(step):
-            batch = {k: v.to(dist_.device) for k, v in
-                     collate([data.train[i] for i in micro], pad_id, cfg.task).items()}
-            step_tokens += int(batch["attention_mask"].sum())
+            host = collate([data.train[i] for i in micro], pad_id, cfg.task)
+            step_tokens += int(host["attention_mask"].sum())  # counted on the host: no wait for the device
+            batch = {k: v.to(dist_.device) for k, v in host.items()}
             loss = engine(**batch).loss
             memory.mark("forward")
             engine.backward(loss)
