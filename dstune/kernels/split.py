@@ -132,7 +132,7 @@ class _SplitPrefixAttention(torch.autograd.Function):
                                    causal, scale)
         dq_pre, dpk, dpv = prefix.backward(dout, q, pk, pv, out, lse.reshape(shape_pre).contiguous(), state_pre,
                                            False, scale)
-        return dq + dq_pre, dk, dv, dpk.sum(0), dpv.sum(0), None, None, None, None
+        return dq.add_(dq_pre), dk, dv, dpk.sum(0), dpv.sum(0), None, None, None, None  # dq is the kernel's own
 
 
 def prefix_attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
