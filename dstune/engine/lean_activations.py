@@ -2,8 +2,10 @@
 
 - RMSNorm upcasts its input to fp32, and autograd keeps that copy (4 bytes per element) and, when the
   weight trains, the normalised values in the input dtype (2 more in bf16): twice per layer. The lean
-  one keeps the input as it came and one fp32 rstd per token, and recomputes the rest in the backward:
-  the same forward arithmetic op for op, the same backward maths in fp32.
+  one keeps the input as it came and one fp32 rstd per token, and recomputes the rest in the backward.
+  On CUDA it runs PyTorch's fused RMSNorm kernels (one pass each way, where transformers' forward is
+  seven elementwise kernels; the output is rounded to bf16 once instead of twice); elsewhere the same
+  forward arithmetic as transformers op for op, and the same backward maths in fp32.
 - The SwiGLU MLP `down(silu(gate(x)) * up(x))` keeps gate(x) for the SiLU, and silu(gate(x)) and up(x)
   for the product. The lean one keeps gate(x) and up(x) and recomputes the SiLU in the backward with the
   same kernels: bitwise the same forward and gradients, one intermediate-sized tensor less per layer.
@@ -22,17 +24,30 @@ LLAMA_STYLE_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 SILU_CLASSES = ("SiLU", "SiLUActivation")
 
 
+def _fused(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """PyTorch's fused RMSNorm kernels (forward and backward) exist for these tensors' device and dtypes."""
+    return x.is_cuda and weight.dtype == x.dtype and hasattr(torch.ops.aten, "_fused_rms_norm_backward")
+
+
 class _LeanRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.to(torch.float32)
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        if _fused(x, weight):
+            out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
+        else:
+            xf = x.to(torch.float32)
+            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            out = weight * (xf * rstd).to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
+        if _fused(x, weight):
+            grad_x, grad_w = torch.ops.aten._fused_rms_norm_backward(
+                grad.contiguous(), x, [x.shape[-1]], rstd, weight, list(ctx.needs_input_grad[:2]))
+            return grad_x, grad_w, None
         xhat = x.to(torch.float32) * rstd
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
