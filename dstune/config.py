@@ -101,6 +101,9 @@ class TrainingConfig(_Section):
     loss_chunk_tokens: int = Field(
         1024, ge=0, description="causal_lm: cross-entropy over this many tokens at a time, never fp32 logits "
                                 "for the whole batch (0 = transformers' loss)")
+    profile_step: int = Field(0, ge=0, description="profile this optimizer step with torch.profiler: a trace per "
+                                                  "rank and a table of the costliest operators in output_dir/profile/ "
+                                                  "(0 = off)")
     log_every: int = Field(1, gt=0, description="steps between metric lines")
     checkpoint_every: int = Field(0, ge=0, description="steps between DeepSpeed checkpoints (0 = only at the end)")
     save_final: bool = Field(True, description="write the final checkpoint and trainable weights (bench: off)")

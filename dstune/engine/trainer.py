@@ -28,6 +28,7 @@ from dstune.methods import apply_methods, build_methods, count_trainable, param_
 from dstune.models.loading import compile_layers, load_model, prepare_for_training
 from dstune.models.tokenizers import load_tokenizer
 from dstune.profiling.phases import PhaseMemory
+from dstune.profiling.step_profile import StepProfile
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -104,6 +105,8 @@ def train(cfg: RunConfig) -> dict:
         raise UserError(f"data.train: {len(data.train)} examples are fewer than one global batch "
                         f"(micro_batch_size × gradient_accumulation_steps × ranks = {batches.global_batch})")
     total_steps = t.max_steps or math.ceil(t.epochs * batches.steps_per_epoch)
+    if t.profile_step > total_steps:
+        raise UserError(f"training.profile_step: {t.profile_step} is past the run's last step ({total_steps})")
     stage = zero_stage(ds_config)
     hf_ds = HfDeepSpeedConfig(ds_config) if stage == 3 else None  # noqa: F841  (must stay alive while loading)
 
@@ -187,23 +190,28 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
         _write_results(cfg, dist_, results)
     engine.train()
     bar = tqdm(total=total_steps, initial=step, disable=not dist_.is_main, desc="train", dynamic_ncols=True)
+    profiler = StepProfile(t.profile_step, Path(cfg.output_dir) / "profile", dist_.rank, dist_.is_main)
     first_step = True
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0  # random data has no padding
     while step < total_steps:
         seed_step(t.seed, step, dist_.rank)
         started = time.perf_counter()
         loss_sum, step_tokens = 0.0, 0
-        for micro in batches.for_step(step):
-            host = collate([data.train[i] for i in micro], pad_id, cfg.task)
-            step_tokens += int(host["attention_mask"].sum())  # counted on the host: no wait for the device
-            batch = {k: v.to(dist_.device) for k, v in host.items()}
-            loss = engine(**batch).loss
-            memory.mark("forward")
-            engine.backward(loss)
-            memory.mark("backward")
-            engine.step()
-            memory.mark("step")
-            loss_sum += loss.item()
+        with profiler.around(step + 1):
+            for micro in batches.for_step(step):
+                host = collate([data.train[i] for i in micro], pad_id, cfg.task)
+                step_tokens += int(host["attention_mask"].sum())  # counted on the host: no wait for the device
+                batch = {k: v.to(dist_.device) for k, v in host.items()}
+                with profiler.phase("forward"):
+                    loss = engine(**batch).loss
+                memory.mark("forward")
+                with profiler.phase("backward"):
+                    engine.backward(loss)
+                memory.mark("backward")
+                with profiler.phase("step"):
+                    engine.step()
+                memory.mark("step")
+                loss_sum += loss.item()
         step += 1
         if first_step:
             _write_memory(cfg, dist_, "after_first_step", engine_bytes(engine))
