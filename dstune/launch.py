@@ -69,6 +69,40 @@ def _gpus_here() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def _node_pool(launcher: str, hostfile: str | None, hosts: list[str] | None, nodes: int | None,
+               procs_per_node: int | None, run_dir: Path, files: dict[Path, str]):
+    """The nodes a hostfile or --hosts names, checked against --nodes and --procs-per-node.
+
+    Returns (pool {host: slots}, the hostfile the launcher reads (written into `files` for --hosts),
+    nodes, processes per node).
+    """
+    if hostfile:
+        pool = parse_hostfile(hostfile)
+        hostfile = str(Path(hostfile).resolve())
+    else:
+        names = [h.strip() for h in hosts if h.strip()]
+        if not names:
+            raise UserError("--hosts: no host names given")
+        if len(set(names)) != len(names):
+            raise UserError(f"--hosts: a host is listed twice in {','.join(names)}")
+        pool = {h: procs_per_node or _gpus_here() or 1 for h in names}
+        if launcher != "slurm":  # Slurm takes the names as --nodelist
+            hostfile = str(run_dir / "hostfile")
+            files[Path(hostfile)] = format_hostfile(pool)
+    where = "--hosts" if hosts else hostfile
+    if nodes is not None and nodes != len(pool):
+        raise UserError(f"--nodes {nodes} does not match the {len(pool)} host(s) in {where}")
+    slots = set(pool.values())
+    if procs_per_node is None:
+        if len(slots) > 1 and launcher != "deepspeed":
+            raise UserError(f"{where}: {launcher} runs the same number of processes on every node; "
+                            f"slots differ ({', '.join(f'{h}={n}' for h, n in pool.items())})")
+        procs_per_node = max(slots)
+    elif launcher == "deepspeed" and slots != {procs_per_node}:
+        raise UserError(f"--procs-per-node {procs_per_node} does not match the slots in {where}")
+    return pool, hostfile, len(pool), procs_per_node
+
+
 def plan_launch(launcher: str, recipe: str, overrides: list[str], output_dir: str, dist_timeout_s: int, *,
                 nodes: int | None = None, procs_per_node: int | None = None, hostfile: str | None = None,
                 hosts: list[str] | None = None, node_rank: int | None = None, master_addr: str | None = None,
@@ -85,33 +119,12 @@ def plan_launch(launcher: str, recipe: str, overrides: list[str], output_dir: st
     if not 0 < master_port < 65536:
         raise UserError(f"--master-port: {master_port} is not a TCP port")
 
-    pool: dict[str, int] | None = None
-    files: dict[Path, str] = {}
     run_dir = Path(output_dir).resolve()
-    if hostfile:
-        pool = parse_hostfile(hostfile)
-        hostfile = str(Path(hostfile).resolve())
-    elif hosts:
-        names = [h.strip() for h in hosts if h.strip()]
-        if len(set(names)) != len(names):
-            raise UserError(f"--hosts: a host is listed twice in {','.join(names)}")
-        pool = {h: procs_per_node or _gpus_here() or 1 for h in names}
-        if launcher != "slurm":  # Slurm takes the names as --nodelist
-            hostfile = str(run_dir / "hostfile")
-            files[Path(hostfile)] = format_hostfile(pool)
-    if pool is not None:
-        where = "--hosts" if hosts else hostfile
-        if nodes is not None and nodes != len(pool):
-            raise UserError(f"--nodes {nodes} does not match the {len(pool)} host(s) in {where}")
-        nodes = len(pool)
-        slots = set(pool.values())
-        if procs_per_node is None:
-            if len(slots) > 1 and launcher != "deepspeed":
-                raise UserError(f"{where}: {launcher} runs the same number of processes on every node; "
-                                f"slots differ ({', '.join(f'{h}={n}' for h, n in pool.items())})")
-            procs_per_node = max(slots)
-        elif launcher == "deepspeed" and slots != {procs_per_node}:
-            raise UserError(f"--procs-per-node {procs_per_node} does not match the slots in {where}")
+    files: dict[Path, str] = {}
+    pool = None
+    if hostfile or hosts:
+        pool, hostfile, nodes, procs_per_node = _node_pool(launcher, hostfile, hosts, nodes, procs_per_node,
+                                                           run_dir, files)
     nodes = nodes or 1
     procs = procs_per_node or _gpus_here() or 1
     user_args = [str(Path(recipe).resolve()), *overrides]

@@ -115,6 +115,7 @@ def plan(launcher="deepspeed", **kw):
     (dict(nodes=2), "--hostfile: DeepSpeed needs a hostfile (or --hosts) for more than one node"),
     (dict(hosts=["a", "b"], no_ssh=True), "--node-rank: with --no-ssh a launcher runs on every node"),
     (dict(hosts=["a", "a"]), "--hosts: a host is listed twice"),
+    (dict(hosts=["", " "]), "--hosts: no host names given"),
     (dict(procs_per_node=0), "--procs-per-node: must be at least 1"),
     (dict(nodes=0), "--nodes: must be at least 1"),
     (dict(master_port=70000), "--master-port: 70000 is not a TCP port"),
