@@ -12,11 +12,13 @@ def test_profile_step_writes_a_trace_per_rank_and_a_table(built_ops, tmp_path):
     ok(run_cli(["train", random_tokens_recipe(tmp_path), "training.max_steps=3", "training.profile_step=2",
                 "training.save_final=false", f"output_dir={out}"], nproc=2))
     for rank in (0, 1):
-        names = {e.get("name") for e in json.loads((out / "profile" / f"trace-rank{rank}.json").read_text())["traceEvents"]}
+        trace = json.loads((out / "profile" / f"trace-rank{rank}.json").read_text())
+        names = {e.get("name") for e in trace["traceEvents"]}
         assert {"dstune/forward", "dstune/backward", "dstune/step", "aten::mm"} <= names
     table = (out / "profile" / "profile.md").read_text()
     assert table.startswith("# Step 2, rank 0")
-    phases = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "ms" not in line][:3]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "ms" not in line]
+    phases = rows[:3]
     assert phases == ["backward", "forward", "step"]
     assert "| operator | calls | self CPU time (ms) | share |" in table and "| aten::mm |" in table
     assert sorted(read_metrics(out)) == [1, 2, 3]  # the profiled step trains like any other

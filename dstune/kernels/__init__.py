@@ -32,6 +32,8 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask=None, causal=True, s
     for sequences without a mask or bias (training on full blocks), SDPA with lower-right causality (flash
     attention on CUDA); else the general reference. Debug logs say which path ran and why.
     """
+    if path not in PATHS:
+        raise ValueError(f"prefix_attention: path must be one of {', '.join(PATHS)}, got {path!r}")
     unmasked = attn_mask is None and position_bias is None and q.shape[2] == k.shape[2]
     if path == "split":
         from dstune.kernels.split import prefix_attention_split, split_backends

@@ -87,13 +87,13 @@ def split_backends(q: torch.Tensor, k: torch.Tensor, prefix_k: torch.Tensor, cau
                    scale: float | None) -> tuple[FusedAttention, FusedAttention] | None:
     """Fused kernels for the sequence part and the prefix part, or None when either would not be fused."""
     main = fused_backend(q, k, causal, scale)
-    prefix = fused_backend(q, prefix_k.to(q.dtype)[None].expand(q.shape[0], -1, -1, -1), False, scale)
+    prefix = fused_backend(q, _in_batch(prefix_k, q), False, scale)
     return (main, prefix) if main and prefix else None
 
 
 def _in_batch(prefix: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The shared prefix [H, P, D] as one copy per batch row (fused kernels want a dense batch; P is small)."""
-    return prefix.to(q.dtype)[None].expand(q.shape[0], -1, -1, -1).contiguous()
+    """The shared prefix [H, P, D] over q's batch, as a view (`.contiguous()` makes the copies)."""
+    return prefix.to(q.dtype)[None].expand(q.shape[0], -1, -1, -1)
 
 
 def _rows(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,8 @@ class _SplitPrefixAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, main, prefix, causal, scale):
         B, H, S, D = q.shape
-        pk, pv = _in_batch(prefix_k, q), _in_batch(prefix_v, q)
+        # one copy per batch row: fused kernels want a dense batch, and P is small
+        pk, pv = _in_batch(prefix_k, q).contiguous(), _in_batch(prefix_v, q).contiguous()
         out_seq, lse_seq, state_seq = main.forward(q, k, v, causal, scale)
         out_pre, lse_pre, state_pre = prefix.forward(q, pk, pv, False, scale)
         l_seq, l_pre = _rows(lse_seq, q), _rows(lse_pre, q)
