@@ -194,6 +194,23 @@ def test_split_path_traces_on_fake_tensors():
         assert out.shape == (2, 64, 4, 16) and pk.grad.shape == pk.shape and k.grad.shape == k.shape
 
 
+def test_split_path_under_torch_compile_gives_eager_numbers():
+    """training.compile compiles each layer, the prefix attention call included."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    fast = [t.requires_grad_() for t in inputs(Hq=4, Hkv=2, S=16, P=4, D=16)]
+    eager = [t.detach().clone().requires_grad_() for t in fast]
+    out = torch.compile(lambda *x: prefix_attention(*x, path="split"), backend="aot_eager")(*fast)
+    out.sum().backward()
+    prefix_attention(*eager, path="split").sum().backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(fast, eager))
+
+
+def test_prefix_attention_refuses_an_unknown_path():
+    with pytest.raises(ValueError, match="prefix_attention: path must be one of auto, split, kernel, got 'fast'"):
+        prefix_attention(*inputs(), path="fast")
+
+
 def test_unknown_attention_path_is_a_config_error_naming_the_key():
     from dstune.errors import UserError
     from dstune.methods import build_methods
