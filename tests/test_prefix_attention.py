@@ -95,13 +95,16 @@ def test_prefix_gradients_are_reduced_over_the_batch():
     assert torch.allclose(pk.grad, per_row, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["shifted", "lower-right"])
 @pytest.mark.parametrize("Hq,Hkv,causal", [(4, 4, True), (4, 1, True), (4, 2, False)])
-def test_unmasked_fast_path_matches_the_reference_with_gradients(Hq, Hkv, causal):
-    from dstune.kernels.reference import prefix_attention_lower_right, prefix_attention_reference
+def test_unmasked_fast_paths_match_the_reference_with_gradients(path, Hq, Hkv, causal):
+    from dstune.kernels.reference import (prefix_attention_lower_right, prefix_attention_reference,
+                                          prefix_attention_shifted)
+    fast_path = {"shifted": prefix_attention_shifted, "lower-right": prefix_attention_lower_right}[path]
     leaves = lambda: [t.clone().requires_grad_() for t in inputs(Hq=Hq, Hkv=Hkv, S=9, P=4, seed=5)]  # noqa: E731
     fast, ref = leaves(), leaves()
     dout = torch.randn(2, 9, Hq, 8, generator=torch.Generator().manual_seed(6))
-    out_fast = prefix_attention_lower_right(*fast, causal)
+    out_fast = fast_path(*fast, causal)
     out_ref = prefix_attention_reference(*ref, None, causal)
     (out_fast * dout).sum().backward()
     (out_ref * dout).sum().backward()
@@ -118,11 +121,11 @@ def test_debug_log_names_the_path_each_input_takes(caplog):
         prefix_attention(q, k, v, pk, pv)  # full blocks, no mask
         prefix_attention(q[:, :, :2], k, v, pk, pv)  # two queries over a cache
     assert [r.getMessage() for r in caplog.records] == [
-        "prefix attention: SDPA, lower-right causal (no mask)",
+        "prefix attention: SDPA, causal over P placeholder queries + the sequence (no mask)",
         "prefix attention: reference (a mask, a position bias or a cache)"]
 
 
-def _errors_vs_float64(dtype, device="cpu", causal=True, path="split", **shape):
+def _errors_vs_float64(dtype, device="cpu", causal=True, *, path, **shape):
     """Relative errors of prefix_attention (output, then dq, dk, dv, dprefix_k, dprefix_v) vs float64_attention."""
     base = inputs(**shape)
     leaves = [t.double().requires_grad_() for t in base]
@@ -136,25 +139,30 @@ def _errors_vs_float64(dtype, device="cpu", causal=True, path="split", **shape):
     return [rel(out, expected.detach())] + [rel(t.grad, leaf.grad) for t, leaf in zip(ins, leaves)]
 
 
+SDPA_PATHS = ["shifted", "lower-right", "split"]  # the paths built on SDPA's fused kernels
+
+
+@pytest.mark.parametrize("path", SDPA_PATHS)
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (4, 1)])
 @pytest.mark.parametrize("P", [1, 16])
 @pytest.mark.parametrize("causal", [True, False])
-def test_split_path_matches_float64_with_gradients(Hq, Hkv, P, causal):
-    errors = _errors_vs_float64(torch.float32, causal=causal, Hq=Hq, Hkv=Hkv, S=9, P=P, D=16, seed=P)
+def test_sdpa_paths_match_float64_with_gradients(path, Hq, Hkv, P, causal):
+    errors = _errors_vs_float64(torch.float32, causal=causal, path=path, Hq=Hq, Hkv=Hkv, S=9, P=P, D=16, seed=P)
     assert max(errors) < 1e-5, errors
 
 
-def test_split_path_in_bf16_is_within_bf16_tolerance():
-    errors = _errors_vs_float64(torch.bfloat16, Hq=8, Hkv=2, S=33, P=16, D=32, seed=4)
+@pytest.mark.parametrize("path", SDPA_PATHS)
+def test_sdpa_paths_in_bf16_are_within_bf16_tolerance(path):
+    errors = _errors_vs_float64(torch.bfloat16, path=path, Hq=8, Hkv=2, S=33, P=16, D=32, seed=4)
     assert max(errors) < 1e-2, errors
 
 
-def test_split_path_trains_a_model_like_the_default_path(caplog):
+def test_every_path_trains_a_model_like_the_others(caplog):
     """Loss and every trainable gradient of a prefix-tuned Llama, with and without activation checkpointing."""
     import dstune.kernels as kernels
     from test_methods import batch, with_methods
     results = {}
-    for path in ("auto", "split"):
+    for path in ("auto", *SDPA_PATHS):
         kernels._logged.clear()
         for ckpt in (False, True):
             model, task = with_methods("llama", {"name": "prefix", "num_virtual_tokens": 4, "attention": path})
@@ -165,8 +173,10 @@ def test_split_path_trains_a_model_like_the_default_path(caplog):
                 loss = model(**batch(task)).loss
             loss.backward()
             results[path, ckpt] = loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    split = "prefix attention: split: CPU flash (sequence) + CPU flash (prefix), merged by log-sum-exp"
-    assert split in caplog.messages
+    assert {"prefix attention: SDPA, causal over P placeholder queries + the sequence (no mask)",
+            "prefix attention: SDPA, lower-right causal (no mask)",
+            "prefix attention: split: CPU flash (sequence) + CPU flash (prefix), merged by log-sum-exp"
+            } <= set(caplog.messages)
     loss0, grads0 = results["auto", False]
     assert all(g.abs().sum() > 0 for g in grads0.values())
     for loss, grads in results.values():
@@ -184,44 +194,47 @@ def test_split_path_skips_inputs_it_cannot_take(caplog):
     assert (got.double() - float64_attention(q[:, :, :2], k, v, pk, pv)).abs().max() < 1e-5
 
 
-def test_split_path_traces_on_fake_tensors():
-    """The memory estimate traces the model on fake tensors: the split path must run there too."""
+@pytest.mark.parametrize("path", SDPA_PATHS)
+def test_sdpa_paths_trace_on_fake_tensors(path):
+    """The memory estimate traces the model on fake tensors: every path must run there too."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         q, k, v, pk, pv = (t.requires_grad_() for t in inputs(Hq=4, Hkv=2, S=64, P=8, D=16))
-        out = prefix_attention(q, k, v, pk, pv, path="split")
+        out = prefix_attention(q, k, v, pk, pv, path=path)
         out.sum().backward()
         assert out.shape == (2, 64, 4, 16) and pk.grad.shape == pk.shape and k.grad.shape == k.shape
 
 
-def test_split_path_under_torch_compile_gives_eager_numbers():
+@pytest.mark.parametrize("path", SDPA_PATHS)
+def test_sdpa_paths_under_torch_compile_give_eager_numbers(path):
     """training.compile compiles each layer, the prefix attention call included."""
     import torch._dynamo
     torch._dynamo.reset()
     fast = [t.requires_grad_() for t in inputs(Hq=4, Hkv=2, S=16, P=4, D=16)]
     eager = [t.detach().clone().requires_grad_() for t in fast]
-    out = torch.compile(lambda *x: prefix_attention(*x, path="split"), backend="aot_eager")(*fast)
+    out = torch.compile(lambda *x: prefix_attention(*x, path=path), backend="aot_eager")(*fast)
     out.sum().backward()
-    prefix_attention(*eager, path="split").sum().backward()
+    prefix_attention(*eager, path=path).sum().backward()
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(fast, eager))
 
 
 def test_prefix_attention_refuses_an_unknown_path():
-    with pytest.raises(ValueError, match="prefix_attention: path must be one of auto, split, kernel, got 'fast'"):
+    with pytest.raises(ValueError, match="prefix_attention: path must be one of auto, shifted, lower-right, split, kernel, got 'fast'"):
         prefix_attention(*inputs(), path="fast")
 
 
 def test_unknown_attention_path_is_a_config_error_naming_the_key():
     from dstune.errors import UserError
     from dstune.methods import build_methods
-    with pytest.raises(UserError, match=r"methods\[0\] \(prefix\)\.attention: Input should be 'auto', 'split' or"):
+    with pytest.raises(UserError, match=r"methods\[0\] \(prefix\)\.attention: Input should be 'auto', 'shifted', 'lower-right',"):
         build_methods([{"name": "prefix", "attention": "fastest"}])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("path", SDPA_PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("Hq,Hkv,S,P", [(4, 4, 130, 16), (8, 2, 77, 1), (4, 1, 256, 64)])
-def test_split_path_on_cuda_matches_float64(dtype, Hq, Hkv, S, P):
-    errors = _errors_vs_float64(dtype, "cuda", Hq=Hq, Hkv=Hkv, S=S, P=P, D=64, seed=S)
+def test_sdpa_paths_on_cuda_match_float64(path, dtype, Hq, Hkv, S, P):
+    errors = _errors_vs_float64(dtype, "cuda", path=path, Hq=Hq, Hkv=Hkv, S=S, P=P, D=64, seed=S)
     assert max(errors) < 1e-2, errors

@@ -3,18 +3,22 @@ from __future__ import annotations
 
 import logging
 
-from dstune.kernels.reference import prefix_attention_lower_right, prefix_attention_reference
+from dstune.kernels.reference import (prefix_attention_lower_right, prefix_attention_reference,
+                                      prefix_attention_shifted)
 
 log = logging.getLogger(__name__)
 
 # Paths for the inputs they support (the rest take the general paths below); the prefix method's
 # `attention` option picks one:
-#   auto   - SDPA over the concatenated prefix with lower-right causality (the measured default)
-#   split  - two fused attentions merged by log-sum-exp (split.py); the sequence part runs the kernel
-#            plain causal SDPA runs (cuDNN on an H100). Numerics checked on CPU; its GPU speed is unmeasured.
-#   kernel - the CUDA kernel (csrc/prefix_attention.cu): numerics pass on an H100, far slower than flash.
-# benchmarks/prefix_attention.py measures every path.
-PATHS = ("auto", "split", "kernel")
+#   auto        - shifted
+#   shifted     - plain causal SDPA over P placeholder queries + the sequence, prefix + sequence keys: the
+#                 kernel plain attention runs (cuDNN on an H100); on CPU 1.0-1.2x plain (lower-right 1.4-1.8x)
+#   lower-right - SDPA over the concatenated prefix with lower-right causality: flash attention on CUDA
+#                 (measured on an H100: 1.84-2.14x plain causal SDPA, which runs cuDNN there)
+#   split       - two fused attentions merged by log-sum-exp (split.py): plain attention's kernel + the prefix
+#   kernel      - the CUDA kernel (csrc/prefix_attention.cu): numerics pass on an H100, far slower than flash.
+# benchmarks/prefix_attention.py measures every path on a GPU.
+PATHS = ("auto", "shifted", "lower-right", "split", "kernel")
 _logged: set[str] = set()
 
 
@@ -28,9 +32,9 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask=None, causal=True, s
                      dropout=0.0, path: str = "auto"):
     """Attention with a learned key/value prefix shared by the batch; see `prefix_attention_reference`.
 
-    Returns [B, S, Hq, D]. Runs `path` (one of PATHS) when it supports the inputs; else,
-    for sequences without a mask or bias (training on full blocks), SDPA with lower-right causality (flash
-    attention on CUDA); else the general reference. Debug logs say which path ran and why.
+    Returns [B, S, Hq, D]. Runs `path` (one of PATHS) when it supports the inputs; else, for sequences
+    without a mask or bias (training on full blocks), the shifted path; else the general reference. Debug
+    logs say which path ran and why.
     """
     if path not in PATHS:
         raise ValueError(f"prefix_attention: path must be one of {', '.join(PATHS)}, got {path!r}")
@@ -57,8 +61,11 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask=None, causal=True, s
                 return out
             reason = "mask is not causal + key padding"
         _path(f"CUDA kernel skipped ({reason})")
-    if unmasked:
+    if unmasked and path == "lower-right":
         _path("SDPA, lower-right causal (no mask)")
         return prefix_attention_lower_right(q, k, v, prefix_k, prefix_v, causal, scale, dropout)
+    if unmasked:
+        _path("SDPA, causal over P placeholder queries + the sequence (no mask)")
+        return prefix_attention_shifted(q, k, v, prefix_k, prefix_v, causal, scale, dropout)
     _path("reference (a mask, a position bias or a cache)")
     return prefix_attention_reference(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, position_bias, dropout)

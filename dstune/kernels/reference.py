@@ -1,5 +1,6 @@
 """Pure-PyTorch prefix-KV attention: the general reference (concatenate the prefix, build the mask, call
-SDPA) and the path for unmasked sequences (on CUDA: flash attention with lower-right causality, no mask)."""
+SDPA) and two paths for unmasked sequences that build no mask: shifted queries (plain causal SDPA) and
+lower-right causality (flash attention on CUDA)."""
 from __future__ import annotations
 
 import torch
@@ -84,3 +85,25 @@ def prefix_attention_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout, scale=scale,
                                          enable_gqa=Hq != Hkv)
     return out.transpose(1, 2).contiguous()
+
+
+def prefix_attention_shifted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                             prefix_v: torch.Tensor, causal: bool = True, scale: float | None = None,
+                             dropout: float = 0.0) -> torch.Tensor:
+    """Prefix attention for sequences with no padding mask, as plain causal SDPA over P + S rows.
+
+    P placeholder (zero) queries go in front of the S real ones, so the square causal mask over the
+    P + S keys lets real query i see keys 0 .. P+i: the whole prefix and the causal sequence. SDPA then
+    makes the same call as plain causal attention, one P longer, and runs the same kernel (cuDNN on an
+    H100, where lower-right causality is limited to flash attention). The placeholder rows are dropped;
+    their output gets no gradient, so they add nothing to dk, dv or the prefix gradients. Costs one copy
+    of q. Returns [B,S,Hq,D].
+    """
+    B, Hq, S, D = q.shape
+    Hkv, P = prefix_k.shape[0], prefix_k.shape[1]
+    keys, values = in_front(prefix_k, k), in_front(prefix_v, v)
+    if causal:
+        q = torch.cat([q.new_zeros(B, Hq, P, D), q], dim=2)
+    out = F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout, is_causal=causal, scale=scale,
+                                         enable_gqa=Hq != Hkv)
+    return out[:, :, -S:].transpose(1, 2).contiguous()

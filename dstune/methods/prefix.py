@@ -32,10 +32,11 @@ class PrefixOptions(BaseModel):
     num_virtual_tokens: int = Field(16, gt=0, description="P: prefix keys/values per layer")
     projection: bool = Field(False, description="produce the prefix with an MLP over P embeddings (reparameterisation)")
     projection_hidden: int = Field(512, gt=0, description="hidden size of that MLP")
-    attention: Literal["auto", "split", "kernel"] = Field(
-        "auto", description="prefix attention path for unmasked blocks: auto (SDPA over the concatenated prefix), "
-                            "split (plain attention's fused kernel + the prefix part, merged by log-sum-exp) or "
-                            "kernel (dstune's CUDA kernel); see dstune.kernels")
+    attention: Literal["auto", "shifted", "lower-right", "split", "kernel"] = Field(
+        "auto", description="prefix attention path for unmasked blocks: auto (= shifted: plain causal SDPA over P "
+                            "placeholder queries + the sequence), lower-right (SDPA with lower-right causality: "
+                            "flash attention), split (plain attention's fused kernel + the prefix part, merged "
+                            "by log-sum-exp) or kernel (dstune's CUDA kernel); see dstune.kernels")
 
 
 def kv_geometry(config) -> tuple[int, int]:

@@ -26,6 +26,7 @@ BENCH_METHODS = {
     "prompt": [{"name": "prompt", "num_virtual_tokens": 32}],
     "prefix": [{"name": "prefix", "num_virtual_tokens": 32}],
     "prefix-split": [{"name": "prefix", "num_virtual_tokens": 32, "attention": "split"}],
+    "prefix-lower-right": [{"name": "prefix", "num_virtual_tokens": 32, "attention": "lower-right"}],
 }
 WARMUP_STEPS = 2  # first steps include allocator growth and lazy init: left out of the medians
 
