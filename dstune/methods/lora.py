@@ -22,12 +22,26 @@ class LoraOptions(BaseModel):
         None, description="module names (suffix match) or 'all-linear'; default: PEFT's per-family choice")
 
 
+class LoraUp(nn.Linear):
+    """LoRA's B, which adds its scaled output to the base layer's: `base + scaling · (xa @ Bᵀ)` is one addmm.
+
+    The update is added in the matmul's epilogue, so it is never written out on its own and read back
+    (two passes over the layer's output), and its gradient needs no scaled copy of the output gradient
+    (addmm scales the small rank-r products instead): four fewer passes over a [tokens, out] tensor per
+    layer and step. The weight is an ordinary Linear weight (state dicts, PEFT export and merging see
+    `lora_B.weight`), and it is called as a module, so ZeRO-3 gathers it like any layer.
+    """
+
+    def forward(self, xa: torch.Tensor, base: torch.Tensor, scaling: float) -> torch.Tensor:
+        rows = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1]).to(base.dtype),
+                           self.weight.to(base.dtype).t(), alpha=scaling)
+        return rows.view(base.shape)
+
+
 def _lora_forward(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     # submodules are called (not their weights read) so ZeRO-3 gathers them like any layer
     x = module.lora_dropout(args[0])
-    delta = module.lora_B(module.lora_A(x.to(module.lora_A.weight.dtype))).to(output.dtype)
-    # output + scaling·delta in one elementwise pass (and one rounding), not a scaled copy then a sum
-    return torch.add(output, delta, alpha=module.lora_scaling)
+    return module.lora_B(module.lora_A(x.to(module.lora_A.weight.dtype)), output, module.lora_scaling)
 
 
 class Lora(TuningMethod):
@@ -42,7 +56,7 @@ class Lora(TuningMethod):
         for name, module in list(find_linears(model, self.targets)):
             d_in, d_out = linear_shape(module)
             module.lora_A = nn.Linear(d_in, o.r, bias=False)
-            module.lora_B = nn.Linear(o.r, d_out, bias=False)
+            module.lora_B = LoraUp(o.r, d_out, bias=False)
             nn.init.kaiming_uniform_(module.lora_A.weight, a=math.sqrt(5))  # as PEFT: A random, B zero
             nn.init.zeros_(module.lora_B.weight)
             module.lora_dropout = nn.Dropout(o.dropout) if o.dropout else nn.Identity()
