@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -110,23 +110,32 @@ def masks_as_in_a_real_step() -> Iterator[None]:
             setattr(masking, name, fn)
 
 
-def trace_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ActivationTrace:
-    """Live bytes of one training forward + backward (fake tensors for the estimate, real ones in tests)."""
+def run_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], mode: TorchDispatchMode,
+             after_forward: Callable[[], None] = lambda: None) -> None:
+    """One training forward + backward under a dispatch mode; `after_forward` runs between the two.
+
+    Parameter gradients are dropped as they are made (DeepSpeed moves them into its own buffers)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def drop(p: torch.Tensor) -> None:
         p.grad = None
 
     hooks = [p.register_post_accumulate_grad_hook(drop) for p in trainable]
-    existing = [*model.parameters(), *model.buffers(), *batch.values()]
     try:
         model.train()
-        with masks_as_in_a_real_step(), LiveBytes(existing) as mem:
+        with masks_as_in_a_real_step(), mode:
             loss = model(**batch).loss
-            after_forward = mem.live
+            after_forward()
             loss.backward()
             del loss
     finally:
         for h in hooks:
             h.remove()
-    return ActivationTrace(after_forward=after_forward, peak=mem.peak)
+
+
+def trace_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ActivationTrace:
+    """Live bytes of one training forward + backward (fake tensors for the estimate, real ones in tests)."""
+    mem = LiveBytes([*model.parameters(), *model.buffers(), *batch.values()])
+    forward_left: list[int] = []
+    run_step(model, batch, mem, lambda: forward_left.append(mem.live))
+    return ActivationTrace(after_forward=forward_left[0], peak=mem.peak)

@@ -9,9 +9,10 @@ Activations are not a rule of thumb: one training step of the recipe's model is 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -179,16 +180,24 @@ def meta_model(cfg: RunConfig, tokenizer=None, labels: list | None = None):
         return _with_methods(cfg, config, tokenizer)
 
 
-def traced_activations(cfg: RunConfig, micro_batch: int, seq_len: int, tokenizer=None,
-                       labels: list | None = None) -> ActivationTrace:
-    """Trace one training step of the recipe's model (methods, precision, loss, checkpointing) on fake tensors."""
+@contextlib.contextmanager
+def fake_training_model(cfg: RunConfig, micro_batch: int, seq_len: int, tokenizer=None,
+                        labels: list | None = None) -> Iterator[tuple[torch.nn.Module, dict[str, torch.Tensor]]]:
+    """The recipe's model (methods, precision, loss, checkpointing) and an example batch, on fake tensors:
+    shapes and dtypes, no data, no memory; a 1B model takes about a second."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     config = recipe_config(cfg, tokenizer, labels)
     with FakeTensorMode(allow_non_fake_inputs=False), default_dtype(DTYPES[cfg.training.precision]):
         model, _ = _with_methods(cfg, config, tokenizer)
         prepare_for_training(model, cfg)
-        batch = example_batch(cfg.task, model.config, micro_batch, seq_len, cfg.data.max_target_length)
+        yield model, example_batch(cfg.task, model.config, micro_batch, seq_len, cfg.data.max_target_length)
+
+
+def traced_activations(cfg: RunConfig, micro_batch: int, seq_len: int, tokenizer=None,
+                       labels: list | None = None) -> ActivationTrace:
+    """Trace one training step of the recipe's model on fake tensors."""
+    with fake_training_model(cfg, micro_batch, seq_len, tokenizer, labels) as (model, batch):
         return trace_step(model, batch)
 
 
