@@ -6,10 +6,11 @@ Runs one forward + backward of the recipe's model (default recipes/bench_llama_1
 Llama shape) on fake tensors, as `dstune estimate` does: no GPU, no weights, a few seconds per method.
 Every aten operator that makes a tensor is counted once (`dstune/profiling/traffic.py`): its FLOPs and
 the bytes it reads and writes. Its roofline time is max(FLOPs / peak, bytes / bandwidth), by default the
-measured ceilings of one H100 (800 TFLOP/s bf16 matmul, 3 TB/s copy). The sum is a floor for the eager step with no fusion: kernels that reach neither
-ceiling, launch gaps, the optimizer and DeepSpeed's bookkeeping come on top. It shows where a method's
-time must go and what a change saves (bytes are exact for the code traced; CUDA-only branches, such as the
-fused RMSNorm, are traced as their CPU code). Prints a table per method and the top operators.
+measured ceilings of one H100 (800 TFLOP/s bf16 matmul, 3 TB/s copy). The sum is a floor for the eager
+step with no fusion: kernels that reach neither ceiling, launch gaps, the optimizer and DeepSpeed's
+bookkeeping come on top. It shows where a method's time must go and what a change saves (bytes are exact
+for the code traced; CUDA-only branches, such as the fused RMSNorm, are traced as their CPU code). Prints
+a table per method and the top operators.
 """
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ def prefix_attention_shifted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     P placeholder (zero) queries go in front of the S real ones, so the square causal mask over the
     P + S keys lets real query i see keys 0 .. P+i: the whole prefix and the causal sequence. SDPA then
-    makes the same call as plain causal attention, one P longer, and runs the same kernel (cuDNN on an
+    makes the same call as plain causal attention, P rows longer, and runs the same kernel (cuDNN on an
     H100, where lower-right causality is limited to flash attention). The placeholder rows are dropped;
     their output gets no gradient, so they add nothing to dk, dv or the prefix gradients. Costs one copy
     of q. Returns [B,S,Hq,D].

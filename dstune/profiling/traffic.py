@@ -2,9 +2,10 @@
 
 A dispatch mode counts every aten operator that makes a tensor, once: its FLOPs (torch's flop counter
 formulas; fused attention 4·B·H·Sq·Sk·D forward, halved when causal, 2.5x that backward) and the bytes
-it reads and writes (its tensor inputs and outputs; views move nothing). With a device's matmul and memory ceilings this gives a roofline floor per operator,
-max(FLOPs / peak, bytes / bandwidth). Run on fake tensors (`fake_training_model`) it costs seconds for a
-1B model and follows the model's real code, methods included (`benchmarks/step_traffic.py`).
+it reads and writes (its tensor inputs and outputs; views move nothing). With a device's matmul and
+memory ceilings this gives a roofline floor per operator, max(FLOPs / peak, bytes / bandwidth). Run on
+fake tensors (`fake_training_model`) it costs seconds for a 1B model and follows the model's real code,
+methods included (`benchmarks/step_traffic.py`).
 """
 from __future__ import annotations
 
