@@ -8,11 +8,14 @@ import torch.nn.functional as F
 from dstune.profiling.traffic import StepTraffic, recipe_traffic
 
 
-def test_views_move_nothing_and_a_copy_reads_and_writes_its_bytes():
+def test_views_and_allocations_move_nothing_and_a_copy_reads_and_writes_its_bytes():
     x = torch.randn(64, 32)
     with StepTraffic() as traffic:
         x.view(32, 64)
         x.t()
+        torch.empty(1000)
+        torch.empty_like(x)
+        x.new_empty(10)
         x.clone()
     assert dict(traffic.rows) == {("forward", "clone"): [0, 2 * 64 * 32 * 4, 1]}
 

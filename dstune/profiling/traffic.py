@@ -18,7 +18,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
-FREE = {torch.ops.aten.detach.default, torch.ops.aten._unsafe_view.default}  # aliases that move no data
+# aliases, and allocations that write nothing: they move no data
+FREE = {torch.ops.aten.detach.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.empty.memory_format,
+        torch.ops.aten.empty_like.default, torch.ops.aten.empty_strided.default, torch.ops.aten.new_empty.default,
+        torch.ops.aten.new_empty_strided.default}
 
 
 def attention_flops(name: str, args: tuple) -> int:
