@@ -22,6 +22,8 @@ import sys
 
 import torch
 
+from dstune.profiling.report import rows_table
+
 
 def _model():
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -57,7 +59,8 @@ def engine_traffic(zero: dict, precision: str) -> dict:
         alone.phase = "backward"
         plain(input_ids=x, labels=x).loss.backward()  # its forward is counted apart, under "forward"
     top = sorted(((op, r) for (p, op), r in traffic.rows.items() if p == "step"), key=lambda kv: -kv[1][1])[:8]
-    return {"zero": json.dumps(zero), "hooks B/param": (traffic.total("backward", 1) - alone.total("backward", 1)) / params,
+    hooks = traffic.total("backward", 1) - alone.total("backward", 1)
+    return {"zero": json.dumps(zero), "hooks B/param": hooks / params,
             "step B/param": traffic.total("step", 1) / params, "step calls": traffic.total("step", 2),
             "step top": ", ".join(f"{op} {r[1] / params:.0f}" for op, r in top)}
 
@@ -74,9 +77,7 @@ def main() -> int:
         {"stage": 2, "contiguous_gradients": False}]
     rows = [engine_traffic(z, args.precision) for z in zeros]
     print(f"## bytes DeepSpeed moves per trainable parameter and step (CPU, 1 rank, {args.precision})\n")
-    print("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
-    for r in rows:
-        print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    print(rows_table(rows, lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)))
     return 0
 
 

@@ -155,11 +155,8 @@ def speed_row(B, Hq, Hkv, S, D, P, dtype=torch.bfloat16, device="cuda"):
 
 
 def table(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    fmt = lambda x: f"{x:.2e}" if isinstance(x, float) and x < 0.01 else (f"{x:.3f}" if isinstance(x, float) else str(x))  # noqa: E731
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
+    from dstune.profiling.report import rows_table
+    return rows_table(rows, lambda x: (f"{x:.2e}" if x < 0.01 else f"{x:.3f}") if isinstance(x, float) else str(x))
 
 
 def main() -> int:

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from dstune.profiling.bench import BENCH_METHODS
+from dstune.profiling.report import rows_table
 from dstune.profiling.traffic import recipe_traffic
 
 
@@ -56,9 +57,8 @@ def main() -> int:
 
 
 def table(rows: list[dict]) -> str:
-    fmt = lambda x: f"{x:,.2f}" if isinstance(x, float) else (f"{x:,}" if isinstance(x, int) else str(x))  # noqa: E731
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in r.values()) + " |" for r in rows])
+    return rows_table(rows, lambda x: f"{x:,.2f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int)
+                      else str(x))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,16 @@
-"""Human-readable reports of memory estimates."""
+"""Human-readable reports: memory estimates, and markdown tables of result rows."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from dstune.config import RunConfig
+
+
+def rows_table(rows: list[dict], fmt: Callable[[Any], str] = str) -> str:
+    """A markdown table of result rows (dicts with the same keys), one column per key."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows])
 
 
 def human_bytes(n: int | float) -> str:
