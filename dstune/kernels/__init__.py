@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 # `attention` option picks one:
 #   auto        - shifted
 #   shifted     - plain causal SDPA over P placeholder queries + the sequence, prefix + sequence keys: the
-#                 kernel plain attention runs (cuDNN on an H100); on CPU 1.0-1.2x plain (lower-right 1.4-1.8x)
+#                 kernel plain attention runs (cuDNN on an H100); on CPU 1.0-1.2x plain (lower-right 1.4-1.7x)
 #   lower-right - SDPA over the concatenated prefix with lower-right causality: flash attention on CUDA
 #                 (measured on an H100: 1.84-2.14x plain causal SDPA, which runs cuDNN there)
 #   split       - two fused attentions merged by log-sum-exp (split.py): plain attention's kernel + the prefix
