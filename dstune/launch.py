@@ -16,7 +16,8 @@ from pathlib import Path
 
 from dstune.errors import UserError
 
-LAUNCH_DIR = Path(__file__).resolve().parents[1] / "launch"
+# package data; the top-level launch/ is a link to it, so the scripts also run on their own from a checkout
+LAUNCH_DIR = Path(__file__).resolve().parent / "launchers"
 LAUNCHERS = ("deepspeed", "torchrun", "slurm")
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")
 # pdsh hands the ranks' arguments to a remote shell; these characters pass one unchanged

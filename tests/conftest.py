@@ -53,11 +53,12 @@ def kill_tree(pid: int) -> None:
 
 
 def run_cli(args: list[str], nproc: int = 1, cwd: Path | None = None, timeout: int = LAUNCH_TIMEOUT_S,
-            env: dict | None = None, launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    """Run `dstune ARGS` as one process, or with `nproc` ranks under torchrun or the `deepspeed` launcher;
-    kill the whole process tree on timeout."""
+            env: dict | None = None, launcher: str = "torchrun",
+            command: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run `dstune ARGS` as one process (`command`, default this venv's `python -m dstune`), or with `nproc`
+    ranks under torchrun or the `deepspeed` launcher; kill the whole process tree on timeout."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "dstune", *args]
+        cmd = [*(command or [sys.executable, "-m", "dstune"]), *args]
     elif launcher == "deepspeed":
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
                str(free_port()), "--module", "dstune", *args]
@@ -111,9 +112,10 @@ def ws(tmp_path_factory) -> Path:
     train_sentencepiece([str(root / "corpus.txt")], str(root / "tokenizer"), vocab_size=120)
     tok = load_tokenizer(str(root / "tokenizer"))
 
-    cls = [{"text": _sentence(rng, POS if i % 2 else NEG), "label": "pos" if i % 2 else "neg"} for i in range(96)]
-    _write_jsonl(root / "cls_train.jsonl", cls[:64])
-    _write_jsonl(root / "cls_eval.jsonl", cls[64:])
+    # 256 training rows: with fewer, a tiny BERT memorises them and its held-out loss is noise
+    cls = [{"text": _sentence(rng, POS if i % 2 else NEG), "label": "pos" if i % 2 else "neg"} for i in range(320)]
+    _write_jsonl(root / "cls_train.jsonl", cls[:256])
+    _write_jsonl(root / "cls_eval.jsonl", cls[256:])
     _write_jsonl(root / "lm.jsonl", [{"text": _sentence(rng, POS)} for _ in range(96)])
     pairs = [{"prompt": f"say {w}", "response": f"{w} {w} it is"} for w in (POS + NEG) * 6]
     _write_jsonl(root / "chat.jsonl", pairs)
@@ -141,3 +143,55 @@ def built_ops(ws) -> None:
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(ws) -> Path:
+    """A folder holding tiny.gguf: the tiny Llama and the SentencePiece vocabulary written as an fp32 GGUF
+    file with the `gguf` package (transformers loads it as it loads a real one)."""
+    import gguf
+    import sentencepiece as spm
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(ws / "llama")
+    c = model.config
+    sp = spm.SentencePieceProcessor(model_file=str(ws / "tokenizer" / "tokenizer.model"))
+    out = ws / "gguf"
+    out.mkdir(exist_ok=True)
+    w = gguf.GGUFWriter(str(out / "tiny.gguf"), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_embedding_length(c.hidden_size)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_tokenizer_model("llama")
+    n = sp.get_piece_size()
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    w.add_token_types([3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 1 for i in range(n)])
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    w.add_pad_token_id(sp.pad_id())
+    top = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, t in model.state_dict().items():
+        module = name.removesuffix(".weight")
+        if module.startswith("model.layers."):
+            _, _, i, rest = module.split(".", 3)
+            key = f"blk.{i}.{layer[rest]}"
+        else:
+            key = top[module]
+        w.add_tensor(f"{key}.weight", t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

@@ -91,6 +91,22 @@ def test_model_path_and_gguf_file_must_exist(tmp_path, tok):
         load_model(cfg, tok)
 
 
+def test_gguf_without_the_gguf_package_is_one_line_naming_it(tmp_path, tok, monkeypatch):
+    import transformers
+    from dstune.models.loading import recipe_config
+
+    def refuse(*args, **kwargs):  # what transformers raises when `gguf` is not installed
+        raise ImportError("Please install torch and gguf>=0.10.0 to load a GGUF checkpoint in PyTorch.")
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refuse)
+    cfg = recipe(tmp_path, "causal_lm", tmp_path / "d.jsonl")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "x.gguf").write_bytes(b"GGUF")
+    cfg.model.tiny, cfg.model.path, cfg.model.gguf_file = None, str(tmp_path / "m"), "x.gguf"
+    with pytest.raises(UserError, match=r"^model\.gguf_file: reading x\.gguf needs the gguf package "
+                                        r"\(pip install 'gguf>=0\.10'\): Please install"):
+        recipe_config(cfg, tok)
+
+
 def test_export_out_must_be_empty(tmp_path):
     from dstune.engine.export import _prepare_out
     (tmp_path / "out").mkdir()

@@ -48,6 +48,7 @@ def test_task_trains_and_loss_falls(ws, built_ops, tmp_path, name):
     assert list((run_dir / "tensorboard").iterdir()), "no TensorBoard events"
     if name == "classification":
         assert {"accuracy", "macro_f1"} <= results["after"].keys()
+        assert results["after"]["accuracy"] > 0.8 > results["before"]["accuracy"], results  # it learned the task
         # the eval command reloads the run dir and reproduces the in-training score
         scored = json.loads(ok(run_cli(["eval", str(run_dir)])).stdout)
         assert abs(scored["accuracy"] - results["after"]["accuracy"]) < 1e-9

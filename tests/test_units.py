@@ -149,6 +149,20 @@ def test_packing_fills_every_block(ws, tmp_path):
     assert tok.eos_token_id in data.train[0]["input_ids"] + data.train[1]["input_ids"]  # documents are separated
 
 
+def test_sentencepiece_tokenizer_encodes_and_decodes_as_sentencepiece_does(ws):
+    """The HF tokenizer dstune wraps around a .model file (transformers 5.23 dropped the Metaspace
+    pre-tokenizer here and split every text's first word into characters)."""
+    import sentencepiece as spm
+    from dstune.models.tokenizers import load_tokenizer
+    sp = spm.SentencePieceProcessor(model_file=str(ws / "tokenizer" / "tokenizer.model"))
+    texts = (ws / "corpus.txt").read_text().splitlines()[:20] + ["the movie was good", "  a  clever plot "]
+    for tok in (load_tokenizer(str(ws / "tokenizer")), load_tokenizer(str(ws / "tokenizer" / "tokenizer.model"))):
+        for text in texts:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert ids == sp.encode(text), text
+            assert tok.decode(ids) == sp.decode(ids), text
+
+
 def _random_data(tmp_path, *, task: str = "causal_lm", extra: str = "", overrides: str = "{vocab_size: 50}"):
     from dstune.data.tasks import prepare_data
     path = tmp_path / "random.yaml"

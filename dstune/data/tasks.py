@@ -190,10 +190,23 @@ def prepare_data(cfg: RunConfig, tokenizer) -> TaskData:
         if evald.style != style:
             raise UserError(f"data.eval: {d.eval} does not have the same columns as data.train")
     elif d.eval_fraction > 0:
-        split = train_raw.train_test_split(test_size=d.eval_fraction, seed=cfg.training.seed)
-        train_raw, held_out = split["train"], split["test"]
-        if cfg.evaluation.max_samples:
-            held_out = held_out.select(range(min(len(held_out), cfg.evaluation.max_samples)))
+        train_raw, held_out = _hold_out(cfg, train_raw)
         evald = TaskData(None, _tokenize(cfg, tokenizer, held_out, style, labels, True), labels, style)
     train = _tokenize(cfg, tokenizer, train_raw, style, labels, False)
     return TaskData(train=train, eval=evald.eval if evald else None, labels=labels, style=style)
+
+
+def _hold_out(cfg: RunConfig, train_raw):
+    """(train rows, held-out rows): data.eval_fraction of data.train, drawn with training.seed."""
+    split = train_raw.train_test_split(test_size=cfg.data.eval_fraction, seed=cfg.training.seed)
+    held_out = split["test"]
+    if cfg.evaluation.max_samples:
+        held_out = held_out.select(range(min(len(held_out), cfg.evaluation.max_samples)))
+    return split["train"], held_out
+
+
+def prepare_held_out(cfg: RunConfig, tokenizer, labels: list[str] | None) -> TaskData:
+    """The rows a data.eval_fraction run held out of data.train for evaluation, tokenized as in training."""
+    train_raw = load_table(cfg.data.train, "data.train")
+    style = _check_columns(cfg, train_raw, cfg.data.train, "data.train")
+    return TaskData(None, _tokenize(cfg, tokenizer, _hold_out(cfg, train_raw)[1], style, labels, True), labels, style)

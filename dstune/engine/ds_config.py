@@ -16,7 +16,8 @@ import torch
 from dstune.config import RunConfig
 from dstune.errors import UserError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+# package data; the top-level ds_configs/ is a link to it for people and their own `deepspeed` scripts
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
 def named_configs() -> list[str]:

@@ -8,7 +8,7 @@ import torch
 
 from dstune.engine.run_dir import load_run
 from dstune.errors import UserError
-from dstune.models.loading import load_model
+from dstune.models.loading import base_is_loadable, load_model
 from dstune.methods.targets import TASK_HEADS
 
 PEFT_TASK = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
@@ -34,8 +34,7 @@ def export(run_dir: str, out: str, fmt: str) -> Path:
         for m in methods:
             state.update(m.merged_state(model))
         plain.load_state_dict(state, strict=True)
-        plain.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        _save_plain(plain, tokenizer, path)
         return path
     names = [m.name for m in methods]
     if len(methods) != 1 or names[0] not in PEFT_EXPORTABLE:
@@ -43,13 +42,34 @@ def export(run_dir: str, out: str, fmt: str) -> Path:
                         f"this run used {', '.join(names)}")
     path = _prepare_out(out)
     config, tensors = PEFT_EXPORTABLE[names[0]](model, methods[0])
-    write_peft_folder(path, {**_peft_common(cfg, model), **config}, tensors)
+    write_peft_folder(path, {**_peft_common(cfg, _peft_base(cfg, tokenizer, labels, path)), **config}, tensors)
     tokenizer.save_pretrained(path)
+    if names[0] == "prefix" and cfg.task != "classification":
+        print("note: PEFT's generate() does not apply prefix adapters on transformers 5.24+ (it drops the "
+              "past_key_values PEFT hands in): its forward uses the prefix, its replies ignore it; "
+              "`dstune generate RUN_DIR` applies it")
     return path
 
 
-def _peft_common(cfg, model) -> dict:
-    return {"task_type": PEFT_TASK[cfg.task], "base_model_name_or_path": cfg.model.path, "inference_mode": True,
+def _save_plain(model, tokenizer, path: Path) -> None:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _peft_base(cfg, tokenizer, labels, out: Path) -> str:
+    """The base PEFT attaches the adapter to: the recipe's model folder, or, when that is no folder
+    `from_pretrained` can load (a GGUF file, a random tiny config), the base itself saved in OUT/base."""
+    if base_is_loadable(cfg):
+        return cfg.model.path
+    base = out / "base"
+    _save_plain(load_model(cfg, tokenizer, labels), tokenizer, base)
+    why = "dequantized from " + cfg.model.gguf_file if cfg.model.gguf_file else f"random, seed {cfg.training.seed}"
+    print(f"the base model ({why}) is saved in {base}; adapter_config.json points at it")
+    return str(base.resolve())
+
+
+def _peft_common(cfg, base: str) -> dict:
+    return {"task_type": PEFT_TASK[cfg.task], "base_model_name_or_path": base, "inference_mode": True,
             "modules_to_save": list(TASK_HEADS) if cfg.task == "classification" else None}
 
 

@@ -108,7 +108,10 @@ def train(cfg: RunConfig) -> dict:
     if t.profile_step > total_steps:
         raise UserError(f"training.profile_step: {t.profile_step} is past the run's last step ({total_steps})")
     stage = zero_stage(ds_config)
-    hf_ds = HfDeepSpeedConfig(ds_config) if stage == 3 else None  # noqa: F841  (must stay alive while loading)
+    # ZeRO-3 creates loaded weights partitioned (the config object must stay alive while loading). A random
+    # model.tiny is built whole instead and partitioned by deepspeed.initialize: zero.Init draws random
+    # weights in another order, and the run dir must rebuild the base that trained (models/loading.py)
+    hf_ds = HfDeepSpeedConfig(ds_config) if stage == 3 and not cfg.model.tiny else None  # noqa: F841
 
     torch.manual_seed(t.seed)
     model = load_model(cfg, tokenizer, data.labels)

@@ -98,7 +98,7 @@ def _distribute(model: nn.Module, args, kwargs):
             tokens = kwargs["inputs_embeds"][..., 0]
         positions = kwargs.get("position_ids")
         if positions is None:
-            cache = kwargs.get("past_key_values")
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # "cache" from transformers 5.24 on
             past = cache.get_seq_length() if cache is not None else 0
             positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)[None]
         kwargs["position_ids"] = positions + enc.shape[0]

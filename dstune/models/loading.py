@@ -69,6 +69,9 @@ def recipe_config(cfg: RunConfig, tokenizer=None, labels: list | None = None) ->
                                                 trust_remote_code=m.trust_remote_code, **task_kwargs)
         except (OSError, ValueError) as e:
             raise UserError(f"model.path: cannot read a model config in {m.path}: {first_line(e)}") from None
+        except ImportError as e:  # transformers reads GGUF files with the `gguf` package
+            raise UserError(f"model.gguf_file: reading {m.gguf_file} needs the gguf package "
+                            f"(pip install 'gguf>=0.10'): {first_line(e)}") from None
         for k, v in m.config_overrides.items():
             setattr(config, k, v)
     if getattr(config, "pad_token_id", None) is None and (tokenizer is not None or cfg.task == "classification"):
@@ -86,10 +89,22 @@ def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.n
     auto = auto_class(cfg.task)
     m = cfg.model
     if m.tiny:
+        torch.manual_seed(cfg.training.seed)  # the random weights are the recipe's: a run dir rebuilds the same base
         return auto.from_config(config, dtype=torch.float32)
-    return auto.from_pretrained(m.path, config=config, gguf_file=m.gguf_file, local_files_only=True,
-                                trust_remote_code=m.trust_remote_code, dtype=torch.float32,
-                                use_safetensors=None if m.gguf_file else True)
+    model = auto.from_pretrained(m.path, config=config, gguf_file=m.gguf_file, local_files_only=True,
+                                 trust_remote_code=m.trust_remote_code, dtype=torch.float32,
+                                 use_safetensors=None if m.gguf_file else True)
+    if m.gguf_file:
+        # GGUF weights arrive dequantized to fp32, but the model stays marked as quantized, which makes
+        # save_pretrained refuse it (merged export); they are plain tensors, so drop the mark
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+    return model
+
+
+def base_is_loadable(cfg: RunConfig) -> bool:
+    """Whether `model.path` is a folder `from_pretrained` loads as it is (no GGUF file, no random tiny config)."""
+    return not cfg.model.tiny and not cfg.model.gguf_file
 
 
 def prepare_for_training(model: torch.nn.Module, cfg: RunConfig) -> None:
