@@ -111,4 +111,4 @@ def test_missing_tokenizer(ws, tmp_path):
 def test_data_smaller_than_one_global_batch(ws, tmp_path):
     path, out = write(tmp_path, ws, training__micro_batch_size=500)
     assert_user_error(run_cli(["train", str(path)]),
-                      r"data\.train: 64 examples are fewer than one global batch .* = 500\)", out)
+                      r"data\.train: 256 examples are fewer than one global batch .* = 500\)", out)

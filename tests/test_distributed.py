@@ -143,3 +143,50 @@ def test_compile_refuses_zero3(ws, tmp_path):
     res = run_cli(["train", lm_recipe(ws, tmp_path, "run", 3, compile=True)])
     assert res.returncode == 2 and "training.compile: ZeRO-3 gathers parameters in module hooks" in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_step_loss_is_the_token_mean_of_the_whole_global_batch(ws, built_ops, tmp_path):
+    """2 ranks × accum 2 on examples of very different lengths: the logged loss is the mean over every target
+    token of the global batch, and the update is that of its gradient, computed here by plain PyTorch.
+    AdamW's first step is lr·g/(|g|+eps) per element: with eps = lr = 1e4 it is the gradient itself, nearly."""
+    import random
+
+    import torch
+    import torch.nn.functional as F
+    import transformers as T
+
+    from dstune.config import load_config
+    from dstune.data.batching import StepBatches, collate
+    from dstune.data.tasks import IGNORE, prepare_data
+    from dstune.models.tokenizers import load_tokenizer
+
+    rng = random.Random(3)
+    words = "the movie film plot actor scene was good bad dull fun".split()
+    rows = [{"text": " ".join(rng.choice(words) for _ in range(n))} for n in [2, 3, 40, 4, 30, 2, 25, 3] * 2]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lr = eps = 1e4
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({
+        "task": "causal_lm", "model": {"path": str(ws / "llama")}, "data": {"train": str(tmp_path / "mixed.jsonl"),
+                                                                            "max_length": 48},
+        "training": {"max_steps": 1, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "lr": lr, "eps": eps,
+                     "weight_decay": 0.0, "max_grad_norm": 0.0, "lr_schedule": "constant", "seed": 5},
+        "output_dir": str(tmp_path / "run")}))
+    ok(run_cli(["train", str(recipe)], nproc=2))
+
+    cfg = load_config(str(recipe))
+    data = prepare_data(cfg, load_tokenizer(str(ws / "tokenizer")))
+    batch = collate([data.train[i] for i in StepBatches(len(data.train), 2, 2, 2, 0, 5).global_step(0)], 0, "causal_lm")
+    model = T.AutoModelForCausalLM.from_pretrained(ws / "llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    assert len({int((row != IGNORE).sum()) for row in targets}) > 3  # the lengths really differ
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    loss = loss / (targets != IGNORE).sum()
+    loss.backward()
+    assert abs(read_metrics(tmp_path / "run")[1]["loss"] - loss.item()) < 1e-6
+    trained = load_file(str(tmp_path / "run" / "trainable.safetensors"))
+    for n, p in model.named_parameters():
+        expected = before[n] - lr * p.grad / (p.grad.abs() + eps)
+        assert torch.allclose(trained[n], expected, atol=1e-6, rtol=0), (n, (trained[n] - expected).abs().max())

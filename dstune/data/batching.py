@@ -7,6 +7,7 @@ s reads the same examples as an uninterrupted run at step s.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dstune.data.tasks import IGNORE
@@ -25,13 +26,23 @@ class StepBatches:
             self._epoch, self._order = epoch, torch.randperm(self.n, generator=g).tolist()
         return self._order
 
+    def global_step(self, step: int) -> list[int]:
+        """Example indices of the whole global batch of optimizer step `step` (0-based), every rank's."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        return self._permutation(epoch)[within * self.global_batch:(within + 1) * self.global_batch]
+
     def for_step(self, step: int) -> list[list[int]]:
         """Example indices of this rank's micro-batches for optimizer step `step` (0-based)."""
-        epoch, within = divmod(step, self.steps_per_epoch)
-        order = self._permutation(epoch)
-        start = within * self.global_batch + self.rank * self.micro * self.accum
-        mine = order[start:start + self.micro * self.accum]
+        start = self.rank * self.micro * self.accum
+        mine = self.global_step(step)[start:start + self.micro * self.accum]
         return [mine[a * self.micro:(a + 1) * self.micro] for a in range(self.accum)]
+
+
+def target_tokens(label_rows: list[list[int]], skip_first: bool) -> int:
+    """The tokens a causal LM or seq2seq loss is taken over: labels that are not IGNORE. `skip_first` for a
+    causal LM, which predicts token n from tokens < n: a row's first label is no target (unless virtual
+    tokens precede it)."""
+    return sum(int(np.count_nonzero(np.asarray(labels[int(skip_first):]) != IGNORE)) for labels in label_rows)
 
 
 def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:

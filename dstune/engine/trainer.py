@@ -7,6 +7,7 @@ TensorBoard, tqdm progress on rank 0, and a `trainable.safetensors` of what trai
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dstune.config import RANDOM_DATA, RunConfig, dump_config
-from dstune.data.batching import StepBatches, collate
+from dstune.data.batching import StepBatches, collate, target_tokens
 from dstune.data.tasks import prepare_data
 from dstune.engine import checkpoint as ckpt
 from dstune.engine.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
@@ -164,7 +165,12 @@ def train(cfg: RunConfig) -> dict:
 
     memory.mark("init")
     log = RunLog(run_dir, dist_.is_main)
-    results = _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_, log, step, total_steps, stage, memory)
+    # causal LM / seq2seq steps take the token mean over the whole global batch (one label per example in
+    # classification, and equal-sized micro-batches, make the plain mean right there)
+    count_targets = None if cfg.task == "classification" else functools.partial(
+        target_tokens, skip_first=cfg.task == "causal_lm" and not any(m.first_label_is_target for m in methods))
+    results = _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_, log, step, total_steps, stage, memory,
+                    count_targets)
     _write_memory(cfg, dist_, "phase_peaks", memory.report())
     memory.close()
     if t.save_final:
@@ -182,7 +188,7 @@ def _run_eval(cfg, engine, data, tokenizer, dist_: Dist, stage: int) -> dict:
 
 
 def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: RunLog, step: int,
-          total_steps: int, stage: int, memory: PhaseMemory) -> dict:
+          total_steps: int, stage: int, memory: PhaseMemory, count_targets=None) -> dict:
     from tqdm.auto import tqdm
 
     t, e = cfg.training, cfg.evaluation
@@ -200,13 +206,22 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
         seed_step(t.seed, step, dist_.rank)
         started = time.perf_counter()
         loss_sum, step_tokens = 0.0, 0
+        global_targets = count_targets([data.train[i]["labels"] for i in batches.global_step(step)]) \
+            if count_targets else 0
         with profiler.around(step + 1):
             for micro in batches.for_step(step):
-                host = collate([data.train[i] for i in micro], pad_id, cfg.task)
+                rows = [data.train[i] for i in micro]
+                host = collate(rows, pad_id, cfg.task)
                 step_tokens += int(host["attention_mask"].sum())  # counted on the host: no wait for the device
                 batch = {k: v.to(dist_.device) for k, v in host.items()}
                 with profiler.phase("forward"):
                     loss = engine(**batch).loss
+                    if global_targets:
+                        # the model's loss is this micro-batch's token mean; weighted by its share of the global
+                        # batch's target tokens (× accum × ranks, which DeepSpeed's averaging divides out again),
+                        # the step's gradient is that of the token mean over the whole global batch
+                        share = count_targets([r["labels"] for r in rows]) / global_targets
+                        loss = loss * (share * batches.accum * batches.world)
                 memory.mark("forward")
                 with profiler.phase("backward"):
                     engine.backward(loss)

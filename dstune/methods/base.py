@@ -27,6 +27,8 @@ class TuningMethod:
     needs_one_of: ClassVar[tuple[str, ...]] = ()   # methods this one only makes sense with
     mergeable: ClassVar[bool] = True               # can `dstune export --format merged` fold it into the base
     generate_kwargs: ClassVar[dict] = {}           # what `model.generate` needs with this method applied
+    first_label_is_target: ClassVar[bool] = False  # virtual tokens precede the input, so a causal LM predicts
+                                                   # its first token too (the loss counts one more target)
     tokenizer = None                               # the run's tokenizer, set before `apply`
 
     def __init__(self, options: BaseModel):

@@ -68,6 +68,7 @@ class Prompt(TuningMethod):
     Options = PromptOptions
     mergeable = False
     generate_kwargs = {"use_cache": False}
+    first_label_is_target = True
 
     def apply(self, model: nn.Module, task: str) -> None:
         if model.config.is_encoder_decoder:
