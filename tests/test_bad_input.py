@@ -112,3 +112,17 @@ def test_data_smaller_than_one_global_batch(ws, tmp_path):
     path, out = write(tmp_path, ws, training__micro_batch_size=500)
     assert_user_error(run_cli(["train", str(path)]),
                       r"data\.train: 256 examples are fewer than one global batch .* = 500\)", out)
+
+
+@pytest.mark.parametrize("pointer", ['{"tag": "../../elsewhere/ckpt", "global_step": 4}', "{not json"])
+def test_checkpoint_pointer_outside_the_run_is_refused_before_anything_is_written(ws, tmp_path, pointer):
+    """Resume loads (unpickles) what last_complete names: only a checkpoint folder of this run qualifies."""
+    path, out = write(tmp_path, ws)
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "last_complete").write_text(pointer)
+    (out / "config.yaml").write_text("the earlier run's config\n")
+    res = run_cli(["train", str(path)])
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert re.search(r"^dstune: error: .*checkpoints/last_complete: (tag '\.\./\.\./elsewhere/ckpt' is not a checkpoint "
+                     r"of this run|not a checkpoint pointer dstune wrote)", res.stderr.strip().splitlines()[-1])
+    assert (out / "config.yaml").read_text() == "the earlier run's config\n"  # nothing overwritten

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from dstune.engine.distributed import barrier
+from dstune.errors import UserError
 
 POINTER = "last_complete"
 
@@ -22,7 +24,7 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(engine, run_dir: str, step: int, is_main: bool) -> str:
-    tag = f"step_{step:08d}"
+    tag = _tag(step)
     ckpt = checkpoint_dir(run_dir)
     engine.save_checkpoint(str(ckpt), tag=tag, client_state={"global_step": step}, save_latest=False)
     barrier()
@@ -34,12 +36,26 @@ def save_checkpoint(engine, run_dir: str, step: int, is_main: bool) -> str:
     return tag
 
 
+def _tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+TAG = re.compile(r"^step_\d{8}$")  # what _tag writes: a plain folder name, never a path
+
+
 def last_complete(run_dir: str) -> str | None:
-    """Tag of the newest checkpoint every rank finished writing, or None."""
+    """Tag of the newest checkpoint every rank finished writing, or None. A pointer that names anything but
+    a checkpoint folder of this run (a path such as ../../elsewhere) is refused: the load would unpickle it."""
     pointer = checkpoint_dir(run_dir) / POINTER
     if not pointer.is_file():
         return None
-    tag = json.loads(pointer.read_text())["tag"]
+    try:
+        tag = json.loads(pointer.read_text())["tag"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{pointer}: not a checkpoint pointer dstune wrote; remove it, or the run dir") from None
+    if not isinstance(tag, str) or not TAG.match(tag):
+        raise UserError(f"{pointer}: tag {tag!r} is not a checkpoint of this run (step_NNNNNNNN); "
+                        "remove the pointer, or the run dir") from None
     return tag if (checkpoint_dir(run_dir) / tag).is_dir() else None
 
 

@@ -97,6 +97,7 @@ def train(cfg: RunConfig) -> dict:
                                    cfg.model.trust_remote_code)
     data = prepare_data(cfg, tokenizer)
     build_ds_config(cfg, 1)  # reject a bad DeepSpeed config before starting the process group
+    tag = ckpt.last_complete(cfg.output_dir) if t.resume else None  # and a bad checkpoint pointer
     dist_ = init_distributed(t.dist_timeout_s)
     memory = PhaseMemory(dist_.device)
     ds_config = build_ds_config(cfg, dist_.world)
@@ -151,7 +152,6 @@ def train(cfg: RunConfig) -> dict:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                 opt, lr_lambda(t.lr_schedule, t.warmup_steps, total_steps)))
         step = 0
-        tag = ckpt.last_complete(str(run_dir)) if t.resume else None
         if tag:
             step = ckpt.load_checkpoint(engine, str(run_dir), tag)
             if dist_.is_main:
