@@ -57,6 +57,12 @@ class ModelConfig(_Section):
 
 class TokenizerConfig(_Section):
     path: str | None = Field(None, description="HF tokenizer folder or a SentencePiece .model file; default: model.path")
+    chat_template: str | None = Field(
+        None, description="chat template (a Jinja string, or a file holding one) for chat data and prompts; "
+                          "replaces the tokenizer's own")
+
+    def template_is_file(self) -> bool:
+        return self.chat_template is not None and "{{" not in self.chat_template and "{%" not in self.chat_template
 
 
 class DataConfig(_Section):
@@ -65,6 +71,12 @@ class DataConfig(_Section):
                                    "throughput benchmarks, no tokenizer needed)")
     eval: str | None = Field(None, description="evaluation data, same formats; default: hold out eval_fraction of train")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of train held out for eval when eval is unset")
+    format: Literal["auto", "text", "prompt_response", "messages", "sharegpt", "alpaca"] = Field(
+        "auto", description="causal_lm row format; auto: text_column, else prompt_column+response_column, else a "
+                            "messages/conversations column (OpenAI or ShareGPT turns), else instruction+output "
+                            "(Alpaca)")
+    messages_column: str | None = Field(None, description="column of messages/sharegpt turns (default: messages / "
+                                                          "conversations)")
     text_column: str = Field("text", description="input text (classification, plain causal_lm)")
     label_column: str = Field("label", description="label (classification); labels are taken from the data")
     prompt_column: str = Field("prompt", description="prompt (causal_lm prompt/response; masked from the loss)")
@@ -73,7 +85,9 @@ class DataConfig(_Section):
     target_column: str = Field("target", description="target text (seq2seq)")
     max_length: int = Field(128, gt=0, description="tokens per example (truncated); packed block size")
     max_target_length: int = Field(64, gt=0, description="target tokens (seq2seq)")
-    packing: bool = Field(False, description="causal_lm: concatenate examples into full max_length blocks")
+    packing: bool = Field(False, description="causal_lm: put whole examples together into blocks of up to "
+                                             "max_length tokens; each keeps its own positions and attends only "
+                                             "to itself")
 
 
 class TrainingConfig(_Section):
@@ -139,6 +153,8 @@ class RunConfig(_Section):
             return None if p is None else os.path.abspath(os.path.expanduser(p))
         self.model.path = absolute(self.model.path)
         self.tokenizer.path = absolute(self.tokenizer.path)
+        if self.tokenizer.template_is_file():
+            self.tokenizer.chat_template = absolute(self.tokenizer.chat_template)
         self.data.train = self.data.train if self.data.train == RANDOM_DATA else absolute(self.data.train)
         self.data.eval = absolute(self.data.eval)
         self.output_dir = absolute(self.output_dir)

@@ -59,8 +59,13 @@ def test_eval_label_unseen_in_training(tmp_path, tok):
 def test_causal_lm_without_text_or_prompt_columns(tmp_path, tok):
     from dstune.data.tasks import prepare_data
     data = write_rows(tmp_path / "d.jsonl", [{"body": "a b"}])
-    with pytest.raises(UserError, match=r"data\.text_column: .* has neither a 'text' column nor 'prompt'\+'response'"):
+    with pytest.raises(UserError, match=r"^data\.format: .*d.jsonl is none of text \('text'\), prompt_response "
+                                        r"\('prompt'\+'response'\), messages, .* \(columns: body\)"):
         prepare_data(recipe(tmp_path, "causal_lm", data), tok)
+    cfg = recipe(tmp_path, "causal_lm", data)
+    cfg.data.format = "messages"  # a named format names the column it lacks
+    with pytest.raises(UserError, match=r"^data\.messages_column: column 'messages' not in .*d.jsonl"):
+        prepare_data(cfg, tok)
 
 
 def test_seq2seq_without_target_column(tmp_path, tok):

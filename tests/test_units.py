@@ -119,14 +119,15 @@ def test_chat_prompts_use_the_template_and_are_masked_from_the_loss(ws, tmp_path
     from dstune.data.tasks import IGNORE, prepare_data
     from dstune.models.tokenizers import load_tokenizer
     tok = load_tokenizer(str(ws / "tokenizer"))
-    tok.chat_template = "{% for m in messages %}user {{ m['content'] }} {% endfor %}assistant"  # words it knows
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"  # words it knows
+                         "{% if add_generation_prompt %}assistant{% endif %}")
     data = prepare_data(load_config(_recipe(tmp_path, "causal_lm", ws / "chat.jsonl")), tok)
-    row = data.train[0]
+    row, first = data.train[0], json.loads((ws / "chat.jsonl").read_text().splitlines()[0])
     n_prompt = sum(1 for t in row["labels"] if t == IGNORE)
-    prompt_text = tok.decode(row["input_ids"][:n_prompt])
-    assert prompt_text.startswith("user say ") and prompt_text.rstrip().endswith("assistant")
+    assert row["labels"][:n_prompt] == [IGNORE] * n_prompt  # the prompt first, all context
+    assert tok.decode(row["input_ids"][:n_prompt]).split() == ["user", *first["prompt"].split(), "assistant"]
     reply = row["input_ids"][n_prompt:]
-    assert row["labels"][n_prompt:] == reply and reply[-1] == tok.eos_token_id
+    assert row["labels"][n_prompt:] == reply and tok.decode(reply).split() == first["response"].split()
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "saved"])
@@ -140,13 +141,30 @@ def test_csv_parquet_and_saved_datasets_load_like_jsonl(ws, tmp_path, fmt):
     assert loaded["text"] == rows["text"] and loaded["label"] == rows["label"]
 
 
-def test_packing_fills_every_block(ws, tmp_path):
+def test_packing_keeps_whole_documents_with_their_own_positions(ws, tmp_path):
     from dstune.data.tasks import prepare_data
     from dstune.models.tokenizers import load_tokenizer
     tok = load_tokenizer(str(ws / "tokenizer"))
-    data = prepare_data(load_config(_recipe(tmp_path, "causal_lm", ws / "lm.jsonl", packing=True, max_length=16)), tok)
-    assert len(data.train) > 10 and all(len(r["input_ids"]) == 16 for r in data.train)
-    assert tok.eos_token_id in data.train[0]["input_ids"] + data.train[1]["input_ids"]  # documents are separated
+    cfg = load_config(_recipe(tmp_path, "causal_lm", ws / "lm.jsonl", packing=True, max_length=32))
+    data = prepare_data(cfg, tok)
+    docs = [tok(json.loads(line)["text"])["input_ids"] for line in (ws / "lm.jsonl").read_text().splitlines()]
+    docs = [d if d[-1] == tok.eos_token_id else d + [tok.eos_token_id] for d in docs]
+    assert max(map(len, docs)) <= 32  # so no document is cut
+    blocks = list(data.train)
+    assert all(len(b["input_ids"]) <= 32 for b in blocks)
+    # every document whole and numbered from 0; its first token is a target only at a block's start
+    pieces = sorted(tuple(b["input_ids"][i:j]) for b in blocks
+                    for i, j in _spans(b["position_ids"]))
+    assert pieces == sorted(tuple(d) for d in docs)
+    firsts = [b["labels"][i] for b in blocks for i, _ in _spans(b["position_ids"]) if i > 0]
+    assert firsts and set(firsts) == {-100}
+    shortest = sorted(len(b["input_ids"]) for b in blocks)[:2]
+    assert sum(shortest) > 32  # no two blocks would fit into one
+
+
+def _spans(positions: list[int]) -> list[tuple[int, int]]:
+    starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+    return list(zip(starts, starts[1:]))
 
 
 def test_sentencepiece_tokenizer_encodes_and_decodes_as_sentencepiece_does(ws):

@@ -52,14 +52,31 @@ def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
 
 
 def collate(rows: list[dict], pad_id: int, task: str) -> dict[str, torch.Tensor]:
-    """Pad a list of tokenized rows to the longest one; padded label positions are ignored by the loss."""
+    """Pad a list of tokenized rows to the longest one; padded label positions are ignored by the loss.
+
+    Packed rows (with `position_ids`) get no attention mask: the positions, restarting at every document,
+    tell the model where documents begin; the padding is numbered as one more document of its own."""
     ids = [r["input_ids"] for r in rows]
-    batch = {"input_ids": _pad(ids, pad_id),
-             "attention_mask": _pad([[1] * len(s) for s in ids], 0)}
+    if "position_ids" in rows[0]:
+        width = max(len(s) for s in ids)
+        batch = {"input_ids": _pad(ids, pad_id),
+                 "position_ids": torch.tensor([list(r["position_ids"]) + list(range(width - len(r["position_ids"])))
+                                               for r in rows], dtype=torch.long)}
+    else:
+        batch = {"input_ids": _pad(ids, pad_id), "attention_mask": _pad([[1] * len(s) for s in ids], 0)}
     if task == "classification":
         batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
     else:
         batch["labels"] = _pad([r["labels"] for r in rows], IGNORE)
+    return batch
+
+
+def to_device(host: dict[str, torch.Tensor], device, task: str) -> dict:
+    """A collated batch as forward() kwargs on `device`. Generative models run without a KV cache: a forward
+    over whole sequences never reuses one, and with a cache transformers ignores packed documents' positions."""
+    batch: dict = {k: v.to(device) for k, v in host.items()}
+    if task != "classification":
+        batch["use_cache"] = False
     return batch
 
 

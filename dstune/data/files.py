@@ -68,3 +68,17 @@ def require_columns(ds, columns: list[str], key: str, path: str) -> None:
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise UserError(f"{key}: column {missing[0]!r} not in {path} (columns: {', '.join(ds.column_names)})")
+
+
+def row_location(path: str, index: int) -> str:
+    """Where row `index` (0-based) of a loaded table is: `file:line` for JSON lines, else `file: row N`."""
+    if os.path.isfile(path) and (path.endswith(".jsonl") or (path.endswith(".json") and _looks_like_jsonl(path))):
+        with open(path, encoding="utf-8") as f:
+            rows = -1
+            for lineno, line in enumerate(f, 1):
+                rows += bool(line.strip())
+                if rows == index:
+                    return f"{path}:{lineno}"
+    if path.endswith((".csv", ".tsv")):
+        return f"{path}: row {index + 1} (line {index + 2} if no field spans lines)"
+    return f"{path}: row {index + 1}"

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dstune.data.batching import collate, collate_prompts
+from dstune.data.batching import collate, collate_prompts, to_device
 from dstune.data.tasks import IGNORE, TaskData
 from dstune.engine import metrics
 
@@ -46,7 +46,7 @@ def evaluate(model, data: TaskData, task: str, tokenizer, device: torch.device, 
     for batch_ix in _shard(len(ds), rank, world, batch_size):
         rows = [ds[i] for i, _ in batch_ix]
         keep = torch.tensor([k for _, k in batch_ix], device=device)
-        batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_token_id, task).items()}
+        batch = to_device(collate(rows, tokenizer.pad_token_id, task), device, task)
         labels = batch.pop("labels")
         if task == "seq2seq":
             labels[~keep] = IGNORE

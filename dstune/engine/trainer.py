@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dstune.config import RANDOM_DATA, RunConfig, dump_config
-from dstune.data.batching import StepBatches, collate, target_tokens
+from dstune.data.batching import StepBatches, collate, target_tokens, to_device
 from dstune.data.tasks import prepare_data
 from dstune.engine import checkpoint as ckpt
 from dstune.engine.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
@@ -27,7 +27,7 @@ from dstune.engine.evaluate import evaluate
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
 from dstune.models.loading import compile_layers, load_model, prepare_for_training
-from dstune.models.tokenizers import load_tokenizer
+from dstune.models.tokenizers import load_tokenizer, read_chat_template
 from dstune.profiling.phases import PhaseMemory
 from dstune.profiling.step_profile import StepProfile
 
@@ -94,7 +94,7 @@ def train(cfg: RunConfig) -> dict:
     tokenizer = None  # random token ids need none
     if tokenizer_path(cfg):
         tokenizer = load_tokenizer(tokenizer_path(cfg), None if cfg.tokenizer.path else cfg.model.gguf_file,
-                                   cfg.model.trust_remote_code)
+                                   cfg.model.trust_remote_code, read_chat_template(cfg))
     data = prepare_data(cfg, tokenizer)
     build_ds_config(cfg, 1)  # reject a bad DeepSpeed config before starting the process group
     tag = ckpt.last_complete(cfg.output_dir) if t.resume else None  # and a bad checkpoint pointer
@@ -212,8 +212,8 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
             for micro in batches.for_step(step):
                 rows = [data.train[i] for i in micro]
                 host = collate(rows, pad_id, cfg.task)
-                step_tokens += int(host["attention_mask"].sum())  # counted on the host: no wait for the device
-                batch = {k: v.to(dist_.device) for k, v in host.items()}
+                step_tokens += sum(len(r["input_ids"]) for r in rows)  # no padding; no wait for the device
+                batch = to_device(host, dist_.device, cfg.task)
                 with profiler.phase("forward"):
                     loss = engine(**batch).loss
                     if global_targets:

@@ -49,9 +49,25 @@ def _prepend(model: nn.Module, args, kwargs):
     labels = kwargs.get("labels")
     if labels is not None and labels.dim() == 2 and not model.config.is_encoder_decoder:
         kwargs["labels"] = pad(labels, IGNORE)  # virtual tokens are never targets
-    for k in ("position_ids", "cache_position"):  # let the model number the longer sequence itself
-        kwargs.pop(k, None)
+    positions = kwargs.pop("position_ids", None)
+    kwargs.pop("cache_position", None)  # let the model number the longer sequence itself...
+    if positions is not None and kwargs.get("attention_mask") is None:  # ...unless documents are packed
+        kwargs["position_ids"] = torch.cat([torch.arange(P, device=ids.device).expand(ids.shape[0], -1),
+                                            positions.expand(ids.shape[0], -1) + P], dim=1)
+        kwargs["attention_mask"] = _packed_mask(positions.expand(ids.shape[0], -1), P, embeds.dtype)
     return args, kwargs
+
+
+def _packed_mask(positions: torch.Tensor, P: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, P+T, P+T] mask for packed documents behind P virtual tokens: every document sees the
+    virtual tokens and itself, causally. Documents start where the position does not follow on by one."""
+    starts = torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1) != 1
+    doc = torch.cat([positions.new_full((positions.shape[0], P), -1), starts.cumsum(-1)], dim=1)
+    L = doc.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=doc.device).tril()
+    allowed = causal & ((doc[:, :, None] == doc[:, None, :]) | (doc[:, None, :] == -1))
+    return torch.zeros(allowed.shape, dtype=dtype, device=doc.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def _drop_virtual_positions(model: nn.Module, args, kwargs, output):

@@ -9,8 +9,10 @@ from pathlib import Path
 from dstune.errors import UserError, first_line
 
 
-def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
-    """Load a tokenizer from an HF folder (optionally from a GGUF file in it) or a SentencePiece .model."""
+def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: bool = False,
+                   chat_template: str | None = None):
+    """Load a tokenizer from an HF folder (optionally from a GGUF file in it) or a SentencePiece .model;
+    `chat_template` (Jinja text) replaces its own."""
     from transformers import AutoTokenizer
 
     if not os.path.exists(path):
@@ -26,7 +28,23 @@ def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: b
     if tok.pad_token is None:
         # batching needs a pad id; padded positions are masked, so reusing EOS/UNK is harmless
         tok.pad_token = tok.eos_token or tok.unk_token
+    if chat_template is not None:
+        tok.chat_template = chat_template
     return tok
+
+
+def read_chat_template(cfg) -> str | None:
+    """tokenizer.chat_template as Jinja text: the value itself, or the file it names."""
+    t = cfg.tokenizer
+    if not t.template_is_file():
+        return t.chat_template
+    try:
+        text = Path(t.chat_template).read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"tokenizer.chat_template: cannot read {t.chat_template}: {e.strerror}") from None
+    if "{{" not in text and "{%" not in text:
+        raise UserError(f"tokenizer.chat_template: {t.chat_template} holds no Jinja template")
+    return text
 
 
 def _from_sentencepiece(model_file: str):

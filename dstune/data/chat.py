@@ -1,0 +1,119 @@
+"""Conversations: the chat formats users bring, checked, rendered with the chat template, and tokenized so
+that only the assistant's turns are targets.
+
+Every format becomes one list of {role, content} turns (roles system, user, assistant):
+- `messages`  (OpenAI / ChatML): [{"role": "user", "content": "..."}, ...]
+- `sharegpt`: {"conversations": [{"from": "human" | "gpt" | "system", "value": "..."}, ...]}
+- `alpaca`:   instruction, optional input, output (and an optional system column)
+- `prompt_response`: one user turn and one assistant turn
+
+A conversation is rendered once with the tokenizer's chat template. The assistant turns are found by
+rendering the conversation up to each of them (with the generation prompt) and up to its end: the text in
+between is what the model says, including the template's end-of-turn marker, so it learns to stop. Tokens
+that overlap it are targets; system and user turns, and the template's markup around them, are context.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from dstune.errors import UserError, first_line
+
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_response")
+DEFAULT_COLUMN = {"messages": "messages", "sharegpt": "conversations"}
+ALPACA = ("instruction", "input", "output", "system")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system"}
+_ROLES = ("system", "user", "assistant")
+
+
+class BadRow(ValueError):
+    """A row that is not a valid conversation; the caller adds where it is."""
+
+
+def _turns(raw: Any, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
+    if not isinstance(raw, list) or not raw:
+        raise BadRow("empty conversation")
+    turns = []
+    for i, t in enumerate(raw, 1):
+        if not isinstance(t, dict):
+            raise BadRow(f"turn {i} is not an object")
+        role, content = t.get(role_key), t.get(content_key)
+        if role not in roles:
+            raise BadRow(f"turn {i} has role {role!r} (expected {', '.join(sorted(roles))})")
+        if not isinstance(content, str):
+            raise BadRow(f"turn {i} has no text {content_key!r}")
+        turns.append({"role": roles[role], "content": content})
+    return turns
+
+
+def conversation(row: dict, fmt: str, column: str | None, prompt_column: str = "prompt",
+                 response_column: str = "response") -> list[dict[str, str]]:
+    """One row of `fmt` as checked turns. Raises BadRow."""
+    if fmt == "messages":
+        turns = _turns(row[column or DEFAULT_COLUMN[fmt]], "role", "content", {r: r for r in _ROLES})
+    elif fmt == "sharegpt":
+        turns = _turns(row[column or DEFAULT_COLUMN[fmt]], "from", "value", _SHAREGPT_ROLES)
+    elif fmt == "alpaca":
+        instruction, extra = row["instruction"], row.get("input")
+        if not isinstance(instruction, str) or not isinstance(row["output"], str):
+            raise BadRow("instruction and output must be text")
+        user = instruction + (f"\n\n{extra}" if isinstance(extra, str) and extra.strip() else "")
+        turns = ([{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str)
+                 and row["system"] else []) + [{"role": "user", "content": user},
+                                               {"role": "assistant", "content": row["output"]}]
+    else:
+        turns = [{"role": "user", "content": str(row[prompt_column])},
+                 {"role": "assistant", "content": str(row[response_column])}]
+    if any(t["role"] == "system" for t in turns[1:]):
+        raise BadRow("a system turn after the first turn")
+    if turns[-1]["role"] != "assistant":
+        raise BadRow(f"the conversation ends on a {turns[-1]['role']} turn (the last turn must be the assistant's)")
+    return turns
+
+
+def _render(tokenizer, turns: list[dict], generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # Jinja raises its own errors (and templates raise on purpose) for turns they refuse
+        raise BadRow(f"the chat template refused it: {first_line(e)}") from None
+
+
+def render(tokenizer, turns: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """(the whole conversation as text, the character spans the assistant says)."""
+    text = _render(tokenizer, turns, False)
+    spans = []
+    for k, t in enumerate(turns):
+        if t["role"] != "assistant":
+            continue
+        before, through = _render(tokenizer, turns[:k], True), _render(tokenizer, turns[:k + 1], False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise UserError("tokenizer.chat_template: the template renders earlier turns differently once later "
+                            "turns follow (e.g. it drops past reasoning), so the assistant's turns cannot be "
+                            "found; set tokenizer.chat_template to one that renders conversations incrementally")
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def generation_prompt(tokenizer, turns: list[dict]) -> str:
+    """The text a model continues to answer after `turns` (which end on a user turn)."""
+    return _render(tokenizer, turns, True)
+
+
+def tokenize(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]], ignore: int
+             ) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per rendered conversation, one batched call of the fast tokenizer; a token is a
+    target when it overlaps one of the conversation's assistant spans (a token that joins the template's
+    last character before the reply with the reply's first, e.g. SentencePiece's "▁a", is the reply's)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError("tokenizer.path: chat data needs a fast (Rust) tokenizer, which reports where each token "
+                        "starts in the text")
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans):
+        labels, j = [], 0
+        for tok, (start, end) in zip(ids, offsets):
+            while j < len(sp) and start >= sp[j][1]:
+                j += 1
+            labels.append(tok if j < len(sp) and end > sp[j][0] else ignore)
+        out.append((ids, labels))
+    return out
