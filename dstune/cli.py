@@ -30,6 +30,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     os._exit(0)
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Tokenize (and pack) a recipe's data ahead of the job: dstune prepare RECIPE.yaml [key=value ...]
+
+    Writes the prepared Arrow cache that `dstune train` with the same data, tokenizer and data settings
+    then memory-maps on every rank without preparing again (e.g. run it on a CPU node before the GPU job;
+    point data.cache_dir, or $DSTUNE_DATA_CACHE, at a filesystem the nodes share or copy it to each).
+    Prints the cache entry's folder, its rows and tokens.
+    """
+    from dstune.config import load_config
+    from dstune.data.prepare import prepared_data, summary
+    from dstune.models.tokenizers import recipe_tokenizer
+
+    cfg = load_config(args.recipe, args.overrides)
+    data, entry = prepared_data(cfg, recipe_tokenizer(cfg))
+    if entry is None:
+        raise UserError("data.train: `random` data is made on the fly; there is nothing to prepare")
+    print(summary(data, entry), flush=True)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a finished run: dstune eval RUN_DIR [--data FILE] [key=value ...]
 
@@ -256,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("train", cmd_train)
     sp.add_argument("recipe", help="YAML recipe (see recipes/)")
     sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.lr=1e-4")
+
+    sp = add("prepare", cmd_prepare)
+    sp.add_argument("recipe", help="YAML recipe (see recipes/)")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.max_length=2048")
 
     sp = add("eval", cmd_eval)
     sp.add_argument("run_dir")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dstune.errors import UserError
 
@@ -65,13 +65,41 @@ class TokenizerConfig(_Section):
         return self.chat_template is not None and "{{" not in self.chat_template and "{%" not in self.chat_template
 
 
+FORMATS = ("auto", "text", "prompt_response", "messages", "sharegpt", "alpaca")
+
+
+class DataSource(_Section):
+    """One source of a mixture (`data.train` as a list): its own file, format and columns, and its share."""
+    path: str = Field(description="a data file or saved `datasets` folder")
+    weight: float | None = Field(None, gt=0, description="share of the mixture's examples (relative to the other "
+                                                         "sources' weights; the mixture has as many examples as "
+                                                         "the sources have rows)")
+    epochs: float | None = Field(None, gt=0, description="passes over this source per pass over the mixture "
+                                                         "(default 1; fractions take a seeded sample)")
+    format: Literal[FORMATS] | None = Field(None, description="default: data.format")
+    messages_column: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
+    source_column: str | None = None
+    target_column: str | None = None
+
+    @model_validator(mode="after")
+    def _one_share(self) -> "DataSource":
+        if self.weight is not None and self.epochs is not None:
+            raise ValueError("give a source a weight or epochs, not both")
+        return self
+
+
 class DataConfig(_Section):
-    train: str = Field(description="training data: .jsonl/.json/.csv/.parquet file or a saved `datasets` folder; "
-                                   "`random`: uniform random token ids in full max_length blocks (causal_lm "
-                                   "throughput benchmarks, no tokenizer needed)")
+    train: str | list[DataSource] = Field(
+        description="training data: .jsonl/.json/.csv/.parquet file or a saved `datasets` folder; a list of "
+                    "sources ({path, weight | epochs, format, *_column}) to mix; `random`: uniform random "
+                    "token ids in full max_length blocks (causal_lm throughput benchmarks, no tokenizer needed)")
     eval: str | None = Field(None, description="evaluation data, same formats; default: hold out eval_fraction of train")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of train held out for eval when eval is unset")
-    format: Literal["auto", "text", "prompt_response", "messages", "sharegpt", "alpaca"] = Field(
+    format: Literal[FORMATS] = Field(
         "auto", description="causal_lm row format; auto: text_column, else prompt_column+response_column, else a "
                             "messages/conversations column (OpenAI or ShareGPT turns), else instruction+output "
                             "(Alpaca)")
@@ -85,9 +113,29 @@ class DataConfig(_Section):
     target_column: str = Field("target", description="target text (seq2seq)")
     max_length: int = Field(128, gt=0, description="tokens per example (truncated); packed block size")
     max_target_length: int = Field(64, gt=0, description="target tokens (seq2seq)")
+    num_proc: int | None = Field(None, gt=0, description="processes that tokenize (default: one per core from "
+                                                          "20,000 rows on, else one)")
+    cache_dir: str | None = Field(None, description="where prepared (tokenized, packed) data is kept, keyed by "
+                                                    "the data's content, the tokenizer and these settings "
+                                                    "(default: $DSTUNE_DATA_CACHE or ~/.cache/dstune/data)")
     packing: bool = Field(False, description="causal_lm: put whole examples together into blocks of up to "
                                              "max_length tokens; each keeps its own positions and attends only "
                                              "to itself")
+
+    @field_validator("train")
+    @classmethod
+    def _mixture(cls, train: str | list[DataSource]) -> str | list[DataSource]:
+        if isinstance(train, list):
+            if not train:
+                raise ValueError("a list of sources needs at least one")
+            weighted = [s.weight is not None for s in train]
+            if any(weighted) and not all(weighted):
+                raise ValueError("give every source a weight, or none (each then takes epochs, default 1)")
+        return train
+
+    def sources(self) -> list[DataSource]:
+        """data.train as a list of sources (one file is one source, taken once)."""
+        return self.train if isinstance(self.train, list) else [DataSource(path=self.train)]
 
 
 class TrainingConfig(_Section):
@@ -155,8 +203,13 @@ class RunConfig(_Section):
         self.tokenizer.path = absolute(self.tokenizer.path)
         if self.tokenizer.template_is_file():
             self.tokenizer.chat_template = absolute(self.tokenizer.chat_template)
-        self.data.train = self.data.train if self.data.train == RANDOM_DATA else absolute(self.data.train)
+        if isinstance(self.data.train, list):
+            for source in self.data.train:
+                source.path = absolute(source.path)
+        elif self.data.train != RANDOM_DATA:
+            self.data.train = absolute(self.data.train)
         self.data.eval = absolute(self.data.eval)
+        self.data.cache_dir = absolute(self.data.cache_dir)
         self.output_dir = absolute(self.output_dir)
         if isinstance(self.deepspeed, str) and self.deepspeed.endswith(".json"):
             self.deepspeed = absolute(self.deepspeed)
@@ -211,10 +264,14 @@ def _key_lines(text: str) -> dict[tuple, int]:
     return lines
 
 
+UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*|dict\[.*|function-.*)$")  # pydantic's branch names
+
+
 def format_validation_error(err: ValidationError, source: str, key_lines: dict[tuple, int]) -> str:
     """First pydantic error as one line: `recipe.yaml:7: training.lr: Input should be a valid number`."""
-    e = err.errors()[0]
-    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    errors = err.errors()
+    e = max(errors, key=lambda x: len(x["loc"]))  # of a union's branches, the one that got furthest
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and UNION_TAG.match(p)))
     key = ".".join(str(p) for p in loc) or "(top level)"
     msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
     if e["type"] not in ("missing", "extra_forbidden") and "input" in e and not isinstance(e["input"], dict):

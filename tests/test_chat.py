@@ -189,3 +189,13 @@ def test_a_real_chat_template_trains_on_the_replies_and_their_end_of_turn(tmp_pa
     assert _targets(tok, {"input_ids": ids, "labels": labels}) == ["a clever plot<|im_end|>",
                                                                    "the actors were great<|im_end|>"]
     assert tok.convert_ids_to_tokens(tok.eos_token_id) == "<|im_end|>"  # generation stops where training did
+
+
+def test_turns_are_found_under_either_usual_column_name(ws, tmp_path):
+    """ShareGPT turns in a `messages` column and OpenAI turns in a `conversations` column (both common)."""
+    sharegpt = [{"from": SHAREGPT_ROLE[t["role"]], "value": t["content"]} for t in TURNS]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, _ = _prepared(tmp_path / "a", ws, _jsonl(tmp_path / "a" / "t.jsonl", [{"messages": sharegpt}] * 4))
+    b, _ = _prepared(tmp_path / "b", ws, _jsonl(tmp_path / "b" / "t.jsonl", [{"conversations": TURNS}] * 4))
+    assert (a.style, b.style) == ("sharegpt", "messages") and a.train[0] == b.train[0]

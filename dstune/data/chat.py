@@ -9,8 +9,8 @@ Every format becomes one list of {role, content} turns (roles system, user, assi
 
 A conversation is rendered once with the tokenizer's chat template. The assistant turns are found by
 rendering the conversation up to each of them (with the generation prompt) and up to its end: the text in
-between is what the model says, including the template's end-of-turn marker, so it learns to stop. Tokens
-that overlap it are targets; system and user turns, and the template's markup around them, are context.
+between is what the model says, including the template's end-of-turn marker, so it learns to stop. The
+tokens that hold it are targets; system and user turns, and the template's markup around them, are context.
 """
 from __future__ import annotations
 
@@ -20,6 +20,15 @@ from dstune.errors import UserError, first_line
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_response")
 DEFAULT_COLUMN = {"messages": "messages", "sharegpt": "conversations"}
+
+
+def turns_column(fmt: str, configured: str | None, columns: list[str]) -> str:
+    """The column holding a messages/sharegpt row's turns: data.messages_column, else the format's usual
+    name, else the other usual name (ShareGPT files often call it `messages` too, and the reverse)."""
+    if configured:
+        return configured
+    usual = [DEFAULT_COLUMN[fmt], *(c for c in DEFAULT_COLUMN.values() if c != DEFAULT_COLUMN[fmt])]
+    return next((c for c in usual if c in columns), DEFAULT_COLUMN[fmt])
 ALPACA = ("instruction", "input", "output", "system")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system"}
@@ -50,9 +59,9 @@ def conversation(row: dict, fmt: str, column: str | None, prompt_column: str = "
                  response_column: str = "response") -> list[dict[str, str]]:
     """One row of `fmt` as checked turns. Raises BadRow."""
     if fmt == "messages":
-        turns = _turns(row[column or DEFAULT_COLUMN[fmt]], "role", "content", {r: r for r in _ROLES})
+        turns = _turns(row[turns_column(fmt, column, list(row))], "role", "content", {r: r for r in _ROLES})
     elif fmt == "sharegpt":
-        turns = _turns(row[column or DEFAULT_COLUMN[fmt]], "from", "value", _SHAREGPT_ROLES)
+        turns = _turns(row[turns_column(fmt, column, list(row))], "from", "value", _SHAREGPT_ROLES)
     elif fmt == "alpaca":
         instruction, extra = row["instruction"], row.get("input")
         if not isinstance(instruction, str) or not isinstance(row["output"], str):
@@ -81,11 +90,13 @@ def _render(tokenizer, turns: list[dict], generation_prompt: bool) -> str:
 def render(tokenizer, turns: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """(the whole conversation as text, the character spans the assistant says)."""
     text = _render(tokenizer, turns, False)
+    last = len(turns) - 1  # the conversation ends on the assistant: its render through the last turn is `text`
     spans = []
     for k, t in enumerate(turns):
         if t["role"] != "assistant":
             continue
-        before, through = _render(tokenizer, turns[:k], True), _render(tokenizer, turns[:k + 1], False)
+        before = _render(tokenizer, turns[:k], True)
+        through = text if k == last else _render(tokenizer, turns[:k + 1], False)
         if not (through.startswith(before) and text.startswith(through)):
             raise UserError("tokenizer.chat_template: the template renders earlier turns differently once later "
                             "turns follow (e.g. it drops past reasoning), so the assistant's turns cannot be "
@@ -101,19 +112,31 @@ def generation_prompt(tokenizer, turns: list[dict]) -> str:
 
 def tokenize(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]], ignore: int
              ) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per rendered conversation, one batched call of the fast tokenizer; a token is a
-    target when it overlaps one of the conversation's assistant spans (a token that joins the template's
-    last character before the reply with the reply's first, e.g. SentencePiece's "▁a", is the reply's)."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise UserError("tokenizer.path: chat data needs a fast (Rust) tokenizer, which reports where each token "
+    """(input_ids, labels) per rendered conversation, from one batched call of the fast tokenizer: the
+    tokens from the one holding a span's first character to the one holding its last are targets (a token
+    that joins the template's last character before the reply with the reply's first, e.g. SentencePiece's
+    "▁a", is the reply's)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError("tokenizer.path: chat data needs a fast (Rust) tokenizer, which tells where each token "
                         "starts in the text")
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     out = []
-    for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans):
-        labels, j = [], 0
-        for tok, (start, end) in zip(ids, offsets):
-            while j < len(sp) and start >= sp[j][1]:
-                j += 1
-            labels.append(tok if j < len(sp) and end > sp[j][0] else ignore)
+    for enc, sp in zip(backend.encode_batch(texts, add_special_tokens=False), spans):
+        ids = enc.ids
+        labels = [ignore] * len(ids)
+        for a, b in sp:
+            first, last = _token_at(enc, a, b, 1), _token_at(enc, b - 1, a - 1, -1)
+            if first is not None and last is not None and first <= last:
+                labels[first:last + 1] = ids[first:last + 1]
         out.append((ids, labels))
     return out
+
+
+def _token_at(enc, char: int, stop: int, step: int) -> int | None:
+    """The token holding `char`, or the nearest one from there towards `stop` (a normalizer may drop
+    characters, e.g. spaces, that no token then holds)."""
+    for c in range(char, stop, step):
+        t = enc.char_to_token(c)
+        if t is not None:
+            return t
+    return None

@@ -24,8 +24,9 @@ def _check_jsonl(path: str, key: str) -> None:
                 raise UserError(f"{path}:{lineno}: {key}: each row must be a JSON object, got {type(row).__name__}")
 
 
-def load_table(path: str, key: str):
-    """Load a data file or a saved dataset folder as a `datasets.Dataset`; `key` names the config key."""
+def load_table(path: str, key: str, cache_dir: str | None = None):
+    """Load a data file or a saved dataset folder as a `datasets.Dataset`; `key` names the config key. With
+    `cache_dir`, a file is converted to Arrow there and memory-mapped; else it is read into memory."""
     import datasets
 
     if not os.path.exists(path):
@@ -45,13 +46,13 @@ def load_table(path: str, key: str):
             raise UserError(f"{key}: {path} has no rows")
         if ext not in _BUILDERS:
             raise UserError(f"{key}: unsupported file type {ext!r} ({path}); use {', '.join(_BUILDERS)}")
-        if ext == ".jsonl" or (ext == ".json" and _looks_like_jsonl(path)):
-            _check_jsonl(path, key)
         kwargs = {"sep": "\t"} if ext == ".tsv" else {}
         try:
-            ds = datasets.load_dataset(_BUILDERS[ext], data_files=path, split="train", keep_in_memory=True,
-                                       **kwargs)
+            ds = datasets.load_dataset(_BUILDERS[ext], data_files=path, split="train", cache_dir=cache_dir,
+                                       keep_in_memory=cache_dir is None, **kwargs)
         except Exception as e:  # datasets raises many types for unreadable files; all mean bad input here
+            if ext == ".jsonl" or (ext == ".json" and _looks_like_jsonl(path)):
+                _check_jsonl(path, key)  # say which line (read only when the file is bad)
             raise UserError(f"{key}: cannot read {path}: {first_line(e)}") from None
     if len(ds) == 0:
         raise UserError(f"{key}: {path} has no rows")

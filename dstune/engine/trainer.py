@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from dstune.config import RANDOM_DATA, RunConfig, dump_config
+from dstune.config import RunConfig, dump_config
 from dstune.data.batching import StepBatches, collate, target_tokens, to_device
-from dstune.data.tasks import prepare_data
+from dstune.data.prepare import prepared_data, summary
 from dstune.engine import checkpoint as ckpt
 from dstune.engine.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
 from dstune.engine.ds_config import build_ds_config, zero_stage
@@ -27,7 +27,7 @@ from dstune.engine.evaluate import evaluate
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
 from dstune.models.loading import compile_layers, load_model, prepare_for_training
-from dstune.models.tokenizers import load_tokenizer, read_chat_template
+from dstune.models.tokenizers import recipe_tokenizer
 from dstune.profiling.phases import PhaseMemory
 from dstune.profiling.step_profile import StepProfile
 
@@ -73,10 +73,6 @@ class RunLog:
             self.tb.close()
 
 
-def tokenizer_path(cfg: RunConfig) -> str:
-    return cfg.tokenizer.path or cfg.model.path or ""
-
-
 def train(cfg: RunConfig) -> dict:
     """Run one fine-tuning job described by `cfg` on whatever ranks the launcher started."""
     import deepspeed
@@ -84,18 +80,12 @@ def train(cfg: RunConfig) -> dict:
 
     t = cfg.training
     # 1. everything that can reject the input, before anything is written
-    random_tokens = cfg.data.train == RANDOM_DATA
-    if not tokenizer_path(cfg) and not random_tokens:
-        raise UserError("tokenizer.path: required when the model is a tiny random config")
     methods = build_methods(cfg.methods)
     if int(os.environ.get("RANK", "0")) != 0:
         import datasets
         datasets.disable_progress_bars()
-    tokenizer = None  # random token ids need none
-    if tokenizer_path(cfg):
-        tokenizer = load_tokenizer(tokenizer_path(cfg), None if cfg.tokenizer.path else cfg.model.gguf_file,
-                                   cfg.model.trust_remote_code, read_chat_template(cfg))
-    data = prepare_data(cfg, tokenizer)
+    tokenizer = recipe_tokenizer(cfg)
+    data, data_entry = prepared_data(cfg, tokenizer, int(os.environ.get("LOCAL_RANK", "0")), t.dist_timeout_s)
     build_ds_config(cfg, 1)  # reject a bad DeepSpeed config before starting the process group
     tag = ckpt.last_complete(cfg.output_dir) if t.resume else None  # and a bad checkpoint pointer
     dist_ = init_distributed(t.dist_timeout_s)
@@ -141,6 +131,7 @@ def train(cfg: RunConfig) -> dict:
                  "methods": [m.name for m in methods], "trainable_params": n_train, "total_params": n_total,
                  "base_params": base_params,
                  "world_size": dist_.world, "zero_stage": stage}, indent=1))
+            print(f"[dstune] data: {summary(data, data_entry)}", flush=True)
             print(f"[dstune] {', '.join(m.name for m in methods)}: {n_train:,} of {n_total:,} parameters train "
                   f"({100 * n_train / n_total:.2f}%); {dist_.world} rank(s), ZeRO-{stage}, {t.precision}, "
                   f"{total_steps} steps of {batches.global_batch} examples"

@@ -6,6 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from dstune.config import RANDOM_DATA
 from dstune.errors import UserError, first_line
 
 
@@ -31,6 +32,18 @@ def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: b
     if chat_template is not None:
         tok.chat_template = chat_template
     return tok
+
+
+def recipe_tokenizer(cfg):
+    """The recipe's tokenizer (tokenizer.path, else the model folder or its GGUF file), with the recipe's
+    chat template; None for `data.train: random` without one."""
+    path = cfg.tokenizer.path or cfg.model.path
+    if not path:
+        if cfg.data.train == RANDOM_DATA:
+            return None  # random token ids need none
+        raise UserError("tokenizer.path: required when the model is a tiny random config")
+    return load_tokenizer(path, None if cfg.tokenizer.path else cfg.model.gguf_file, cfg.model.trust_remote_code,
+                          read_chat_template(cfg))
 
 
 def read_chat_template(cfg) -> str | None:

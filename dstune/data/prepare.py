@@ -1,0 +1,218 @@
+"""Data prepared once per job: tokenized (and packed) into an Arrow cache that every rank memory-maps.
+
+The cache entry's name is a digest of the data files' content, the tokenizer (its vocabulary, rules,
+special tokens and chat template) and every setting that changes the prepared rows, so a rerun with
+unchanged data starts from it and any change prepares afresh. On each node the local rank 0 prepares
+(`dstune prepare` does it ahead of time); the node's other ranks wait for it and then read the same files.
+Nodes that share a filesystem may both prepare: each writes a folder of its own and renames it into place,
+and the second rename finds the first and drops its copy. A folder is renamed into place only once
+complete, so a cut-off preparation is never read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from dstune.config import RANDOM_DATA, RunConfig
+from dstune.data.tasks import TaskData, prepare_data, random_data, token_count
+from dstune.errors import UserError
+
+VERSION = 1  # bump when the prepared rows change for the same inputs
+POLL_S = 0.5
+MEMO_ENTRIES = 10_000  # file digests remembered (the newest), so unchanged files are not read again
+
+
+def cache_root(cfg: RunConfig) -> Path:
+    return Path(cfg.data.cache_dir or os.environ.get("DSTUNE_DATA_CACHE") or
+                Path.home() / ".cache" / "dstune" / "data")
+
+
+def _file_digest(path: str, memo: dict, key: str) -> str:
+    """blake2b of a file's bytes (of every file, for a folder), remembered by (path, size, mtime)."""
+    if not os.path.exists(path):
+        raise UserError(f"{key}: file not found: {path}")
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if os.path.isdir(path) else [Path(path)]
+    stamp = json.dumps([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    if stamp not in memo:
+        h = hashlib.blake2b(digest_size=16)
+        for f in files:
+            h.update(str(f.relative_to(path) if os.path.isdir(path) else "").encode())
+            try:
+                with open(f, "rb") as fh:
+                    while chunk := fh.read(1 << 22):
+                        h.update(chunk)
+            except OSError as e:
+                raise UserError(f"{key}: cannot read {f}: {e.strerror}") from None
+        memo[stamp] = h.hexdigest()
+    return memo[stamp]
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else
+             json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([type(tokenizer).__name__, getattr(tokenizer, "chat_template", None),
+                         [getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")]],
+                        default=str).encode())
+    return h.hexdigest()
+
+
+def fingerprint(cfg: RunConfig, tokenizer) -> str:
+    """The cache entry's name for this recipe's data and tokenizer."""
+    root = cache_root(cfg)
+    memo_file = root / "digests.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    d = cfg.data
+    settings = {"version": VERSION, "task": cfg.task,
+                "data": d.model_dump(mode="json", exclude={"train", "eval", "cache_dir", "num_proc"}),
+                "train": [[_file_digest(s.path, memo, f"data.train[{i}]" if isinstance(d.train, list)
+                                        else "data.train"), s.model_dump(mode="json", exclude={"path"})]
+                          for i, s in enumerate(d.sources())],
+                "eval": _file_digest(d.eval, memo, "data.eval") if d.eval else None,
+                "eval_max_samples": cfg.evaluation.max_samples,
+                "split_seed": cfg.training.seed if d.eval_fraction and not d.eval else None,
+                "tokenizer": _tokenizer_digest(tokenizer)}
+    _write_atomic(memo_file, json.dumps(dict(list(memo.items())[-MEMO_ENTRIES:])))
+    return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=12).hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build(cfg: RunConfig, tokenizer, entry: Path) -> None:
+    """Prepare the data into `entry` (a folder renamed into place when complete); a bad row's error is left
+    beside it for the waiting ranks."""
+    host, pid = socket.gethostname(), os.getpid()
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    lock, error = _lock(entry, host), _error(entry, host, pid)
+    for old in entry.parent.glob(f"{entry.name}.{host}.*.error"):  # earlier runs' failures
+        old.unlink(missing_ok=True)
+    lock.write_text(str(pid))
+    tmp = entry.with_name(f".{entry.name}.{host}.{pid}")
+    try:
+        data = prepare_data(cfg, tokenizer, work=str(tmp / "work"))
+        meta = {"labels": data.labels, "style": data.style, "train_rows": len(data.train),
+                "train_tokens": token_count(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0,
+                "sources": data.sources, "train": _keep(data.train, tmp, "train"),
+                "eval": _keep(data.eval, tmp, "eval") if data.eval is not None else []}
+        del data
+        shutil.rmtree(tmp / "work")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, entry)
+        except OSError:  # another node sharing this filesystem renamed its copy first
+            if not (entry / "meta.json").is_file():
+                raise
+    except UserError as e:
+        error.write_text(str(e))
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+
+
+def _keep(ds, folder: Path, name: str) -> list[str]:
+    """Move the Arrow files behind a prepared split out of the work folder into `folder`; their names. A
+    selection (a mixture without packing) is written out in its order first."""
+    if ds._indices is not None:
+        ds = ds.flatten_indices(cache_file_name=str(folder / "work" / f"{name}-flat.arrow"))
+    names = []
+    for i, f in enumerate(ds.cache_files):
+        names.append(f"{name}-{i:05d}.arrow")
+        os.rename(f["filename"], folder / names[-1])
+    return names
+
+
+def _lock(entry: Path, host: str) -> Path:
+    return entry.with_name(f"{entry.name}.{host}.lock")
+
+
+def _error(entry: Path, host: str, pid: int) -> Path:
+    return entry.with_name(f"{entry.name}.{host}.{pid}.error")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_for(entry: Path, timeout_s: float) -> None:
+    """Wait while this node's local rank 0 prepares `entry`: until it is in place, or its writer failed
+    (its error is raised here too), or no writer showed up within `timeout_s`."""
+    import psutil
+
+    host, started = socket.gethostname(), psutil.Process().create_time() - 2
+    lock, deadline, writer = _lock(entry, host), time.monotonic() + timeout_s, None
+    while not (entry / "meta.json").is_file():
+        try:
+            if lock.stat().st_mtime >= started:  # not a lock left by an earlier, killed run
+                writer = int(lock.read_text() or 0) or writer
+        except (OSError, ValueError):
+            pass
+        if writer is not None and not (lock.exists() and _alive(writer)):
+            if (entry / "meta.json").is_file():
+                break
+            err = _error(entry, host, writer)
+            if err.is_file():
+                raise UserError(err.read_text())
+            raise UserError(f"data.cache_dir: the rank preparing the data (pid {writer}) ended without "
+                            f"writing {entry}")
+        if writer is None and time.monotonic() > deadline:
+            raise UserError(f"training.dist_timeout_s: no rank on {host} began preparing the data in "
+                            f"{timeout_s:.0f} s (local rank 0 prepares; {entry})")
+        time.sleep(POLL_S)
+
+
+def open_prepared(entry: Path) -> TaskData:
+    """The prepared splits, memory-mapped."""
+    import datasets
+
+    meta = json.loads((entry / "meta.json").read_text())
+    split = lambda names: datasets.concatenate_datasets(  # noqa: E731
+        [datasets.Dataset.from_file(str(entry / n)) for n in names]) if names else None
+    return TaskData(train=split(meta["train"]), eval=split(meta["eval"]), labels=meta["labels"], style=meta["style"],
+                    sources=meta["sources"])
+
+
+def prepared_data(cfg: RunConfig, tokenizer, local_rank: int = 0, timeout_s: float = 600) -> tuple[TaskData, Path | None]:
+    """(the recipe's data, its cache entry): prepared by local rank 0 unless the cache has it, else read."""
+    if cfg.data.train == RANDOM_DATA:
+        return random_data(cfg, tokenizer), None
+    entry = cache_root(cfg) / fingerprint(cfg, tokenizer)
+    if not (entry / "meta.json").is_file():
+        if local_rank == 0:
+            build(cfg, tokenizer, entry)
+        else:
+            wait_for(entry, timeout_s)
+    return open_prepared(entry), entry
+
+
+def summary(data: TaskData, entry: Path | None) -> str:
+    """One start-up line: rows and tokens of each split and where they are."""
+    if entry is None:
+        return f"{len(data.train):,} random rows"
+    meta = json.loads((entry / "meta.json").read_text())
+    ev = f"; {meta['eval_rows']:,} eval rows" if meta["eval_rows"] else ""
+    line = f"{meta['train_rows']:,} training rows, {meta['train_tokens']:,} tokens{ev} ({entry})"
+    if len(meta["sources"]) > 1 or meta["sources"][0]["examples"] != meta["sources"][0]["rows"]:
+        line += "".join(f"\n  {Path(s['path']).name} ({s['format']}): {s['rows']:,} rows, {s['tokens']:,} tokens "
+                        f"-> {s['examples']:,} examples" for s in meta["sources"])
+    return line
