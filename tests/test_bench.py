@@ -21,7 +21,8 @@ def test_bench_compares_methods(ws, built_ops, tmp_path):
         assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["peak_bytes"] > 0 and r["estimate_bytes"] > 0
         assert r["mfu"] is None  # no accelerator: MFU is not made up
         steps = [json.loads(x) for x in (out / r["method"] / "metrics.jsonl").read_text().splitlines()]
-        assert {s["tokens"] for s in steps} == {2 * 32}  # micro-batch 2 × 32 packed tokens per step
+        # micro-batch 2 × blocks of up to 32 tokens, packed from ~15-token documents: real tokens, no padding
+        assert all(2 * 16 < s["tokens"] <= 2 * 32 for s in steps), [s["tokens"] for s in steps]
     full, lora, prefix = rows
     assert lora["trainable_params"] < full["trainable_params"] and prefix["trainable_params"] < full["trainable_params"]
     # frozen weights carry no optimizer state: measured model states shrink with the method
