@@ -199,3 +199,12 @@ def test_turns_are_found_under_either_usual_column_name(ws, tmp_path):
     a, _ = _prepared(tmp_path / "a", ws, _jsonl(tmp_path / "a" / "t.jsonl", [{"messages": sharegpt}] * 4))
     b, _ = _prepared(tmp_path / "b", ws, _jsonl(tmp_path / "b" / "t.jsonl", [{"conversations": TURNS}] * 4))
     assert (a.style, b.style) == ("sharegpt", "messages") and a.train[0] == b.train[0]
+
+
+def test_a_conversation_the_template_refuses_is_named_by_file_and_line(ws, tmp_path):
+    refuses_system = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turns') }}"
+                      "{% endif %}{{ m['content'] }} {% endfor %}")
+    plain = {"messages": TURNS[1:]}
+    train = _jsonl(tmp_path / "t.jsonl", [plain, plain, {"messages": TURNS}, plain])
+    with pytest.raises(UserError, match=rf"^{train}:3: data.train: the chat template refused it: no system turns$"):
+        _prepared(tmp_path, ws, train, template=refuses_system)

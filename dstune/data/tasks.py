@@ -132,20 +132,28 @@ def _conversation_encoder(cfg: RunConfig, tokenizer, fmt: str, for_eval: bool, p
 
     def encode(batch):
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        texts, spans, extra = [], [], {"prompt_ids": [], "ref": []}
+        where = lambda row, e: UserError(f"{row_location(path, row[ROW])}: {key}: {e}")  # noqa: E731
+        conversations = []
         for row in rows:
             try:
-                turns = chat.conversation(row, fmt, d.messages_column, d.prompt_column, d.response_column)
-                text, sp = chat.render(tokenizer, turns)
-                if for_eval:
-                    prompt = chat.generation_prompt(tokenizer, turns[:-1])
+                conversations.append(chat.conversation(row, fmt, d.messages_column, d.prompt_column,
+                                                       d.response_column))
             except chat.BadRow as e:
-                raise UserError(f"{row_location(path, row[ROW])}: {key}: {e}") from None
-            texts.append(text)
-            spans.append(sp)
-            if for_eval:
-                extra["prompt_ids"].append(tokenizer(prompt, add_special_tokens=False)["input_ids"][-n:])
-                extra["ref"].append(turns[-1]["content"])
+                raise where(row, e) from None
+        try:
+            rendered = chat.render_many(tokenizer, conversations)
+        except chat.BadRow:  # the template refused a conversation: find its row
+            for row, turns in zip(rows, conversations):
+                try:
+                    chat.render(tokenizer, turns)
+                except chat.BadRow as e:
+                    raise where(row, e) from None
+            raise
+        texts, spans = [text for text, _ in rendered], [sp for _, sp in rendered]
+        extra = {}
+        if for_eval:  # the prompt of the last reply, and the reply
+            prompts = tokenizer([text[:sp[-1][0]] for text, sp in rendered], add_special_tokens=False)["input_ids"]
+            extra = {"prompt_ids": [ids[-n:] for ids in prompts], "ref": [turns[-1]["content"] for turns in conversations]}
         encoded = chat.tokenize(tokenizer, texts, spans, IGNORE)
         cut = (lambda x: x[:n]) if for_eval or not d.packing else (lambda x: x)
         out = {"input_ids": [cut(ids) for ids, _ in encoded], "labels": [cut(lab) for _, lab in encoded]}
