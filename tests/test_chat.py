@@ -208,3 +208,15 @@ def test_a_conversation_the_template_refuses_is_named_by_file_and_line(ws, tmp_p
     train = _jsonl(tmp_path / "t.jsonl", [plain, plain, {"messages": TURNS}, plain])
     with pytest.raises(UserError, match=rf"^{train}:3: data.train: the chat template refused it: no system turns$"):
         _prepared(tmp_path, ws, train, template=refuses_system)
+
+
+def test_a_template_that_rewrites_earlier_turns_and_a_file_without_jinja_are_refused(ws, tmp_path):
+    marks_last = "{% for m in messages %}{{ m['content'] }}{% if loop.last %}!{% else %} {% endif %}{% endfor %}"
+    train = _jsonl(tmp_path / "t.jsonl", [{"messages": TURNS}] * 4)
+    with pytest.raises(UserError, match=r"^tokenizer.chat_template: the template renders earlier turns differently"):
+        _prepared(tmp_path, ws, train, template=marks_last)
+    from dstune.models.tokenizers import read_chat_template
+    (tmp_path / "plain.txt").write_text("no template here")
+    cfg = load_config(tmp_path / "r.yaml", [f"tokenizer.chat_template={tmp_path / 'plain.txt'}"])
+    with pytest.raises(UserError, match=r"^tokenizer.chat_template: .*plain.txt holds no Jinja template$"):
+        read_chat_template(cfg)
