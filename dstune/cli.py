@@ -60,9 +60,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """
     import torch
 
-    from dstune.data.tasks import prepare_eval, prepare_held_out
+    from dstune.data.pipeline import prepare_eval, prepare_held_out
     from dstune.engine.evaluate import evaluate
     from dstune.engine.run_dir import load_run
+    from dstune.tasks import get_task
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, tokenizer, model, labels, _ = load_run(args.run_dir, device)
@@ -74,7 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data = prepare_held_out(cfg, tokenizer, labels)
     else:
         raise UserError("--data: the run has no data.eval or data.eval_fraction; name an evaluation file")
-    gen = cfg.evaluation.generate if cfg.evaluation.generate is not None else cfg.task == "seq2seq"
+    gen = cfg.evaluation.generate if cfg.evaluation.generate is not None else get_task(cfg.task).generates_by_default
     result = evaluate(model, data, cfg.task, tokenizer, device, cfg.evaluation.batch_size, gen,
                       cfg.evaluation.max_new_tokens)
     print(json.dumps(result, indent=1))
@@ -89,23 +90,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """
     import torch
 
-    from dstune.data.tasks import encode_prompt
     from dstune.engine.run_dir import load_run
+    from dstune.tasks import get_task
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, tokenizer, model, _, _ = load_run(args.run_dir, device)
-    if cfg.task == "classification":
-        raise UserError(f"{args.run_dir}: a classification run does not generate; use dstune eval")
+    task = get_task(cfg.task)
+    if not task.generative:
+        raise UserError(f"{args.run_dir}: a {cfg.task} run does not generate; use dstune eval")
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     torch.manual_seed(args.seed)
     for prompt in prompts:
-        ids = encode_prompt(tokenizer, prompt) if cfg.task == "causal_lm" else tokenizer(prompt)["input_ids"]
+        ids = task.prompt_ids(tokenizer, prompt)
         x = torch.tensor([ids], device=device)
         out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
                              do_sample=args.sample, temperature=args.temperature if args.sample else None,
                              top_p=args.top_p if args.sample else None, pad_token_id=tokenizer.pad_token_id,
                              **getattr(model, "dstune_generate_kwargs", {}))
-        new = out[0, x.shape[1]:] if cfg.task == "causal_lm" else out[0]
+        new = task.new_tokens(out[0], x.shape[1])
         print(tokenizer.decode(new, skip_special_tokens=True).strip(), flush=True)
     return 0
 

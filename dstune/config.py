@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dstune.errors import UserError
 
-TASKS = ("classification", "causal_lm", "seq2seq")
+TASKS = ("classification", "causal_lm", "seq2seq")  # one module each in dstune/tasks/
 RANDOM_DATA = "random"  # data.train value: synthetic token ids instead of a file
 
 
@@ -182,7 +182,7 @@ class EvaluationConfig(_Section):
 
 
 class RunConfig(_Section):
-    task: Literal["classification", "causal_lm", "seq2seq"] = Field(description="what the model learns")
+    task: Literal[TASKS] = Field(description="what the model learns")
     model: ModelConfig
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     data: DataConfig

@@ -6,7 +6,8 @@ import torch
 
 from dstune.config import load_config
 from dstune.models.loading import prepare_for_training
-from dstune.profiling.activations import DTYPES, default_dtype, example_batch, trace_step
+from dstune.profiling.activations import DTYPES, default_dtype, trace_step
+from dstune.tasks import get_task
 from dstune.models.loading import recipe_config
 from dstune.profiling.estimate import _with_methods, estimate, traced_activations
 
@@ -29,7 +30,7 @@ def real_step(cfg, micro_batch: int, seq_len: int):
     with default_dtype(DTYPES[cfg.training.precision]):
         model, _ = _with_methods(cfg, recipe_config(cfg), None)
     prepare_for_training(model, cfg)
-    return model, example_batch(cfg.task, model.config, micro_batch, seq_len, cfg.data.max_target_length)
+    return model, get_task(cfg.task).example_batch(model.config, micro_batch, seq_len, cfg.data.max_target_length)
 
 
 CASES = [(f, m, p, c) for f in TASKS for m in METHODS for p, c in (("fp32", False), ("bf16", True))

@@ -42,14 +42,14 @@ def test_jsonl_row_that_is_not_an_object(tmp_path):
 
 
 def test_single_label_value(tmp_path, tok):
-    from dstune.data.tasks import prepare_data
+    from dstune.data.pipeline import prepare_data
     data = write_rows(tmp_path / "d.jsonl", [{"text": "a b", "label": "x"}] * 4)
     with pytest.raises(UserError, match=r"data\.label_column: .* has only one label value \('x'\)"):
         prepare_data(recipe(tmp_path, "classification", data), tok)
 
 
 def test_eval_label_unseen_in_training(tmp_path, tok):
-    from dstune.data.tasks import prepare_data
+    from dstune.data.pipeline import prepare_data
     train = write_rows(tmp_path / "t.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
     ev = write_rows(tmp_path / "e.jsonl", [{"text": "a", "label": "z"}])
     with pytest.raises(UserError, match=r"data\.eval: labels \['z'\] do not occur in the training labels"):
@@ -57,7 +57,7 @@ def test_eval_label_unseen_in_training(tmp_path, tok):
 
 
 def test_causal_lm_without_text_or_prompt_columns(tmp_path, tok):
-    from dstune.data.tasks import prepare_data
+    from dstune.data.pipeline import prepare_data
     data = write_rows(tmp_path / "d.jsonl", [{"body": "a b"}])
     with pytest.raises(UserError, match=r"^data\.format: .*d.jsonl is none of text \('text'\), prompt_response "
                                         r"\('prompt'\+'response'\), messages, .* \(columns: body\)"):
@@ -69,7 +69,7 @@ def test_causal_lm_without_text_or_prompt_columns(tmp_path, tok):
 
 
 def test_seq2seq_without_target_column(tmp_path, tok):
-    from dstune.data.tasks import prepare_data
+    from dstune.data.pipeline import prepare_data
     data = write_rows(tmp_path / "d.jsonl", [{"source": "a b"}])
     with pytest.raises(UserError, match=r"data\.target_column: column 'target' not in"):
         prepare_data(recipe(tmp_path, "seq2seq", data), tok)

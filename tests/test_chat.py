@@ -9,7 +9,9 @@ import pytest
 
 from conftest import ok, read_metrics, run_cli, write_recipe
 from dstune.config import load_config
-from dstune.data.tasks import IGNORE, encode_prompt, prepare_data
+from dstune.data.batching import IGNORE
+from dstune.data.pipeline import prepare_data
+from dstune.tasks import get_task
 from dstune.errors import UserError
 from dstune.models.tokenizers import load_tokenizer
 
@@ -107,7 +109,7 @@ def test_evaluation_prompts_are_the_conversation_up_to_its_last_reply(ws, tmp_pa
     assert row["prompt_ids"] == tok(expected, add_special_tokens=False)["input_ids"]
     # `dstune generate` renders a prompt as one user turn of the same template
     one = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
-    assert encode_prompt(tok, "hi") == tok(one, add_special_tokens=False)["input_ids"]
+    assert get_task("causal_lm").prompt_ids(tok, "hi") == tok(one, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("row,message", [

@@ -157,7 +157,9 @@ def test_step_loss_is_the_token_mean_of_the_whole_global_batch(ws, built_ops, tm
 
     from dstune.config import load_config
     from dstune.data.batching import StepBatches, collate
-    from dstune.data.tasks import IGNORE, prepare_data
+    from dstune.data.batching import IGNORE
+    from dstune.data.pipeline import prepare_data
+    from dstune.tasks import get_task
     from dstune.models.tokenizers import load_tokenizer
 
     rng = random.Random(3)
@@ -176,7 +178,7 @@ def test_step_loss_is_the_token_mean_of_the_whole_global_batch(ws, built_ops, tm
 
     cfg = load_config(str(recipe))
     data = prepare_data(cfg, load_tokenizer(str(ws / "tokenizer")))
-    batch = collate([data.train[i] for i in StepBatches(len(data.train), 2, 2, 2, 0, 5).global_step(0)], 0, "causal_lm")
+    batch = collate([data.train[i] for i in StepBatches(len(data.train), 2, 2, 2, 0, 5).global_step(0)], 0, get_task("causal_lm"))
     model = T.AutoModelForCausalLM.from_pretrained(ws / "llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dstune.data.batching import collate, to_device
-from dstune.data.tasks import IGNORE, pack
+from dstune.data.batching import IGNORE, collate, to_device
+from dstune.data.packing import pack
 from dstune.methods import apply_methods, build_methods
 from dstune.models.loading import auto_class, tiny_config
+from dstune.tasks import get_task
 
 SPECIAL = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
 METHODS = {"full": {"name": "full"}, "lora": {"name": "lora", "r": 4},
@@ -35,7 +36,7 @@ def _docs() -> list[list[int]]:
 
 def _token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss of each predicted token [B, T-1], which of them are targets)."""
-    batch = to_device(batch, "cpu", "causal_lm")
+    batch = to_device(batch, "cpu", get_task("causal_lm"))
     labels = batch.pop("labels")
     logits = model(**batch).logits.float()[:, :-1]
     target = labels[:, 1:]
@@ -57,7 +58,7 @@ def test_packed_block_equals_its_documents_alone(family, method):
     blocks = pack(datasets.Dataset.from_dict({"input_ids": docs, "labels": docs}), 16)
     assert [len(r) for r in blocks["input_ids"]] == [16, 16, 6]
     # packed: all blocks in one padded batch, no attention mask, positions restarting per document
-    packed = collate(list(blocks), 0, "causal_lm")
+    packed = collate(list(blocks), 0, get_task("causal_lm"))
     assert "attention_mask" not in packed
     loss_p, target_p = _token_losses(model, packed)
     by_doc = {}  # each document's target-token losses inside the packed batch, found by its tokens
@@ -67,7 +68,7 @@ def test_packed_block_equals_its_documents_alone(family, method):
             by_doc[docs.index(row["input_ids"][i:j])] = loss_p[b, i:j - 1][target_p[b, i:j - 1]]
     losses_packed = torch.cat([by_doc[d] for d in range(len(docs))])
     # alone: each document by itself, the same targets (its first token is predicted from nothing)
-    alone = [_token_losses(model, collate([{"input_ids": d, "labels": d}], 0, "causal_lm")) for d in docs]
+    alone = [_token_losses(model, collate([{"input_ids": d, "labels": d}], 0, get_task("causal_lm"))) for d in docs]
     losses_alone = torch.cat([loss[mask] for loss, mask in alone])
     assert losses_packed.shape == losses_alone.shape == (sum(DOC_LENGTHS) - len(DOC_LENGTHS),)
     assert losses_packed.numel() == target_p.sum()  # no target crosses a document boundary
@@ -85,9 +86,9 @@ def test_packing_without_it_leaks_across_documents():
     changes the second document's losses."""
     model = _model("llama", "full")
     block = pack(datasets.Dataset.from_dict({"input_ids": _docs(), "labels": _docs()}), 16)[0]
-    joined = collate([{"input_ids": block["input_ids"], "labels": block["labels"]}], 0, "causal_lm")
+    joined = collate([{"input_ids": block["input_ids"], "labels": block["labels"]}], 0, get_task("causal_lm"))
     leaky, mask = _token_losses(model, joined)
-    isolated, _ = _token_losses(model, collate([block], 0, "causal_lm"))
+    isolated, _ = _token_losses(model, collate([block], 0, get_task("causal_lm")))
     first = block["position_ids"].index(0, 1) - 1  # the first document's targets
     torch.testing.assert_close(leaky[mask][:first], isolated[mask][:first])
     assert (leaky[mask][first:] - isolated[mask][first:]).abs().max() > 1e-2

@@ -13,6 +13,7 @@ from dstune.data.batching import StepBatches, collate
 from dstune.engine.ds_config import DS_CONFIG_DIR, build_ds_config, named_configs
 from dstune.engine.trainer import lr_lambda
 from dstune.errors import UserError
+from dstune.tasks import get_task
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -40,8 +41,15 @@ def test_each_epoch_is_a_new_permutation_and_covers_distinct_examples():
     assert StepBatches(64, 8, 1, 1, 0, seed=0).for_step(9) == b.for_step(9)  # a pure function of the step
 
 
+def test_every_task_the_config_accepts_has_a_module():
+    from dstune.config import TASKS as CONFIG_TASKS
+    from dstune.tasks import TASKS
+    assert set(TASKS) == set(CONFIG_TASKS)
+    assert {t.name for t in TASKS.values()} == set(TASKS)
+
+
 def test_collate_pads_inputs_and_masks_labels():
-    batch = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}], 0, "causal_lm")
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}], 0, get_task("causal_lm"))
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
@@ -116,7 +124,8 @@ def _recipe(tmp_path, task: str, train: Path, **data) -> Path:
 
 
 def test_chat_prompts_use_the_template_and_are_masked_from_the_loss(ws, tmp_path):
-    from dstune.data.tasks import IGNORE, prepare_data
+    from dstune.data.batching import IGNORE
+    from dstune.data.pipeline import prepare_data
     from dstune.models.tokenizers import load_tokenizer
     tok = load_tokenizer(str(ws / "tokenizer"))
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"  # words it knows
@@ -142,7 +151,7 @@ def test_csv_parquet_and_saved_datasets_load_like_jsonl(ws, tmp_path, fmt):
 
 
 def test_packing_keeps_whole_documents_with_their_own_positions(ws, tmp_path):
-    from dstune.data.tasks import prepare_data
+    from dstune.data.pipeline import prepare_data
     from dstune.models.tokenizers import load_tokenizer
     tok = load_tokenizer(str(ws / "tokenizer"))
     cfg = load_config(_recipe(tmp_path, "causal_lm", ws / "lm.jsonl", packing=True, max_length=32))
@@ -182,7 +191,7 @@ def test_sentencepiece_tokenizer_encodes_and_decodes_as_sentencepiece_does(ws):
 
 
 def _random_data(tmp_path, *, task: str = "causal_lm", extra: str = "", overrides: str = "{vocab_size: 50}"):
-    from dstune.data.tasks import prepare_data
+    from dstune.data.pipeline import prepare_data
     path = tmp_path / "random.yaml"
     path.write_text(f"task: {task}\nmodel: {{tiny: llama, config_overrides: {overrides}}}\n"
                     f"data: {{train: random, max_length: 12{extra}}}\noutput_dir: {tmp_path / 'run'}\n")

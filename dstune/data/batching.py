@@ -7,10 +7,15 @@ s reads the same examples as an uninterrupted run at step s.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
-from dstune.data.tasks import IGNORE
+if TYPE_CHECKING:
+    from dstune.tasks.base import Task
+
+IGNORE = -100  # label id the loss skips (prompt tokens, padding)
 
 
 class StepBatches:
@@ -45,42 +50,40 @@ def target_tokens(label_rows: list[list[int]], skip_first: bool) -> int:
     return sum(int(np.count_nonzero(np.asarray(labels[int(skip_first):]) != IGNORE)) for labels in label_rows)
 
 
-def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     rows = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs]
     return torch.tensor(rows, dtype=torch.long)
 
 
-def collate(rows: list[dict], pad_id: int, task: str) -> dict[str, torch.Tensor]:
-    """Pad a list of tokenized rows to the longest one; padded label positions are ignored by the loss.
+def collate(rows: list[dict], pad_id: int, task: Task) -> dict[str, torch.Tensor]:
+    """Pad a list of tokenized rows to the longest one; the task collates the labels (padded label
+    positions are ignored by the loss).
 
     Packed rows (with `position_ids`) get no attention mask: the positions, restarting at every document,
     tell the model where documents begin; the padding is numbered as one more document of its own."""
     ids = [r["input_ids"] for r in rows]
     if "position_ids" in rows[0]:
         width = max(len(s) for s in ids)
-        batch = {"input_ids": _pad(ids, pad_id),
+        batch = {"input_ids": pad(ids, pad_id),
                  "position_ids": torch.tensor([list(r["position_ids"]) + list(range(width - len(r["position_ids"])))
                                                for r in rows], dtype=torch.long)}
     else:
-        batch = {"input_ids": _pad(ids, pad_id), "attention_mask": _pad([[1] * len(s) for s in ids], 0)}
-    if task == "classification":
-        batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
-    else:
-        batch["labels"] = _pad([r["labels"] for r in rows], IGNORE)
+        batch = {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(s) for s in ids], 0)}
+    batch["labels"] = task.collate_labels(rows)
     return batch
 
 
-def to_device(host: dict[str, torch.Tensor], device, task: str) -> dict:
+def to_device(host: dict[str, torch.Tensor], device, task: Task) -> dict:
     """A collated batch as forward() kwargs on `device`. Generative models run without a KV cache: a forward
     over whole sequences never reuses one, and with a cache transformers ignores packed documents' positions."""
     batch: dict = {k: v.to(device) for k, v in host.items()}
-    if task != "classification":
+    if task.generative:
         batch["use_cache"] = False
     return batch
 
 
 def collate_prompts(prompts: list[list[int]], pad_id: int, left: bool) -> dict[str, torch.Tensor]:
     """Batch generation inputs; decoder-only models need left padding so every row ends at its last token."""
-    return {"input_ids": _pad(prompts, pad_id, left=left),
-            "attention_mask": _pad([[1] * len(p) for p in prompts], 0, left=left)}
+    return {"input_ids": pad(prompts, pad_id, left=left),
+            "attention_mask": pad([[1] * len(p) for p in prompts], 0, left=left)}

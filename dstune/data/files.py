@@ -6,6 +6,7 @@ import os
 
 from dstune.errors import UserError, first_line
 
+ROW = "__dstune_row"  # column the pipeline adds to every loaded table: the row's number in its file, for errors
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
              ".arrow": "arrow"}
 
@@ -83,3 +84,8 @@ def row_location(path: str, index: int) -> str:
     if path.endswith((".csv", ".tsv")):
         return f"{path}: row {index + 1} (line {index + 2} if no field spans lines)"
     return f"{path}: row {index + 1}"
+
+
+def map_output(work: str | None, name: str) -> dict:
+    """Where a `datasets.map` writes: `work`/name.arrow (memory-mapped, preparing a cache), else memory."""
+    return {"cache_file_name": f"{work}/{name}.arrow"} if work else {"keep_in_memory": True}

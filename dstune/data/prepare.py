@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from dstune.config import RANDOM_DATA, RunConfig
-from dstune.data.tasks import TaskData, prepare_data, random_data, token_count
+from dstune.data.pipeline import TaskData, prepare_data, random_data, token_count
 from dstune.errors import UserError
 
 VERSION = 1  # bump when the prepared rows change for the same inputs

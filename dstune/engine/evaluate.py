@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from dstune.data.batching import collate, collate_prompts, to_device
-from dstune.data.tasks import IGNORE, TaskData
-from dstune.engine import metrics
+from dstune.data.pipeline import TaskData
+from dstune.tasks import get_task
+from dstune.tasks.metrics import generation_metrics
 
 
 def _gather(obj):
@@ -38,39 +38,24 @@ def _shard(n: int, rank: int, world: int, batch_size: int) -> list[list[tuple[in
 def evaluate(model, data: TaskData, task: str, tokenizer, device: torch.device, batch_size: int,
              generate: bool = False, max_new_tokens: int = 32, rank: int = 0, world: int = 1,
              synced_gpus: bool = False) -> dict[str, float]:
-    """Metrics of `model` on `data.eval`; identical on every rank."""
-    ds = data.eval
+    """Metrics of `model` on `data.eval` (the task's loss and metrics, and with `generate` BLEU/ROUGE of
+    greedy replies); identical on every rank."""
+    ds, task = data.eval, get_task(task)
     was_training = model.training
     model.eval()
-    loss_sum, tokens, preds, golds = 0.0, 0, [], []
+    loss_sum, items, preds, golds = 0.0, 0, [], []
     for batch_ix in _shard(len(ds), rank, world, batch_size):
         rows = [ds[i] for i, _ in batch_ix]
         keep = torch.tensor([k for _, k in batch_ix], device=device)
         batch = to_device(collate(rows, tokenizer.pad_token_id, task), device, task)
-        labels = batch.pop("labels")
-        if task == "seq2seq":
-            labels[~keep] = IGNORE
-            batch["labels"] = labels  # the decoder's inputs are built from the labels
+        labels = batch["labels"] if task.forward_takes_labels else batch.pop("labels")
         logits = model(**batch).logits.float()
-        if task == "classification":
-            loss_sum += F.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
-            tokens += int(keep.sum())
-            preds += logits.argmax(-1)[keep].tolist()
-            golds += labels[keep].tolist()
-            continue
-        if task == "causal_lm":
-            labels[~keep] = IGNORE
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        loss_sum += F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                    ignore_index=IGNORE, reduction="sum").item()
-        tokens += int((labels != IGNORE).sum())
-    parts = _gather((loss_sum, tokens, preds, golds))
-    loss_sum, tokens = sum(p[0] for p in parts), sum(p[1] for p in parts)
-    if task == "classification":
-        result = {"loss": loss_sum / tokens,
-                  **metrics.classification_metrics([x for p in parts for x in p[2]], [x for p in parts for x in p[3]])}
-    else:
-        result = metrics.perplexity(loss_sum, tokens)
+        batch_loss, batch_items, batch_preds, batch_golds = task.score(logits, labels, keep)
+        loss_sum, items = loss_sum + batch_loss, items + batch_items
+        preds, golds = preds + batch_preds, golds + batch_golds
+    parts = _gather((loss_sum, items, preds, golds))
+    result = task.metrics(sum(p[0] for p in parts), sum(p[1] for p in parts), [x for p in parts for x in p[2]],
+                          [x for p in parts for x in p[3]])
     if generate and "ref" in ds.column_names:
         result.update(_generation_scores(model, ds, task, tokenizer, device, batch_size, max_new_tokens,
                                          rank, world, synced_gpus))
@@ -80,18 +65,16 @@ def evaluate(model, data: TaskData, task: str, tokenizer, device: torch.device, 
 
 def _generation_scores(model, ds, task, tokenizer, device, batch_size, max_new_tokens, rank, world, synced_gpus):
     module = getattr(model, "module", model)  # DeepSpeed engine → the HF model with .generate
-    key = "prompt_ids" if task == "causal_lm" else "input_ids"
     pairs = []
     for batch_ix in _shard(len(ds), rank, world, batch_size):
-        prompts = [ds[i][key] for i, _ in batch_ix]
+        prompts = [ds[i][task.prompt_column] for i, _ in batch_ix]
         inputs = {k: v.to(device) for k, v in
-                  collate_prompts(prompts, tokenizer.pad_token_id, left=task == "causal_lm").items()}
+                  collate_prompts(prompts, tokenizer.pad_token_id, left=task.left_pad_prompts).items()}
         out = module.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                               pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
                               **getattr(module, "dstune_generate_kwargs", {}))
-        if task == "causal_lm":
-            out = out[:, inputs["input_ids"].shape[1]:]
+        out = task.new_tokens(out, inputs["input_ids"].shape[1])
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)
         pairs += [(t.strip(), ds[i]["ref"]) for t, (i, k) in zip(texts, batch_ix) if k]
     pairs = [p for part in _gather(pairs) for p in part]
-    return metrics.generation_metrics([p for p, _ in pairs], [r for _, r in pairs])
+    return generation_metrics([p for p, _ in pairs], [r for _, r in pairs])

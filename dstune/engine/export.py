@@ -10,8 +10,7 @@ from dstune.engine.run_dir import load_run
 from dstune.errors import UserError
 from dstune.models.loading import base_is_loadable, load_model
 from dstune.methods.targets import TASK_HEADS
-
-PEFT_TASK = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+from dstune.tasks import get_task
 
 
 def _prepare_out(out: str) -> Path:
@@ -69,8 +68,9 @@ def _peft_base(cfg, tokenizer, labels, out: Path) -> str:
 
 
 def _peft_common(cfg, base: str) -> dict:
-    return {"task_type": PEFT_TASK[cfg.task], "base_model_name_or_path": base, "inference_mode": True,
-            "modules_to_save": list(TASK_HEADS) if cfg.task == "classification" else None}
+    task = get_task(cfg.task)
+    return {"task_type": task.peft_task_type, "base_model_name_or_path": base, "inference_mode": True,
+            "modules_to_save": None if task.generative else list(TASK_HEADS)}
 
 
 def _task_heads(model, prefix: str = "base_model.model.") -> dict[str, torch.Tensor]:

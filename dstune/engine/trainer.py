@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dstune.config import RunConfig, dump_config
-from dstune.data.batching import StepBatches, collate, target_tokens, to_device
+from dstune.data.batching import StepBatches, collate, to_device
 from dstune.data.prepare import prepared_data, summary
 from dstune.engine import checkpoint as ckpt
 from dstune.engine.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
@@ -30,6 +30,7 @@ from dstune.models.loading import compile_layers, load_model, prepare_for_traini
 from dstune.models.tokenizers import recipe_tokenizer
 from dstune.profiling.phases import PhaseMemory
 from dstune.profiling.step_profile import StepProfile
+from dstune.tasks import get_task
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -158,8 +159,9 @@ def train(cfg: RunConfig) -> dict:
     log = RunLog(run_dir, dist_.is_main)
     # causal LM / seq2seq steps take the token mean over the whole global batch (one label per example in
     # classification, and equal-sized micro-batches, make the plain mean right there)
-    count_targets = None if cfg.task == "classification" else functools.partial(
-        target_tokens, skip_first=cfg.task == "causal_lm" and not any(m.first_label_is_target for m in methods))
+    task = get_task(cfg.task)
+    count_targets = functools.partial(task.target_tokens, first_label_is_target=any(
+        m.first_label_is_target for m in methods)) if task.generative else None
     results = _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_, log, step, total_steps, stage, memory,
                     count_targets)
     _write_memory(cfg, dist_, "phase_peaks", memory.report())
@@ -173,7 +175,7 @@ def train(cfg: RunConfig) -> dict:
 
 def _run_eval(cfg, engine, data, tokenizer, dist_: Dist, stage: int) -> dict:
     e = cfg.evaluation
-    gen = e.generate if e.generate is not None else cfg.task == "seq2seq"
+    gen = e.generate if e.generate is not None else get_task(cfg.task).generates_by_default
     return evaluate(engine, data, cfg.task, tokenizer, dist_.device, e.batch_size, gen, e.max_new_tokens,
                     dist_.rank, dist_.world, synced_gpus=stage == 3 and dist_.world > 1)
 
@@ -193,6 +195,7 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
     profiler = StepProfile(t.profile_step, Path(cfg.output_dir) / "profile", dist_.rank, dist_.is_main)
     first_step = True
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0  # random data has no padding
+    task = get_task(cfg.task)
     while step < total_steps:
         seed_step(t.seed, step, dist_.rank)
         started = time.perf_counter()
@@ -202,9 +205,9 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
         with profiler.around(step + 1):
             for micro in batches.for_step(step):
                 rows = [data.train[i] for i in micro]
-                host = collate(rows, pad_id, cfg.task)
+                host = collate(rows, pad_id, task)
                 step_tokens += sum(len(r["input_ids"]) for r in rows)  # no padding; no wait for the device
-                batch = to_device(host, dist_.device, cfg.task)
+                batch = to_device(host, dist_.device, task)
                 with profiler.phase("forward"):
                     loss = engine(**batch).loss
                     if global_targets:

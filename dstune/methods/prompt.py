@@ -5,7 +5,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from dstune.data.tasks import IGNORE
+from dstune.data.batching import IGNORE
 from dstune.errors import UserError
 from dstune.methods.base import TuningMethod
 from dstune.methods.targets import train_task_head

@@ -8,14 +8,13 @@ import torch
 
 from dstune.config import RunConfig
 from dstune.errors import UserError, first_line
+from dstune.tasks import get_task
 
 
 def auto_class(task: str):
     """The transformers Auto class that builds a model for a dstune task."""
-    import transformers as T
-    return {"classification": T.AutoModelForSequenceClassification,
-            "causal_lm": T.AutoModelForCausalLM,
-            "seq2seq": T.AutoModelForSeq2SeqLM}[task]
+    import transformers
+    return getattr(transformers, get_task(task).auto_class)
 
 
 def tiny_config(family: str, vocab_size: int, special: dict[str, int], overrides: dict[str, Any] | None = None) -> Any:
@@ -48,11 +47,8 @@ def recipe_config(cfg: RunConfig, tokenizer=None, labels: list | None = None) ->
     from transformers import AutoConfig
 
     m = cfg.model
-    task_kwargs: dict[str, Any] = {}
-    if cfg.task == "classification":
-        names = [str(x) for x in labels] if labels else ["0", "1"]
-        task_kwargs = dict(num_labels=len(names), id2label=dict(enumerate(names)),
-                           label2id={n: i for i, n in enumerate(names)})
+    task = get_task(cfg.task)
+    task_kwargs = task.model_config_kwargs(labels)
     if m.tiny:
         # no tokenizer (random token data, or an estimate): model.config_overrides gives the vocabulary
         special = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")
@@ -74,7 +70,7 @@ def recipe_config(cfg: RunConfig, tokenizer=None, labels: list | None = None) ->
                             f"(pip install 'gguf>=0.10'): {first_line(e)}") from None
         for k, v in m.config_overrides.items():
             setattr(config, k, v)
-    if getattr(config, "pad_token_id", None) is None and (tokenizer is not None or cfg.task == "classification"):
+    if getattr(config, "pad_token_id", None) is None and (tokenizer is not None or not task.generative):
         # a classification head finds each row's last token by the pad id
         config.pad_token_id = tokenizer.pad_token_id if tokenizer is not None else 0
     return config
@@ -114,7 +110,7 @@ def prepare_for_training(model: torch.nn.Module, cfg: RunConfig) -> None:
     from dstune.engine.losses import use_chunked_loss
 
     t = cfg.training
-    if cfg.task == "causal_lm" and t.loss_chunk_tokens:
+    if get_task(cfg.task).shifts_labels and t.loss_chunk_tokens:
         use_chunked_loss(model, t.loss_chunk_tokens)
     if t.lean_activations:
         use_lean_activations(model)

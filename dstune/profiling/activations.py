@@ -76,19 +76,6 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
-def example_batch(task: str, config, micro_batch: int, seq_len: int, target_len: int) -> dict[str, torch.Tensor]:
-    """Token ids of the right shapes for the task (no attention mask: full-length rows, as in packed data)."""
-    vocab = config.vocab_size
-    batch = {"input_ids": torch.randint(0, vocab, (micro_batch, seq_len))}
-    if task == "classification":
-        batch["labels"] = torch.randint(0, config.num_labels, (micro_batch,))
-    elif task == "seq2seq":
-        batch["labels"] = torch.randint(0, vocab, (micro_batch, target_len))
-    else:
-        batch["labels"] = batch["input_ids"]
-    return batch
-
-
 @contextlib.contextmanager
 def masks_as_in_a_real_step() -> Iterator[None]:
     """transformers treats fake tensors as graph tracing and then builds an explicit S x S attention mask,

@@ -21,8 +21,9 @@ from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.errors import UserError, first_line
 from dstune.methods import apply_methods, build_methods, param_groups
 from dstune.models.loading import auto_class, prepare_for_training, recipe_config
-from dstune.profiling.activations import DTYPES, ActivationTrace, default_dtype, example_batch, trace_step
+from dstune.profiling.activations import DTYPES, ActivationTrace, default_dtype, trace_step
 from dstune.profiling.flops import flops_per_token
+from dstune.tasks import get_task
 
 ZERO12_ALIGNMENT = 2  # DeepSpeed pads each flat ZeRO-1/2 group to a multiple of 2 × ranks elements
 
@@ -191,7 +192,9 @@ def fake_training_model(cfg: RunConfig, micro_batch: int, seq_len: int, tokenize
     with FakeTensorMode(allow_non_fake_inputs=False), default_dtype(DTYPES[cfg.training.precision]):
         model, _ = _with_methods(cfg, config, tokenizer)
         prepare_for_training(model, cfg)
-        yield model, example_batch(cfg.task, model.config, micro_batch, seq_len, cfg.data.max_target_length)
+        # no attention mask: full-length rows, as in packed data
+        yield model, get_task(cfg.task).example_batch(model.config, micro_batch, seq_len,
+                                                      cfg.data.max_target_length)
 
 
 def traced_activations(cfg: RunConfig, micro_batch: int, seq_len: int, tokenizer=None,

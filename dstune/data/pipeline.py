@@ -1,0 +1,229 @@
+"""From data files to token ids: load every source, let the task check and encode its rows, hold some out
+for evaluation, mix the sources and pack. In memory, or through Arrow files in a work folder (the prepared
+cache, data/prepare.py), so no step holds the corpus in Python objects."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dstune.config import RANDOM_DATA, RunConfig
+from dstune.data.files import ROW, load_table, map_output
+from dstune.data.packing import pack
+from dstune.errors import UserError
+from dstune.tasks import get_task
+
+
+@dataclass
+class TaskData:
+    train: Any                  # datasets.Dataset of token ids
+    eval: Any | None            # same, with `ref` (and `prompt_ids`) columns for generation metrics
+    labels: list[str] | None = None  # classification label values (as text), index = class id
+    style: str = ""             # causal_lm: the data format (text, prompt_response, messages, sharegpt, alpaca)
+    sources: list[dict] | None = None  # per source of data.train: path, format, rows, examples in the mixture
+
+
+RANDOM_EXAMPLES = 1 << 16  # rows of `data.train: random`; set training.max_steps for longer runs
+
+
+class RandomTokens:
+    """Rows of `max_length` uniform random token ids (labels = ids), made on demand from (seed, index).
+
+    What throughput benchmarks feed: every row a full block, so tokens/s counts no padding.
+    """
+
+    def __init__(self, n: int, length: int, vocab: int, seed: int):
+        self.n, self.length, self.vocab, self.seed = n, length, vocab, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        g = torch.Generator().manual_seed(self.seed * RANDOM_EXAMPLES + i)
+        ids = torch.randint(0, self.vocab, (self.length,), generator=g).tolist()
+        return {"input_ids": ids, "labels": ids}
+
+
+def random_data(cfg: RunConfig, tokenizer) -> TaskData:
+    """`data.train: random`: causal_lm only, ids below the tokenizer's (or model.config_overrides') vocab."""
+    d = cfg.data
+    if cfg.task != "causal_lm":
+        raise UserError(f"data.train: `random` data is for causal_lm, not {cfg.task}")
+    if d.eval or d.eval_fraction:
+        raise UserError("data.eval: random data has nothing to evaluate on; unset data.eval and data.eval_fraction")
+    vocab = len(tokenizer) if tokenizer is not None else cfg.model.config_overrides.get("vocab_size")
+    if not isinstance(vocab, int) or vocab < 2:
+        raise UserError("model.config_overrides.vocab_size: needed (an int >= 2) for random data without a tokenizer")
+    return TaskData(train=RandomTokens(RANDOM_EXAMPLES, d.max_length, vocab, cfg.training.seed), eval=None)
+
+
+def _load(cfg: RunConfig, path: str, key: str, tokenizer, work: str | None = None):
+    """(the table with its row numbers in ROW, its format)."""
+    raw = load_table(path, key, work)
+    style = get_task(cfg.task).check(cfg, raw, path, key, tokenizer)
+    return raw.add_column(ROW, np.arange(len(raw))), style
+
+
+PARALLEL_ROWS = 20_000  # from here on, tokenizing in as many processes as cores pays for starting them
+
+
+def workers(cfg: RunConfig, rows: int) -> int | None:
+    """data.num_proc, else the cores this process may use for PARALLEL_ROWS rows or more, else none."""
+    if cfg.data.num_proc:
+        return cfg.data.num_proc if cfg.data.num_proc > 1 else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores if rows >= PARALLEL_ROWS and cores > 1 else None
+
+
+def _tokenize(cfg: RunConfig, tokenizer, ds, style: str, labels: list[str] | None, for_eval: bool,
+              path: str, key: str, work: str | None = None, tag: str = "", pack_rows: bool = True):
+    task = get_task(cfg.task)
+    if for_eval:
+        task.check_eval_labels(cfg, ds, labels)
+    encode = task.encoder(cfg, tokenizer, style, labels, for_eval, path, key)
+    split = f"{tag}eval" if for_eval else f"{tag}train"
+    out = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names, num_proc=workers(cfg, len(ds)),
+                 desc=f"tokenize {split}", features=task.token_features(cfg, for_eval),
+                 **map_output(work, f"{split}-tokens"))
+    if pack_rows and task.packs(cfg, style, for_eval):
+        out = pack(out, cfg.data.max_length, work=work, name=f"{split}-packed")
+    return out
+
+
+def prepare_eval(cfg: RunConfig, tokenizer, path: str, labels: list[str] | None, key: str = "data.eval",
+                 work: str | None = None) -> TaskData:
+    """Tokenize one evaluation file the way training saw its data (same label ids)."""
+    raw, style = _load(cfg, path, key, tokenizer, work)
+    if cfg.evaluation.max_samples:
+        raw = raw.select(range(min(len(raw), cfg.evaluation.max_samples)))
+    return TaskData(None, _tokenize(cfg, tokenizer, raw, style, labels, True, path, key, work), labels, style)
+
+
+@dataclass
+class _Source:
+    cfg: RunConfig   # the run's config with this source's format and columns
+    path: str
+    key: str         # its config key, for error messages
+    raw: Any         # its rows
+    style: str
+
+
+def _sources(cfg: RunConfig, tokenizer, work: str | None) -> list[_Source]:
+    """Every source of data.train, loaded and checked, with the config it is read with."""
+    listed = isinstance(cfg.data.train, list)
+    out = []
+    for i, src in enumerate(cfg.data.sources()):
+        columns = src.model_dump(exclude={"path", "weight", "epochs"}, exclude_none=True)
+        c = cfg.model_copy(update={"data": cfg.data.model_copy(update=columns)}) if columns else cfg
+        key = f"data.train[{i}]" if listed else "data.train"
+        raw, style = _load(c, src.path, key, tokenizer, f"{work}/source{i}" if work else None)
+        out.append(_Source(c, src.path, key, raw, style))
+    return out
+
+
+def mixture_counts(rows: list[int], cfg: RunConfig) -> list[int]:
+    """Examples each source puts into the mixture: rows × epochs, or its weight's share of all rows."""
+    sources = cfg.data.sources()
+    if sources[0].weight is not None:
+        total = sum(s.weight for s in sources)
+        return [round(s.weight / total * sum(rows)) for s in sources]
+    return [round((s.epochs or 1.0) * n) for s, n in zip(sources, rows)]
+
+
+def mixture_indices(rows: int, count: int, seed: int) -> np.ndarray:
+    """`count` row indices of a source of `rows`: whole seeded permutations, then part of one more."""
+    g = np.random.default_rng(seed)
+    full, part = divmod(count, rows)
+    return np.concatenate([g.permutation(rows) for _ in range(full)] + [g.permutation(rows)[:part]]).astype(np.int64)
+
+
+def _mix(cfg: RunConfig, parts: list, counts: list[int], work: str | None):
+    """The mixture of the sources' tokenized rows: a pure function of the data and training.seed (never of
+    the ranks or the step a run resumes at); each source's examples in a row, the training order shuffles."""
+    offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])
+    picks = [mixture_indices(len(p), n, cfg.training.seed + 7919 * i) + off
+             for i, (p, n, off) in enumerate(zip(parts, counts, offsets)) if n]
+    if not picks:
+        raise UserError("data.train: the mixture has no examples (every source's weight or epochs rounds to 0)")
+    where = {"indices_cache_file_name": f"{work}/mixture-indices.arrow"} if work else {"keep_in_memory": True}
+    return _concatenate(parts).select(np.concatenate(picks), **where)
+
+
+def prepare_data(cfg: RunConfig, tokenizer, work: str | None = None) -> TaskData:
+    """Load train (and eval) rows, check the columns the task needs, and tokenize them: in memory, or with
+    `work` (a folder) through Arrow files there, so no step holds the corpus in memory. Several sources
+    are tokenized one by one and mixed (data.train as a list), then packed together."""
+    d = cfg.data
+    if d.train == RANDOM_DATA:
+        return random_data(cfg, tokenizer)
+    sources = _sources(cfg, tokenizer, work)
+    labels, style = get_task(cfg.task).label_values(sources), sources[0].style
+    single = len(sources) == 1
+    mixing = not single or (d.sources()[0].epochs or 1.0) != 1.0  # else the rows are the training examples
+    evald = None
+    if d.eval:
+        evald = prepare_eval(cfg, tokenizer, d.eval, labels, work=work)
+        if single and evald.style != style:
+            raise UserError(f"data.eval: {d.eval} is {evald.style} data and data.train is {style}")
+    elif d.eval_fraction > 0:
+        held = []
+        for i, s in enumerate(sources):
+            s.raw, held_out = _hold_out(s.cfg, s.raw, f"{work}/source{i}" if work else None)
+            held.append(_tokenize(s.cfg, tokenizer, held_out, s.style, labels, True, s.path, s.key, work, f"{i}-",
+                                  pack_rows=single))
+        evald = TaskData(None, _concatenate(held), labels, style)
+    parts = [_tokenize(s.cfg, tokenizer, s.raw, s.style, labels, False, s.path, s.key, work, f"{i}-",
+                       pack_rows=not mixing) for i, s in enumerate(sources)]
+    if mixing:
+        counts = mixture_counts([len(p) for p in parts], cfg)
+        train = _mix(cfg, parts, counts, work)
+        if get_task(cfg.task).packs(cfg, style, False):
+            train = pack(train, d.max_length, work=work, name="mixture-packed")
+    else:
+        train, counts = parts[0], [len(sources[0].raw)]
+    return TaskData(train=train, eval=evald.eval if evald else None, labels=labels,
+                    style=style if len({s.style for s in sources}) == 1 else "mixture",
+                    sources=[{"path": s.path, "format": s.style, "rows": len(s.raw), "examples": n,
+                              "tokens": token_count(p)} for s, p, n in zip(sources, parts, counts)])
+
+
+def token_count(ds) -> int:
+    """Tokens in a tokenized dataset's input_ids, counted on the Arrow column."""
+    import pyarrow.compute as pc
+    lengths = pc.list_value_length(ds.data.column("input_ids")).to_numpy(zero_copy_only=False)
+    if ds._indices is not None:  # a selection (the mixture): its rows of the underlying table
+        lengths = lengths[ds._indices.column(0).to_numpy()]
+    return int(lengths.sum())
+
+
+def _concatenate(parts: list):
+    """Datasets with the columns they all have, one after the other."""
+    import datasets
+    if len(parts) == 1:
+        return parts[0]
+    common = sorted(set.intersection(*(set(p.column_names) for p in parts)))
+    return datasets.concatenate_datasets([p.select_columns(common) for p in parts])
+
+
+def _hold_out(cfg: RunConfig, train_raw, work: str | None = None):
+    """(train rows, held-out rows): data.eval_fraction of data.train, drawn with training.seed."""
+    where = {"train_indices_cache_file_name": f"{work}/split-train.arrow",
+             "test_indices_cache_file_name": f"{work}/split-eval.arrow"} if work else {"keep_in_memory": True}
+    split = train_raw.train_test_split(test_size=cfg.data.eval_fraction, seed=cfg.training.seed, **where)
+    held_out = split["test"]
+    if cfg.evaluation.max_samples:
+        held_out = held_out.select(range(min(len(held_out), cfg.evaluation.max_samples)))
+    return split["train"], held_out
+
+
+def prepare_held_out(cfg: RunConfig, tokenizer, labels: list[str] | None) -> TaskData:
+    """The rows a data.eval_fraction run held out of data.train for evaluation, tokenized as in training."""
+    sources = _sources(cfg, tokenizer, None)
+    held = [_tokenize(s.cfg, tokenizer, _hold_out(s.cfg, s.raw)[1], s.style, labels, True, s.path, s.key,
+                      pack_rows=len(sources) == 1) for s in sources]
+    return TaskData(None, _concatenate(held), labels, sources[0].style)
