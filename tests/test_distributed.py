@@ -192,3 +192,68 @@ def test_step_loss_is_the_token_mean_of_the_whole_global_batch(ws, built_ops, tm
     for n, p in model.named_parameters():
         expected = before[n] - lr * p.grad / (p.grad.abs() + eps)
         assert torch.allclose(trained[n], expected, atol=1e-6, rtol=0), (n, (trained[n] - expected).abs().max())
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_stopped_rank_ends_the_job_within_the_timeout(ws, built_ops, tmp_path, stage):
+    """A hung peer (SIGSTOP: a stuck node, a partitioned network) fails the job after training.dist_timeout_s,
+    in DeepSpeed's own data-parallel and ZeRO groups too, instead of torch's default 30 minutes."""
+    import psutil
+
+    timeout = 10
+    recipe = lm_recipe(ws, tmp_path, "hung", stage, max_steps=100_000, dist_timeout_s=timeout, log_every=1)
+    log = open(tmp_path / "launcher.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(free_port()), "-m", "dstune", "train", recipe],
+                            env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and len(read_metrics(tmp_path / "hung")
+                                                                     if (tmp_path / "hung" / "metrics.jsonl").exists()
+                                                                     else {}) < 3:
+            time.sleep(0.1)
+        assert proc.poll() is None, (tmp_path / "launcher.log").read_text()[-3000:]
+        rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if p.environ().get("LOCAL_RANK") == "1" and "dstune" in " ".join(p.cmdline())]
+        assert len(rank1) == 1
+        rank1[0].suspend()
+        stopped = time.time()
+        code = proc.wait(timeout=timeout + 120)
+        ended = time.time() - stopped
+    finally:
+        kill_tree(proc.pid)
+        log.close()
+    text = (tmp_path / "launcher.log").read_text()
+    assert code != 0, text[-3000:]
+    # the peer times out after the timeout; torchrun then waits its grace period (30 s) for the stopped rank
+    assert ended < timeout + 30 + 30, (ended, text[-3000:])
+    assert "timed out" in text.lower() or "timeout" in text.lower(), text[-3000:]
+
+
+def test_ranks_end_when_their_launcher_is_killed(ws, built_ops, tmp_path):
+    """kill -9 of torchrun alone: its ranks stop within seconds instead of training on unwatched."""
+    import psutil
+
+    recipe = lm_recipe(ws, tmp_path, "orphan", 0, max_steps=100_000, log_every=1)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(free_port()), "-m", "dstune", "train", recipe],
+                            env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = tmp_path / "orphan" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and len(read_metrics(tmp_path / "orphan")
+                                                                     if metrics.exists() else {}) < 3:
+            time.sleep(0.1)
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "dstune" in " ".join(p.cmdline())]
+        assert len(ranks) == 2
+        proc.kill()  # the launcher only
+        proc.wait()
+        gone, alive = psutil.wait_procs(ranks, timeout=20)
+        assert not alive, f"{len(alive)} rank(s) still running 20 s after their launcher was killed"
+    finally:
+        kill_tree(proc.pid)
+        for p in psutil.process_iter(["cmdline"]):
+            if recipe in " ".join(p.info["cmdline"] or []):
+                p.kill()

@@ -70,3 +70,21 @@ def test_phase_memory_on_gpu_reports_each_phase():
     for i, phase in enumerate(PHASES):
         assert report["allocator_peak"][phase] >= (i + 1) * 2**20
     assert report["device_peak"] is not None, report["measured_by"]
+
+
+def test_a_build_lock_left_by_a_killed_build_is_cleared(ws, built_ops, tmp_path):
+    """torch waits forever on the `lock` file of a build that was killed; dstune's runs find it stale (no
+    process holds the build's OS lock) and remove it, and the op loads from the cache."""
+    import os
+
+    from conftest import ok, run_cli
+    from test_distributed import lm_recipe
+
+    cache = tmp_path / "ext"
+    shutil.copytree(os.environ["TORCH_EXTENSIONS_DIR"], cache, symlinks=True)
+    stale = cache / "deepspeed_shm_comm" / "lock"
+    stale.write_text("")
+    recipe = lm_recipe(ws, tmp_path, "run", max_steps=2)
+    res = ok(run_cli(["train", recipe], nproc=2, env={"TORCH_EXTENSIONS_DIR": str(cache)}, timeout=300))
+    assert f"removing {stale}, left by a build that was killed" in res.stdout
+    assert not stale.exists()

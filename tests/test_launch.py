@@ -121,6 +121,11 @@ def plan(launcher="deepspeed", **kw):
     (dict(master_port=70000), "--master-port: 70000 is not a TCP port"),
     (dict(launcher="mpirun"), "--launcher: 'mpirun' is not one of deepspeed, torchrun, slurm"),
     (dict(hosts=["a"], hostfile="h"), "--hostfile and --hosts: give one of them"),
+    (dict(hosts=["-oProxyCommand=touch /tmp/x", "b"]), "--hosts: '-oProxyCommand=touch /tmp/x' is not a host name"),
+    (dict(hosts=["a;touch x", "b"]), "--hosts: 'a;touch x' is not a host name"),
+    (dict(hosts=["a", "b"], master_addr="127.0.0.1;touch x"), "--master-addr: '127.0.0.1;touch x' is not a host"),
+    (dict(launcher="torchrun", nodes=2, node_rank=0, master_addr="$(touch x)"), "--master-addr: '$(touch x)' is not"),
+    (dict(hosts=["node-1.cluster", "10.0.0.2"], master_addr="fe80::1"), None),
     (dict(hosts=["a", "b"], procs_per_node=None, launcher="torchrun", node_rank=0), None),
 ])
 def test_bad_launch_settings(kw, message):
@@ -196,3 +201,20 @@ def test_slurm_takes_hosts_as_a_nodelist_without_a_hostfile(recipe):
     argv, out = dry_run(recipe, "--launcher", "slurm", "--hosts", "gpu-a,gpu-b")
     assert "--nodes=2" in argv and "--nodelist=gpu-a,gpu-b" in argv
     assert "# writes" not in out
+
+
+def test_hostfile_host_that_is_an_option_is_refused(tmp_path):
+    (tmp_path / "hosts").write_text("a slots=1\n-oProxyCommand=touch slots=1\n")
+    with pytest.raises(UserError) as e:
+        parse_hostfile(tmp_path / "hosts")
+    assert str(e.value).startswith(f"{tmp_path}/hosts:2: '-oProxyCommand=touch' is not a host name")
+
+
+def test_ssh_launch_refuses_a_working_directory_a_remote_shell_would_split(recipe, tmp_path):
+    for name in ("with space", "$(touch pwned)"):
+        cwd = tmp_path / name
+        cwd.mkdir()
+        res = dstune("launch", "--dry-run", "--hosts", "a,b", str(recipe), cwd=cwd)
+        assert res.returncode == 2, res.stderr
+        assert "directory in a remote shell" in res.stderr and not (cwd / "pwned").exists()
+        assert not list(cwd.iterdir())

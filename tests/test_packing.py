@@ -92,3 +92,25 @@ def test_packing_without_it_leaks_across_documents():
     first = block["position_ids"].index(0, 1) - 1  # the first document's targets
     torch.testing.assert_close(leaky[mask][:first], isolated[mask][:first])
     assert (leaky[mask][first:] - isolated[mask][first:]).abs().max() > 1e-2
+
+
+def test_packing_from_arrow_files_reads_them_in_order_and_packs_as_in_memory(tmp_path):
+    """The prepared cache packs rows held in Arrow files by reading the files in order (windows spanning
+    record batches and files); the blocks are those of packing the same rows in memory."""
+    import random
+
+    import datasets
+
+    rng = random.Random(0)
+    docs = [[rng.randrange(1, 99) for _ in range(rng.randint(1, 40))] for _ in range(2_345)]
+    rows = {"input_ids": docs, "labels": [[IGNORE] * (len(d) // 2) + d[len(d) // 2:] for d in docs]}
+    in_memory = pack(datasets.Dataset.from_dict(rows), 64, window=700)
+    parts = [datasets.Dataset.from_dict({k: v[a:b] for k, v in rows.items()}).map(
+        lambda x: x, cache_file_name=str(tmp_path / f"part{a}.arrow"), writer_batch_size=300)
+        for a, b in [(0, 1000), (1000, 2345)]]
+    on_disk = datasets.concatenate_datasets(parts)
+    assert len(on_disk.cache_files) == 2
+    from_files = pack(on_disk, 64, window=700, work=str(tmp_path))
+    assert from_files.cache_files[0]["filename"] == str(tmp_path / "packed.arrow")
+    assert from_files.to_dict() == in_memory.to_dict()
+    assert sum(len(r) for r in from_files["input_ids"]) == sum(len(d) for d in docs)

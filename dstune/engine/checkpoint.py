@@ -23,7 +23,8 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(engine, run_dir: str, step: int, is_main: bool) -> str:
+def save_checkpoint(engine, run_dir: str, step: int, is_main: bool, keep: int = 2) -> str:
+    """Write checkpoint `step` on every rank, then point at it; the `keep` newest complete ones stay."""
     tag = _tag(step)
     ckpt = checkpoint_dir(run_dir)
     engine.save_checkpoint(str(ckpt), tag=tag, client_state={"global_step": step}, save_latest=False)
@@ -31,9 +32,30 @@ def save_checkpoint(engine, run_dir: str, step: int, is_main: bool) -> str:
     if is_main:
         tmp = ckpt / f".{POINTER}.tmp"
         tmp.write_text(json.dumps({"tag": tag, "global_step": step}))
+        _fsync(tmp)
         os.replace(tmp, ckpt / POINTER)
+        _fsync(ckpt)  # the rename itself reaches the disk
+        _prune(ckpt, tag, keep)
     barrier()
     return tag
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(ckpt: Path, newest: str, keep: int) -> None:
+    """Remove checkpoints older than the `keep` newest up to `newest` (the one the pointer names); folders
+    of later steps (a run that went further before a rerun from an earlier checkpoint) are left alone."""
+    import shutil
+
+    older = sorted(p.name for p in ckpt.iterdir() if p.is_dir() and TAG.match(p.name) and p.name <= newest)
+    for name in older[:-keep]:
+        shutil.rmtree(ckpt / name, ignore_errors=True)
 
 
 def _tag(step: int) -> str:

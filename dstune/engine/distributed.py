@@ -5,6 +5,7 @@ Launchers (`deepspeed`, `torchrun`, Slurm wrappers) set RANK/WORLD_SIZE/MASTER_*
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -14,6 +15,8 @@ from datetime import timedelta
 
 import torch
 
+from dstune.kernels.build import BUILD_TIMEOUT_S, guard_jit_builds
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -22,8 +25,11 @@ def _free_port() -> int:
 
 
 def prepare_env() -> None:
-    """Defaults for a run without a launcher; CPU DeepSpeed accelerator when there is no GPU."""
-    if "RANK" not in os.environ:
+    """Defaults for a run without a launcher; CPU DeepSpeed accelerator when there is no GPU. A rank that
+    a launcher started ends with it."""
+    if "RANK" in os.environ:
+        end_with_parent()
+    else:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     if not torch.cuda.is_available():
@@ -32,6 +38,20 @@ def prepare_env() -> None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     # DeepSpeed calls collectives that torch has renamed; the warning repeats every step
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
+
+
+def end_with_parent() -> None:
+    """SIGTERM this process when the process that started it dies (Linux), so ranks whose launcher was
+    killed (kill -9 of torchrun) stop instead of training on and writing the run dir unwatched."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() == 1:  # the launcher died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def deepspeed_arch_list(value: str) -> str:
@@ -53,13 +73,16 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(timeout_s: int) -> Dist:
-    """Join (or create) the process group with a timeout, so a dead peer fails the job instead of hanging it."""
+def init_distributed(timeout_s: int, build_timeout_s: float = BUILD_TIMEOUT_S) -> Dist:
+    """Join (or create) the process group with a timeout, so a dead or hung peer fails the job instead of
+    hanging it; JIT builds of ops (DeepSpeed builds its CPU comm op here) survive killed builders."""
     prepare_env()
     import deepspeed
     import torch.distributed as dist
 
+    guard_jit_builds(build_timeout_s)
     cuda = torch.cuda.is_available()
+    bound_new_groups(timedelta(seconds=timeout_s))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -67,6 +90,24 @@ def init_distributed(timeout_s: int) -> Dist:
     if cuda:
         torch.cuda.set_device(device)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def bound_new_groups(timeout: timedelta) -> None:
+    """Give every process group made from here on `timeout` unless its maker chose one. DeepSpeed makes its
+    data-parallel and ZeRO groups with new_group(ranks) and no timeout, which torch sets to 30 minutes
+    whatever the world group has: a hung peer (stopped, on a stuck node) would hold the job that long."""
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    original = getattr(c10d.new_group, "__wrapped__", c10d.new_group)
+
+    @functools.wraps(original)
+    def new_group(*args, **kwargs):
+        if len(args) < 2 and kwargs.get("timeout") is None:  # timeout is new_group's second parameter
+            kwargs["timeout"] = timeout
+        return original(*args, **kwargs)
+
+    dist.new_group = c10d.new_group = new_group
 
 
 def barrier() -> None:

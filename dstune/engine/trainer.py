@@ -24,6 +24,7 @@ from dstune.engine import checkpoint as ckpt
 from dstune.engine.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.evaluate import evaluate
+from dstune.engine.run_lock import hold_run_dir
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
 from dstune.models.loading import compile_layers, load_model, prepare_for_training
@@ -89,7 +90,7 @@ def train(cfg: RunConfig) -> dict:
     data, data_entry = prepared_data(cfg, tokenizer, int(os.environ.get("LOCAL_RANK", "0")), t.dist_timeout_s)
     build_ds_config(cfg, 1)  # reject a bad DeepSpeed config before starting the process group
     tag = ckpt.last_complete(cfg.output_dir) if t.resume else None  # and a bad checkpoint pointer
-    dist_ = init_distributed(t.dist_timeout_s)
+    dist_ = init_distributed(t.dist_timeout_s, t.build_timeout_s)
     memory = PhaseMemory(dist_.device)
     ds_config = build_ds_config(cfg, dist_.world)
     batches = StepBatches(len(data.train), t.micro_batch_size, t.gradient_accumulation_steps, dist_.world,
@@ -118,8 +119,7 @@ def train(cfg: RunConfig) -> dict:
     run_dir = Path(cfg.output_dir)
     created = not run_dir.exists()
     barrier()
-    if dist_.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    lock = hold_run_dir(run_dir) if dist_.is_main else None  # until the run ends, or the process does
     barrier()
     engine = None
     try:
@@ -170,6 +170,8 @@ def train(cfg: RunConfig) -> dict:
         save_trainable_final(engine, run_dir, dist_, cfg)
     log.close()
     shutdown(engine)
+    if lock is not None:
+        os.close(lock)
     return results
 
 
@@ -240,7 +242,7 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
             log.write(step, "eval", _run_eval(cfg, engine, data, tokenizer, dist_, stage))
             engine.train()
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or (step == total_steps and t.save_final):
-            ckpt.save_checkpoint(engine, cfg.output_dir, step, dist_.is_main)
+            ckpt.save_checkpoint(engine, cfg.output_dir, step, dist_.is_main, t.keep_checkpoints)
     bar.close()
     if data.eval is not None:
         results["after"] = _run_eval(cfg, engine, data, tokenizer, dist_, stage)
