@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -365,6 +366,13 @@ def main(argv: list[str] | None = None) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"dstune: error: {e}", file=sys.stderr)
         code = e.exit_code
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"dstune: error: no space left on the device{f' writing {e.filename}' if e.filename else ''}; "
+              "free some (old run dirs, training.keep_checkpoints) and rerun: training resumes from the last "
+              "complete checkpoint", file=sys.stderr)
+        code = 2
     sys.exit(code)
 
 

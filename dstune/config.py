@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,7 +21,18 @@ RANDOM_DATA = "random"  # data.train value: synthetic token ids instead of a fil
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` as a string; recipes mean a number."""
+    """YAML 1.1 reads `1e-4` as a string; recipes mean a number. A key given twice in one mapping is an
+    error (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -35,7 +46,8 @@ def _yaml(text: str):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # infinities and NaN are no learning rate, epoch count or weight decay
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -145,12 +157,13 @@ class TrainingConfig(_Section):
     gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
     lr: float = Field(5e-5, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on biases and norms)")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="AdamW betas, each in [0, 1)")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="decay after warmup")
     warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0 = off)")
-    seed: int = Field(42, description="seeds init, data order and dropout")
+    seed: int = Field(42, ge=0, lt=2**63, description="seeds init, data order and dropout")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision")
     activation_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     activation_checkpointing_every: int = Field(
@@ -293,7 +306,11 @@ def load_config(recipe: str | os.PathLike, overrides: list[str] | None = None) -
     path = Path(recipe)
     if not path.is_file():
         raise UserError(f"recipe not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
     try:
         raw = _yaml(text) or {}
     except yaml.YAMLError as e:

@@ -126,3 +126,42 @@ def test_checkpoint_pointer_outside_the_run_is_refused_before_anything_is_writte
     assert re.search(r"^dstune: error: .*checkpoints/last_complete: (tag '\.\./\.\./elsewhere/ckpt' is not a checkpoint "
                      r"of this run|not a checkpoint pointer dstune wrote)", res.stderr.strip().splitlines()[-1])
     assert (out / "config.yaml").read_text() == "the earlier run's config\n"  # nothing overwritten
+
+
+@pytest.mark.parametrize("where, message", [
+    ("file", r"output_dir: .*out is a file, not a folder"),
+    ("under_file", r"output_dir: .*blocker/out would be made under .*blocker, which is a file"),
+])
+def test_output_dir_that_cannot_be_a_folder(ws, tmp_path, where, message):
+    if where == "file":
+        path, out = write(tmp_path, ws)
+        out.write_text("a file the user keeps")
+    else:
+        (tmp_path / "blocker").write_text("a file")
+        path, out = write(tmp_path, ws, output_dir=str(tmp_path / "blocker" / "out"))
+    res = run_cli(["train", str(path)])
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert re.search(message, res.stderr.strip().splitlines()[-1])
+    if where == "file":
+        assert out.read_text() == "a file the user keeps"
+
+
+def test_max_length_beyond_the_models_positions_is_refused_before_the_run_dir(ws, tmp_path):
+    path, out = write(tmp_path, ws, data__max_length=4096)
+    assert_user_error(run_cli(["train", str(path)]),
+                      r"data\.max_length: 4096 tokens do not fit the model's 512 positions \(bert\); use at most 512",
+                      out)
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_and_keeps_the_last_checkpoint(ws, tmp_path):
+    path, out = write(tmp_path, ws, training__lr=1e30, training__max_steps=8, training__checkpoint_every=1)
+    res = run_cli(["train", str(path)])
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    last = [line for line in res.stderr.splitlines() if line.startswith("dstune: error:")][-1]
+    m = re.search(r"training: the loss is (nan|inf) at step (\d+); stopped without saving the weights it updated "
+                  r"\(the last complete checkpoint, (step_\d+), is kept", last)
+    assert m, last
+    assert int(m.group(3)[5:]) == int(m.group(2)) - 1
+    assert json.loads((out / "checkpoints" / "last_complete").read_text())["tag"] == m.group(3)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line) for line in lines)  # strict JSON: no NaN written

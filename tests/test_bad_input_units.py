@@ -130,3 +130,55 @@ def test_run_dir_that_is_not_a_run(tmp_path):
     from dstune.engine.run_dir import load_run
     with pytest.raises(UserError, match=r"not a finished dstune run \(missing config\.yaml\)"):
         load_run(str(tmp_path))
+
+
+@pytest.mark.parametrize("rows, task, message", [
+    ([{"text": "a", "label": "x"}, {"text": "b"}, {"text": "c", "label": "y"}], "classification",
+     r"d\.jsonl:2: data\.label_column: 'label' is missing or null in this row"),
+    ([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": None, "label": "x"}], "classification",
+     r"d\.jsonl:3: data\.text_column: 'text' is missing or null in this row"),
+    ([{"prompt": "a", "response": "b"}, {"prompt": "c", "response": None}], "causal_lm",
+     r"d\.jsonl:2: data\.response_column: 'response' is missing or null in this row"),
+    ([{"source": "a", "target": "b"}, {"source": None, "target": "c"}], "seq2seq",
+     r"d\.jsonl:2: data\.source_column: 'source' is missing or null in this row"),
+])
+def test_a_row_without_a_value_names_its_line(tmp_path, tok, rows, task, message):
+    """Not a class "None", nor the text "None": the row is named."""
+    from dstune.data.pipeline import prepare_data
+    data = write_rows(tmp_path / "d.jsonl", rows)
+    with pytest.raises(UserError, match=message):
+        prepare_data(recipe(tmp_path, task, data), tok)
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("training: {lr: .inf}", [], r"r\.yaml:\d+: training\.lr: Input should be a finite number \(got inf\)"),
+    ("training: {}", ["training.weight_decay=.nan"], r"training\.weight_decay: Input should be a finite number"),
+    ("training: {}", ["training.epochs=.inf"], r"training\.epochs: Input should be a finite number"),
+    ("training: {}", ["training.seed=100000000000000000000"], r"training\.seed: Input should be less than"),
+    ("training: {betas: [0.9, 1.5]}", [], r"r\.yaml:\d+: training\.betas\.1: Input should be less than 1"),
+    ("training:\n  lr: 0.1\n  lr: 0.2", [], r"r\.yaml:\d+: invalid YAML: key 'lr' given twice \(first on line \d+\)"),
+])
+def test_values_a_run_cannot_use_name_their_key(tmp_path, text, overrides, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"task: causal_lm\nmodel: {{tiny: gpt2}}\ndata: {{train: random}}\noutput_dir: o\n{text}\n")
+    with pytest.raises(UserError, match=message):
+        load_config(path, overrides)
+
+
+def test_recipe_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"task: causal_lm\n# caf\xe9\nmodel: {tiny: gpt2}\n")
+    with pytest.raises(UserError, match=r"r\.yaml:2: not UTF-8 text \(byte 21\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("d.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n', r"d\.jsonl:2: data\.train: not UTF-8 text \(byte 13 of the line\)"),
+    ("d.csv", b"text,label\na,x\ncaf\xe9,y\n", r"d\.csv:3: data\.train: not UTF-8 text"),
+    ("d.csv", b"text,label\na,x\nb,y,extra\n", r"d\.csv:3: data\.train: 3 fields where the header has 2"),
+])
+def test_unreadable_rows_name_their_line(tmp_path, name, content, message):
+    from dstune.data.files import load_table
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_table(str(tmp_path / name), "data.train")

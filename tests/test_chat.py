@@ -133,7 +133,7 @@ def test_a_bad_sharegpt_role_and_alpaca_without_output(ws, tmp_path):
     with pytest.raises(UserError, match=rf"^{train}:2: data.train: turn 1 has role 'robot' \(expected assistant, gpt"):
         _prepared(tmp_path, ws, train)
     train = _jsonl(tmp_path / "a.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": None}])
-    with pytest.raises(UserError, match=rf"^{train}:2: data.train: instruction and output must be text"):
+    with pytest.raises(UserError, match=rf"^{train}:2: data.format: 'output' is missing or null in this row"):
         _prepared(tmp_path, ws, train)
 
 

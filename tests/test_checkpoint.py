@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import ok, read_metrics, run_cli
 from test_distributed import lm_recipe
 
@@ -57,3 +59,98 @@ def test_a_run_dir_in_use_by_a_live_job_is_refused_and_left_alone(ws, built_ops,
         os.close(fd)  # the job ends: its lock goes with it
     ok(run_cli(["train", recipe]))
     assert (tmp_path / "run" / "trainable.safetensors").is_file()
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a hostile checkpoint file would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_runs_nothing(ws, built_ops, tmp_path):
+    import torch
+
+    recipe = lm_recipe(ws, tmp_path, "run", max_steps=2)
+    ok(run_cli(["train", recipe]))
+    states = tmp_path / "run" / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt"
+    saved = torch.load(states, weights_only=False)
+    marker = tmp_path / "pwned"
+    torch.save({**saved, "extra": _Payload(marker)}, states)
+    res = run_cli(["train", recipe, "training.max_steps=4"])
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert not marker.exists()
+    assert f"{states}: refused: it holds a pickled object" in res.stderr
+    assert "GLOBAL posix.system" in res.stderr or "GLOBAL os.system" in res.stderr
+    assert sorted(read_metrics(tmp_path / "run")) == [1, 2]  # nothing trained or logged on top
+
+
+def test_resume_reads_deepspeed_checkpoints_of_every_kind_without_unpickling_code(ws, built_ops, tmp_path):
+    """The types safe_load allows are all a checkpoint needs: fp16 (dynamic loss scaler) under ZeRO-2 and
+    bf16 under ZeRO-3 resume exactly (ZeRO 0-3 in fp32 resume in test_distributed)."""
+    for stage, precision in ((2, "fp16"), (3, "bf16")):
+        name = f"z{stage}{precision}"
+        recipe = lm_recipe(ws, tmp_path, name, stage, max_steps=4, checkpoint_every=2, precision=precision)
+        ok(run_cli(["train", recipe, "training.max_steps=2"]))
+        res = ok(run_cli(["train", recipe]))
+        assert "resumed from step_00000002 (step 2)" in res.stdout
+        assert sorted(read_metrics(tmp_path / name)) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_peft_checkpoints_hold_only_what_trains_and_resume_exactly(ws, built_ops, tmp_path, stage):
+    """The frozen base is not in a LoRA run's checkpoints (it is reloaded from model.path); the resumed run
+    logs the uninterrupted run's losses."""
+    import torch
+
+    lora = [{"name": "lora", "r": 4}]
+    ok(run_cli(["train", lm_recipe(ws, tmp_path, "straight", stage, methods=lora, max_steps=4)]))
+    recipe = lm_recipe(ws, tmp_path, "resumed", stage, methods=lora, max_steps=4, checkpoint_every=2)
+    ok(run_cli(["train", recipe, "training.max_steps=2"]))
+    res = ok(run_cli(["train", recipe]))
+    assert "resumed from step_00000002 (step 2)" in res.stdout
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert abs(straight[step]["loss"] - resumed[step]["loss"]) < 1e-6, (step, straight[step], resumed[step])
+    [path] = (tmp_path / "resumed" / "checkpoints" / "step_00000004").glob("*model_states.pt")  # ZeRO-3: per rank
+    states = torch.load(path, weights_only=False)
+    saved = {k for k, v in (states["module"] or {}).items() if v.numel()}  # ZeRO-3 keeps them in optim_states
+    assert not [k for k in saved if "lora" not in k and k not in states["buffer_names"]], sorted(saved)[:5]
+    assert stage == 3 or any("lora" in k for k in saved)
+    size = sum(f.stat().st_size for f in (tmp_path / "resumed" / "checkpoints" / "step_00000004").rglob("*"))
+    base = (ws / "gpt2" / "model.safetensors").stat().st_size
+    assert size < base / 2, (size, base)
+
+
+def test_resume_on_another_base_model_is_refused(ws, built_ops, tmp_path):
+    import shutil
+
+    recipe = lm_recipe(ws, tmp_path, "run", methods=[{"name": "lora", "r": 4}], max_steps=2, checkpoint_every=2)
+    ok(run_cli(["train", recipe]))
+    other = tmp_path / "other-gpt2"
+    shutil.copytree(ws / "gpt2", other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "note": "another model"}))
+    res = run_cli(["train", recipe, "training.max_steps=4", f"model.path={other}"])
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "dstune: error: model: the base model differs from the one" in res.stderr
+    assert sorted(read_metrics(tmp_path / "run")) == [1, 2]
+
+
+def test_resume_with_another_recipe_is_refused_before_anything_is_written(ws, built_ops, tmp_path):
+    recipe = lm_recipe(ws, tmp_path, "run", max_steps=2, checkpoint_every=2)
+    ok(run_cli(["train", recipe]))
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    res = run_cli(["train", recipe, "training.max_steps=4", "training.lr=0.1", "data.max_length=16"])
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert ("holds checkpoints of another recipe; it differs in data.max_length (32 -> 16), training.lr (0.003 -> 0.1)"
+            in res.stderr), res.stderr[-2000:]
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved
+    # how long it runs (and how it saves, logs, evaluates) may change
+    res = ok(run_cli(["train", recipe, "training.max_steps=4", "training.log_every=2", "evaluation.batch_size=4"]))
+    assert "resumed from step_00000002 (step 2)" in res.stdout

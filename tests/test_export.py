@@ -98,6 +98,15 @@ def test_adapters_refuse_to_merge(ws, built_ops, tmp_path):
     assert res.returncode == 2
     assert "dstune: error: --format merged: adapter cannot be folded into the base weights" in res.stderr
     assert not (tmp_path / "m").exists()
+    (tmp_path / "a-file").write_text("kept")
+    res = run_cli(["export", str(run_dir), "--format", "peft", "--out", str(tmp_path / "a-file")])
+    assert res.returncode == 2 and f"dstune: error: --out: {tmp_path / 'a-file'} is a file" in res.stderr
+    # a damaged trainable.safetensors: one line, not a traceback
+    weights = run_dir / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    res = run_cli(["eval", str(run_dir)])
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"dstune: error: {weights}: not a readable safetensors file" in res.stderr
 
 
 def test_peft_generate_ignores_an_exported_prefix_and_export_says_so(ws, built_ops, tmp_path):

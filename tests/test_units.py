@@ -250,3 +250,21 @@ def test_arch_list_is_made_readable_for_deepspeed_op_builds(given, expected, mon
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", given)
     prepare_env()
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == expected
+
+
+def test_a_full_disk_says_so_in_one_line(monkeypatch, capsys):
+    import errno
+
+    import dstune.cli as cli
+
+    def full(args):
+        """A command that fills the disk."""
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/checkpoints/step_00000002/a.pt")
+
+    monkeypatch.setattr(cli, "cmd_methods", full)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["methods"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dstune: error: no space left on the device writing /runs/x/checkpoints/step_00000002/a.pt;")
+    assert "\n" not in err

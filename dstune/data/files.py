@@ -13,8 +13,9 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".
 
 def _check_jsonl(path: str, key: str) -> None:
     """datasets' JSON errors do not say where; find the first bad row ourselves."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _utf8(raw, path, lineno, key)
             if not line.strip():
                 continue
             try:
@@ -23,6 +24,30 @@ def _check_jsonl(path: str, key: str) -> None:
                 raise UserError(f"{path}:{lineno}: {key}: malformed JSON row: {e.msg}") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: {key}: each row must be a JSON object, got {type(row).__name__}")
+
+
+def _utf8(raw: bytes, path: str, lineno: int, key: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}:{lineno}: {key}: not UTF-8 text (byte {e.start} of the line)") from None
+
+
+def _check_csv(path: str, key: str, sep: str) -> None:
+    """datasets' CSV errors say "An error occurred while generating the dataset"; find the bad line: not
+    UTF-8, or another number of fields than the header's."""
+    import csv
+    import io
+
+    with open(path, "rb") as f:
+        lines = [_utf8(raw, path, n, key) for n, raw in enumerate(f, 1)]
+    reader = csv.reader(io.StringIO("".join(lines)), delimiter=sep)
+    width = None
+    for row in reader:
+        if width is None:
+            width = len(row)
+        elif row and len(row) != width:
+            raise UserError(f"{path}:{reader.line_num}: {key}: {len(row)} fields where the header has {width}")
 
 
 def load_table(path: str, key: str, cache_dir: str | None = None):
@@ -51,9 +76,12 @@ def load_table(path: str, key: str, cache_dir: str | None = None):
         try:
             ds = datasets.load_dataset(_BUILDERS[ext], data_files=path, split="train", cache_dir=cache_dir,
                                        keep_in_memory=cache_dir is None, **kwargs)
+            ds.data.table.validate(full=True)  # the JSON reader keeps bytes that are not UTF-8 as text
         except Exception as e:  # datasets raises many types for unreadable files; all mean bad input here
             if ext == ".jsonl" or (ext == ".json" and _looks_like_jsonl(path)):
                 _check_jsonl(path, key)  # say which line (read only when the file is bad)
+            if ext in (".csv", ".tsv"):
+                _check_csv(path, key, kwargs.get("sep", ","))
             raise UserError(f"{key}: cannot read {path}: {first_line(e)}") from None
     if len(ds) == 0:
         raise UserError(f"{key}: {path} has no rows")
@@ -61,15 +89,22 @@ def load_table(path: str, key: str, cache_dir: str | None = None):
 
 
 def _looks_like_jsonl(path: str) -> bool:
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         head = f.read(1).strip()
-    return head == "{"
+    return head == b"{"
 
 
 def require_columns(ds, columns: list[str], key: str, path: str) -> None:
+    """Fail with `key` unless every column is in the table and has a value in every row."""
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise UserError(f"{key}: column {missing[0]!r} not in {path} (columns: {', '.join(ds.column_names)})")
+    import pyarrow.compute as pc
+    for c in columns:  # a row without the value (a JSON row lacking the key, null, an empty CSV cell)
+        values = ds.data.column(c)
+        if values.null_count:
+            first = pc.index(pc.is_null(values), True).as_py()
+            raise UserError(f"{row_location(path, first)}: {key}: {c!r} is missing or null in this row")
 
 
 def row_location(path: str, index: int) -> str:

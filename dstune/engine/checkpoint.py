@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -27,7 +28,10 @@ def save_checkpoint(engine, run_dir: str, step: int, is_main: bool, keep: int = 
     """Write checkpoint `step` on every rank, then point at it; the `keep` newest complete ones stay."""
     tag = _tag(step)
     ckpt = checkpoint_dir(run_dir)
-    engine.save_checkpoint(str(ckpt), tag=tag, client_state={"global_step": step}, save_latest=False)
+    # only what trains, its optimizer state and the schedule: the frozen base is reloaded from its source
+    _leave_out_tied_frozen(engine)
+    engine.save_checkpoint(str(ckpt), tag=tag, client_state={"global_step": step}, save_latest=False,
+                           exclude_frozen_parameters=True)
     barrier()
     if is_main:
         tmp = ckpt / f".{POINTER}.tmp"
@@ -38,6 +42,29 @@ def save_checkpoint(engine, run_dir: str, step: int, is_main: bool, keep: int = 
         _prune(ckpt, tag, keep)
     barrier()
     return tag
+
+
+def _frozen_names(module: torch.nn.Module) -> set[str]:
+    """Every name a frozen parameter goes by, tied aliases included (a GPT-2's lm_head.weight is its frozen
+    input embedding, which named_parameters() lists once, under the other name)."""
+    return {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def _leave_out_tied_frozen(engine) -> None:
+    """DeepSpeed's exclude_frozen_parameters drops frozen parameters by their first name only; drop their
+    tied aliases too, or the embedding matrix would be in every checkpoint of a PEFT run."""
+    if getattr(engine, "_dstune_state_dict", False):
+        return
+    original = engine.module_state_dict
+
+    def module_state_dict(*args, exclude_frozen_parameters: bool = False, **kwargs):
+        sd = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters:
+            for name in _frozen_names(engine.module) & set(sd):
+                del sd[name]
+        return sd
+
+    engine.module_state_dict, engine._dstune_state_dict = module_state_dict, True
 
 
 def _fsync(path: Path) -> None:
@@ -81,13 +108,50 @@ def last_complete(run_dir: str) -> str | None:
     return tag if (checkpoint_dir(run_dir) / tag).is_dir() else None
 
 
+def _deepspeed_types() -> list:
+    """The objects a DeepSpeed checkpoint holds besides tensors and plain data (found by loading checkpoints
+    of ZeRO 0-3, fp32/bf16/fp16, full and PEFT runs): nothing else is ever rebuilt from one."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str, map_location=None):
+    """torch.load that rebuilds only tensors, plain Python data and DeepSpeed's checkpoint types
+    (weights_only): a checkpoint file carrying any other pickled object (code to run) is refused, unread."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(GLOBAL [\w.]+|Unsupported operand \d+)", str(e))
+        what = found.group(1) if found else "not loadable as weights"
+        raise UserError(f"{path}: refused: it holds a pickled object that is no tensor, plain data or DeepSpeed "
+                        f"checkpoint type ({what}), which DeepSpeed never writes; remove the checkpoint "
+                        "(or start over with training.resume=false)") from None
+
+
 def load_checkpoint(engine, run_dir: str, tag: str) -> int:
-    """Restore model, optimizer and LR schedule; return the global step to continue from."""
+    """Restore model, optimizer and LR schedule; return the global step to continue from. Every file is
+    read with safe_load: DeepSpeed's own loader unpickles anything, and a run dir may come from anyone."""
+    engine.checkpoint_engine.load = safe_load
     path, client = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+                                          load_lr_scheduler_states=True, custom_load_fn=_load_trained)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {checkpoint_dir(run_dir)}")
     return int(client["global_step"])
+
+
+def _load_trained(src: dict, dst: torch.nn.Module) -> None:
+    """Load a checkpoint's module state, which leaves out frozen parameters (they come from the base): every
+    parameter that trains must be in it, and nothing the model lacks."""
+    result = dst.load_state_dict(src, strict=False)
+    frozen = _frozen_names(dst)
+    missing = sorted(set(result.missing_keys) - frozen)
+    if missing or result.unexpected_keys:
+        raise UserError(f"checkpoint: does not match the model the recipe builds (missing {missing[:3]}, "
+                        f"unexpected {sorted(result.unexpected_keys)[:3]}); resume with the recipe that wrote it, "
+                        "or start over with training.resume=false")
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -113,9 +177,14 @@ def save_trainable(model: torch.nn.Module, path: str | os.PathLike, is_main: boo
 
 def load_trainable(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load trainable.safetensors into a model built the same way; every key must match."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e}); the run did not finish writing it, "
+                        "or it was damaged") from None
     missing_here = [k for k in state if k not in dict(model.named_parameters())]
     if missing_here:
         raise ValueError(f"{path}: {len(missing_here)} tensors have no parameter in the model, e.g. {missing_here[0]}")

@@ -15,19 +15,21 @@ from dstune.tasks import get_task
 
 def _prepare_out(out: str) -> Path:
     path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out: {path} is a file")
     if path.exists() and any(path.iterdir()):
         raise UserError(f"--out: {path} exists and is not empty")
     return path
 
 
 def export(run_dir: str, out: str, fmt: str) -> Path:
+    path = _prepare_out(out)  # refused before the run is loaded
     cfg, tokenizer, model, labels, methods = load_run(run_dir)
     if fmt == "merged":
         blocked = [m.name for m in methods if not m.mergeable]
         if blocked:
             raise UserError(f"--format merged: {', '.join(blocked)} cannot be folded into the base weights "
                             f"(a non-linear or input-side change); use the run dir, or --format peft where supported")
-        path = _prepare_out(out)
         plain = load_model(cfg, tokenizer, labels)
         state = {k: v for k, v in model.state_dict().items() if k in plain.state_dict()}
         for m in methods:
@@ -39,7 +41,6 @@ def export(run_dir: str, out: str, fmt: str) -> Path:
     if len(methods) != 1 or names[0] not in PEFT_EXPORTABLE:
         raise UserError(f"--format peft: supported for one of {', '.join(PEFT_EXPORTABLE)} alone; "
                         f"this run used {', '.join(names)}")
-    path = _prepare_out(out)
     config, tensors = PEFT_EXPORTABLE[names[0]](model, methods[0])
     write_peft_folder(path, {**_peft_common(cfg, _peft_base(cfg, tokenizer, labels, path)), **config}, tensors)
     tokenizer.save_pretrained(path)

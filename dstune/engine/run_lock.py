@@ -1,14 +1,30 @@
-"""One job per run dir: the job's rank 0 holds an OS lock on RUN_DIR/.lock for the run's life."""
+"""A run dir that can be written, that belongs to one job (its rank 0 holds an OS lock on RUN_DIR/.lock for
+the run's life) and that a rerun resumes only with the recipe that made it."""
 from __future__ import annotations
 
 import fcntl
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from dstune.errors import UserError
 
 LOCK = ".lock"
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """Fail before anything is written when `run_dir` cannot be a run dir: a file, under a file, or under a
+    folder this process may not write."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output_dir: {run_dir} is a file, not a folder")
+    parent = run_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"output_dir: {run_dir} would be made under {parent}, which is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir: {parent} is not writable here (read-only, or another user's)")
 
 
 def hold_run_dir(run_dir: Path) -> int:
@@ -27,3 +43,37 @@ def hold_run_dir(run_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     return fd
+
+
+# keys a resumed run may change: how long it runs, how it saves, logs, evaluates and waits, where the data
+# cache is; the base model may move (its content is checked by fingerprint). Anything else would make the
+# resumed run something the checkpoints were not trained as.
+RESUME_MAY_CHANGE = ("training.max_steps", "training.epochs", "training.checkpoint_every", "training.keep_checkpoints",
+                     "training.save_final", "training.resume", "training.dist_timeout_s", "training.build_timeout_s",
+                     "training.log_every", "training.profile_step", "evaluation.", "data.num_proc", "data.cache_dir",
+                     "model.path")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def check_recipe_matches(run_dir: Path, current: dict) -> None:
+    """Before a resume writes anything: the recipe must be the one RUN_DIR/config.yaml saved, but for the
+    keys in RESUME_MAY_CHANGE; else the differing keys are named."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return  # no saved recipe (a run dir from before config.yaml was written): nothing to compare
+    old, new = _flat(saved), _flat(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
+                     and not k.startswith(RESUME_MAY_CHANGE))
+    if changed:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:4])
+        raise UserError(f"output_dir: {run_dir} holds checkpoints of another recipe; it differs in {shown}"
+                        f"{' and more' if len(changed) > 4 else ''}. Rerun with the recipe that made it, choose "
+                        "another output_dir, or set training.resume=false to start over")

@@ -24,10 +24,11 @@ from dstune.engine import checkpoint as ckpt
 from dstune.engine.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.evaluate import evaluate
-from dstune.engine.run_lock import hold_run_dir
+from dstune.engine.run_lock import check_output_dir, check_recipe_matches, hold_run_dir
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
-from dstune.models.loading import compile_layers, load_model, prepare_for_training
+from dstune.models.loading import (base_fingerprint, check_positions, compile_layers, load_model,
+                                   prepare_for_training, recipe_config)
 from dstune.models.tokenizers import recipe_tokenizer
 from dstune.profiling.phases import PhaseMemory
 from dstune.profiling.step_profile import StepProfile
@@ -89,7 +90,11 @@ def train(cfg: RunConfig) -> dict:
     tokenizer = recipe_tokenizer(cfg)
     data, data_entry = prepared_data(cfg, tokenizer, int(os.environ.get("LOCAL_RANK", "0")), t.dist_timeout_s)
     build_ds_config(cfg, 1)  # reject a bad DeepSpeed config before starting the process group
+    check_output_dir(Path(cfg.output_dir))
+    check_positions(cfg, recipe_config(cfg, tokenizer, data.labels))
     tag = ckpt.last_complete(cfg.output_dir) if t.resume else None  # and a bad checkpoint pointer
+    if tag:
+        check_recipe_matches(Path(cfg.output_dir), cfg.model_dump(mode="json"))
     dist_ = init_distributed(t.dist_timeout_s, t.build_timeout_s)
     memory = PhaseMemory(dist_.device)
     ds_config = build_ds_config(cfg, dist_.world)
@@ -123,6 +128,9 @@ def train(cfg: RunConfig) -> dict:
     barrier()
     engine = None
     try:
+        base = base_fingerprint(cfg)
+        if tag:
+            _check_base(run_dir, base)
         if dist_.is_main:
             dump_config(cfg, run_dir / "config.yaml")
             if tokenizer is not None:
@@ -130,7 +138,7 @@ def train(cfg: RunConfig) -> dict:
             (run_dir / "run.json").write_text(json.dumps(
                 {"task": cfg.task, "labels": [str(x) for x in data.labels] if data.labels else None,
                  "methods": [m.name for m in methods], "trainable_params": n_train, "total_params": n_total,
-                 "base_params": base_params,
+                 "base_params": base_params, "base_fingerprint": base,
                  "world_size": dist_.world, "zero_stage": stage}, indent=1))
             print(f"[dstune] data: {summary(data, data_entry)}", flush=True)
             print(f"[dstune] {', '.join(m.name for m in methods)}: {n_train:,} of {n_total:,} parameters train "
@@ -173,6 +181,18 @@ def train(cfg: RunConfig) -> dict:
     if lock is not None:
         os.close(lock)
     return results
+
+
+def _check_base(run_dir: Path, base: str) -> None:
+    """A resumed run must train on the base its checkpoints were made on (they hold only what trains)."""
+    try:
+        recorded = json.loads((run_dir / "run.json").read_text()).get("base_fingerprint")
+    except (OSError, ValueError):
+        recorded = None
+    if recorded is not None and recorded != base:
+        raise UserError(f"model: the base model differs from the one {run_dir}'s checkpoints were trained on "
+                        f"(fingerprint {base}, recorded {recorded}); point model.path back at it, or start over "
+                        "with training.resume=false")
 
 
 def _run_eval(cfg, engine, data, tokenizer, dist_: Dist, stage: int) -> dict:
@@ -231,6 +251,12 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
             _write_memory(cfg, dist_, "after_first_step", engine_bytes(engine))
             first_step = False
         loss = mean_over_ranks(loss_sum / t.gradient_accumulation_steps, dist_.device)
+        if not math.isfinite(loss):  # every rank sees the same mean, so every rank stops here
+            bar.close()  # the error gets a line of its own
+            last = ckpt.last_complete(cfg.output_dir)
+            raise UserError(f"training: the loss is {loss} at step {step}; stopped without saving the weights it "
+                            "updated" + (f" (the last complete checkpoint, {last}, is kept: rerun to resume from it, "
+                                         "e.g. with a lower training.lr)" if last else " (lower training.lr?)"))
         step_s = time.perf_counter() - started
         tokens = mean_over_ranks(step_tokens, dist_.device) * dist_.world
         if step % t.log_every == 0 or step == total_steps:

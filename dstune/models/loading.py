@@ -76,6 +76,17 @@ def recipe_config(cfg: RunConfig, tokenizer=None, labels: list | None = None) ->
     return config
 
 
+def check_positions(cfg: RunConfig, config) -> None:
+    """data.max_length must fit a model whose positions are a table (GPT-2, BERT: longer rows would index
+    past it mid-run); rotary models (Llama, Qwen, ...) have no hard limit."""
+    rotary = any(getattr(config, a, None) is not None for a in ("rope_theta", "rope_parameters", "rope_scaling"))
+    limit = getattr(config, "n_positions", None) or (None if rotary else getattr(config, "max_position_embeddings",
+                                                                                  None))
+    if isinstance(limit, int) and cfg.data.max_length > limit:
+        raise UserError(f"data.max_length: {cfg.data.max_length} tokens do not fit the model's {limit} positions "
+                        f"({config.model_type}); use at most {limit}")
+
+
 def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.nn.Module:
     """Instantiate the task model in fp32 (DeepSpeed casts for bf16/fp16 and keeps fp32 master weights).
 
@@ -96,6 +107,34 @@ def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.n
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
     return model
+
+
+WEIGHT_FILES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+EDGE = 1 << 20  # bytes read at each end of a weight file for its fingerprint
+
+
+def base_fingerprint(cfg: RunConfig) -> str:
+    """What identifies the frozen base a run trains on, cheaply enough for a 70B model: a random tiny model's
+    family, config and seed; else the model folder's config and, for each weight file, its name, size and a
+    hash of its first and last MiB (where safetensors keeps its header and GGUF its metadata and last
+    tensors). Checkpoints hold only what trains, so a resume must find the same base."""
+    import hashlib
+    import json
+
+    m, h = cfg.model, hashlib.blake2b(digest_size=12)
+    if m.tiny:
+        h.update(json.dumps([m.tiny, m.config_overrides, cfg.training.seed], sort_keys=True, default=str).encode())
+        return h.hexdigest()
+    names = sorted(n for n in os.listdir(m.path) if n == "config.json" or n.endswith(WEIGHT_FILES))
+    for name in names:
+        path = os.path.join(m.path, name)
+        size = os.path.getsize(path)
+        h.update(f"{name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(EDGE))
+            f.seek(max(size - EDGE, 0))
+            h.update(f.read(EDGE))
+    return h.hexdigest()
 
 
 def base_is_loadable(cfg: RunConfig) -> bool:
