@@ -106,3 +106,37 @@ output_dir: {tmp_path / 'run2'}
     lines = [line for line in res.stderr.splitlines() if line.startswith("dstune: error:")]
     assert lines == [f"dstune: error: {bad}:2: data.train: the conversation ends on a user turn (the last turn "
                      "must be the assistant's)"], res.stderr[-3000:]
+
+
+def test_only_the_nodes_first_rank_reads_the_data_to_hash_it(ws, tmp_path, monkeypatch):
+    """Local ranks other than 0 wait for rank 0's digest of the data files instead of reading them too."""
+    import builtins
+    import threading
+
+    train = tmp_path / "lm.jsonl"
+    train.write_text((ws / "lm.jsonl").read_text())
+    cfg = load_config(_recipe(tmp_path, ws, train))
+    tok = load_tokenizer(str(ws / "tokenizer"))
+    readers = []
+
+    def spying_open(path, *args, **kwargs):
+        if str(path) == str(train):
+            readers.append(threading.current_thread().name)
+        return builtins.open(path, *args, **kwargs)
+    monkeypatch.setattr(prepare, "open", spying_open, raising=False)
+
+    def rank0():
+        time.sleep(1.5)  # the other rank starts first and finds no digest yet
+        results["rank0"] = prepare.fingerprint(cfg, tok)
+    results: dict = {}
+    first = threading.Thread(target=rank0, name="rank0")
+    first.start()
+    results["rank1"] = prepare.fingerprint(cfg, tok, wait_s=60)
+    first.join()
+    assert results["rank1"] == results["rank0"]
+    assert readers == ["rank0"]
+    # with no rank 0 to wait for, a rank hashes the file itself once the wait is over
+    (tmp_path / "cache" / "digests.json").unlink()
+    readers.clear()
+    assert prepare.fingerprint(cfg, tok, wait_s=1) == results["rank0"]
+    assert readers == [threading.current_thread().name]

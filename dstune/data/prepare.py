@@ -32,12 +32,18 @@ def cache_root(cfg: RunConfig) -> Path:
                 Path.home() / ".cache" / "dstune" / "data")
 
 
-def _file_digest(path: str, memo: dict, key: str) -> str:
-    """blake2b of a file's bytes (of every file, for a folder), remembered by (path, size, mtime)."""
+def _file_digest(path: str, memo: dict, key: str, memo_file: Path | None = None, wait_s: float = 0) -> str:
+    """blake2b of a file's bytes (of every file, for a folder), remembered by (path, size, mtime) in `memo`.
+    With `wait_s`, first wait that long for another process (the node's local rank 0) to put it in
+    `memo_file`, so the ranks of a node do not all read the corpus to hash it."""
     if not os.path.exists(path):
         raise UserError(f"{key}: file not found: {path}")
     files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if os.path.isdir(path) else [Path(path)]
     stamp = json.dumps([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    deadline = time.monotonic() + wait_s
+    while stamp not in memo and memo_file is not None and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        memo.update(_read_memo(memo_file))
     if stamp not in memo:
         h = hashlib.blake2b(digest_size=16)
         for f in files:
@@ -63,25 +69,32 @@ def _tokenizer_digest(tokenizer) -> str:
     return h.hexdigest()
 
 
-def fingerprint(cfg: RunConfig, tokenizer) -> str:
-    """The cache entry's name for this recipe's data and tokenizer."""
-    root = cache_root(cfg)
-    memo_file = root / "digests.json"
+def _read_memo(memo_file: Path) -> dict:
     try:
-        memo = json.loads(memo_file.read_text())
+        return json.loads(memo_file.read_text())
     except (OSError, ValueError):
-        memo = {}
+        return {}
+
+
+def fingerprint(cfg: RunConfig, tokenizer, wait_s: float = 0) -> str:
+    """The cache entry's name for this recipe's data and tokenizer. `wait_s`: how long to wait for another
+    process to hash data files this one has not seen (ranks other than a node's local rank 0)."""
+    memo_file = cache_root(cfg) / "digests.json"
+    memo = _read_memo(memo_file)
+    known = len(memo)
     d = cfg.data
+    digest = lambda path, key: _file_digest(path, memo, key, memo_file, wait_s)  # noqa: E731
     settings = {"version": VERSION, "task": cfg.task,
                 "data": d.model_dump(mode="json", exclude={"train", "eval", "cache_dir", "num_proc"}),
-                "train": [[_file_digest(s.path, memo, f"data.train[{i}]" if isinstance(d.train, list)
-                                        else "data.train"), s.model_dump(mode="json", exclude={"path"})]
-                          for i, s in enumerate(d.sources())],
-                "eval": _file_digest(d.eval, memo, "data.eval") if d.eval else None,
+                "train": [[digest(s.path, f"data.train[{i}]" if isinstance(d.train, list) else "data.train"),
+                           s.model_dump(mode="json", exclude={"path"})] for i, s in enumerate(d.sources())],
+                "eval": digest(d.eval, "data.eval") if d.eval else None,
                 "eval_max_samples": cfg.evaluation.max_samples,
                 "split_seed": cfg.training.seed if d.eval_fraction and not d.eval else None,
                 "tokenizer": _tokenizer_digest(tokenizer)}
-    _write_atomic(memo_file, json.dumps(dict(list(memo.items())[-MEMO_ENTRIES:])))
+    if len(memo) != known:  # new digests: add them to what other processes may have written meanwhile
+        merged = {**_read_memo(memo_file), **memo}
+        _write_atomic(memo_file, json.dumps(dict(list(merged.items())[-MEMO_ENTRIES:])))
     return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=12).hexdigest()
 
 
@@ -196,7 +209,8 @@ def prepared_data(cfg: RunConfig, tokenizer, local_rank: int = 0, timeout_s: flo
     """(the recipe's data, its cache entry): prepared by local rank 0 unless the cache has it, else read."""
     if cfg.data.train == RANDOM_DATA:
         return random_data(cfg, tokenizer), None
-    entry = cache_root(cfg) / fingerprint(cfg, tokenizer)
+    # the node's local rank 0 hashes the data files; the others wait for its digests (or hash themselves)
+    entry = cache_root(cfg) / fingerprint(cfg, tokenizer, wait_s=0 if local_rank == 0 else timeout_s)
     if not (entry / "meta.json").is_file():
         if local_rank == 0:
             build(cfg, tokenizer, entry)
