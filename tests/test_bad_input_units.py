@@ -182,3 +182,22 @@ def test_unreadable_rows_name_their_line(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(UserError, match=message):
         load_table(str(tmp_path / name), "data.train")
+
+
+@pytest.mark.parametrize("damage", ["no_weights", "truncated"])
+def test_a_model_folder_without_loadable_weights_names_it(ws, tmp_path, tok, damage):
+    import shutil
+
+    from dstune.models.loading import load_model
+    folder = tmp_path / "gpt2"
+    shutil.copytree(ws / "gpt2", folder)
+    weights = folder / "model.safetensors"
+    if damage == "no_weights":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps({"task": "causal_lm", "model": {"path": str(folder)}, "data": {"train": "random"},
+                                "output_dir": str(tmp_path / "o")}))
+    with pytest.raises(UserError, match=rf"^model\.path: cannot load the weights in {folder}: "):
+        load_model(load_config(path), tok)

@@ -268,3 +268,24 @@ def test_a_full_disk_says_so_in_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("dstune: error: no space left on the device writing /runs/x/checkpoints/step_00000002/a.pt;")
     assert "\n" not in err
+
+
+@pytest.mark.parametrize("ds, message", [
+    ({"zero_optimization": {"stage": "two"}}, r"deepspeed: zero_optimization\.stage must be 0-3, got 'two'"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}},
+     r"deepspeed: zero_optimization\.reduce_bucket_size: .* \(got 'big'\)"),
+    ({"zero_optimization": 3}, r"deepspeed: zero_optimization must be a mapping such as \{\"stage\": 2\}, got 3"),
+    ({"zero_optimization": {"stage": 2, "overlap_com": True}}, r"deepspeed: zero_optimization\.overlap_com: unknown key"),
+    ({"zero_optimization": {"stage": 7}}, r"deepspeed: zero_optimization\.stage must be 0-3, got 7"),
+    ({"optimizer": {"type": "Adamm"}}, r"deepspeed: optimizer\.type 'Adamm' is neither a DeepSpeed optimizer"),
+    ({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1e9}, "optimizer": {"type": "SGD"}}, None),
+])
+def test_deepspeed_sections_deepspeed_would_reject_are_named_up_front(tmp_path, ds, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"task: causal_lm\nmodel: {{tiny: gpt2}}\ndata: {{train: random}}\noutput_dir: o\n"
+                      f"deepspeed: {json.dumps(ds)}\n")
+    if message is None:  # the control: a valid config passes
+        build_ds_config(load_config(recipe), world_size=1)
+        return
+    with pytest.raises(UserError, match=message):
+        build_ds_config(load_config(recipe), world_size=1)

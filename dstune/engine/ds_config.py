@@ -52,11 +52,37 @@ def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+def check_sections(ds: dict[str, Any]) -> None:
+    """What DeepSpeed would reject only inside deepspeed.initialize, with a traceback: the ZeRO section
+    (validated by DeepSpeed's own schema: types, ranges, unknown keys) and the optimizer's type."""
+    import pydantic
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise UserError(f"deepspeed: zero_optimization must be a mapping such as {{\"stage\": 2}}, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise UserError(f"deepspeed: zero_optimization.stage must be 0-3, got {stage!r}")
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise UserError(f"deepspeed: zero_optimization.{where}: {msg}"
+                        + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" else "")) from None
+    name = ds.get("optimizer", {}).get("type", "AdamW")
+    if not isinstance(name, str) or (name.lower() not in DEEPSPEED_OPTIMIZERS and not hasattr(torch.optim, name)):
+        raise UserError(f"deepspeed: optimizer.type {name!r} is neither a DeepSpeed optimizer "
+                        f"({', '.join(DEEPSPEED_OPTIMIZERS)}) nor one of torch.optim")
+
+
 def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     t = cfg.training
     ds = base_config(cfg.deepspeed)
-    if zero_stage(ds) not in (0, 1, 2, 3):
-        raise UserError(f"deepspeed: zero_optimization.stage must be 0-3, got {zero_stage(ds)}")
+    check_sections(ds)
     ds.pop("scheduler", None)  # the schedule comes from training.lr_schedule
     ds.update(
         train_micro_batch_size_per_gpu=t.micro_batch_size,

@@ -98,9 +98,13 @@ def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.n
     if m.tiny:
         torch.manual_seed(cfg.training.seed)  # the random weights are the recipe's: a run dir rebuilds the same base
         return auto.from_config(config, dtype=torch.float32)
-    model = auto.from_pretrained(m.path, config=config, gguf_file=m.gguf_file, local_files_only=True,
-                                 trust_remote_code=m.trust_remote_code, dtype=torch.float32,
-                                 use_safetensors=None if m.gguf_file else True)
+    from safetensors import SafetensorError
+    try:
+        model = auto.from_pretrained(m.path, config=config, gguf_file=m.gguf_file, local_files_only=True,
+                                     trust_remote_code=m.trust_remote_code, dtype=torch.float32,
+                                     use_safetensors=None if m.gguf_file else True)
+    except (OSError, SafetensorError) as e:  # no weights, only a .bin (pickles are not loaded), a cut-off file
+        raise UserError(f"model.path: cannot load the weights in {m.path}: {first_line(e)}") from None
     if m.gguf_file:
         # GGUF weights arrive dequantized to fp32, but the model stays marked as quantized, which makes
         # save_pretrained refuse it (merged export); they are plain tensors, so drop the mark
