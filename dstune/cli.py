@@ -76,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data = prepare_held_out(cfg, tokenizer, labels)
     else:
         raise UserError("--data: the run has no data.eval or data.eval_fraction; name an evaluation file")
-    gen = cfg.evaluation.generate if cfg.evaluation.generate is not None else get_task(cfg.task).generates_by_default
+    gen = get_task(cfg.task).scores_generations(cfg.evaluation)
     result = evaluate(model, data, cfg.task, tokenizer, device, cfg.evaluation.batch_size, gen,
                       cfg.evaluation.max_new_tokens)
     print(json.dumps(result, indent=1))

@@ -60,10 +60,22 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def check_recipe_matches(run_dir: Path, current: dict) -> None:
+def check_recipe_matches(run_dir: Path, current: dict, base: str) -> None:
     """Before a resume writes anything: the recipe must be the one RUN_DIR/config.yaml saved, but for the
-    keys in RESUME_MAY_CHANGE; else the differing keys are named."""
+    keys in RESUME_MAY_CHANGE (else the differing keys are named), and the base model the one run.json
+    recorded (`base`: its fingerprint now; checkpoints hold only what trains)."""
+    import json
+
     import yaml
+
+    try:
+        recorded = json.loads((run_dir / "run.json").read_text()).get("base_fingerprint")
+    except (OSError, ValueError):
+        recorded = None
+    if recorded is not None and recorded != base:
+        raise UserError(f"model: the base model differs from the one {run_dir}'s checkpoints were trained on "
+                        f"(fingerprint {base}, recorded {recorded}); point model.path back at it, or start over "
+                        "with training.resume=false")
 
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())

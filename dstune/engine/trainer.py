@@ -93,8 +93,9 @@ def train(cfg: RunConfig) -> dict:
     check_output_dir(Path(cfg.output_dir))
     check_positions(cfg, recipe_config(cfg, tokenizer, data.labels))
     tag = ckpt.last_complete(cfg.output_dir) if t.resume else None  # and a bad checkpoint pointer
+    base = base_fingerprint(cfg)
     if tag:
-        check_recipe_matches(Path(cfg.output_dir), cfg.model_dump(mode="json"))
+        check_recipe_matches(Path(cfg.output_dir), cfg.model_dump(mode="json"), base)
     dist_ = init_distributed(t.dist_timeout_s, t.build_timeout_s)
     memory = PhaseMemory(dist_.device)
     ds_config = build_ds_config(cfg, dist_.world)
@@ -128,9 +129,6 @@ def train(cfg: RunConfig) -> dict:
     barrier()
     engine = None
     try:
-        base = base_fingerprint(cfg)
-        if tag:
-            _check_base(run_dir, base)
         if dist_.is_main:
             dump_config(cfg, run_dir / "config.yaml")
             if tokenizer is not None:
@@ -183,21 +181,9 @@ def train(cfg: RunConfig) -> dict:
     return results
 
 
-def _check_base(run_dir: Path, base: str) -> None:
-    """A resumed run must train on the base its checkpoints were made on (they hold only what trains)."""
-    try:
-        recorded = json.loads((run_dir / "run.json").read_text()).get("base_fingerprint")
-    except (OSError, ValueError):
-        recorded = None
-    if recorded is not None and recorded != base:
-        raise UserError(f"model: the base model differs from the one {run_dir}'s checkpoints were trained on "
-                        f"(fingerprint {base}, recorded {recorded}); point model.path back at it, or start over "
-                        "with training.resume=false")
-
-
 def _run_eval(cfg, engine, data, tokenizer, dist_: Dist, stage: int) -> dict:
     e = cfg.evaluation
-    gen = e.generate if e.generate is not None else get_task(cfg.task).generates_by_default
+    gen = get_task(cfg.task).scores_generations(e)
     return evaluate(engine, data, cfg.task, tokenizer, dist_.device, e.batch_size, gen, e.max_new_tokens,
                     dist_.rank, dist_.world, synced_gpus=stage == 3 and dist_.world > 1)
 

@@ -75,6 +75,10 @@ class Task:
         raise NotImplementedError
 
     # generation
+    def scores_generations(self, evaluation) -> bool:
+        """evaluation.generate, or the task's default when the recipe leaves it unset."""
+        return evaluation.generate if evaluation.generate is not None else self.generates_by_default
+
     def prompt_ids(self, tokenizer, prompt: str) -> list[int]:
         """A user's prompt as the model reads it (`dstune generate`)."""
         return tokenizer(prompt)["input_ids"]
