@@ -136,7 +136,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     and optimizer-step temporaries per rank for the recipe's model, methods, ZeRO stage, offload, precision,
     micro-batch and sequence length (data.max_length, or --seq-len). Frozen parameters hold weights only;
     activations come from one training step traced on fake tensors. Prints a table with DeepSpeed's own
-    estimate beside it, or with --json one object per rank with integer byte fields (total = the peak).
+    estimate beside it, or with --json one object per rank with integer byte fields (total = the peak;
+    checkpoint_all_ranks = the size of one checkpoint on disk).
     """
     from dstune.config import load_config
     from dstune.profiling.estimate import deepspeed_estimate, estimate
@@ -151,7 +152,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if info["activations_after_forward"] is None:
         print(f"dstune: warning: activations by {info['activations_source']}", file=sys.stderr)
     if args.json:
-        print(json.dumps([r.as_dict() for r in per_rank]))
+        print(json.dumps([{**r.as_dict(), "checkpoint_all_ranks": info["checkpoint_bytes"]} for r in per_rank]))
         return 0
     theirs = deepspeed_estimate(table, info["zero_stage"], args.world_size, info["offload_optimizer"],
                                 info["largest_param"])

@@ -130,6 +130,9 @@ class DataConfig(_Section):
     cache_dir: str | None = Field(None, description="where prepared (tokenized, packed) data is kept, keyed by "
                                                     "the data's content, the tokenizer and these settings "
                                                     "(default: $DSTUNE_DATA_CACHE or ~/.cache/dstune/data)")
+    drop_invalid_rows: bool = Field(False, description="leave out rows missing a value the task reads (null, "
+                                                       "absent key, empty CSV cell), counted in the start-up "
+                                                       "line; default: such a row stops the run, named by line")
     packing: bool = Field(False, description="causal_lm: put whole examples together into blocks of up to "
                                              "max_length tokens; each keeps its own positions and attends only "
                                              "to itself")
@@ -183,6 +186,9 @@ class TrainingConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, description="steps between DeepSpeed checkpoints (0 = only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept (the newest); older ones are "
                                   "removed once a newer one is complete")
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop", description="a step whose loss or gradients are not finite: stop the run (the last complete "
+                            "checkpoint is kept), or skip its update and go on (stops after 8 such steps in a row)")
     save_final: bool = Field(True, description="write the final checkpoint and trainable weights (bench: off)")
     resume: bool = Field(True, description="continue from output_dir's last complete checkpoint if there is one")
     dist_timeout_s: int = Field(600, gt=0, description="seconds a collective may wait before the job fails")

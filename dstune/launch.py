@@ -14,6 +14,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dstune.engine.run_lock import ENV_FILE, HOSTFILE
 from dstune.errors import UserError
 
 # package data; the top-level launch/ is a link to it, so the scripts also run on their own from a checkout
@@ -97,7 +98,7 @@ def _node_pool(launcher: str, hostfile: str | None, hosts: list[str] | None, nod
             raise UserError(f"--hosts: {bad[0]!r} is not a host name; {HOST_RULE}")
         pool = {h: procs_per_node or _gpus_here() or 1 for h in names}
         if launcher != "slurm":  # Slurm takes the names as --nodelist
-            hostfile = str(run_dir / "hostfile")
+            hostfile = str(run_dir / HOSTFILE)
             files[Path(hostfile)] = format_hostfile(pool)
     where = "--hosts" if hosts else hostfile
     if nodes is not None and nodes != len(pool):
@@ -186,7 +187,7 @@ def plan_launch(launcher: str, recipe: str, overrides: list[str], output_dir: st
             if unsafe:
                 raise UserError(f"{unsafe[0]!r}: DeepSpeed passes arguments to the other nodes through a remote "
                                 "shell; use paths and values without spaces or quotes, or put them in the recipe")
-            env_file = run_dir / "deepspeed_env"
+            env_file = run_dir / ENV_FILE
             files[env_file] = "".join(f"{k}={v}\n" for k, v in sorted(os.environ.items())
                                       if k.startswith(FORWARD_PREFIXES) and SHELL_SAFE.match(v))
             env["DS_ENV_FILE"] = str(env_file)

@@ -95,6 +95,7 @@ class Cluster:
 
     def start(self) -> None:
         install_packages()
+        self._watchdog()
         self._network()
         self._ssh()
         self._munge()
@@ -189,19 +190,46 @@ SlurmdLogFile={r / 'slurmd'}.%n.log
         res = subprocess.run(["ip", "netns", "pids", self.netns[node]], capture_output=True, text=True)
         return [int(p) for p in res.stdout.split()]
 
+    def _watchdog(self) -> None:
+        """A process whose only job is to tear the cluster down once this one ends, however it ends (a
+        test run killed for its timeout included): it waits for EOF on a pipe whose only writer is this
+        process, and the kernel closes that when the process dies."""
+        read, self._alive = os.pipe()  # neither end is inherited by what this process starts later
+        self.reaper = subprocess.Popen([sys.executable, __file__, "--teardown", *self._parts()], stdin=read,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        os.close(read)
+
+    def _parts(self) -> list[str]:
+        return [*self.netns.values(), self.veth[0], str(self.root / "munge" / "munged.pid")]
+
     def stop(self) -> None:
         """Kill every process on the nodes (jobs, sshd sessions, daemons), then munged; remove the namespaces."""
-        for node in NODES:
-            if Path("/run/netns", self.netns[node]).exists():
-                for pid in self.pids_on(node):
-                    _kill(pid)
+        teardown(*self._parts())
         for p in self.daemons:
             _kill(p.pid)
             p.wait(timeout=30)
-        for node in NODES:
-            if Path("/run/netns", self.netns[node]).exists():
-                subprocess.run(["ip", "netns", "del", self.netns[node]], capture_output=True)
-        subprocess.run(["ip", "link", "del", self.veth[0]], capture_output=True)  # only if never moved
+        if getattr(self, "reaper", None):
+            os.close(self._alive)  # nothing left for it to do
+            self.reaper.wait(timeout=30)
+            self.reaper = None
+
+
+def teardown(netns1: str, netns2: str, veth: str, munged_pidfile: str) -> None:
+    """Kill every process in the nodes' namespaces and munged, remove the namespaces and the veth pair;
+    what is already gone is skipped."""
+    for ns in (netns1, netns2):
+        if Path("/run/netns", ns).exists():
+            res = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            for pid in res.stdout.split():
+                _kill(int(pid))
+    try:
+        _kill(int(Path(munged_pidfile).read_text().strip()))
+    except (OSError, ValueError):
+        pass
+    for ns in (netns1, netns2):
+        if Path("/run/netns", ns).exists():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    subprocess.run(["ip", "link", "del", veth], capture_output=True)  # only if never moved
 
 
 def _kill(pid: int) -> None:
@@ -221,6 +249,11 @@ def _wait(ready, timeout_s: float, message: str) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--teardown"]:  # the watchdog: wait for the cluster's owner to end, then clean up
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.stdin.buffer.read()
+        teardown(*sys.argv[2:])
+        sys.exit(0)
     reason = unavailable_reason()
     if reason:
         sys.exit(f"cannot stand up the cluster: {reason}")

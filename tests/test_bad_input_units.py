@@ -150,6 +150,26 @@ def test_a_row_without_a_value_names_its_line(tmp_path, tok, rows, task, message
         prepare_data(recipe(tmp_path, task, data), tok)
 
 
+def test_drop_invalid_rows_leaves_out_and_counts_rows_without_a_value(tmp_path, tok):
+    """Rows 2 and 4 miss their label; the rest train, later errors still name their own lines, and the
+    start-up line says what was left out."""
+    from dstune.data.prepare import prepared_data, summary
+
+    rows = [{"text": "a b", "label": "x"}, {"text": "b"}, {"text": "c", "label": "y"}, {"text": "d", "label": None},
+            {"text": "e", "label": "x"}]
+    data = write_rows(tmp_path / "d.jsonl", rows)
+    cfg = recipe(tmp_path, "classification", data, drop_invalid_rows=True, cache_dir=str(tmp_path / "cache"))
+    prepared, entry = prepared_data(cfg, tok)
+    assert len(prepared.train) == 3 and prepared.labels == ["x", "y"]
+    assert sorted(r["input_ids"] for r in prepared.train) == sorted(tok(t)["input_ids"] for t in ("a b", "c", "e"))
+    assert summary(prepared, entry).endswith("; left out for a missing value (data.drop_invalid_rows): 2 rows of d.jsonl")
+
+    from dstune.data.pipeline import prepare_data
+    empty = write_rows(tmp_path / "n.jsonl", [{"text": None}, {"text": None}])
+    with pytest.raises(UserError, match=r"n\.jsonl: every row misses a value of text"):
+        prepare_data(recipe(tmp_path, "causal_lm", empty, drop_invalid_rows=True), tok)
+
+
 @pytest.mark.parametrize("text, overrides, message", [
     ("training: {lr: .inf}", [], r"r\.yaml:\d+: training\.lr: Input should be a finite number \(got inf\)"),
     ("training: {}", ["training.weight_decay=.nan"], r"training\.weight_decay: Input should be a finite number"),
@@ -201,3 +221,39 @@ def test_a_model_folder_without_loadable_weights_names_it(ws, tmp_path, tok, dam
                                 "output_dir": str(tmp_path / "o")}))
     with pytest.raises(UserError, match=rf"^model\.path: cannot load the weights in {folder}: "):
         load_model(load_config(path), tok)
+
+
+def test_config_overrides_that_make_an_impossible_model_are_named(tmp_path, ws):
+    from dstune.models.loading import check_buildable, load_model, recipe_config
+
+    cfg = load_config(_yaml(tmp_path, {
+        "task": "causal_lm", "model": {"tiny": "gpt2", "config_overrides": {"n_embd": 30, "n_head": 4}},
+        "data": {"train": "random"}, "output_dir": "o"}))
+    with pytest.raises(UserError, match=r"^model\.config_overrides: the model cannot be built with "
+                                        r"\{'n_embd': 30, 'n_head': 4\}: .*divisible"):
+        check_buildable(cfg, recipe_config(cfg))
+    # buildable, but not with the folder's weights
+    cfg = load_config(_yaml(tmp_path, {"task": "classification", "model": {"path": str(ws / "bert"),
+                                       "config_overrides": {"hidden_size": 30, "num_attention_heads": 2}},
+                                       "data": {"train": str(ws / "cls_train.jsonl")}, "output_dir": "o"}))
+    check_buildable(cfg, recipe_config(cfg, labels=["neg", "pos"]))
+    with pytest.raises(UserError, match=r"^model\.config_overrides: \{'hidden_size': 30, 'num_attention_heads': 2\} "
+                                        r"change the shapes of the weights in .*bert"):
+        load_model(cfg, None, ["neg", "pos"])
+
+
+def _yaml(tmp_path, recipe: dict):
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe))
+    return path
+
+
+@pytest.mark.parametrize("where", ["folder", "file"])
+def test_a_corrupt_sentencepiece_model_is_named(tmp_path, where):
+    from dstune.models.tokenizers import load_tokenizer
+
+    (tmp_path / "tok").mkdir()
+    model = tmp_path / "tok" / "tokenizer.model"
+    model.write_bytes(b"\x0a\x03not a model proto")
+    with pytest.raises(UserError, match=rf"^tokenizer\.path: {model} is not a readable SentencePiece model \("):
+        load_tokenizer(str(model.parent if where == "folder" else model))

@@ -154,3 +154,33 @@ def test_resume_with_another_recipe_is_refused_before_anything_is_written(ws, bu
     # how long it runs (and how it saves, logs, evaluates) may change
     res = ok(run_cli(["train", recipe, "training.max_steps=4", "training.log_every=2", "evaluation.batch_size=4"]))
     assert "resumed from step_00000002 (step 2)" in res.stdout
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_complete_one(ws, built_ops, tmp_path):
+    """2 ranks, ZeRO-2: rank 1's optimizer shard of the newest checkpoint is cut short (a power loss after
+    the pointer moved). Both ranks resume from the previous complete checkpoint and log the same losses."""
+    recipe = lm_recipe(ws, tmp_path, "run", 2, max_steps=4, checkpoint_every=2)
+    ok(run_cli(["train", recipe], nproc=2))
+    first = read_metrics(tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert json.loads((ckpt / "last_complete").read_text())["kept"] == ["step_00000004", "step_00000002"]
+    shard = ckpt / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    res = ok(run_cli(["train", recipe, "training.max_steps=6"], nproc=2))
+    assert (f"checkpoint step_00000004 is damaged ({shard}: File is not a zip file); resuming from the previous "
+            "complete one, step_00000002") in res.stdout, res.stdout[-2000:]
+    assert "resumed from step_00000002 (step 2)" in res.stdout
+    again = read_metrics(tmp_path / "run")
+    assert sorted(again) == list(range(1, 7))
+    for step in (3, 4):  # recomputed from step 2: exact resume
+        assert again[step]["loss"] == first[step]["loss"], (step, again[step], first[step])
+    assert json.loads((ckpt / "last_complete").read_text())["kept"] == ["step_00000006", "step_00000004"]
+
+    for tag in ("step_00000006", "step_00000004"):
+        states = ckpt / tag / "mp_rank_00_model_states.pt"
+        states.write_bytes(b"\0" * 64)
+    res = run_cli(["train", recipe, "training.max_steps=8"], nproc=2)
+    assert res.returncode != 0  # torchrun's own code; each rank ends with exit 2 and the line
+    assert "dstune: error: " in res.stderr and "checkpoints: no kept checkpoint is readable (step_00000006, " \
+        "step_00000004); remove them, or start over with training.resume=false" in res.stderr, res.stderr[-3000:]

@@ -102,6 +102,37 @@ def test_nodes_are_separate_hosts(cluster):
                                                                                         "node2", "idle"]
 
 
+def test_a_killed_test_run_leaves_no_cluster_behind():
+    """The cluster's owner killed with SIGKILL (a test run's timeout): its watchdog kills the daemons and
+    removes the namespaces."""
+    import os
+    import signal
+    import sys
+
+    owner = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cluster.py"))], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = owner.stdout.readline()
+        assert line.startswith("cluster up in "), (line, owner.stderr.read() if owner.poll() is not None else "")
+        root = Path(line.split()[3].rstrip(";"))
+        netns = [f"dsn{owner.pid}{i}" for i in (1, 2)]
+        daemons = [int(p) for ns in netns for p in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                                                                  text=True).stdout.split()]
+        daemons.append(int((root / "munge" / "munged.pid").read_text()))
+        assert len(daemons) >= 6  # sshd ×2, slurmd ×2, slurmctld, munged
+    finally:
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait()
+    end = time.monotonic() + 30
+    while time.monotonic() < end and (any(Path("/run/netns", ns).exists() for ns in netns)
+                                      or any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                                             for p in daemons)):
+        time.sleep(0.5)
+    assert not [ns for ns in netns if Path("/run/netns", ns).exists()]
+    assert not [p for p in daemons if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def test_torchrun_two_nodes(cluster, ws, one_node, tmp_path):
     r, port = recipe(ws, tmp_path, "run"), str(free_port())
     res = on_both(cluster, lambda node, rank: launch(
@@ -133,6 +164,61 @@ def test_deepspeed_over_ssh_two_nodes(cluster, ws, one_node, tmp_path):
     assert (tmp_path / "run" / "hostfile").read_text() == "node1 slots=1\nnode2 slots=1\n"
     assert "node2" in res.stdout + res.stderr  # pdsh prefixes remote output with the host name
     assert_matches_one_node(tmp_path / "run", one_node["short"])
+
+
+def relative_recipe(ws, work: Path, rows: list[str]) -> str:
+    """A recipe in `work` whose data and run dir are relative paths: they resolve where the ranks run."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "train.jsonl").write_text("".join(rows))
+    (work / "r.yaml").write_text(json.dumps({
+        "task": "causal_lm", "model": {"path": str(ws / "gpt2")}, "deepspeed": "zero2",
+        "data": {"train": "train.jsonl", "max_length": 32, "packing": True},
+        "training": {"max_steps": 2, "micro_batch_size": 2}, "output_dir": "run",
+        "methods": [{"name": "lora", "r": 4}]}))
+    return "r.yaml"
+
+
+def test_pdsh_ranks_run_in_the_callers_directory_and_nothing_injected_runs(cluster, ws, tmp_path):
+    """Over pdsh/ssh the remote ranks `cd` to the caller's directory: a relative recipe trains and writes its
+    run dir there, not in $HOME. A directory, --master-addr or host name that a remote shell or ssh would
+    run as a command is refused before anything starts, and runs nothing on either node."""
+    home = Path(cluster.run("node2", "sh", "-c", "echo $HOME").stdout.strip())
+    work = tmp_path / "work"
+    r = relative_recipe(ws, work, (ws / "lm.jsonl").read_text().splitlines(keepends=True))
+    port = str(free_port())
+    dstune = launch("--launcher", "deepspeed", "--hosts", "node1,node2", "--procs-per-node", "1",
+                    "--master-port", port)
+    res = ok(cluster.run("node1", "sh", "-c", f"cd {work} && {' '.join(dstune)} {r}", timeout=RUN_TIMEOUT_S))
+    assert "node2" in res.stdout + res.stderr
+    assert sorted(read_metrics(work / "run")) == [1, 2] and (work / "run" / "trainable.safetensors").exists()
+    assert not (home / "run").exists() and not (home / "train.jsonl").exists()
+
+    hostile = {"space": (tmp_path / "a b", []), "subst": (tmp_path / "$(touch pwned)", []),
+               "master": (tmp_path / "m", ["--master-addr", "127.0.0.1;touch pwned"]),
+               "proxy": (tmp_path / "p", ["--hosts", "-oProxyCommand=touch pwned,node2"])}
+    for name, (cwd, extra) in hostile.items():
+        relative_recipe(ws, cwd, (ws / "lm.jsonl").read_text().splitlines(keepends=True))
+        args = [*dstune[:4], *(extra if "--hosts" in extra else ["--hosts", "node1,node2", *extra]),
+                "--procs-per-node", "1", "--master-port", port, r]
+        res = cluster.run("node1", "sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", str(cwd), *args, timeout=60)
+        assert res.returncode == 2 and res.stderr.count("dstune: error:") == 1, (name, res.stderr[-2000:])
+        for where in (home, cwd, work, Path.cwd()):
+            assert not (where / "pwned").exists(), (name, where)
+        assert not (cwd / "run").exists(), name
+
+
+def test_ranks_refusing_their_data_leave_no_run_dir(cluster, ws, tmp_path):
+    """The ranks refuse a row without text (exit 2): the run dir that `dstune launch` made for the hostfile
+    and the environment file goes again."""
+    work = tmp_path / "work"
+    rows = (ws / "lm.jsonl").read_text().splitlines(keepends=True)
+    r = relative_recipe(ws, work, rows[:5] + ['{"text": null}\n'] + rows[5:])
+    args = launch("--launcher", "deepspeed", "--hosts", "node1,node2", "--procs-per-node", "1", "--master-port",
+                  str(free_port()), r)
+    res = cluster.run("node1", "sh", "-c", f"cd {work} && {' '.join(args)}", timeout=RUN_TIMEOUT_S)
+    assert res.returncode != 0
+    assert "train.jsonl:6: data.text_column: 'text' is missing or null in this row" in res.stdout + res.stderr
+    assert not (work / "run").exists(), sorted(p.name for p in (work / "run").iterdir())
 
 
 def submit(cluster: Cluster, recipe_path: str) -> str:

@@ -278,7 +278,12 @@ def test_a_full_disk_says_so_in_one_line(monkeypatch, capsys):
     ({"zero_optimization": {"stage": 2, "overlap_com": True}}, r"deepspeed: zero_optimization\.overlap_com: unknown key"),
     ({"zero_optimization": {"stage": 7}}, r"deepspeed: zero_optimization\.stage must be 0-3, got 7"),
     ({"optimizer": {"type": "Adamm"}}, r"deepspeed: optimizer\.type 'Adamm' is neither a DeepSpeed optimizer"),
+    ({"zero_optimisation": {"stage": 3}}, r"deepspeed: unknown key 'zero_optimisation' \(did you mean "
+                                          r"'zero_optimization'\?\); DeepSpeed would ignore it"),
     ({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1e9}, "optimizer": {"type": "SGD"}}, None),
+    ({"activation_checkpointing": {}, "flops_profiler": {"enabled": False}, "aio": {}, "autotuning": {},
+      "wandb": {"enabled": False}, "tensorboard": {"enabled": False}, "communication_data_type": "fp32",
+      "zero_allow_untested_optimizer": True, "data_efficiency": {}, "scheduler": {"type": "WarmupLR"}}, None),
 ])
 def test_deepspeed_sections_deepspeed_would_reject_are_named_up_front(tmp_path, ds, message):
     recipe = tmp_path / "r.yaml"

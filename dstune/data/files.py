@@ -94,17 +94,34 @@ def _looks_like_jsonl(path: str) -> bool:
     return head == b"{"
 
 
-def require_columns(ds, columns: list[str], key: str, path: str) -> None:
-    """Fail with `key` unless every column is in the table and has a value in every row."""
-    missing = [c for c in columns if c not in ds.column_names]
-    if missing:
-        raise UserError(f"{key}: column {missing[0]!r} not in {path} (columns: {', '.join(ds.column_names)})")
+def require_present(columns: list[str], needs: list[tuple[str, str]], path: str) -> None:
+    """Every needed column (config key, column) is among the table's `columns`, else the key is named."""
+    for key, c in needs:
+        if c not in columns:
+            raise UserError(f"{key}: column {c!r} not in {path} (columns: {', '.join(columns)})")
+
+
+def require_columns(ds, needs: list[tuple[str, str]], path: str, drop: bool = False) -> tuple:
+    """(the table, rows dropped): every needed column (config key, column) must be in the table, and have a
+    value in every row, else a one-line error naming the key and the first such row; with `drop`, those rows
+    are left out instead (the table must then have its ROW numbers, so later errors still name the line)."""
+    import numpy as np
     import pyarrow.compute as pc
-    for c in columns:  # a row without the value (a JSON row lacking the key, null, an empty CSV cell)
+
+    require_present(ds.column_names, needs, path)
+    valid = np.ones(len(ds), dtype=bool)
+    for key, c in needs:  # a row without the value (a JSON row lacking the key, null, an empty CSV cell)
         values = ds.data.column(c)
         if values.null_count:
-            first = pc.index(pc.is_null(values), True).as_py()
-            raise UserError(f"{row_location(path, first)}: {key}: {c!r} is missing or null in this row")
+            if not drop:
+                first = pc.index(pc.is_null(values), True).as_py()
+                raise UserError(f"{row_location(path, first)}: {key}: {c!r} is missing or null in this row "
+                                "(data.drop_invalid_rows=true leaves such rows out)")
+            valid &= pc.is_valid(values).to_numpy(zero_copy_only=False)
+    dropped = int(len(ds) - valid.sum())
+    if dropped == len(ds) and len(ds):
+        raise UserError(f"{path}: every row misses a value of {', '.join(c for _, c in needs)}")
+    return (ds.select(np.flatnonzero(valid)) if dropped else ds), dropped
 
 
 def row_location(path: str, index: int) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from dstune.config import RANDOM_DATA, RunConfig
-from dstune.data.files import ROW, load_table, map_output
+from dstune.data.files import ROW, load_table, map_output, require_columns
 from dstune.data.packing import pack
 from dstune.errors import UserError
 from dstune.tasks import get_task
@@ -23,7 +23,9 @@ class TaskData:
     eval: Any | None            # same, with `ref` (and `prompt_ids`) columns for generation metrics
     labels: list[str] | None = None  # classification label values (as text), index = class id
     style: str = ""             # causal_lm: the data format (text, prompt_response, messages, sharegpt, alpaca)
-    sources: list[dict] | None = None  # per source of data.train: path, format, rows, examples in the mixture
+    sources: list[dict] | None = None  # per source of data.train: path, format, rows, examples in the mixture,
+    #                                    rows dropped (data.drop_invalid_rows)
+    eval_dropped: int = 0       # evaluation rows dropped (data.drop_invalid_rows)
 
 
 RANDOM_EXAMPLES = 1 << 16  # rows of `data.train: random`; set training.max_steps for longer runs
@@ -63,10 +65,13 @@ def random_data(cfg: RunConfig, tokenizer) -> TaskData:
 
 
 def _load(cfg: RunConfig, path: str, key: str, tokenizer, work: str | None = None):
-    """(the table with its row numbers in ROW, its format)."""
+    """(the table with its row numbers in ROW, its format, rows dropped for a missing value)."""
     raw = load_table(path, key, work)
-    style = get_task(cfg.task).check(cfg, raw, path, key, tokenizer)
-    return raw.add_column(ROW, np.arange(len(raw))), style
+    style, needs = get_task(cfg.task).check(cfg, raw, path, key, tokenizer)
+    raw, dropped = require_columns(raw.add_column(ROW, np.arange(len(raw))), needs, path, cfg.data.drop_invalid_rows)
+    if dropped:  # one table again, not a selection of the loaded one
+        raw = raw.flatten_indices(**map_output(work, "valid-rows"))
+    return raw, style, dropped
 
 
 PARALLEL_ROWS = 20_000  # from here on, tokenizing in as many processes as cores pays for starting them
@@ -98,10 +103,11 @@ def _tokenize(cfg: RunConfig, tokenizer, ds, style: str, labels: list[str] | Non
 def prepare_eval(cfg: RunConfig, tokenizer, path: str, labels: list[str] | None, key: str = "data.eval",
                  work: str | None = None) -> TaskData:
     """Tokenize one evaluation file the way training saw its data (same label ids)."""
-    raw, style = _load(cfg, path, key, tokenizer, work)
+    raw, style, dropped = _load(cfg, path, key, tokenizer, work)
     if cfg.evaluation.max_samples:
         raw = raw.select(range(min(len(raw), cfg.evaluation.max_samples)))
-    return TaskData(None, _tokenize(cfg, tokenizer, raw, style, labels, True, path, key, work), labels, style)
+    return TaskData(None, _tokenize(cfg, tokenizer, raw, style, labels, True, path, key, work), labels, style,
+                    eval_dropped=dropped)
 
 
 @dataclass
@@ -111,6 +117,7 @@ class _Source:
     key: str         # its config key, for error messages
     raw: Any         # its rows
     style: str
+    dropped: int     # rows left out for a missing value (data.drop_invalid_rows)
 
 
 def _sources(cfg: RunConfig, tokenizer, work: str | None) -> list[_Source]:
@@ -121,8 +128,8 @@ def _sources(cfg: RunConfig, tokenizer, work: str | None) -> list[_Source]:
         columns = src.model_dump(exclude={"path", "weight", "epochs"}, exclude_none=True)
         c = cfg.model_copy(update={"data": cfg.data.model_copy(update=columns)}) if columns else cfg
         key = f"data.train[{i}]" if listed else "data.train"
-        raw, style = _load(c, src.path, key, tokenizer, f"{work}/source{i}" if work else None)
-        out.append(_Source(c, src.path, key, raw, style))
+        raw, style, dropped = _load(c, src.path, key, tokenizer, f"{work}/source{i}" if work else None)
+        out.append(_Source(c, src.path, key, raw, style, dropped))
     return out
 
 
@@ -189,7 +196,8 @@ def prepare_data(cfg: RunConfig, tokenizer, work: str | None = None) -> TaskData
     return TaskData(train=train, eval=evald.eval if evald else None, labels=labels,
                     style=style if len({s.style for s in sources}) == 1 else "mixture",
                     sources=[{"path": s.path, "format": s.style, "rows": len(s.raw), "examples": n,
-                              "tokens": token_count(p)} for s, p, n in zip(sources, parts, counts)])
+                              "tokens": token_count(p), "dropped": s.dropped} for s, p, n in zip(sources, parts, counts)],
+                    eval_dropped=evald.eval_dropped if evald else 0)
 
 
 def token_count(ds) -> int:

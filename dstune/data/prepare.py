@@ -119,7 +119,7 @@ def build(cfg: RunConfig, tokenizer, entry: Path) -> None:
         data = prepare_data(cfg, tokenizer, work=str(tmp / "work"))
         meta = {"labels": data.labels, "style": data.style, "train_rows": len(data.train),
                 "train_tokens": token_count(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0,
-                "sources": data.sources, "train": _keep(data.train, tmp, "train"),
+                "sources": data.sources, "eval_dropped": data.eval_dropped, "train": _keep(data.train, tmp, "train"),
                 "eval": _keep(data.eval, tmp, "eval") if data.eval is not None else []}
         del data
         shutil.rmtree(tmp / "work")
@@ -202,7 +202,7 @@ def open_prepared(entry: Path) -> TaskData:
     split = lambda names: datasets.concatenate_datasets(  # noqa: E731
         [datasets.Dataset.from_file(str(entry / n)) for n in names]) if names else None
     return TaskData(train=split(meta["train"]), eval=split(meta["eval"]), labels=meta["labels"], style=meta["style"],
-                    sources=meta["sources"])
+                    sources=meta["sources"], eval_dropped=meta.get("eval_dropped", 0))
 
 
 def prepared_data(cfg: RunConfig, tokenizer, local_rank: int = 0, timeout_s: float = 600) -> tuple[TaskData, Path | None]:
@@ -229,4 +229,8 @@ def summary(data: TaskData, entry: Path | None) -> str:
     if len(meta["sources"]) > 1 or meta["sources"][0]["examples"] != meta["sources"][0]["rows"]:
         line += "".join(f"\n  {Path(s['path']).name} ({s['format']}): {s['rows']:,} rows, {s['tokens']:,} tokens "
                         f"-> {s['examples']:,} examples" for s in meta["sources"])
+    dropped = [(s["path"], s.get("dropped", 0)) for s in meta["sources"]] + [("data.eval", meta.get("eval_dropped", 0))]
+    if any(n for _, n in dropped):
+        line += "; left out for a missing value (data.drop_invalid_rows): " + ", ".join(
+            f"{n:,} rows of {Path(where).name}" for where, n in dropped if n)
     return line

@@ -34,12 +34,14 @@ def save_checkpoint(engine, run_dir: str, step: int, is_main: bool, keep: int = 
                            exclude_frozen_parameters=True)
     barrier()
     if is_main:
+        # the complete checkpoints kept, newest first: a damaged newest one falls back to the next
+        kept = [tag] + [old for old in _pointed(ckpt) if old < tag][:keep - 1]
         tmp = ckpt / f".{POINTER}.tmp"
-        tmp.write_text(json.dumps({"tag": tag, "global_step": step}))
+        tmp.write_text(json.dumps({"tag": tag, "global_step": step, "kept": kept}))
         _fsync(tmp)
         os.replace(tmp, ckpt / POINTER)
         _fsync(ckpt)  # the rename itself reaches the disk
-        _prune(ckpt, tag, keep)
+        _prune(ckpt, tag, kept)
     barrier()
     return tag
 
@@ -75,14 +77,14 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _prune(ckpt: Path, newest: str, keep: int) -> None:
-    """Remove checkpoints older than the `keep` newest up to `newest` (the one the pointer names); folders
-    of later steps (a run that went further before a rerun from an earlier checkpoint) are left alone."""
+def _prune(ckpt: Path, newest: str, kept: list[str]) -> None:
+    """Remove the checkpoints up to `newest` (the one the pointer names) that are not kept; folders of later
+    steps (a run that went further before a rerun from an earlier checkpoint) are left alone."""
     import shutil
 
-    older = sorted(p.name for p in ckpt.iterdir() if p.is_dir() and TAG.match(p.name) and p.name <= newest)
-    for name in older[:-keep]:
-        shutil.rmtree(ckpt / name, ignore_errors=True)
+    for p in ckpt.iterdir():
+        if p.is_dir() and TAG.match(p.name) and p.name <= newest and p.name not in kept:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _tag(step: int) -> str:
@@ -92,20 +94,73 @@ def _tag(step: int) -> str:
 TAG = re.compile(r"^step_\d{8}$")  # what _tag writes: a plain folder name, never a path
 
 
-def last_complete(run_dir: str) -> str | None:
-    """Tag of the newest checkpoint every rank finished writing, or None. A pointer that names anything but
-    a checkpoint folder of this run (a path such as ../../elsewhere) is refused: the load would unpickle it."""
-    pointer = checkpoint_dir(run_dir) / POINTER
+def _pointed(ckpt: Path) -> list[str]:
+    """The checkpoints the pointer lists as complete, newest first (a pointer from before the list: its tag).
+    A pointer that names anything but a checkpoint folder of this run (a path such as ../../elsewhere) is
+    refused: the load would unpickle it."""
+    pointer = ckpt / POINTER
     if not pointer.is_file():
-        return None
+        return []
     try:
-        tag = json.loads(pointer.read_text())["tag"]
-    except (ValueError, KeyError, TypeError):
+        saved = json.loads(pointer.read_text())
+        tags = saved.get("kept", [saved["tag"]])
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{pointer}: not a checkpoint pointer dstune wrote; remove it, or the run dir") from None
-    if not isinstance(tag, str) or not TAG.match(tag):
-        raise UserError(f"{pointer}: tag {tag!r} is not a checkpoint of this run (step_NNNNNNNN); "
-                        "remove the pointer, or the run dir") from None
-    return tag if (checkpoint_dir(run_dir) / tag).is_dir() else None
+    for tag in tags if isinstance(tags, list) else [tags]:
+        if not isinstance(tag, str) or not TAG.match(tag):
+            raise UserError(f"{pointer}: tag {tag!r} is not a checkpoint of this run (step_NNNNNNNN); "
+                            "remove the pointer, or the run dir") from None
+    return tags
+
+
+def complete_checkpoints(run_dir: str) -> list[str]:
+    """Tags of the kept checkpoints every rank finished writing, newest first."""
+    ckpt = checkpoint_dir(run_dir)
+    return [tag for tag in _pointed(ckpt) if (ckpt / tag).is_dir()]
+
+
+def last_complete(run_dir: str) -> str | None:
+    """Tag of the newest checkpoint every rank finished writing, or None."""
+    return next(iter(complete_checkpoints(run_dir)), None)
+
+
+def _damage(folder: Path, rank: int) -> str | None:
+    """What makes `folder` unloadable by this rank, or None: every file it reads (those shared by all ranks
+    and its own ZeRO shards) must be a whole zip archive whose members match their CRCs. Reading them costs
+    one pass over the rank's share; torch.load finds them in the page cache afterwards."""
+    import zipfile
+
+    names = [p.name for p in folder.iterdir() if p.suffix == ".pt"]
+    mine = [n for n in names if "zero_pp_rank_" not in n or f"zero_pp_rank_{rank}_" in n]
+    if not any(n.endswith("model_states.pt") for n in mine):
+        return f"{folder.name} has no model states for rank {rank}"
+    for name in sorted(mine):
+        try:
+            with zipfile.ZipFile(folder / name) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            return f"{folder / name}: {e}"
+        if bad is not None:
+            return f"{folder / name}: {bad} does not match its checksum"
+    return None
+
+
+def first_readable(run_dir: str, tags: list[str], rank: int, world: int) -> str:
+    """The newest of `tags` that every rank can read, saying which damaged ones it passed over; all ranks
+    agree on it (a collective). None readable: a one-line error."""
+    import torch.distributed as dist
+
+    for n, tag in enumerate(tags):
+        found = [None] * world
+        dist.all_gather_object(found, _damage(checkpoint_dir(run_dir) / tag, rank))
+        damage = [d for d in found if d]
+        if not damage:
+            return tag
+        if rank == 0:
+            after = f"resuming from the previous complete one, {tags[n + 1]}" if n + 1 < len(tags) else ""
+            print(f"[dstune] checkpoint {tag} is damaged ({damage[0]}){'; ' + after if after else ''}", flush=True)
+    raise UserError(f"{checkpoint_dir(run_dir)}: no kept checkpoint is readable ({', '.join(tags)}); remove "
+                    "them, or start over with training.resume=false")
 
 
 def _deepspeed_types() -> list:

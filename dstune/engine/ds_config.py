@@ -7,6 +7,7 @@ offload and communication settings come from the DeepSpeed config.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -52,13 +53,53 @@ def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+@functools.lru_cache(maxsize=1)
+def deepspeed_keys() -> frozenset[str]:
+    """The top-level keys DeepSpeed reads: those its config parser looks up (recorded while it parses a
+    minimal config) and the section names its constants modules define for the parts that read their own
+    (optimizer, activation checkpointing, flops profiler, aio, autotuning)."""
+    import importlib
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    class Recording(dict):
+        def get(self, key, *default):
+            seen.add(key)
+            return super().get(key, *default)
+
+        def __getitem__(self, key):
+            seen.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            seen.add(key)
+            return super().__contains__(key)
+
+    seen: set[str] = set()
+    DeepSpeedConfig(Recording(train_batch_size=1, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1))
+    for name in ("deepspeed.runtime.constants", "deepspeed.runtime.activation_checkpointing.config",
+                 "deepspeed.profiling.constants", "deepspeed.runtime.swap_tensor.constants",
+                 "deepspeed.autotuning.constants"):
+        seen |= {v for k, v in vars(importlib.import_module(name)).items()
+                 if k.isupper() and isinstance(v, str) and v.isidentifier() and v.islower()}
+    return frozenset(seen)
+
+
 def check_sections(ds: dict[str, Any]) -> None:
-    """What DeepSpeed would reject only inside deepspeed.initialize, with a traceback: the ZeRO section
-    (validated by DeepSpeed's own schema: types, ranges, unknown keys) and the optimizer's type."""
+    """What DeepSpeed would ignore silently (an unknown top-level key: a typo such as zero_optimisation) or
+    reject only inside deepspeed.initialize, with a traceback: the ZeRO section (validated by DeepSpeed's
+    own schema: types, ranges, unknown keys) and the optimizer's type."""
+    import difflib
+
     import pydantic
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
+    unknown = sorted(set(ds) - deepspeed_keys())
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], deepspeed_keys(), n=1)
+        raise UserError(f"deepspeed: unknown key {unknown[0]!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                        + "; DeepSpeed would ignore it")
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise UserError(f"deepspeed: zero_optimization must be a mapping such as {{\"stage\": 2}}, got {zero!r}")

@@ -27,6 +27,30 @@ def check_output_dir(run_dir: Path) -> None:
         raise UserError(f"output_dir: {parent} is not writable here (read-only, or another user's)")
 
 
+HOSTFILE, ENV_FILE = "hostfile", "deepspeed_env"  # what `dstune launch` may write into a run dir for DeepSpeed
+LAUNCH_FILES = (HOSTFILE, ENV_FILE)
+
+
+def fresh_run_dir(run_dir: Path) -> bool:
+    """Not there yet, or holding only what `dstune launch` wrote to start this job (and Slurm's log)."""
+    return not run_dir.is_dir() or all(p.name in LAUNCH_FILES or p.name.startswith("slurm-")
+                                       for p in run_dir.iterdir())
+
+
+def forget_fresh_run_dir(run_dir: Path) -> None:
+    """After a job that never started training: remove what it wrote into a fresh run dir (the launch files
+    too; Slurm's log, which says why, stays)."""
+    import shutil
+
+    for p in list(run_dir.iterdir()) if run_dir.is_dir() else []:
+        if not p.name.startswith("slurm-"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()  # only when nothing is left
+    except OSError:
+        pass
+
+
 def hold_run_dir(run_dir: Path) -> int:
     """Lock `run_dir` (made if needed) for this process; the returned descriptor keeps the lock until it is
     closed or the process ends, however it ends (the kernel releases it: a killed job never leaves a run dir
@@ -50,7 +74,7 @@ def hold_run_dir(run_dir: Path) -> int:
 # resumed run something the checkpoints were not trained as.
 RESUME_MAY_CHANGE = ("training.max_steps", "training.epochs", "training.checkpoint_every", "training.keep_checkpoints",
                      "training.save_final", "training.resume", "training.dist_timeout_s", "training.build_timeout_s",
-                     "training.log_every", "training.profile_step", "evaluation.", "data.num_proc", "data.cache_dir",
+                     "training.nan_policy", "training.log_every", "training.profile_step", "evaluation.", "data.num_proc", "data.cache_dir",
                      "model.path")
 
 
@@ -58,6 +82,13 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
     return {prefix[:-1]: tree}
+
+
+def _known(key: str, saved: dict) -> bool:
+    """Whether the saved recipe has `key` or a value where its section is now (e.g. data.eval: null). A key it
+    lacks entirely came with a later dstune, and the run was made with that key's default."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in saved for i in range(1, len(parts) + 1))
 
 
 def check_recipe_matches(run_dir: Path, current: dict, base: str) -> None:
@@ -82,7 +113,7 @@ def check_recipe_matches(run_dir: Path, current: dict, base: str) -> None:
     except (OSError, yaml.YAMLError):
         return  # no saved recipe (a run dir from before config.yaml was written): nothing to compare
     old, new = _flat(saved), _flat(current)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and _known(k, old)
                      and not k.startswith(RESUME_MAY_CHANGE))
     if changed:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:4])

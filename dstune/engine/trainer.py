@@ -7,11 +7,11 @@ TensorBoard, tqdm progress on rank 0, and a `trainable.safetensors` of what trai
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -24,10 +24,11 @@ from dstune.engine import checkpoint as ckpt
 from dstune.engine.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.evaluate import evaluate
-from dstune.engine.run_lock import check_output_dir, check_recipe_matches, hold_run_dir
+from dstune.engine.run_lock import (check_output_dir, check_recipe_matches, forget_fresh_run_dir, fresh_run_dir,
+                                    hold_run_dir)
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
-from dstune.models.loading import (base_fingerprint, check_positions, compile_layers, load_model,
+from dstune.models.loading import (base_fingerprint, check_buildable, check_positions, compile_layers, load_model,
                                    prepare_for_training, recipe_config)
 from dstune.models.tokenizers import recipe_tokenizer
 from dstune.profiling.phases import PhaseMemory
@@ -77,7 +78,19 @@ class RunLog:
 
 
 def train(cfg: RunConfig) -> dict:
-    """Run one fine-tuning job described by `cfg` on whatever ranks the launcher started."""
+    """Run one fine-tuning job described by `cfg` on whatever ranks the launcher started. A job that fails
+    before its first step leaves no run dir behind (nor the files `dstune launch` put in a new one)."""
+    run_dir, started = Path(cfg.output_dir), []
+    fresh = fresh_run_dir(run_dir)
+    try:
+        return _train(cfg, started)
+    except BaseException:
+        if fresh and not started and int(os.environ.get("RANK", "0")) == 0:
+            forget_fresh_run_dir(run_dir)
+        raise
+
+
+def _train(cfg: RunConfig, started: list) -> dict:
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -91,12 +104,15 @@ def train(cfg: RunConfig) -> dict:
     data, data_entry = prepared_data(cfg, tokenizer, int(os.environ.get("LOCAL_RANK", "0")), t.dist_timeout_s)
     build_ds_config(cfg, 1)  # reject a bad DeepSpeed config before starting the process group
     check_output_dir(Path(cfg.output_dir))
-    check_positions(cfg, recipe_config(cfg, tokenizer, data.labels))
-    tag = ckpt.last_complete(cfg.output_dir) if t.resume else None  # and a bad checkpoint pointer
+    model_config = recipe_config(cfg, tokenizer, data.labels)
+    check_positions(cfg, model_config)
+    check_buildable(cfg, model_config)
+    tags = ckpt.complete_checkpoints(cfg.output_dir) if t.resume else []  # and a bad checkpoint pointer
     base = base_fingerprint(cfg)
-    if tag:
+    if tags:
         check_recipe_matches(Path(cfg.output_dir), cfg.model_dump(mode="json"), base)
     dist_ = init_distributed(t.dist_timeout_s, t.build_timeout_s)
+    tag = ckpt.first_readable(cfg.output_dir, tags, dist_.rank, dist_.world) if tags else None
     memory = PhaseMemory(dist_.device)
     ds_config = build_ds_config(cfg, dist_.world)
     batches = StepBatches(len(data.train), t.micro_batch_size, t.gradient_accumulation_steps, dist_.world,
@@ -123,7 +139,6 @@ def train(cfg: RunConfig) -> dict:
 
     # 2. the run dir; removed again if set-up fails before the first step
     run_dir = Path(cfg.output_dir)
-    created = not run_dir.exists()
     barrier()
     lock = hold_run_dir(run_dir) if dist_.is_main else None  # until the run ends, or the process does
     barrier()
@@ -157,10 +172,9 @@ def train(cfg: RunConfig) -> dict:
     except BaseException:
         if engine is not None:
             shutdown(engine)
-        if created and dist_.is_main:
-            shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
+    started.append(True)  # from here on the run dir holds this run's work, kept whatever happens
     memory.mark("init")
     log = RunLog(run_dir, dist_.is_main)
     # causal LM / seq2seq steps take the token mean over the whole global batch (one label per example in
@@ -201,7 +215,7 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
     engine.train()
     bar = tqdm(total=total_steps, initial=step, disable=not dist_.is_main, desc="train", dynamic_ncols=True)
     profiler = StepProfile(t.profile_step, Path(cfg.output_dir) / "profile", dist_.rank, dist_.is_main)
-    first_step = True
+    first_step, bad_in_a_row = True, 0
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0  # random data has no padding
     task = get_task(cfg.task)
     while step < total_steps:
@@ -228,28 +242,39 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
                 with profiler.phase("backward"):
                     engine.backward(loss)
                 memory.mark("backward")
-                with profiler.phase("step"):
-                    engine.step()
-                memory.mark("step")
                 loss_sum += loss.item()
+                with profiler.phase("step"):
+                    skipped_before = engine.skipped_steps
+                    with (skip_if_not_finite(engine, loss_sum, dist_.device) if t.nan_policy == "skip"
+                          and engine.is_gradient_accumulation_boundary() else contextlib.nullcontext()):
+                        engine.step()
+                memory.mark("step")
         step += 1
         if first_step:
             _write_memory(cfg, dist_, "after_first_step", engine_bytes(engine))
             first_step = False
         loss = mean_over_ranks(loss_sum / t.gradient_accumulation_steps, dist_.device)
-        if not math.isfinite(loss):  # every rank sees the same mean, so every rank stops here
+        skipped = engine.skipped_steps > skipped_before  # the same on every rank: the optimizer decided it
+        bad_in_a_row = 0 if math.isfinite(loss) else bad_in_a_row + 1
+        # every rank sees the same mean and the same skip, so every rank stops here
+        if bad_in_a_row and (t.nan_policy == "stop" or not skipped or bad_in_a_row == MAX_SKIPPED_IN_A_ROW):
             bar.close()  # the error gets a line of its own
             last = ckpt.last_complete(cfg.output_dir)
-            raise UserError(f"training: the loss is {loss} at step {step}; stopped without saving the weights it "
-                            "updated" + (f" (the last complete checkpoint, {last}, is kept: rerun to resume from it, "
-                                         "e.g. with a lower training.lr)" if last else " (lower training.lr?)"))
+            why = ("" if t.nan_policy == "stop" else f" ({MAX_SKIPPED_IN_A_ROW} steps in a row)" if skipped
+                   else " and the optimizer applied the update")
+            raise UserError(f"training: the loss is {loss} at step {step}{why}; stopped without saving the weights "
+                            "it updated" + (f" (the last complete checkpoint, {last}, is kept: rerun to resume from "
+                                            "it, e.g. with a lower training.lr)" if last else " (lower training.lr?)"))
         step_s = time.perf_counter() - started
         tokens = mean_over_ranks(step_tokens, dist_.device) * dist_.world
-        if step % t.log_every == 0 or step == total_steps:
+        results["skipped_steps"] = engine.skipped_steps  # kept in checkpoints: counts since the run began
+        if skipped:  # strict JSON: a loss that is not finite is left out
+            log.write(step, "train", {"skipped": True, **({"loss": loss} if math.isfinite(loss) else {})})
+        elif step % t.log_every == 0 or step == total_steps:
             log.write(step, "train", {"loss": loss, "lr": scheduler.get_last_lr()[0], "step_s": step_s,
                                       "tokens": tokens, "tokens_per_s": tokens / step_s})
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.set_postfix(loss=f"{loss:.4f}", skipped=results["skipped_steps"], refresh=False)
         if data.eval is not None and e.every and step % e.every == 0 and step < total_steps:
             log.write(step, "eval", _run_eval(cfg, engine, data, tokenizer, dist_, stage))
             engine.train()
@@ -261,6 +286,38 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
         log.write(step, "eval", results["after"])
     results["steps"] = step
     return _write_results(cfg, dist_, results)
+
+
+MAX_SKIPPED_IN_A_ROW = 8  # with nan_policy=skip: more means the weights are broken, not a batch or two
+
+
+@contextlib.contextmanager
+def skip_if_not_finite(engine, loss_sum: float, device):
+    """Around engine.step() at the end of a step with nan_policy=skip. DeepSpeed's ZeRO, bf16 and fp16
+    optimizers drop an update with non-finite gradients themselves (they set an `overflow` flag, which the
+    engine reads to skip the LR schedule and count skipped_steps). A plain optimizer (ZeRO-0, fp32) has no
+    such flag: when any rank's loss or the (reduced) gradients are not finite, its step is made a no-op for
+    this once and the flag set, so the engine skips it the same way."""
+    import torch.distributed as dist
+
+    opt = engine.optimizer
+    if hasattr(opt, "check_grad_overflow"):
+        opt.check_grad_overflow = True  # ZeRO-1/2 check only bf16/fp16 gradients by default (a constructor option)
+    if hasattr(opt, "overflow"):
+        yield
+        return
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    bad = torch.tensor([float(not math.isfinite(loss_sum) or not all(torch.isfinite(g).all() for g in grads))],
+                       device=device)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if not bad.item():
+        yield
+        return
+    opt.step, opt.overflow = (lambda *args, **kwargs: None), True
+    try:
+        yield
+    finally:
+        del opt.step, opt.overflow
 
 
 def engine_bytes(engine) -> dict:

@@ -87,6 +87,20 @@ def check_positions(cfg: RunConfig, config) -> None:
                         f"({config.model_type}); use at most {limit}")
 
 
+def check_buildable(cfg: RunConfig, config) -> None:
+    """With model.config_overrides (or a tiny model), build the model once on the meta device, allocating
+    nothing: a shape that cannot exist (a width that the heads do not divide, ...) is named now, not in a
+    traceback on every rank."""
+    if not (cfg.model.config_overrides or cfg.model.tiny):
+        return
+    try:
+        with torch.device("meta"):
+            auto_class(cfg.task).from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - whatever the model's constructor refuses
+        raise UserError(f"model.config_overrides: the model cannot be built with {cfg.model.config_overrides}: "
+                        f"{first_line(e)}") from None
+
+
 def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.nn.Module:
     """Instantiate the task model in fp32 (DeepSpeed casts for bf16/fp16 and keeps fp32 master weights).
 
@@ -105,6 +119,12 @@ def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.n
                                      use_safetensors=None if m.gguf_file else True)
     except (OSError, SafetensorError) as e:  # no weights, only a .bin (pickles are not loaded), a cut-off file
         raise UserError(f"model.path: cannot load the weights in {m.path}: {first_line(e)}") from None
+    except RuntimeError as e:
+        if "mismatched_sizes" not in str(e):
+            raise
+        raise UserError(f"model.config_overrides: {m.config_overrides} change the shapes of the weights in "
+                        f"{m.path} (transformers' report above lists them); override only what keeps them "
+                        "(dropout, ...), or train a new model with model.tiny") from None
     if m.gguf_file:
         # GGUF weights arrive dequantized to fp32, but the model stays marked as quantized, which makes
         # save_pretrained refuse it (merged export); they are plain tensors, so drop the mark

@@ -25,6 +25,8 @@ def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: b
             tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, local_files_only=True,
                                                 trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
+            if os.path.isfile(os.path.join(path, "tokenizer.model")):  # the file transformers fell back from
+                _sentencepiece(os.path.join(path, "tokenizer.model"))
             raise UserError(f"tokenizer.path: cannot load a tokenizer from {path}: {first_line(e)}") from None
     if tok.pad_token is None:
         # batching needs a pad id; padded positions are masked, so reusing EOS/UNK is harmless
@@ -60,12 +62,22 @@ def read_chat_template(cfg) -> str | None:
     return text
 
 
+def _sentencepiece(model_file: str):
+    """The SentencePiece model in `model_file`, or a one-line error naming the file."""
+    import sentencepiece as spm
+
+    try:
+        return spm.SentencePieceProcessor(model_file=model_file)
+    except (RuntimeError, OSError) as e:
+        raise UserError(f"tokenizer.path: {model_file} is not a readable SentencePiece model "
+                        f"({first_line(e)})") from None
+
+
 def _from_sentencepiece(model_file: str):
     """Wrap a SentencePiece model in a fast HF tokenizer, keeping its pad/bos/eos/unk pieces."""
-    import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    sp = spm.SentencePieceProcessor(model_file=model_file)
+    sp = _sentencepiece(model_file)
     with tempfile.TemporaryDirectory() as d:
         shutil.copy(model_file, os.path.join(d, "tokenizer.model"))
         tok = AutoTokenizer.from_pretrained(d, local_files_only=True)

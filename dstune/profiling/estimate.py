@@ -107,6 +107,16 @@ def model_state_bytes(table: ParamTable, stage: int, world: int, precision: str,
     return weights, grads, optim
 
 
+def checkpoint_bytes(table: ParamTable, stage: int, world: int, precision: str) -> int:
+    """Bytes of one checkpoint on disk, all ranks' files together: only what trains is saved (the frozen base
+    is reloaded from model.path). The module's trainable weights in the training dtype (under ZeRO-3 they
+    are partitions, saved with the optimizer state instead), plus the optimizer state as the engine holds it
+    (model_state_bytes): Adam's m and v, and the fp32 master copy except for ZeRO-0 in fp32."""
+    b = bytes_per_element(precision)
+    _, _, optim = model_state_bytes(table, stage, world, precision)
+    return (0 if stage == 3 else b * table.trainable) + optim * (world if stage else 1)
+
+
 def step_temporary_bytes(table: ParamTable, stage: int, world: int, precision: str, ds_config: dict) -> int:
     """What DeepSpeed's optimizer step allocates on top of the model states, one optimizer group at a time.
 
@@ -243,6 +253,7 @@ def estimate(cfg: RunConfig, world_size: int, seq_len: int | None = None, cuda: 
     return per_rank, table, {"zero_stage": stage, "offload_optimizer": offload_opt, "offload_params": offload_par,
                              "largest_param": max([n for g in table.groups for n in g] + table.frozen),
                              "flops_per_token": per_token, "activations_after_forward": after_forward,
+                             "checkpoint_bytes": checkpoint_bytes(table, stage, world_size, t.precision),
                              "activations_source": source}
 
 

@@ -42,6 +42,8 @@ def estimate_table(cfg: RunConfig, est, table, info: dict, world: int, deepspeed
                       f"for the backward")
     else:
         lines += ["", f"**activations: {info['activations_source']}**"]
+    lines += ["", f"one checkpoint, all ranks: {human_bytes(info['checkpoint_bytes'])} (what trains and its "
+                  "optimizer state; the frozen base is reloaded from model.path)"]
     if deepspeed_says is not None:
         lines += ["", f"DeepSpeed's own model-state estimate: {human_bytes(deepspeed_says)} per GPU "
                       f"(it counts all {table.total:,} parameters as trainable); "

@@ -24,8 +24,9 @@ class Task:
     left_pad_prompts = False  # decoder-only generation: every row must end at its last prompt token
 
     # data
-    def check(self, cfg, ds, path: str, key: str, tokenizer) -> str:
-        """Fail with the config key of a missing column; return the rows' format ("" where there is one)."""
+    def check(self, cfg, ds, path: str, key: str, tokenizer) -> tuple[str, list[tuple[str, str]]]:
+        """The rows' format ("" where there is one) and the columns it reads, each with its config key (the
+        pipeline requires them); fail with a config key for anything else the rows cannot be read with."""
         raise NotImplementedError
 
     def label_values(self, sources: list) -> list[str] | None:

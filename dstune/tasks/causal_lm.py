@@ -9,7 +9,7 @@ import torch
 
 from dstune.data import chat
 from dstune.data.batching import IGNORE
-from dstune.data.files import ROW, require_columns, row_location
+from dstune.data.files import ROW, require_present, row_location
 from dstune.errors import UserError
 from dstune.tasks.base import Generative
 from dstune.tasks.seq2seq import with_eos
@@ -60,13 +60,12 @@ class CausalLM(Generative):
                  "messages": [("data.messages_column", chat.turns_column("messages", d.messages_column, columns))],
                  "sharegpt": [("data.messages_column", chat.turns_column("sharegpt", d.messages_column, columns))],
                  "alpaca": [("data.format", "instruction"), ("data.format", "output")]}[fmt]
-        for config_key, column in needs:
-            require_columns(ds, [column], config_key, path)
+        require_present(columns, needs, path)  # a missing column first: it says what the data lacks
         if fmt in CHAT and not has_template(tokenizer):
             raise UserError(f"tokenizer.chat_template: {fmt} data ({path}) is rendered with a chat template and "
                             "the tokenizer has none; set tokenizer.chat_template to a Jinja template or a file "
                             "holding one")
-        return fmt
+        return fmt, needs
 
     def packs(self, cfg, style, for_eval):
         """Training rows with data.packing; evaluation rows only as plain text (a prompt must stay whole)."""

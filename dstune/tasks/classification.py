@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from dstune.data.files import require_columns
 from dstune.errors import UserError
 from dstune.tasks.base import Task
 
@@ -15,9 +14,7 @@ class Classification(Task):
     generative = False
 
     def check(self, cfg, ds, path, key, tokenizer):
-        require_columns(ds, [cfg.data.text_column], "data.text_column", path)
-        require_columns(ds, [cfg.data.label_column], "data.label_column", path)
-        return ""
+        return "", [("data.text_column", cfg.data.text_column), ("data.label_column", cfg.data.label_column)]
 
     def label_values(self, sources):
         """The label values of every source, sorted as text."""

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from dstune.data.files import require_columns
 from dstune.tasks.base import Generative
 
 
@@ -19,9 +18,7 @@ class Seq2Seq(Generative):
     forward_takes_labels = True
 
     def check(self, cfg, ds, path, key, tokenizer):
-        require_columns(ds, [cfg.data.source_column], "data.source_column", path)
-        require_columns(ds, [cfg.data.target_column], "data.target_column", path)
-        return ""
+        return "", [("data.source_column", cfg.data.source_column), ("data.target_column", cfg.data.target_column)]
 
     def encoder(self, cfg, tokenizer, style, labels, for_eval, path, key):
         d, eos = cfg.data, tokenizer.eos_token_id
