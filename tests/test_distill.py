@@ -1,0 +1,158 @@
+"""Knowledge distillation: the divergence's value and gradient, and training with a teacher."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dstune.engine.losses import DIVERGENCES, distillation_loss
+
+
+def reference(student: torch.Tensor, teacher: torch.Tensor, T: float, kind: str) -> torch.Tensor:
+    """The textbook formula in float64, differentiated by autograd."""
+    s, t = torch.log_softmax(student / T, -1), torch.log_softmax(teacher / T, -1)
+    ps, pt = s.exp(), t.exp()
+    if kind == "forward_kl":
+        d = (pt * (t - s)).sum(-1)
+    elif kind == "reverse_kl":
+        d = (ps * (s - t)).sum(-1)
+    else:
+        m = (ps + pt) / 2
+        d = 0.5 * (ps * (s - m.log())).sum(-1) + 0.5 * (pt * (t - m.log())).sum(-1)
+    return T ** 2 * d.mean()
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("T", [1.0, 2.5])
+def test_divergence_and_its_gradient_match_autograd_of_a_float64_reference(kind, T):
+    g = torch.Generator().manual_seed(0)
+    student = (torch.randn(37, 50, generator=g) * 3).requires_grad_()
+    teacher = torch.randn(37, 50, generator=g) * 3
+    ref_student = student.detach().double().requires_grad_()
+    want = reference(ref_student, teacher.double(), T, kind)
+    want.backward()
+    got = distillation_loss(student, teacher, T, kind, chunk=8)  # several chunks, a ragged last one
+    got.backward()
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-7), (got, want)
+    assert torch.allclose(student.grad.double(), ref_student.grad, rtol=1e-4, atol=1e-8)
+    assert got.item() >= 0
+
+
+def test_identical_distributions_have_no_divergence_nor_gradient():
+    x = torch.randn(4, 9).requires_grad_()
+    for kind in DIVERGENCES:
+        loss = distillation_loss(x, x.detach().clone(), 2.0, kind)
+        loss.backward()
+        assert abs(loss.item()) < 1e-6 and x.grad.abs().max() < 1e-6
+        x.grad = None
+
+
+# ---- training with a teacher -------------------------------------------------------------------------
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+
+from conftest import ok, read_metrics, run_cli  # noqa: E402
+from test_distributed import lm_recipe  # noqa: E402
+
+
+def with_teacher(recipe: str, **distill) -> str:
+    cfg = json.loads(open(recipe).read())
+    cfg["distill"] = distill
+    open(recipe, "w").write(json.dumps(cfg))
+    return recipe
+
+
+def digest(folder) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+LORA = [{"name": "lora", "r": 4}]
+
+
+def test_alpha_zero_is_plain_training_and_the_teacher_is_left_as_it_was(ws, built_ops, tmp_path):
+    """A Llama teacher (same tokenizer) for a GPT-2 student: with alpha 0 the losses are those of the run
+    without a teacher, to the bit; the divergence is logged; the teacher's folder is unchanged and none of
+    it is in the student's checkpoint."""
+    before = digest(ws / "llama")
+    ok(run_cli(["train", lm_recipe(ws, tmp_path, "plain", methods=LORA, max_steps=4)]))
+    res = ok(run_cli(["train", with_teacher(lm_recipe(ws, tmp_path, "kd0", methods=LORA, max_steps=4),
+                                            teacher=str(ws / "llama"), alpha=0.0)]))
+    assert f"distilling from {ws / 'llama'} (forward_kl, T 2, alpha 0)" in res.stdout
+    plain, kd0 = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "kd0")
+    assert [plain[s]["loss"] for s in plain] == [kd0[s]["loss"] for s in kd0]
+    assert all(kd0[s]["distill"] > 0 for s in kd0)
+    assert digest(ws / "llama") == before
+    ckpt = next((tmp_path / "kd0" / "checkpoints").glob("step_*"))
+    assert sum(f.stat().st_size for f in ckpt.rglob("*")) < (ws / "gpt2" / "model.safetensors").stat().st_size / 2
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_two_ranks_at_zero3_with_a_partitioned_teacher_match_one_rank(ws, built_ops, tmp_path, divergence):
+    for name, stage, nproc in (("one", None, 1), ("two", 3, 2)):  # the same global batch of 4
+        recipe = with_teacher(lm_recipe(ws, tmp_path, name, stage, methods=LORA, max_steps=4,
+                                        gradient_accumulation_steps=3 - nproc),
+                              teacher=str(ws / "llama"), alpha=0.7, temperature=1.5, divergence=divergence)
+        ok(run_cli(["train", recipe], nproc=nproc))
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    for s in one:
+        assert abs(one[s]["loss"] - two[s]["loss"]) < 1e-5 and abs(one[s]["distill"] - two[s]["distill"]) < 1e-6
+
+
+def test_a_run_dir_teaches_a_classifier(ws, built_ops, tmp_path):
+    """The teacher is a finished dstune run (fully fine-tuned tiny BERT); a LoRA student distils from it
+    alone (alpha 1) and gets closer to it: the divergence falls."""
+    from test_bad_input import GOOD
+
+    teacher = tmp_path / "teacher.yaml"
+    cfg = json.loads(json.dumps(GOOD).replace("MODEL", str(ws / "bert")).replace("TOK", str(ws / "tokenizer"))
+                     .replace("DATA", str(ws / "cls_train.jsonl")).replace("OUT", str(tmp_path / "teacher")))
+    teacher.write_text(json.dumps({**cfg, "training": {"max_steps": 60, "lr": 1e-2}}))
+    ok(run_cli(["train", str(teacher)]))
+    student = tmp_path / "student.yaml"
+    student.write_text(json.dumps({**cfg, "output_dir": str(tmp_path / "student"), "methods": LORA,
+                                   "training": {"max_steps": 30, "lr": 1e-2},
+                                   "distill": {"teacher": str(tmp_path / "teacher"), "alpha": 1.0,
+                                               "temperature": 1.0}}))
+    ok(run_cli(["train", str(student)]))
+    kd = [r["distill"] for _, r in sorted(read_metrics(tmp_path / "student").items())]
+    assert sum(kd[-5:]) < 0.5 * sum(kd[:5]), kd
+
+
+def test_a_teacher_that_cannot_teach_is_refused(ws, tmp_path):
+    import shutil
+
+    from dstune.models.tokenizers import train_sentencepiece
+    from test_bad_input import assert_user_error
+
+    other = tmp_path / "other-vocab"
+    shutil.copytree(ws / "llama", other)
+    for f in other.glob("tokenizer*"):
+        f.unlink()
+    corpus = tmp_path / "other.txt"
+    corpus.write_text("".join(f"zebra quartz {i} jumps over the lazy fox\n" for i in range(200)))
+    train_sentencepiece([str(corpus)], str(other), vocab_size=60)
+    recipe = with_teacher(lm_recipe(ws, tmp_path, "run", methods=LORA), teacher=str(other))
+    assert_user_error(run_cli(["train", recipe]), r"distill\.teacher: .*other-vocab has another vocabulary "
+                                                   r"\(\d+ tokens, the student's \d+\)", tmp_path / "run")
+    recipe = with_teacher(lm_recipe(ws, tmp_path, "run", methods=LORA), teacher=str(tmp_path / "missing"))
+    assert_user_error(run_cli(["train", recipe]), r"distill\.teacher: not a folder: .*missing", tmp_path / "run")
+
+
+def test_the_estimate_counts_the_teachers_weights_and_logits(ws, tmp_path):
+    import transformers as T
+
+    from dstune.config import load_config
+    from dstune.profiling.estimate import estimate
+
+    recipe = lm_recipe(ws, tmp_path, "run", methods=LORA)
+    [plain], _, _ = estimate(load_config(recipe), 1, cuda=False)
+    [kd], _, _ = estimate(load_config(with_teacher(recipe, teacher=str(ws / "llama"))), 1, cuda=False)
+    [kd3, _], _, _ = estimate(load_config(recipe, ["deepspeed=zero3"]), 2, cuda=False)
+    teacher = T.AutoModelForCausalLM.from_pretrained(ws / "llama")
+    n = sum(p.numel() for p in teacher.parameters())
+    assert kd.teacher_weights == 4 * n and kd.teacher_activations == 4 * 2 * 32 * teacher.config.vocab_size
+    assert kd.total == plain.total + kd.teacher_weights + kd.teacher_activations
+    assert kd3.teacher_weights < 4 * n * 0.55  # partitioned over 2 ranks (each parameter rounded up)
