@@ -96,6 +96,8 @@ class DataSource(_Section):
     response_column: str | None = None
     source_column: str | None = None
     target_column: str | None = None
+    labeled: bool = Field(True, description="false: rows without labels, trained by a distill teacher's outputs "
+                                            "alone (classification)")
 
     @model_validator(mode="after")
     def _one_share(self) -> "DataSource":
@@ -111,6 +113,9 @@ class DataConfig(_Section):
                     "token ids in full max_length blocks (causal_lm throughput benchmarks, no tokenizer needed)")
     eval: str | None = Field(None, description="evaluation data, same formats; default: hold out eval_fraction of train")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of train held out for eval when eval is unset")
+    unlabeled: str | None = Field(None, description="classification with distill: rows without labels (the text "
+                                                    "column is enough), trained by the teacher's outputs alone; "
+                                                    "a source beside data.train, taken once per epoch")
     format: Literal[FORMATS] = Field(
         "auto", description="causal_lm row format; auto: text_column, else prompt_column+response_column, else a "
                             "messages/conversations column (OpenAI or ShareGPT turns), else instruction+output "
@@ -149,8 +154,9 @@ class DataConfig(_Section):
         return train
 
     def sources(self) -> list[DataSource]:
-        """data.train as a list of sources (one file is one source, taken once)."""
-        return self.train if isinstance(self.train, list) else [DataSource(path=self.train)]
+        """data.train as a list of sources (one file is one source, taken once), then data.unlabeled."""
+        train = self.train if isinstance(self.train, list) else [DataSource(path=self.train)]
+        return train + ([DataSource(path=self.unlabeled, labeled=False)] if self.unlabeled else [])
 
 
 class TrainingConfig(_Section):
@@ -249,6 +255,7 @@ class RunConfig(_Section):
         elif self.data.train != RANDOM_DATA:
             self.data.train = absolute(self.data.train)
         self.data.eval = absolute(self.data.eval)
+        self.data.unlabeled = absolute(self.data.unlabeled)
         self.data.cache_dir = absolute(self.data.cache_dir)
         self.output_dir = absolute(self.output_dir)
         if self.distill is not None:

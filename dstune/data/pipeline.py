@@ -64,10 +64,14 @@ def random_data(cfg: RunConfig, tokenizer) -> TaskData:
     return TaskData(train=RandomTokens(RANDOM_EXAMPLES, d.max_length, vocab, cfg.training.seed), eval=None)
 
 
-def _load(cfg: RunConfig, path: str, key: str, tokenizer, work: str | None = None):
-    """(the table with its row numbers in ROW, its format, rows dropped for a missing value)."""
+def _load(cfg: RunConfig, path: str, key: str, tokenizer, work: str | None = None, labeled: bool = True):
+    """(the table with its row numbers in ROW, its format, rows dropped for a missing value). Rows without
+    labels (`labeled` false) need no label column."""
     raw = load_table(path, key, work)
-    style, needs = get_task(cfg.task).check(cfg, raw, path, key, tokenizer)
+    task = get_task(cfg.task)
+    style, needs = task.check(cfg, raw, path, key, tokenizer)
+    if not labeled:
+        needs = [(k, c) for k, c in needs if k != task.label_key]
     raw, dropped = require_columns(raw.add_column(ROW, np.arange(len(raw))), needs, path, cfg.data.drop_invalid_rows)
     if dropped:  # one table again, not a selection of the loaded one
         raw = raw.flatten_indices(**map_output(work, "valid-rows"))
@@ -118,6 +122,7 @@ class _Source:
     raw: Any         # its rows
     style: str
     dropped: int     # rows left out for a missing value (data.drop_invalid_rows)
+    labeled: bool = True  # false: data.unlabeled (or a source with labeled: false), trained by a teacher alone
 
 
 def _sources(cfg: RunConfig, tokenizer, work: str | None) -> list[_Source]:
@@ -125,21 +130,34 @@ def _sources(cfg: RunConfig, tokenizer, work: str | None) -> list[_Source]:
     listed = isinstance(cfg.data.train, list)
     out = []
     for i, src in enumerate(cfg.data.sources()):
-        columns = src.model_dump(exclude={"path", "weight", "epochs"}, exclude_none=True)
+        columns = src.model_dump(exclude={"path", "weight", "epochs", "labeled"}, exclude_none=True)
         c = cfg.model_copy(update={"data": cfg.data.model_copy(update=columns)}) if columns else cfg
-        key = f"data.train[{i}]" if listed else "data.train"
-        raw, style, dropped = _load(c, src.path, key, tokenizer, f"{work}/source{i}" if work else None)
-        out.append(_Source(c, src.path, key, raw, style, dropped))
+        key = "data.unlabeled" if src.path == cfg.data.unlabeled and not src.labeled else \
+            f"data.train[{i}]" if listed else "data.train"
+        if not src.labeled:
+            _check_unlabeled(cfg, key)
+        raw, style, dropped = _load(c, src.path, key, tokenizer, f"{work}/source{i}" if work else None, src.labeled)
+        out.append(_Source(c, src.path, key, raw, style, dropped, src.labeled))
     return out
+
+
+def _check_unlabeled(cfg: RunConfig, key: str) -> None:
+    """Rows without labels train only through a teacher's outputs, and only a classifier has none to read."""
+    if get_task(cfg.task).label_key is None:
+        raise UserError(f"{key}: rows without labels are for classification; in {cfg.task} every row holds its "
+                        "own targets (put it in data.train)")
+    if cfg.distill is None or cfg.distill.alpha == 0:
+        raise UserError(f"{key}: rows without labels train only through a teacher's outputs; set distill "
+                        "(with alpha > 0)")
 
 
 def mixture_counts(rows: list[int], cfg: RunConfig) -> list[int]:
     """Examples each source puts into the mixture: rows × epochs, or its weight's share of all rows."""
     sources = cfg.data.sources()
-    if sources[0].weight is not None:
-        total = sum(s.weight for s in sources)
-        return [round(s.weight / total * sum(rows)) for s in sources]
-    return [round((s.epochs or 1.0) * n) for s, n in zip(sources, rows)]
+    weighted = [s.weight for s in sources if s.weight is not None]
+    pool = sum(n for s, n in zip(sources, rows) if s.weight is not None)  # data.unlabeled stays out of it
+    return [round(s.weight / sum(weighted) * pool) if s.weight is not None else round((s.epochs or 1.0) * n)
+            for s, n in zip(sources, rows)]
 
 
 def mixture_indices(rows: int, count: int, seed: int) -> np.ndarray:
@@ -169,7 +187,7 @@ def prepare_data(cfg: RunConfig, tokenizer, work: str | None = None) -> TaskData
     if d.train == RANDOM_DATA:
         return random_data(cfg, tokenizer)
     sources = _sources(cfg, tokenizer, work)
-    labels, style = get_task(cfg.task).label_values(sources), sources[0].style
+    labels, style = get_task(cfg.task).label_values([s for s in sources if s.labeled]), sources[0].style
     single = len(sources) == 1
     mixing = not single or (d.sources()[0].epochs or 1.0) != 1.0  # else the rows are the training examples
     evald = None
@@ -180,12 +198,14 @@ def prepare_data(cfg: RunConfig, tokenizer, work: str | None = None) -> TaskData
     elif d.eval_fraction > 0:
         held = []
         for i, s in enumerate(sources):
+            if not s.labeled:  # nothing to score held-out rows against
+                continue
             s.raw, held_out = _hold_out(s.cfg, s.raw, f"{work}/source{i}" if work else None)
             held.append(_tokenize(s.cfg, tokenizer, held_out, s.style, labels, True, s.path, s.key, work, f"{i}-",
                                   pack_rows=single))
         evald = TaskData(None, _concatenate(held), labels, style)
-    parts = [_tokenize(s.cfg, tokenizer, s.raw, s.style, labels, False, s.path, s.key, work, f"{i}-",
-                       pack_rows=not mixing) for i, s in enumerate(sources)]
+    parts = [_tokenize(s.cfg, tokenizer, s.raw, s.style, labels if s.labeled else None, False, s.path, s.key, work,
+                       f"{i}-", pack_rows=not mixing) for i, s in enumerate(sources)]
     if mixing:
         counts = mixture_counts([len(p) for p in parts], cfg)
         train = _mix(cfg, parts, counts, work)
@@ -196,7 +216,8 @@ def prepare_data(cfg: RunConfig, tokenizer, work: str | None = None) -> TaskData
     return TaskData(train=train, eval=evald.eval if evald else None, labels=labels,
                     style=style if len({s.style for s in sources}) == 1 else "mixture",
                     sources=[{"path": s.path, "format": s.style, "rows": len(s.raw), "examples": n,
-                              "tokens": token_count(p), "dropped": s.dropped} for s, p, n in zip(sources, parts, counts)],
+                              "tokens": token_count(p), "dropped": s.dropped, "labeled": s.labeled}
+                             for s, p, n in zip(sources, parts, counts)],
                     eval_dropped=evald.eval_dropped if evald else 0)
 
 
@@ -233,5 +254,5 @@ def prepare_held_out(cfg: RunConfig, tokenizer, labels: list[str] | None) -> Tas
     """The rows a data.eval_fraction run held out of data.train for evaluation, tokenized as in training."""
     sources = _sources(cfg, tokenizer, None)
     held = [_tokenize(s.cfg, tokenizer, _hold_out(s.cfg, s.raw)[1], s.style, labels, True, s.path, s.key,
-                      pack_rows=len(sources) == 1) for s in sources]
+                      pack_rows=len(sources) == 1) for s in sources if s.labeled]
     return TaskData(None, _concatenate(held), labels, sources[0].style)

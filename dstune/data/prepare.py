@@ -227,8 +227,9 @@ def summary(data: TaskData, entry: Path | None) -> str:
     ev = f"; {meta['eval_rows']:,} eval rows" if meta["eval_rows"] else ""
     line = f"{meta['train_rows']:,} training rows, {meta['train_tokens']:,} tokens{ev} ({entry})"
     if len(meta["sources"]) > 1 or meta["sources"][0]["examples"] != meta["sources"][0]["rows"]:
-        line += "".join(f"\n  {Path(s['path']).name} ({s['format']}): {s['rows']:,} rows, {s['tokens']:,} tokens "
-                        f"-> {s['examples']:,} examples" for s in meta["sources"])
+        line += "".join(f"\n  {Path(s['path']).name} ({s['format'] or 'rows'}"
+                        f"{'' if s.get('labeled', True) else ', no labels: the teacher alone'}): {s['rows']:,} rows, "
+                        f"{s['tokens']:,} tokens -> {s['examples']:,} examples" for s in meta["sources"])
     dropped = [(s["path"], s.get("dropped", 0)) for s in meta["sources"]] + [("data.eval", meta.get("eval_dropped", 0))]
     if any(n for _, n in dropped):
         line += "; left out for a missing value (data.drop_invalid_rows): " + ", ".join(

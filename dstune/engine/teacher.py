@@ -31,6 +31,7 @@ def is_run_dir(path: Path) -> bool:
 class Teacher:
     def __init__(self, cfg: RunConfig, module, vocab: int | None):
         self.d, self.task, self.module, self.vocab = cfg.distill, get_task(cfg.task), module, vocab
+        self.alpha = cfg.distill.alpha  # loss = (1 - alpha) * task loss + alpha * divergence
 
     @torch.no_grad()
     def logits(self, batch: dict) -> torch.Tensor:
@@ -46,12 +47,12 @@ class Teacher:
             logits, labels = logits[:, :-1], labels[:, 1:]
         return logits[labels != IGNORE][:, :self.vocab]
 
-    def loss(self, task_loss: torch.Tensor, student_logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
-        """(the mixed loss, the distillation term's value) of one micro-batch."""
+    def divergence(self, student_logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """T^2 * the divergence of the student's from the teacher's outputs, the mean over this micro-batch's
+        rows (classification: every example, labelled or not) or target tokens."""
         labels = batch["labels"]
-        kd = distillation_loss(self.rows(student_logits, labels), self.rows(self.logits(batch), labels),
-                               self.d.temperature, self.d.divergence)
-        return (1 - self.d.alpha) * task_loss + self.d.alpha * kd, kd.item()
+        return distillation_loss(self.rows(student_logits, labels), self.rows(self.logits(batch), labels),
+                                 self.d.temperature, self.d.divergence)
 
 
 def _teacher_ds(ds_config: dict) -> dict:

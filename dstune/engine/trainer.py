@@ -187,8 +187,11 @@ def _train(cfg: RunConfig, started: list) -> dict:
     # causal LM / seq2seq steps take the token mean over the whole global batch (one label per example in
     # classification, and equal-sized micro-batches, make the plain mean right there)
     task = get_task(cfg.task)
+    # generative tasks take the mean over target tokens; a classifier with rows that have no label
+    # (data.unlabeled) over its labelled rows
     count_targets = functools.partial(task.target_tokens, first_label_is_target=any(
-        m.first_label_is_target for m in methods)) if task.generative else None
+        m.first_label_is_target for m in methods)) \
+        if task.generative or not all(s.labeled for s in cfg.data.sources()) else None
     results = _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_, log, step, total_steps, stage, memory,
                     teacher,
                     count_targets)
@@ -240,16 +243,20 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
                 batch = to_device(host, dist_.device, task)
                 with profiler.phase("forward"):
                     out = engine(**batch)
-                    loss, kd = out.loss, 0.0
+                    loss, weight = out.loss, 1.0
+                    if count_targets:
+                        # the model's loss is this micro-batch's mean over its targets (tokens; labelled rows);
+                        # weighted by its share of the global batch's targets (× accum × ranks, which DeepSpeed's
+                        # averaging divides out again), the step's gradient is that of the global batch's mean
+                        mine = count_targets([r["labels"] for r in rows])
+                        weight = mine / max(global_targets, 1) * batches.accum * batches.world
+                        loss = loss * weight if mine else out.logits.sum() * 0.0  # no targets: no 0/0 mean
                     if teacher is not None:
-                        loss, kd = teacher.loss(loss, out.logits, batch)
-                    if global_targets:
-                        # the model's loss is this micro-batch's token mean; weighted by its share of the global
-                        # batch's target tokens (× accum × ranks, which DeepSpeed's averaging divides out again),
-                        # the step's gradient is that of the token mean over the whole global batch
-                        share = count_targets([r["labels"] for r in rows]) / global_targets
-                        loss, kd = loss * (share * batches.accum * batches.world), kd * share * batches.accum * batches.world
-                    kd_sum += kd
+                        # the divergence: a mean over the same targets (generative), or over every row, labelled
+                        # or not (classification: equal micro-batches make the plain mean right)
+                        kd = teacher.divergence(out.logits, batch) * (weight if task.generative else 1.0)
+                        loss = (1 - teacher.alpha) * loss + teacher.alpha * kd
+                        kd_sum += kd.item()
                 memory.mark("forward")
                 with profiler.phase("backward"):
                     engine.backward(loss)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from dstune.data.batching import IGNORE
 from dstune.errors import UserError
 from dstune.tasks.base import Task
 
@@ -12,6 +13,7 @@ class Classification(Task):
     auto_class = "AutoModelForSequenceClassification"
     peft_task_type = "SEQ_CLS"
     generative = False
+    label_key = "data.label_column"
 
     def check(self, cfg, ds, path, key, tokenizer):
         return "", [("data.text_column", cfg.data.text_column), ("data.label_column", cfg.data.label_column)]
@@ -34,11 +36,17 @@ class Classification(Task):
 
         def encode(batch):
             ids = tokenizer([str(x) for x in batch[d.text_column]], truncation=True, max_length=d.max_length)
+            if labels is None:  # rows without labels (data.unlabeled): only a teacher's outputs train on them
+                return {"input_ids": ids["input_ids"], "labels": [IGNORE] * len(ids["input_ids"])}
             return {"input_ids": ids["input_ids"], "labels": [class_id[str(x)] for x in batch[d.label_column]]}
         return encode
 
     def collate_labels(self, rows):
         return torch.tensor([r["labels"] for r in rows], dtype=torch.long)
+
+    def target_tokens(self, label_rows, first_label_is_target):
+        """Rows with a label (data.unlabeled rows have none)."""
+        return sum(label != IGNORE for label in label_rows)
 
     def example_batch(self, config, micro_batch, seq_len, target_len):
         return {"input_ids": torch.randint(0, config.vocab_size, (micro_batch, seq_len)),
