@@ -83,6 +83,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_select(args: argparse.Namespace) -> int:
+    """Pick the rows worth labelling: dstune select RUN_DIR --pool FILE --strategy S --k N --out FILE
+
+    Scores every row of the pool with the trained run and writes the k most informative, best first, as
+    JSON lines (the row's own columns plus pool_row, score and strategy). classification: entropy, margin
+    or least-confidence of the predicted distribution; causal_lm / seq2seq: nll, the mean negative
+    log-likelihood per token of each row's reference (response / target); random: a seeded sample, the
+    baseline. Under a launcher (torchrun, deepspeed) the ranks share the scoring; rank 0 writes.
+    """
+    import torch
+
+    from dstune.data.pipeline import prepare_pool
+    from dstune.engine.run_dir import load_run
+    from dstune.engine.select import check_strategy, score_rows, write_selection
+
+    out = os.path.abspath(args.out)
+    if os.path.isdir(out) or not os.path.isdir(os.path.dirname(out)):
+        raise UserError(f"--out: {args.out} must be a file in an existing folder")
+    if args.k < 1:
+        raise UserError(f"--k: must be at least 1, got {args.k}")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    cfg, tokenizer, model, labels, _ = load_run(args.run_dir, device)
+    check_strategy(cfg.task, args.strategy)
+    if not os.path.exists(args.pool):
+        raise UserError(f"--pool: not found: {args.pool}")
+    raw, rows = prepare_pool(cfg, tokenizer, labels, os.path.abspath(args.pool))
+    if args.k > len(raw):
+        raise UserError(f"--k: {args.k} is more than the pool's {len(raw):,} rows")
+    scores = score_rows(model, rows, cfg.task, tokenizer, device, args.batch_size, args.strategy, args.seed,
+                        rank, world)
+    if rank == 0:
+        n = write_selection(raw, scores, args.k, out, args.strategy)
+        print(f"[dstune] {n} of {len(raw):,} rows by {args.strategy} (scores {scores.min():.4g} to "
+              f"{scores.max():.4g}) -> {out}", flush=True)
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate text with a finished causal_lm or seq2seq run: dstune generate RUN_DIR --prompt TEXT
 
@@ -289,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run_dir")
     sp.add_argument("--data", help="evaluation file (default: the run's data.eval)")
     sp.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
+
+    sp = add("select", cmd_select)
+    sp.add_argument("run_dir")
+    sp.add_argument("--pool", required=True, help="rows to choose from (.jsonl/.csv/...; labels not needed)")
+    sp.add_argument("--strategy", required=True, help="entropy, margin, least-confidence (classification); nll "
+                                                       "(causal_lm, seq2seq); random (any)")
+    sp.add_argument("--k", type=int, required=True, help="rows to pick")
+    sp.add_argument("--out", required=True, help="JSON lines file for the picked rows")
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--seed", type=int, default=0, help="random: the sample's seed")
 
     sp = add("generate", cmd_generate)
     sp.add_argument("run_dir")

@@ -114,6 +114,18 @@ def prepare_eval(cfg: RunConfig, tokenizer, path: str, labels: list[str] | None,
                     eval_dropped=dropped)
 
 
+def prepare_pool(cfg: RunConfig, tokenizer, labels: list[str] | None, path: str, key: str = "--pool"):
+    """(the pool's rows, numbered in ROW; their token ids, one example per row) for scoring: classification
+    rows need only their text, causal LM and seq2seq rows their reference (response / target) too."""
+    labeled = get_task(cfg.task).generative
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"packing": False})})  # one row, one example
+    raw, style, _ = _load(cfg, path, key, tokenizer, labeled=labeled)
+    rows = _tokenize(cfg, tokenizer, raw, style, labels if labeled else None, False, path, key, pack_rows=False)
+    if len(rows) != len(raw):
+        raise UserError(f"{key}: {len(raw) - len(rows)} rows of {path} give no example to score")
+    return raw, rows
+
+
 @dataclass
 class _Source:
     cfg: RunConfig   # the run's config with this source's format and columns
