@@ -89,8 +89,9 @@ def cmd_select(args: argparse.Namespace) -> int:
     Scores every row of the pool with the trained run and writes the k most informative, best first, as
     JSON lines (the row's own columns plus pool_row, score and strategy). classification: entropy, margin
     or least-confidence of the predicted distribution; causal_lm / seq2seq: nll, the mean negative
-    log-likelihood per token of each row's reference (response / target); random: a seeded sample, the
-    baseline. Under a launcher (torchrun, deepspeed) the ranks share the scoring; rank 0 writes.
+    log-likelihood per token of each row's reference (response / target), or of the model's own greedy
+    reply (evaluation.max_new_tokens) for rows that hold only a prompt / source; random: a seeded sample,
+    the baseline. Under a launcher (torchrun, deepspeed) the ranks share the scoring; rank 0 writes.
     """
     import torch
 
@@ -116,7 +117,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     if args.k > len(raw):
         raise UserError(f"--k: {args.k} is more than the pool's {len(raw):,} rows")
     scores = score_rows(model, rows, cfg.task, tokenizer, device, args.batch_size, args.strategy, args.seed,
-                        rank, world)
+                        rank, world, cfg.evaluation.max_new_tokens)
     if rank == 0:
         n = write_selection(raw, scores, args.k, out, args.strategy)
         print(f"[dstune] {n} of {len(raw):,} rows by {args.strategy} (scores {scores.min():.4g} to "

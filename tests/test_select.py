@@ -105,3 +105,30 @@ def test_a_selection_that_cannot_be_made_is_one_line(ws, classifier, tmp_path, a
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert re.search(message, res.stderr.strip().splitlines()[-1]), res.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_prompts_without_replies_are_scored_by_the_models_own_greedy_reply(ws, built_ops, tmp_path):
+    """A pool of prompts alone: each score is the mean NLL of the reply the model gives greedily, recomputed
+    here with one forward over prompt + reply."""
+    from dstune.engine.run_dir import load_run
+
+    recipe = lm_recipe(ws, tmp_path, "lm", methods=[{"name": "lora", "r": 4}], max_steps=4)
+    ok(run_cli(["train", recipe, "evaluation.max_new_tokens=6"]))
+    prompts = [json.loads(line)["text"].split()[:3] for line in (ws / "lm.jsonl").read_text().splitlines()[:12]]
+    pool = tmp_path / "prompts.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": " ".join(p)}) + "\n" for p in prompts))
+    out = tmp_path / "pick.jsonl"
+    ok(run_cli(["select", str(tmp_path / "lm"), "--pool", str(pool), "--strategy", "nll", "--k", "12",
+                "--batch-size", "5", "--out", str(out)]))
+    _, tok, model, _, _ = load_run(str(tmp_path / "lm"))
+    for r in picked(out):
+        x = torch.tensor([tok(r["prompt"])["input_ids"]])
+        with torch.no_grad():
+            reply = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                                   pad_token_id=tok.pad_token_id)[0, x.shape[1]:].tolist()
+            if tok.eos_token_id in reply:
+                reply = reply[:reply.index(tok.eos_token_id) + 1]
+            full = torch.tensor([x[0].tolist() + reply])
+            logp = torch.log_softmax(model(input_ids=full).logits[0, x.shape[1] - 1:-1], -1)
+        want = -logp.gather(-1, torch.tensor(reply)[:, None]).mean().item()
+        assert abs(want - r["score"]) < 1e-4, (r, want)

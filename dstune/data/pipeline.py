@@ -117,8 +117,15 @@ def prepare_eval(cfg: RunConfig, tokenizer, path: str, labels: list[str] | None,
 def prepare_pool(cfg: RunConfig, tokenizer, labels: list[str] | None, path: str, key: str = "--pool"):
     """(the pool's rows, numbered in ROW; their token ids, one example per row) for scoring: classification
     rows need only their text, causal LM and seq2seq rows their reference (response / target) too."""
-    labeled = get_task(cfg.task).generative
+    task = get_task(cfg.task)
+    labeled = task.generative
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"packing": False})})  # one row, one example
+    table = load_table(path, key)
+    prompts = task.prompt_only(cfg, table.column_names)
+    if prompts is not None:  # prompts without their replies: the model's own greedy replies are scored
+        raw, _ = require_columns(table.add_column(ROW, np.arange(len(table))), [(key, prompts)], path,
+                                 cfg.data.drop_invalid_rows)
+        return raw, [{"prompt_ids": task.prompt_ids(tokenizer, str(t))} for t in raw[prompts]]
     raw, style, _ = _load(cfg, path, key, tokenizer, labeled=labeled)
     rows = _tokenize(cfg, tokenizer, raw, style, labels if labeled else None, False, path, key, pack_rows=False)
     if len(rows) != len(raw):

@@ -2,7 +2,8 @@
 
 Classification scores the predicted distribution (entropy, margin, least confidence); causal LM and seq2seq
 score the mean negative log-likelihood per target token of each row's reference (its response / target
-column): how surprised the model is by the answer a labeller would give. `random` is the baseline every
+column: how surprised the model is by the answer a labeller would give), or, for rows that hold only a
+prompt, of the model's own greedy reply (how unsure it is while answering). `random` is the baseline every
 strategy should beat. Scoring runs sharded over the ranks of a launch (each rank scores every world-th row;
 rank 0 writes), or in one process.
 """
@@ -53,9 +54,27 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, shifted: bool) -> torc
     return -(logp * mask).sum(-1) / mask.sum(-1).clamp_min(1)
 
 
+def greedy_nll(model, prompts: list[list[int]], task, tokenizer, device, max_new_tokens: int) -> torch.Tensor:
+    """Mean negative log-likelihood per token of each prompt's greedy reply, up to and with its end token."""
+    from dstune.data.batching import collate_prompts
+
+    module = getattr(model, "module", model)
+    inputs = {k: v.to(device) for k, v in
+              collate_prompts(prompts, tokenizer.pad_token_id, left=task.left_pad_prompts).items()}
+    out = module.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+                          **getattr(module, "dstune_generate_kwargs", {}))
+    new = task.new_tokens(out.sequences, inputs["input_ids"].shape[1])[:, -len(out.scores):]
+    logp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
+    picked = logp.gather(-1, new[..., None])[..., 0]
+    ended = (new == tokenizer.eos_token_id).long().cumsum(1)
+    mask = (ended == 0) | ((ended == 1) & (new == tokenizer.eos_token_id))  # up to the first end token
+    return -(picked * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
 @torch.no_grad()
 def score_rows(model, rows, task_name: str, tokenizer, device, batch_size: int, strategy: str, seed: int,
-               rank: int = 0, world: int = 1) -> np.ndarray:
+               rank: int = 0, world: int = 1, max_new_tokens: int = 32) -> np.ndarray:
     """One score per row of the tokenized pool `rows` (same on every rank)."""
     from dstune.engine.evaluate import _gather, _shard
 
@@ -64,6 +83,11 @@ def score_rows(model, rows, task_name: str, tokenizer, device, batch_size: int, 
     task = get_task(task_name)
     mine: list[tuple[int, float]] = []
     for batch_ix in _shard(len(rows), rank, world, batch_size):
+        if "prompt_ids" in rows[0]:  # prompts only: the greedy reply's NLL
+            scores = greedy_nll(model, [rows[i]["prompt_ids"] for i, _ in batch_ix], task, tokenizer, device,
+                                max_new_tokens)
+            mine += [(i, float(s)) for (i, keep), s in zip(batch_ix, scores.tolist()) if keep]
+            continue
         batch = to_device(collate([rows[i] for i, _ in batch_ix], tokenizer.pad_token_id, task), device, task)
         labels = batch["labels"] if task.forward_takes_labels else batch.pop("labels")
         logits = model(**batch).logits

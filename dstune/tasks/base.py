@@ -89,6 +89,11 @@ class Task:
         """The generated part of generate()'s output rows."""
         return out
 
+    def prompt_only(self, cfg, columns: list[str]) -> str | None:
+        """The column of prompts when a table's rows lack their reference (`dstune select` then scores the
+        model's own greedy reply); None when the rows are complete, or the task does not generate."""
+        return None
+
 
 class Generative(Task):
     """Causal LM and seq2seq: token targets, a loss that is the token mean, perplexity, generation."""

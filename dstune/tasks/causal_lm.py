@@ -113,6 +113,11 @@ class CausalLM(Generative):
     def new_tokens(self, out, prompt_len):
         return out[..., prompt_len:]
 
+    def prompt_only(self, cfg, columns):
+        d = cfg.data
+        return d.prompt_column if d.prompt_column in columns and d.response_column not in columns \
+            and d.text_column not in columns else None
+
 
 def _conversation_encoder(cfg, tokenizer, fmt: str, for_eval: bool, path: str, key: str):
     """Batched map function: rows of a chat format → ids and labels (assistant turns only); errors say

@@ -20,6 +20,10 @@ class Seq2Seq(Generative):
     def check(self, cfg, ds, path, key, tokenizer):
         return "", [("data.source_column", cfg.data.source_column), ("data.target_column", cfg.data.target_column)]
 
+    def prompt_only(self, cfg, columns):
+        d = cfg.data
+        return d.source_column if d.source_column in columns and d.target_column not in columns else None
+
     def encoder(self, cfg, tokenizer, style, labels, for_eval, path, key):
         d, eos = cfg.data, tokenizer.eos_token_id
 
