@@ -125,6 +125,33 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_active_learn(args: argparse.Namespace) -> int:
+    """Simulate active learning on a labelled pool: dstune active-learn RECIPE --pool FILE --rounds R --per-round K
+
+    The pool's own labels are the oracle. For every strategy and seed: --initial random rows, then each
+    round train the recipe on the labelled rows (from the base), score the rest of the pool with the trained
+    run (as dstune select does) and label the --per-round most informative. Writes OUT/curve.json, curve.md
+    (held-out metric per labelled-set size, mean ± sd over seeds) and curve.png; every round's run dir and
+    picks stay under OUT/STRATEGY/seedN, and a rerun resumes where the loop stopped. The recipe needs
+    data.eval (the held-out set the curve is measured on).
+    """
+    from dstune.active_learning import run_loop
+
+    for name in ("rounds", "per_round", "initial"):
+        if getattr(args, name) < (0 if name == "rounds" else 1):
+            raise UserError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
+    if not os.path.exists(args.pool):
+        raise UserError(f"--pool: not found: {args.pool}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_loop(os.path.abspath(args.recipe), args.overrides, os.path.abspath(args.pool), args.rounds, args.per_round,
+             args.initial, args.strategies.split(","), seeds, out.resolve(), args.batch_size)
+    print((out / "curve.md").read_text(), end="")
+    print(f"[dstune] learning curve: {out / 'curve.json'}, {out / 'curve.md'}, {out / 'curve.png'}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate text with a finished causal_lm or seq2seq run: dstune generate RUN_DIR --prompt TEXT
 
@@ -341,6 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="JSON lines file for the picked rows")
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--seed", type=int, default=0, help="random: the sample's seed")
+
+    sp = add("active-learn", cmd_active_learn)
+    sp.add_argument("recipe")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides of every round's recipe")
+    sp.add_argument("--pool", required=True, help="labelled rows to draw from (their labels are the oracle)")
+    sp.add_argument("--rounds", type=int, required=True, help="selection rounds after the initial set")
+    sp.add_argument("--per-round", type=int, required=True, help="rows labelled per round")
+    sp.add_argument("--initial", type=int, default=100, help="random rows labelled before the first round")
+    sp.add_argument("--strategies", default="entropy,random", help="comma-separated (see dstune select)")
+    sp.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (initial rows, training)")
+    sp.add_argument("--out", default="runs/active", help="output folder")
+    sp.add_argument("--batch-size", type=int, default=32, help="scoring batch size")
 
     sp = add("generate", cmd_generate)
     sp.add_argument("run_dir")

@@ -23,6 +23,7 @@ class Task:
     prompt_column = "input_ids"  # what generation starts from in an eval row
     left_pad_prompts = False  # decoder-only generation: every row must end at its last prompt token
     label_key: str | None = None  # config key of a label column that is not part of the input (classification)
+    headline_metric = "perplexity"  # the held-out number a learning curve follows
 
     # data
     def check(self, cfg, ds, path: str, key: str, tokenizer) -> tuple[str, list[tuple[str, str]]]:

@@ -14,6 +14,7 @@ class Classification(Task):
     peft_task_type = "SEQ_CLS"
     generative = False
     label_key = "data.label_column"
+    headline_metric = "accuracy"
 
     def check(self, cfg, ds, path, key, tokenizer):
         return "", [("data.text_column", cfg.data.text_column), ("data.label_column", cfg.data.label_column)]

@@ -1,0 +1,145 @@
+"""`dstune active-learn`: the active-learning loop simulated on a labelled pool, its labels the oracle.
+
+For every strategy and seed: start from `initial` rows drawn at random (the same rows for every strategy
+of a seed), then each round train the recipe on the labelled rows (from the base model), score the rest of
+the pool with the trained run (`dstune select`'s scores) and label the `per_round` most informative. The
+held-out metric after each round makes the learning curve: OUT/curve.json (every run), curve.md (mean and
+spread over seeds per labelled-set size) and curve.png. Each round's run dir and picked rows stay in
+OUT/STRATEGY/seedN/; a rerun skips what finished, so an interrupted loop resumes at its round.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dstune.errors import UserError
+
+
+def _train(recipe: str, overrides: list[str], run: Path, labelled: Path, seed: int) -> dict:
+    """The round's run (trained unless it already finished): its results.json."""
+    done = run / "results.json"
+    if not (done.exists() and "after" in json.loads(done.read_text())):
+        cmd = [sys.executable, "-m", "dstune", "train", recipe, *overrides, f"data.train={labelled}",
+               f"training.seed={seed}", f"output_dir={run}", "training.resume=false", "data.eval_fraction=0"]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        (run.parent / f"{run.name}.log").write_text(res.stdout + res.stderr)
+        if res.returncode != 0:
+            tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise UserError(f"active-learn: training {run} failed: {tail} (whole output: {run}.log)")
+    return json.loads(done.read_text())
+
+
+def _scores(run: Path, pool: str, strategy: str, seed: int, batch_size: int) -> np.ndarray:
+    import torch
+
+    from dstune.data.pipeline import prepare_pool
+    from dstune.engine.run_dir import load_run
+    from dstune.engine.select import score_rows
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, tokenizer, model, labels, _ = load_run(str(run), device)
+    _, rows = prepare_pool(cfg, tokenizer, labels, pool)
+    return score_rows(model, rows, cfg.task, tokenizer, device, batch_size, strategy, seed, 0, 1,
+                      cfg.evaluation.max_new_tokens)
+
+
+def run_loop(recipe: str, overrides: list[str], pool: str, rounds: int, per_round: int, initial: int,
+             strategies: list[str], seeds: list[int], out: Path, batch_size: int = 32) -> dict:
+    from dstune.config import load_config
+    from dstune.data.files import load_table
+    from dstune.engine.select import check_strategy
+    from dstune.tasks import get_task
+
+    cfg = load_config(recipe, overrides)
+    if not cfg.data.eval:
+        raise UserError("data.eval: the learning curve is the held-out metric after each round; name an eval file")
+    for s in strategies:
+        check_strategy(cfg.task, s)
+    rows = [json.loads(line) for line in Path(pool).read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if pool.endswith(".jsonl") else load_table(pool, "--pool").to_list()
+    need = initial + rounds * per_round
+    if need > len(rows):
+        raise UserError(f"--rounds/--per-round: {initial} + {rounds} x {per_round} = {need} rows, the pool has "
+                        f"{len(rows):,}")
+    metric = get_task(cfg.task).headline_metric
+    curve: dict = {"metric": metric, "task": cfg.task, "runs": {}}
+    for seed in seeds:
+        first = np.random.default_rng(seed).permutation(len(rows))[:initial].tolist()
+        for strategy in strategies:
+            where = out / strategy / f"seed{seed}"
+            where.mkdir(parents=True, exist_ok=True)
+            chosen, points = list(first), []
+            for r in range(rounds + 1):
+                picks = where / f"round{r}.json"  # the labelled rows of this round, by pool index
+                if picks.exists():
+                    chosen = json.loads(picks.read_text())
+                else:
+                    picks.write_text(json.dumps(chosen))
+                labelled = where / f"round{r}.jsonl"
+                labelled.write_text("".join(json.dumps(rows[i]) + "\n" for i in chosen))
+                result = _train(recipe, overrides, where / f"round{r}", labelled, seed)
+                points.append({"labelled": len(chosen), metric: result["after"][metric]})
+                print(f"[dstune] {strategy} seed {seed} round {r}: {len(chosen)} labelled, {metric} "
+                      f"{result['after'][metric]:.4f}", flush=True)
+                if r == rounds:
+                    break
+                nxt = where / f"round{r + 1}.json"
+                if not nxt.exists():
+                    scores = _scores(where / f"round{r}", pool, strategy, seed + r, batch_size)
+                    scores[chosen] = -np.inf  # labelled already
+                    nxt.write_text(json.dumps(chosen + np.argsort(-scores, kind="stable")[:per_round].tolist()))
+                chosen = json.loads(nxt.read_text())
+            curve["runs"].setdefault(strategy, {})[str(seed)] = points
+            write_reports(curve, out)
+    return curve
+
+
+def summary(curve: dict) -> dict[str, list[tuple[int, float, float]]]:
+    """Per strategy: (labelled rows, mean, standard deviation over seeds) per round."""
+    metric, out = curve["metric"], {}
+    for strategy, by_seed in curve["runs"].items():
+        per_round = list(zip(*by_seed.values()))
+        out[strategy] = [(pts[0]["labelled"], statistics.mean(p[metric] for p in pts),
+                          statistics.stdev(p[metric] for p in pts) if len(pts) > 1 else 0.0) for pts in per_round]
+    return out
+
+
+def write_reports(curve: dict, out: Path) -> None:
+    (out / "curve.json").write_text(json.dumps(curve, indent=1))
+    table = summary(curve)
+    strategies = list(table)
+    sizes = [n for n, _, _ in table[strategies[0]]]
+    seeds = ", ".join(f"{s}: {len(curve['runs'][s])}" for s in strategies)
+    lines = [f"held-out {curve['metric']} after each round, mean ± standard deviation over seeds ({seeds})", "",
+             "| labelled rows | " + " | ".join(strategies) + " |", "|---:|" + "---:|" * len(strategies)]
+    for i, n in enumerate(sizes):
+        cells = [f"{table[s][i][1]:.4f} ± {table[s][i][2]:.4f}" if i < len(table[s]) else "" for s in strategies]
+        lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
+    (out / "curve.md").write_text("\n".join(lines) + "\n")
+    _plot(curve, table, out / "curve.png")
+
+
+def _plot(curve: dict, table: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for strategy, pts in table.items():
+        n, mean, sd = (np.array(x, dtype=float) for x in zip(*pts))
+        ax.plot(n, mean, marker="o", label=f"{strategy} ({len(curve['runs'][strategy])} seeds)")
+        ax.fill_between(n, mean - sd, mean + sd, alpha=0.2)
+    ax.set_xlabel("labelled rows")
+    ax.set_ylabel(f"held-out {curve['metric']}")
+    ax.set_title(f"active learning ({curve['task']}): mean ± 1 sd over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
