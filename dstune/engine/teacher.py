@@ -65,7 +65,7 @@ def _teacher_ds(ds_config: dict) -> dict:
     return ds
 
 
-def _check_matches(cfg: RunConfig, path: Path, teacher_task: str, teacher_labels, teacher_tok, tokenizer) -> int | None:
+def _check_matches(cfg: RunConfig, path: Path, teacher_task: str, teacher_tok, tokenizer) -> int | None:
     """Same task; same labels in the same order (classification), else the same vocabulary (the vocabulary
     size the divergence runs over)."""
     if teacher_task != cfg.task:
@@ -107,14 +107,14 @@ def load_teacher(cfg: RunConfig, tokenizer, labels, ds_config: dict, stage: int,
         tcfg, ttok, model, tlabels, _ = load_run(str(path))
         if not get_task(cfg.task).generative and [str(x) for x in tlabels or []] != [str(x) for x in labels or []]:
             raise UserError(f"distill.teacher: {path} was trained on labels {tlabels}, the data has {labels}")
-        vocab = _check_matches(cfg, path, tcfg.task, tlabels, ttok, tokenizer)
+        vocab = _check_matches(cfg, path, tcfg.task, ttok, tokenizer)
     else:
         if not get_task(cfg.task).generative:
             _labels_of_folder(path, labels)
         tcfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
             "path": str(path), "tiny": None, "gguf_file": None, "config_overrides": {}})})
         ttok = load_tokenizer(str(path)) if any(path.glob("tokenizer*")) else None
-        vocab = _check_matches(cfg, path, cfg.task, labels, ttok, tokenizer)
+        vocab = _check_matches(cfg, path, cfg.task, ttok, tokenizer)
         keep = HfDeepSpeedConfig(_teacher_ds(ds_config)) if stage == 3 else None  # noqa: F841 (loads partitioned)
         model = load_model(tcfg, tokenizer, labels)
     model.requires_grad_(False)

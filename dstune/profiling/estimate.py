@@ -196,11 +196,12 @@ def teacher_bytes(cfg: RunConfig, stage: int, world: int, micro_batch: int, seq_
     import yaml
 
     from dstune.config import config_from_dict
+    from dstune.engine.teacher import is_run_dir
 
     if cfg.distill is None:
         return 0, 0
     path = Path(cfg.distill.teacher)
-    if (path / "config.yaml").is_file():
+    if is_run_dir(path):
         tcfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()), str(path / "config.yaml"))
     else:
         tcfg = cfg.model_copy(update={"methods": [{"name": "full"}], "model": cfg.model.model_copy(update={
