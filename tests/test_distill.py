@@ -198,3 +198,13 @@ def test_rows_without_labels_are_refused_where_they_cannot_train(ws, tmp_path):
     with pytest.raises(UserError, match=r"^data\.unlabeled: rows without labels are for classification; in "
                                         r"causal_lm every row holds its own targets"):
         prepare_data(cfg, load_tokenizer(str(ws / "tokenizer")))
+
+
+def test_a_classifier_teacher_without_the_datas_classes_is_refused(ws, tmp_path):
+    """A model folder whose config.json does not name the data's labels, in order, cannot teach them."""
+    from test_bad_input import assert_user_error, write
+
+    path, out = write(tmp_path, ws, distill={"teacher": str(ws / "bert")})
+    assert_user_error(run_cli(["train", str(path)]),
+                      r"distill\.teacher: .*bert's classes .* are not the data's labels \['neg', 'pos'\] in that "
+                      r"order", out)
