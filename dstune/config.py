@@ -106,6 +106,53 @@ class DataSource(_Section):
         return self
 
 
+AUGMENT_OPS = ("delete", "swap", "insert", "neighbour", "paraphrase", "back_translate")
+
+
+class AugmentConfig(_Section):
+    """data.augment: extra copies of the training rows, rewritten (never the evaluation rows)."""
+    ops: list[Literal[AUGMENT_OPS]] = Field(
+        min_length=1, description="rewrites a copy is made with, one drawn per copy: delete, swap, insert (a "
+                                  "word's embedding neighbour at a random place), neighbour (words replaced by "
+                                  "embedding neighbours), paraphrase (a causal LM), back_translate (two seq2seq "
+                                  "models)")
+    copies: int = Field(1, ge=1, le=100, description="augmented copies per row at most; a copy equal to its row or "
+                                                     "to an earlier copy is dropped")
+    rate: float = Field(0.1, gt=0, le=1, description="delete, swap, insert, neighbour: share of a row's words "
+                                                     "changed (at least one)")
+    columns: list[str] | None = Field(None, description="text columns rewritten (default: the task's input: "
+                                                        "text_column, prompt_column, instruction or source_column)")
+    seed: int | None = Field(None, description="draws of ops, words and samples (default: training.seed)")
+    neighbours: str | None = Field(None, description="model folder (or .gguf file) whose input embeddings give "
+                                                     "a word's neighbours (insert, neighbour); default: model.path")
+    neighbour_k: int = Field(8, ge=1, description="a replacement word is drawn from a word's k nearest neighbours")
+    paraphrase_model: str | None = Field(None, description="causal LM folder (or .gguf file) that paraphrases")
+    paraphrase_prompt: str = Field(
+        "Paraphrase the following text. Keep its meaning and reply with the paraphrase only.\n\n{text}",
+        description="what the paraphrase model reads ({text}: the row's text), through its chat template if "
+                    "it has one")
+    back_translate: list[str] | None = Field(None, min_length=2, max_length=2, description="[forward, backward]: "
+                                             "seq2seq model folders, text → pivot language → text")
+    back_translate_prompts: list[str] = Field(["{text}", "{text}"], min_length=2, max_length=2, description=(
+        "what each translation model reads ({text}), e.g. 'translate English to German: {text}' for T5"))
+    temperature: float = Field(0.8, ge=0, description="paraphrase, back_translate: sampling temperature "
+                                                      "(0: greedy)")
+    max_new_tokens: int | None = Field(None, gt=0, description="paraphrase, back_translate: longest rewrite "
+                                                               "(default: data.max_length)")
+    batch_size: int = Field(16, gt=0, description="paraphrase, back_translate: rows per generate() call")
+
+    @model_validator(mode="after")
+    def _models(self) -> "AugmentConfig":
+        if "paraphrase" in self.ops and not self.paraphrase_model:
+            raise ValueError("op paraphrase needs paraphrase_model (a causal LM folder or .gguf file)")
+        if "back_translate" in self.ops and not self.back_translate:
+            raise ValueError("op back_translate needs back_translate: [forward model, backward model]")
+        for prompt in (self.paraphrase_prompt, *self.back_translate_prompts):
+            if "{text}" not in prompt:
+                raise ValueError(f"prompt {prompt!r} has no {{text}}")
+        return self
+
+
 class DataConfig(_Section):
     train: str | list[DataSource] = Field(
         description="training data: .jsonl/.json/.csv/.parquet file or a saved `datasets` folder; a list of "
@@ -138,6 +185,9 @@ class DataConfig(_Section):
     drop_invalid_rows: bool = Field(False, description="leave out rows missing a value the task reads (null, "
                                                        "absent key, empty CSV cell), counted in the start-up "
                                                        "line; default: such a row stops the run, named by line")
+    augment: AugmentConfig | None = Field(None, description="add rewritten copies of the training rows (token "
+                                                            "edits, embedding neighbours, paraphrase, "
+                                                            "back-translation); saved in the run dir")
     packing: bool = Field(False, description="causal_lm: put whole examples together into blocks of up to "
                                              "max_length tokens; each keeps its own positions and attends only "
                                              "to itself")
@@ -257,6 +307,9 @@ class RunConfig(_Section):
         self.data.eval = absolute(self.data.eval)
         self.data.unlabeled = absolute(self.data.unlabeled)
         self.data.cache_dir = absolute(self.data.cache_dir)
+        if (a := self.data.augment) is not None:
+            a.neighbours, a.paraphrase_model = absolute(a.neighbours), absolute(a.paraphrase_model)
+            a.back_translate = [absolute(p) for p in a.back_translate] if a.back_translate else None
         self.output_dir = absolute(self.output_dir)
         if self.distill is not None:
             self.distill.teacher = absolute(self.distill.teacher)
@@ -322,7 +375,7 @@ def format_validation_error(err: ValidationError, source: str, key_lines: dict[t
     e = max(errors, key=lambda x: len(x["loc"]))  # of a union's branches, the one that got furthest
     loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and UNION_TAG.match(p)))
     key = ".".join(str(p) for p in loc) or "(top level)"
-    msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+    msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
     if e["type"] not in ("missing", "extra_forbidden") and "input" in e and not isinstance(e["input"], dict):
         msg += f" (got {e['input']!r})"
     where = source

@@ -92,9 +92,9 @@ def test_classification_sources_with_their_own_columns_share_one_label_set(ws, t
 
 
 @pytest.mark.parametrize("sources,message", [
-    ("    - {path: a.jsonl, weight: 1, epochs: 2}", r"r.yaml:\d+: data.train.0: Value error, give a source a weight "
+    ("    - {path: a.jsonl, weight: 1, epochs: 2}", r"r.yaml:\d+: data.train.0: give a source a weight "
                                                    r"or epochs, not both"),
-    ("    - {path: a.jsonl, weight: 1}\n    - {path: b.jsonl}", r"r.yaml:\d+: data.train: Value error, give every "
+    ("    - {path: a.jsonl, weight: 1}\n    - {path: b.jsonl}", r"r.yaml:\d+: data.train: give every "
                                                                 r"source a weight, or none"),
     ("    - {path: a.jsonl, colour: red}", r"r.yaml:\d+: data.train.0.colour: unknown key"),
 ])

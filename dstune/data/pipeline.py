@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from dstune.config import RANDOM_DATA, RunConfig
+from dstune.data.augment import MARK, augment_rows, input_columns
 from dstune.data.files import ROW, load_table, map_output, require_columns
 from dstune.data.packing import pack
 from dstune.errors import UserError
@@ -26,6 +27,7 @@ class TaskData:
     sources: list[dict] | None = None  # per source of data.train: path, format, rows, examples in the mixture,
     #                                    rows dropped (data.drop_invalid_rows)
     eval_dropped: int = 0       # evaluation rows dropped (data.drop_invalid_rows)
+    augmented: list | None = None  # data.augment: (source path, its rows with their copies) per source
 
 
 RANDOM_EXAMPLES = 1 << 16  # rows of `data.train: random`; set training.max_steps for longer runs
@@ -64,14 +66,18 @@ def random_data(cfg: RunConfig, tokenizer) -> TaskData:
     return TaskData(train=RandomTokens(RANDOM_EXAMPLES, d.max_length, vocab, cfg.training.seed), eval=None)
 
 
-def _load(cfg: RunConfig, path: str, key: str, tokenizer, work: str | None = None, labeled: bool = True):
+def _load(cfg: RunConfig, path: str, key: str, tokenizer, work: str | None = None, labeled: bool = True,
+          needs_out: list | None = None):
     """(the table with its row numbers in ROW, its format, rows dropped for a missing value). Rows without
-    labels (`labeled` false) need no label column."""
+    labels (`labeled` false) need no label column. `needs_out` receives the (config key, column) pairs the
+    task reads."""
     raw = load_table(path, key, work)
     task = get_task(cfg.task)
     style, needs = task.check(cfg, raw, path, key, tokenizer)
     if not labeled:
         needs = [(k, c) for k, c in needs if k != task.label_key]
+    if needs_out is not None:
+        needs_out.extend(needs)
     raw, dropped = require_columns(raw.add_column(ROW, np.arange(len(raw))), needs, path, cfg.data.drop_invalid_rows)
     if dropped:  # one table again, not a selection of the loaded one
         raw = raw.flatten_indices(**map_output(work, "valid-rows"))
@@ -95,13 +101,29 @@ def _tokenize(cfg: RunConfig, tokenizer, ds, style: str, labels: list[str] | Non
     if for_eval:
         task.check_eval_labels(cfg, ds, labels)
     encode = task.encoder(cfg, tokenizer, style, labels, for_eval, path, key)
+    features = task.token_features(cfg, for_eval)
+    if MARK in ds.column_names:  # data.augment's copies stay marked in the prepared rows (until packed)
+        encode, features = _marked(encode), _with_mark(features)
     split = f"{tag}eval" if for_eval else f"{tag}train"
     out = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names, num_proc=workers(cfg, len(ds)),
-                 desc=f"tokenize {split}", features=task.token_features(cfg, for_eval),
-                 **map_output(work, f"{split}-tokens"))
+                 desc=f"tokenize {split}", features=features, **map_output(work, f"{split}-tokens"))
     if pack_rows and task.packs(cfg, style, for_eval):
         out = pack(out, cfg.data.max_length, work=work, name=f"{split}-packed")
     return out
+
+
+def _marked(encode):
+    """An encoder that keeps each row's data.augment mark (encoders map rows one to one)."""
+    def encode_marked(batch):
+        return {**encode(batch), MARK: batch[MARK]}
+    return encode_marked
+
+
+def _with_mark(features):
+    if features is None:
+        return None
+    import datasets
+    return datasets.Features({**features, MARK: datasets.Value("int32")})
 
 
 def prepare_eval(cfg: RunConfig, tokenizer, path: str, labels: list[str] | None, key: str = "data.eval",
@@ -142,6 +164,8 @@ class _Source:
     style: str
     dropped: int     # rows left out for a missing value (data.drop_invalid_rows)
     labeled: bool = True  # false: data.unlabeled (or a source with labeled: false), trained by a teacher alone
+    needs: list | None = None  # the (config key, column) pairs the task reads
+    copies: int = 0  # rows data.augment added
 
 
 def _sources(cfg: RunConfig, tokenizer, work: str | None) -> list[_Source]:
@@ -155,8 +179,10 @@ def _sources(cfg: RunConfig, tokenizer, work: str | None) -> list[_Source]:
             f"data.train[{i}]" if listed else "data.train"
         if not src.labeled:
             _check_unlabeled(cfg, key)
-        raw, style, dropped = _load(c, src.path, key, tokenizer, f"{work}/source{i}" if work else None, src.labeled)
-        out.append(_Source(c, src.path, key, raw, style, dropped, src.labeled))
+        needs: list = []
+        raw, style, dropped = _load(c, src.path, key, tokenizer, f"{work}/source{i}" if work else None, src.labeled,
+                                    needs)
+        out.append(_Source(c, src.path, key, raw, style, dropped, src.labeled, needs))
     return out
 
 
@@ -223,6 +249,12 @@ def prepare_data(cfg: RunConfig, tokenizer, work: str | None = None) -> TaskData
             held.append(_tokenize(s.cfg, tokenizer, held_out, s.style, labels, True, s.path, s.key, work, f"{i}-",
                                   pack_rows=single))
         evald = TaskData(None, _concatenate(held), labels, style)
+    if d.augment:  # after the held-out split: no evaluation row, nor a copy of one, is augmented
+        for i, s in enumerate(sources):
+            columns = input_columns(s.cfg, s.needs, s.style, get_task(cfg.task).label_key)
+            s.raw, s.copies = augment_rows(s.cfg, s.raw, columns, s.key, s.path,
+                                           map_output(f"{work}/source{i}" if work else None, "augment"),
+                                           workers(cfg, len(s.raw)))
     parts = [_tokenize(s.cfg, tokenizer, s.raw, s.style, labels if s.labeled else None, False, s.path, s.key, work,
                        f"{i}-", pack_rows=not mixing) for i, s in enumerate(sources)]
     if mixing:
@@ -234,10 +266,11 @@ def prepare_data(cfg: RunConfig, tokenizer, work: str | None = None) -> TaskData
         train, counts = parts[0], [len(sources[0].raw)]
     return TaskData(train=train, eval=evald.eval if evald else None, labels=labels,
                     style=style if len({s.style for s in sources}) == 1 else "mixture",
-                    sources=[{"path": s.path, "format": s.style, "rows": len(s.raw), "examples": n,
-                              "tokens": token_count(p), "dropped": s.dropped, "labeled": s.labeled}
-                             for s, p, n in zip(sources, parts, counts)],
-                    eval_dropped=evald.eval_dropped if evald else 0)
+                    sources=[{"path": s.path, "format": s.style, "rows": len(s.raw) - s.copies, "examples": n,
+                              "tokens": token_count(p), "dropped": s.dropped, "labeled": s.labeled,
+                              "augmented": s.copies} for s, p, n in zip(sources, parts, counts)],
+                    eval_dropped=evald.eval_dropped if evald else 0,
+                    augmented=[(s.path, s.raw) for s in sources] if d.augment else None)
 
 
 def token_count(ds) -> int:

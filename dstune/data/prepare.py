@@ -19,10 +19,12 @@ import time
 from pathlib import Path
 
 from dstune.config import RANDOM_DATA, RunConfig
+from dstune.data.augment import augment_models, save_copies
 from dstune.data.pipeline import TaskData, prepare_data, random_data, token_count
 from dstune.errors import UserError
 
 VERSION = 1  # bump when the prepared rows change for the same inputs
+AUGMENTED = "augmented.jsonl"  # data.augment's copies, for inspection (copied into the run dir)
 POLL_S = 0.5
 MEMO_ENTRIES = 10_000  # file digests remembered (the newest), so unchanged files are not read again
 
@@ -92,6 +94,10 @@ def fingerprint(cfg: RunConfig, tokenizer, wait_s: float = 0) -> str:
                 "eval_max_samples": cfg.evaluation.max_samples,
                 "split_seed": cfg.training.seed if d.eval_fraction and not d.eval else None,
                 "tokenizer": _tokenizer_digest(tokenizer)}
+    if d.augment:  # its seed, and the models it reads (their files, not only their paths)
+        a = d.augment
+        settings["augment"] = {"seed": a.seed if a.seed is not None else cfg.training.seed,
+                               "models": [digest(m, key) for m, key in augment_models(cfg)]}
     if len(memo) != known:  # new digests: add them to what other processes may have written meanwhile
         merged = {**_read_memo(memo_file), **memo}
         _write_atomic(memo_file, json.dumps(dict(list(merged.items())[-MEMO_ENTRIES:])))
@@ -117,7 +123,8 @@ def build(cfg: RunConfig, tokenizer, entry: Path) -> None:
     tmp = entry.with_name(f".{entry.name}.{host}.{pid}")
     try:
         data = prepare_data(cfg, tokenizer, work=str(tmp / "work"))
-        meta = {"labels": data.labels, "style": data.style, "train_rows": len(data.train),
+        copies = sum(save_copies(table, str(tmp / AUGMENTED), path) for path, table in data.augmented or [])
+        meta = {"labels": data.labels, "style": data.style, "train_rows": len(data.train), "augmented": copies,
                 "train_tokens": token_count(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0,
                 "sources": data.sources, "eval_dropped": data.eval_dropped, "train": _keep(data.train, tmp, "train"),
                 "eval": _keep(data.eval, tmp, "eval") if data.eval is not None else []}
@@ -219,6 +226,19 @@ def prepared_data(cfg: RunConfig, tokenizer, local_rank: int = 0, timeout_s: flo
     return open_prepared(entry), entry
 
 
+def keep_augmented(entry: Path | None, run_dir: Path) -> None:
+    """Put the cache entry's augmented copies in the run dir (a hard link where the filesystem allows)."""
+    src = entry / AUGMENTED if entry is not None else None
+    if src is None or not src.is_file():
+        return
+    dst = run_dir / AUGMENTED
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def summary(data: TaskData, entry: Path | None) -> str:
     """One start-up line: rows and tokens of each split and where they are."""
     if entry is None:
@@ -230,6 +250,9 @@ def summary(data: TaskData, entry: Path | None) -> str:
         line += "".join(f"\n  {Path(s['path']).name} ({s['format'] or 'rows'}"
                         f"{'' if s.get('labeled', True) else ', no labels: the teacher alone'}): {s['rows']:,} rows, "
                         f"{s['tokens']:,} tokens -> {s['examples']:,} examples" for s in meta["sources"])
+    if meta.get("augmented"):
+        line += (f"; {meta['augmented']:,} of them augmented copies (data.augment: "
+                 f"{entry / AUGMENTED})")
     dropped = [(s["path"], s.get("dropped", 0)) for s in meta["sources"]] + [("data.eval", meta.get("eval_dropped", 0))]
     if any(n for _, n in dropped):
         line += "; left out for a missing value (data.drop_invalid_rows): " + ", ".join(

@@ -19,7 +19,7 @@ import torch
 
 from dstune.config import RunConfig, dump_config
 from dstune.data.batching import StepBatches, collate, to_device
-from dstune.data.prepare import prepared_data, summary
+from dstune.data.prepare import keep_augmented, prepared_data, summary
 from dstune.engine import checkpoint as ckpt
 from dstune.engine.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
 from dstune.engine.ds_config import build_ds_config, zero_stage
@@ -156,6 +156,7 @@ def _train(cfg: RunConfig, started: list) -> dict:
                  "methods": [m.name for m in methods], "trainable_params": n_train, "total_params": n_total,
                  "base_params": base_params, "base_fingerprint": base,
                  "world_size": dist_.world, "zero_stage": stage}, indent=1))
+            keep_augmented(data_entry, run_dir)
             print(f"[dstune] data: {summary(data, data_entry)}", flush=True)
             print(f"[dstune] {', '.join(m.name for m in methods)}: {n_train:,} of {n_total:,} parameters train "
                   f"({100 * n_train / n_total:.2f}%); {dist_.world} rank(s), ZeRO-{stage}, {t.precision}, "
