@@ -1,11 +1,15 @@
 """`dstune active-learn`: the active-learning loop simulated on a labelled pool, its labels the oracle.
 
 For every strategy and seed: start from `initial` rows drawn at random (the same rows for every strategy
-of a seed), then each round train the recipe on the labelled rows (from the base model), score the rest of
-the pool with the trained run (`dstune select`'s scores) and label the `per_round` most informative. The
-held-out metric after each round makes the learning curve: OUT/curve.json (every run), curve.md (mean and
-spread over seeds per labelled-set size) and curve.png. Each round's run dir and picked rows stay in
-OUT/STRATEGY/seedN/; a rerun skips what finished, so an interrupted loop resumes at its round.
+of a seed), then each round train the recipe on the labelled rows, score the rest of the pool with the
+trained run (`dstune select`'s scores) and label the `per_round` most informative. Each round trains from
+the base model (`retrain="base"`), or from the previous round's model (`"continue"`: its run exported
+with its methods merged into the weights, OUT/STRATEGY/seedN/roundR/merged, which the next round's
+recipe loads as model.path; methods that cannot merge are refused). The held-out metric after each round
+makes the learning curve: OUT/curve.json (every run), curve.md (mean and spread over seeds per
+labelled-set size) and curve.png. Each round's run dir and picked rows stay in OUT/STRATEGY/seedN/; a
+rerun with the same settings (OUT/loop.json) skips what finished, so an interrupted loop resumes at its
+round.
 """
 from __future__ import annotations
 
@@ -49,11 +53,44 @@ def _scores(run: Path, pool: str, strategy: str, seed: int, batch_size: int) -> 
                       cfg.evaluation.max_new_tokens)
 
 
+RETRAIN = ("base", "continue")
+
+
+def _check_settings(out: Path, settings: dict) -> None:
+    """A loop's rounds belong to its settings: OUT/loop.json records them; other settings need another OUT."""
+    f = out / "loop.json"
+    if f.exists():
+        old = json.loads(f.read_text())
+        diff = [k for k in settings if old.get(k) != settings[k]]
+        if diff:
+            raise UserError(f"--out: {out} holds a loop with other settings ({', '.join(diff)}: "
+                            f"{', '.join(repr(old.get(k)) for k in diff)}); use another --out")
+    else:
+        f.write_text(json.dumps(settings, indent=1))
+
+
+def _merged(run: Path) -> Path:
+    """The round's run with its methods folded into the weights (made once): where the next round starts."""
+    from dstune.engine.export import export
+
+    merged = run / "merged"
+    if not (merged / "config.json").exists():
+        tmp = run / ".merged-partial"
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp)
+        export(str(run), str(tmp), "merged")
+        tmp.rename(merged)
+    return merged
+
+
 def run_loop(recipe: str, overrides: list[str], pool: str, rounds: int, per_round: int, initial: int,
-             strategies: list[str], seeds: list[int], out: Path, batch_size: int = 32) -> dict:
+             strategies: list[str], seeds: list[int], out: Path, batch_size: int = 32,
+             retrain: str = "base") -> dict:
     from dstune.config import load_config
     from dstune.data.files import load_table
     from dstune.engine.select import check_strategy
+    from dstune.methods import build_methods
     from dstune.tasks import get_task
 
     cfg = load_config(recipe, overrides)
@@ -61,14 +98,22 @@ def run_loop(recipe: str, overrides: list[str], pool: str, rounds: int, per_roun
         raise UserError("data.eval: the learning curve is the held-out metric after each round; name an eval file")
     for s in strategies:
         check_strategy(cfg.task, s)
+    if retrain not in RETRAIN:
+        raise UserError(f"--retrain: {retrain!r} is none of {', '.join(RETRAIN)}")
+    blocked = [m.name for m in build_methods(cfg.methods) if not m.mergeable] if retrain == "continue" else []
+    if blocked:
+        raise UserError(f"--retrain continue: {', '.join(blocked)} cannot be folded into the weights the next "
+                        "round starts from; use --retrain base")
     rows = [json.loads(line) for line in Path(pool).read_text(encoding="utf-8").splitlines() if line.strip()] \
         if pool.endswith(".jsonl") else load_table(pool, "--pool").to_list()
     need = initial + rounds * per_round
     if need > len(rows):
         raise UserError(f"--rounds/--per-round: {initial} + {rounds} x {per_round} = {need} rows, the pool has "
                         f"{len(rows):,}")
+    _check_settings(out, {"recipe": recipe, "overrides": overrides, "pool": pool, "initial": initial,
+                          "per_round": per_round, "retrain": retrain})
     metric = get_task(cfg.task).headline_metric
-    curve: dict = {"metric": metric, "task": cfg.task, "runs": {}}
+    curve: dict = {"metric": metric, "task": cfg.task, "retrain": retrain, "runs": {}}
     for seed in seeds:
         first = np.random.default_rng(seed).permutation(len(rows))[:initial].tolist()
         for strategy in strategies:
@@ -83,7 +128,9 @@ def run_loop(recipe: str, overrides: list[str], pool: str, rounds: int, per_roun
                     picks.write_text(json.dumps(chosen))
                 labelled = where / f"round{r}.jsonl"
                 labelled.write_text("".join(json.dumps(rows[i]) + "\n" for i in chosen))
-                result = _train(recipe, overrides, where / f"round{r}", labelled, seed)
+                start = [] if retrain == "base" or r == 0 else [
+                    f"model.path={_merged(where / f'round{r - 1}')}", "model.gguf_file=null", "model.tiny=null"]
+                result = _train(recipe, [*overrides, *start], where / f"round{r}", labelled, seed)
                 points.append({"labelled": len(chosen), metric: result["after"][metric]})
                 print(f"[dstune] {strategy} seed {seed} round {r}: {len(chosen)} labelled, {metric} "
                       f"{result['after'][metric]:.4f}", flush=True)

@@ -37,7 +37,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     Writes the prepared Arrow cache that `dstune train` with the same data, tokenizer and data settings
     then memory-maps on every rank without preparing again (e.g. run it on a CPU node before the GPU job;
     point data.cache_dir, or $DSTUNE_DATA_CACHE, at a filesystem the nodes share or copy it to each).
-    Prints the cache entry's folder, its rows and tokens.
+    data.augment's copies are made here too (paraphrase and back-translation run on a GPU when there is
+    one). Prints the cache entry's folder, its rows and tokens.
     """
     from dstune.config import load_config
     from dstune.data.prepare import prepared_data, summary
@@ -129,11 +130,13 @@ def cmd_active_learn(args: argparse.Namespace) -> int:
     """Simulate active learning on a labelled pool: dstune active-learn RECIPE --pool FILE --rounds R --per-round K
 
     The pool's own labels are the oracle. For every strategy and seed: --initial random rows, then each
-    round train the recipe on the labelled rows (from the base), score the rest of the pool with the trained
-    run (as dstune select does) and label the --per-round most informative. Writes OUT/curve.json, curve.md
-    (held-out metric per labelled-set size, mean ± sd over seeds) and curve.png; every round's run dir and
-    picks stay under OUT/STRATEGY/seedN, and a rerun resumes where the loop stopped. The recipe needs
-    data.eval (the held-out set the curve is measured on).
+    round train the recipe on the labelled rows, score the rest of the pool with the trained run (as
+    dstune select does) and label the --per-round most informative. --retrain base trains every round from
+    the recipe's model; continue starts each round from the last one's, its methods merged into the weights
+    (full, freeze, LoRA, IA3, BitFit, ...). Writes OUT/curve.json, curve.md (held-out metric per
+    labelled-set size, mean ± sd over seeds) and curve.png; every round's run dir and picks stay under
+    OUT/STRATEGY/seedN, and a rerun with the same settings resumes where the loop stopped. The recipe
+    needs data.eval (the held-out set the curve is measured on).
     """
     from dstune.active_learning import run_loop
 
@@ -146,7 +149,7 @@ def cmd_active_learn(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run_loop(os.path.abspath(args.recipe), args.overrides, os.path.abspath(args.pool), args.rounds, args.per_round,
-             args.initial, args.strategies.split(","), seeds, out.resolve(), args.batch_size)
+             args.initial, args.strategies.split(","), seeds, out.resolve(), args.batch_size, args.retrain)
     print((out / "curve.md").read_text(), end="")
     print(f"[dstune] learning curve: {out / 'curve.json'}, {out / 'curve.md'}, {out / 'curve.png'}")
     return 0
@@ -380,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (initial rows, training)")
     sp.add_argument("--out", default="runs/active", help="output folder")
     sp.add_argument("--batch-size", type=int, default=32, help="scoring batch size")
+    sp.add_argument("--retrain", choices=["base", "continue"], default="base",
+                    help="each round trains from the recipe's model, or continues from the last round's")
 
     sp = add("generate", cmd_generate)
     sp.add_argument("run_dir")

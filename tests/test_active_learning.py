@@ -51,3 +51,32 @@ def test_a_loop_the_pool_cannot_feed_is_refused(ws, tmp_path):
                             "--strategy: 'nll' does not score classification rows")):
         res = run_cli([*base, *extra])
         assert res.returncode == 2 and message in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
+
+
+def test_continue_starts_each_round_from_the_last_rounds_merged_model(ws, built_ops, tmp_path):
+    cfg = json.loads(json.dumps(GOOD).replace("MODEL", str(ws / "bert")).replace("TOK", str(ws / "tokenizer"))
+                     .replace("DATA", str(ws / "cls_train.jsonl")).replace("OUT", str(tmp_path / "unused")))
+    cfg["data"]["eval"] = str(ws / "cls_eval.jsonl")
+    cfg["methods"] = [{"name": "lora", "r": 4, "target_modules": ["query", "value"]}]
+    cfg["training"] = {"epochs": 1, "micro_batch_size": 8, "lr": 1e-2}
+    (tmp_path / "r.yaml").write_text(json.dumps(cfg))
+    out = tmp_path / "al"
+    args = ["active-learn", str(tmp_path / "r.yaml"), "--pool", str(ws / "cls_train.jsonl"), "--initial", "16",
+            "--rounds", "2", "--per-round", "16", "--strategies", "margin", "--seeds", "1", "--out", str(out)]
+    ok(run_cli([*args, "--retrain", "continue"]))
+    runs = [out / "margin" / "seed1" / f"round{r}" for r in range(3)]
+    results = [json.loads((r / "results.json").read_text()) for r in runs]
+    for prev, run, res in zip(runs, runs[1:], results[1:]):
+        assert f"path: {prev / 'merged'}" in (run / "config.yaml").read_text()
+    for before, after in zip(results[1:], results):  # a round starts where the last one ended
+        assert abs(before["before"]["loss"] - after["after"]["loss"]) < 1e-4
+    assert json.loads((out / "curve.json").read_text())["retrain"] == "continue"
+
+    res = run_cli([*args, "--retrain", "base"])  # the rounds there were made another way
+    assert res.returncode == 2 and "--out: " in res.stderr and "retrain: 'continue'" in res.stderr, res.stderr[-2000:]
+    cfg["methods"] = [{"name": "adapter"}]
+    (tmp_path / "r.yaml").write_text(json.dumps(cfg))
+    res = run_cli([*args[:-1], str(tmp_path / "al2"), "--retrain", "continue"])
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].endswith("--retrain continue: adapter cannot be folded into the "
+                                                         "weights the next round starts from; use --retrain base")

@@ -208,3 +208,24 @@ def test_a_classifier_teacher_without_the_datas_classes_is_refused(ws, tmp_path)
     assert_user_error(run_cli(["train", str(path)]),
                       r"distill\.teacher: .*bert's classes .* are not the data's labels \['neg', 'pos'\] in that "
                       r"order", out)
+
+
+def test_a_run_dir_of_other_labels_or_another_task_cannot_teach(ws, built_ops, tmp_path):
+    """A dstune run trained on other classes, or for another task, is refused by name before any training."""
+    from test_bad_input import GOOD, assert_user_error
+
+    rows = [json.loads(line) for line in (ws / "cls_train.jsonl").read_text().splitlines()]
+    (tmp_path / "abc.jsonl").write_text("".join(json.dumps({**r, "label": {"pos": "a", "neg": "b"}[r["label"]]})
+                                                + "\n" for r in rows))
+    cfg = json.loads(json.dumps(GOOD).replace("MODEL", str(ws / "bert")).replace("TOK", str(ws / "tokenizer"))
+                     .replace("DATA", str(tmp_path / "abc.jsonl")).replace("OUT", str(tmp_path / "ab-teacher")))
+    (tmp_path / "t.yaml").write_text(json.dumps({**cfg, "training": {"max_steps": 1}}))
+    ok(run_cli(["train", str(tmp_path / "t.yaml")]))
+    ok(run_cli(["train", lm_recipe(ws, tmp_path, "lm-teacher", methods=LORA), "training.max_steps=1"]))
+    student = {**cfg, "data": {"train": str(ws / "cls_train.jsonl")}, "output_dir": str(tmp_path / "student")}
+    for teacher, message in (("ab-teacher", r"distill\.teacher: .*ab-teacher was trained on labels \['a', 'b'\], "
+                                            r"the data has \['neg', 'pos'\]"),
+                             ("lm-teacher", r"distill\.teacher: .*lm-teacher is a causal_lm model and this run is "
+                                            r"classification")):
+        (tmp_path / "s.yaml").write_text(json.dumps({**student, "distill": {"teacher": str(tmp_path / teacher)}}))
+        assert_user_error(run_cli(["train", str(tmp_path / "s.yaml")]), message, tmp_path / "student")
