@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dstune.errors import UserError
+from dstune.errors import UserError, did_you_mean
 
 TASKS = ("classification", "causal_lm", "seq2seq")  # one module each in dstune/tasks/
 RANDOM_DATA = "random"  # data.train value: synthetic token ids instead of a file
@@ -369,13 +369,35 @@ def _key_lines(text: str) -> dict[tuple, int]:
 UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*|dict\[.*|function-.*)$")  # pydantic's branch names
 
 
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The pydantic model a field holds (directly, in a list, or as a branch of a union)."""
+    from typing import get_args
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for a in get_args(annotation) if (m := _model_in(a)) is not None), None)
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The keys a recipe may hold at `loc` (e.g. ("training",)): what a misspelt key is compared with."""
+    cls: type[BaseModel] | None = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        cls = _model_in(field.annotation) if field is not None else None
+        if cls is None:
+            return []
+    return list(cls.model_fields)
+
+
 def format_validation_error(err: ValidationError, source: str, key_lines: dict[tuple, int]) -> str:
     """First pydantic error as one line: `recipe.yaml:7: training.lr: Input should be a valid number`."""
     errors = err.errors()
     e = max(errors, key=lambda x: len(x["loc"]))  # of a union's branches, the one that got furthest
     loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and UNION_TAG.match(p)))
     key = ".".join(str(p) for p in loc) or "(top level)"
-    msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+    msg = "unknown key" + did_you_mean(str(loc[-1]), _fields_at(loc[:-1])) if e["type"] == "extra_forbidden" \
+        else e["msg"].removeprefix("Value error, ")
     if e["type"] not in ("missing", "extra_forbidden") and "input" in e and not isinstance(e["input"], dict):
         msg += f" (got {e['input']!r})"
     where = source

@@ -11,3 +11,10 @@ def first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line (library messages can run to pages)."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+def did_you_mean(name: str, known) -> str:
+    """' (did you mean X?)' for the known name closest to a misspelt one, or ''."""
+    import difflib
+    near = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""

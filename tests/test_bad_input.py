@@ -43,7 +43,7 @@ def assert_user_error(res, pattern: str, out) -> None:
 def test_unknown_config_key_names_key_and_line(ws, tmp_path):
     text = "task: classification\nmodel:\n  path: MODEL\ndata:\n  train: DATA\ntraining:\n  lrr: 0.1\noutput_dir: OUT\n"
     path, out = write(tmp_path, ws, text)
-    assert_user_error(run_cli(["train", str(path)]), r"recipe\.yaml:7: training\.lrr: unknown key", out)
+    assert_user_error(run_cli(["train", str(path)]), r"recipe\.yaml:7: training\.lrr: unknown key \(did you mean 'lr'\?\)$", out)
 
 
 def test_wrong_type_names_key(ws, tmp_path):

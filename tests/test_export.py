@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,15 @@ def peft_logits(model, task, name):
         pytest.skip(f"PEFT {peft.__version__} cannot run {name} with transformers {T.__version__}: {e}")
 
 
+def assert_modes_of_new_files(folder: Path) -> None:
+    """Every file written is as readable as any new file under the umask (safetensors alone writes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(f.relative_to(folder)): oct(f.stat().st_mode & 0o777) for f in folder.rglob("*")
+             if f.is_file() and "checkpoints" not in f.parts}
+    assert modes and set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
 @pytest.mark.parametrize("name", ["lora_gpt2", "lora_llama_all", "ia3_llama", "ia3_gpt2", "lora_bert_cls",
                                   "prompt_gpt2", "prompt_bert_cls", "prefix_llama", "prefix_proj_gpt2",
                                   "prefix_bert_cls"])
@@ -69,6 +79,7 @@ def test_peft_export_loads_in_peft_with_same_logits(ws, built_ops, tmp_path, nam
     family, task = RUNS[name][:2]
     run_dir = trained_run(ws, tmp_path, name)
     ok(run_cli(["export", str(run_dir), "--format", "peft", "--out", str(tmp_path / "peft")]))
+    assert_modes_of_new_files(tmp_path / "peft")
     base = AUTO[task].from_pretrained(ws / family, **({"num_labels": 2} if task == "classification" else {}))
     loaded = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
     mine = ours(run_dir)
@@ -86,6 +97,8 @@ def test_merged_export_is_a_plain_model_with_same_logits(ws, built_ops, tmp_path
     family, task = RUNS[name][:2]
     run_dir = trained_run(ws, tmp_path, name)
     ok(run_cli(["export", str(run_dir), "--format", "merged", "--out", str(tmp_path / "merged")]))
+    assert_modes_of_new_files(tmp_path / "merged")
+    assert_modes_of_new_files(run_dir)
     plain = AUTO[task].from_pretrained(tmp_path / "merged").eval()
     assert not any("lora" in n or "ia3" in n for n, _ in plain.named_parameters())
     diff = (logits(plain, task) - logits(ours(run_dir), task)).abs().max()

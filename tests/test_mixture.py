@@ -97,6 +97,7 @@ def test_classification_sources_with_their_own_columns_share_one_label_set(ws, t
     ("    - {path: a.jsonl, weight: 1}\n    - {path: b.jsonl}", r"r.yaml:\d+: data.train: give every "
                                                                 r"source a weight, or none"),
     ("    - {path: a.jsonl, colour: red}", r"r.yaml:\d+: data.train.0.colour: unknown key"),
+    ("    - {path: a.jsonl, wieght: 2}", r"r.yaml:\d+: data.train.0.wieght: unknown key \(did you mean 'weight'\?\)"),
 ])
 def test_bad_sources_are_one_line_errors(ws, tmp_path, sources, message):
     with pytest.raises(UserError, match=message):

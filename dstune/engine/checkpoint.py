@@ -219,14 +219,28 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {n: p.detach().to("cpu", torch.float32).clone().contiguous() for n, p in named}
 
 
-def save_trainable(model: torch.nn.Module, path: str | os.PathLike, is_main: bool, metadata: dict) -> None:
+def file_mode() -> int:
+    """The mode a new file gets here (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' save_file, written whole (a temporary file renamed into place) and readable as any file
+    the process writes (save_file itself leaves mode 0600, whatever the umask)."""
     from safetensors.torch import save_file
 
+    tmp = Path(f"{path}.tmp")
+    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()} or None)
+    os.chmod(tmp, file_mode())
+    os.replace(tmp, path)
+
+
+def save_trainable(model: torch.nn.Module, path: str | os.PathLike, is_main: bool, metadata: dict) -> None:
     state = trainable_state(model)
     if is_main:
-        tmp = Path(f"{path}.tmp")
-        save_file(state, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
-        os.replace(tmp, path)
+        save_safetensors(state, path, metadata)
     barrier()
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from dstune.config import RunConfig
-from dstune.errors import UserError
+from dstune.errors import UserError, did_you_mean
 
 # package data; the top-level ds_configs/ is a link to it for people and their own `deepspeed` scripts
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -89,7 +89,6 @@ def check_sections(ds: dict[str, Any]) -> None:
     """What DeepSpeed would ignore silently (an unknown top-level key: a typo such as zero_optimisation) or
     reject only inside deepspeed.initialize, with a traceback: the ZeRO section (validated by DeepSpeed's
     own schema: types, ranges, unknown keys) and the optimizer's type."""
-    import difflib
 
     import pydantic
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
@@ -97,8 +96,7 @@ def check_sections(ds: dict[str, Any]) -> None:
 
     unknown = sorted(set(ds) - deepspeed_keys())
     if unknown:
-        near = difflib.get_close_matches(unknown[0], deepspeed_keys(), n=1)
-        raise UserError(f"deepspeed: unknown key {unknown[0]!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+        raise UserError(f"deepspeed: unknown key {unknown[0]!r}" + did_you_mean(unknown[0], deepspeed_keys())
                         + "; DeepSpeed would ignore it")
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):

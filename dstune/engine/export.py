@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from dstune.engine.checkpoint import file_mode, save_safetensors
 from dstune.engine.run_dir import load_run
 from dstune.errors import UserError
 from dstune.models.loading import base_is_loadable, load_model
@@ -54,6 +55,9 @@ def export(run_dir: str, out: str, fmt: str) -> Path:
 def _save_plain(model, tokenizer, path: Path) -> None:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    for f in path.rglob("*"):  # transformers writes its safetensors files 0600
+        if f.is_file():
+            f.chmod(file_mode())
 
 
 def _peft_base(cfg, tokenizer, labels, out: Path) -> str:
@@ -80,10 +84,9 @@ def _task_heads(model, prefix: str = "base_model.model.") -> dict[str, torch.Ten
 
 
 def write_peft_folder(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
     path.mkdir(parents=True, exist_ok=True)
     (path / "adapter_config.json").write_text(json.dumps(config, indent=1))
-    save_file(tensors, str(path / "adapter_model.safetensors"))
+    save_safetensors(tensors, path / "adapter_model.safetensors")
 
 
 def _prompt_like(model, method, peft_type: str, embeddings: torch.Tensor, token_dim: int, heads: int) -> tuple:

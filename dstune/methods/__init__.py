@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from dstune.errors import UserError
+from dstune.errors import UserError, did_you_mean
 from dstune.methods.adapter import Adapter
 from dstune.methods.base import TuningMethod
 from dstune.methods.bitfit import BitFit
@@ -56,14 +56,16 @@ def build_methods(specs: list[dict[str, Any]]) -> list[TuningMethod]:
         spec = dict(spec)
         name = spec.pop("name", None)
         if name not in known:
-            raise UserError(f"methods[{i}].name: unknown method {name!r}; known: {', '.join(sorted(known))}")
+            raise UserError(f"methods[{i}].name: unknown method {name!r}{did_you_mean(str(name), known)}; known: "
+                            f"{', '.join(sorted(known))}")
         cls = known[name]
         try:
             options = cls.Options.model_validate(spec)
         except ValidationError as e:
             err = e.errors()[0]
             key = ".".join(str(p) for p in err["loc"])
-            msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = "unknown option" + did_you_mean(key, cls.Options.model_fields) if err["type"] == "extra_forbidden" \
+                else err["msg"]
             raise UserError(f"methods[{i}] ({name}).{key}: {msg}") from None
         out.append(cls(options))
     check_composition([m.name for m in out])
