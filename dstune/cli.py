@@ -159,7 +159,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Generate text with a finished causal_lm or seq2seq run: dstune generate RUN_DIR --prompt TEXT
 
     Greedy by default; --sample with --temperature/--top-p samples. Prompts go through the
-    tokenizer's chat template when it has one, as in training.
+    tokenizer's chat template when it has one, as in training. Prints each prompt (after `>>> `), its
+    reply and a `---` line; --jsonl prints one {"prompt", "reply"} JSON object per line instead.
     """
     import torch
 
@@ -180,8 +181,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              do_sample=args.sample, temperature=args.temperature if args.sample else None,
                              top_p=args.top_p if args.sample else None, pad_token_id=tokenizer.pad_token_id,
                              **getattr(model, "dstune_generate_kwargs", {}))
-        new = task.new_tokens(out[0], x.shape[1])
-        print(tokenizer.decode(new, skip_special_tokens=True).strip(), flush=True)
+        reply = tokenizer.decode(task.new_tokens(out[0], x.shape[1]), skip_special_tokens=True).strip()
+        if args.jsonl:
+            print(json.dumps({"prompt": prompt, "reply": reply}, ensure_ascii=False), flush=True)
+        else:
+            print(f">>> {prompt}\n{reply}\n---", flush=True)
     return 0
 
 
@@ -394,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--temperature", type=float, default=0.8)
     sp.add_argument("--top-p", type=float, default=0.95)
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--jsonl", action="store_true", help='one {"prompt": ..., "reply": ...} object per line')
 
     sp = add("export", cmd_export)
     sp.add_argument("run_dir")

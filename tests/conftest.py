@@ -54,9 +54,10 @@ def kill_tree(pid: int) -> None:
 
 def run_cli(args: list[str], nproc: int = 1, cwd: Path | None = None, timeout: int = LAUNCH_TIMEOUT_S,
             env: dict | None = None, launcher: str = "torchrun",
-            command: list[str] | None = None) -> subprocess.CompletedProcess:
+            command: list[str] | None = None, input: str | None = None) -> subprocess.CompletedProcess:
     """Run `dstune ARGS` as one process (`command`, default this venv's `python -m dstune`), or with `nproc`
-    ranks under torchrun or the `deepspeed` launcher; kill the whole process tree on timeout."""
+    ranks under torchrun or the `deepspeed` launcher, `input` on its stdin; kill the whole process tree on
+    timeout."""
     if nproc == 1:
         cmd = [*(command or [sys.executable, "-m", "dstune"]), *args]
     elif launcher == "deepspeed":
@@ -69,9 +70,9 @@ def run_cli(args: list[str], nproc: int = 1, cwd: Path | None = None, timeout: i
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)
     proc = subprocess.Popen(cmd, cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, stdin=subprocess.PIPE if input is not None else None)
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(input=input, timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_tree(proc.pid)
         out, err = proc.communicate()

@@ -63,10 +63,13 @@ def test_generate_from_trained_run(ws, built_ops, tmp_path):
     recipe, run_dir = task_recipe(ws, tmp_path, "causal_chat")
     ok(run_cli(["train", str(recipe), "training.max_steps=60"]))
     out = ok(run_cli(["generate", str(run_dir), "--prompt", "say good", "--prompt", "say bad",
-                      "--max-new-tokens", "6"])).stdout.strip().splitlines()
-    assert len(out) == 2
+                      "--max-new-tokens", "6", "--jsonl"])).stdout.strip().splitlines()
+    rows = [json.loads(line) for line in out]
+    assert [r["prompt"] for r in rows] == ["say good", "say bad"]
     # "say W" → "W W it is": after 60 steps the reply starts with the prompt's word (it may not end it yet)
-    assert out[0].startswith("goo") and out[1].startswith("bad"), out
+    assert rows[0]["reply"].startswith("goo") and rows[1]["reply"].startswith("bad"), rows
+    plain = ok(run_cli(["generate", str(run_dir), "--max-new-tokens", "6"], input="say good\nsay bad\n")).stdout
+    assert plain == "".join(f">>> {r['prompt']}\n{r['reply']}\n---\n" for r in rows)
 
 
 def test_tiny_random_model_with_sentencepiece_model_file(ws, built_ops, tmp_path):
