@@ -20,9 +20,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     or under a launcher (`deepspeed`, `torchrun`, srun) for many: the same recipe works on all.
     """
     from dstune.config import load_config
-    from dstune.engine.trainer import train
 
-    train(load_config(args.recipe, args.overrides))
+    cfg = load_config(args.recipe, args.overrides)  # a recipe error answers before torch is imported
+    from dstune.engine.trainer import train
+    train(cfg)
     # Everything is written and the process group is gone. Leave without interpreter teardown: C++
     # destructors of DeepSpeed/gloo background threads sometimes abort there ("terminate called without
     # an active exception") and turn a finished run into exit code 134.
@@ -41,10 +42,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     one). Prints the cache entry's folder, its rows and tokens.
     """
     from dstune.config import load_config
-    from dstune.data.prepare import prepared_data, summary
-    from dstune.models.tokenizers import recipe_tokenizer
 
     cfg = load_config(args.recipe, args.overrides)
+    from dstune.data.prepare import prepared_data, summary
+    from dstune.models.tokenizers import recipe_tokenizer
     data, entry = prepared_data(cfg, recipe_tokenizer(cfg))
     if entry is None:
         raise UserError("data.train: `random` data is made on the fly; there is nothing to prepare")
@@ -216,10 +217,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     checkpoint_all_ranks = the size of one checkpoint on disk).
     """
     from dstune.config import load_config
-    from dstune.profiling.estimate import deepspeed_estimate, estimate
-    from dstune.profiling.report import estimate_table
 
     cfg = load_config(args.recipe, args.overrides)
+    from dstune.profiling.estimate import deepspeed_estimate, estimate
+    from dstune.profiling.report import estimate_table
     tokenizer = None
     if cfg.model.tiny and cfg.tokenizer.path:
         from dstune.models.tokenizers import load_tokenizer

@@ -1,11 +1,11 @@
 """Knowledge distillation on the decoder side: SmolLM2-135M-Instruct (30 layers) fully fine-tuned on the
-chatterbot prompt/reply pairs is the teacher; a student built from its bottom 10 layers (a third; the
+chatterbot prompt/reply pairs (each pair once) is the teacher; a student built from its bottom 10 layers (a third; the
 embeddings, final norm and tied head come along) trains on the same pairs with and without the teacher
 (per-token forward KL at temperature T on the reply tokens). Held-out loss and perplexity of the replies
-of 15% of the pairs, per seed and mean, beside the teacher's and the untouched base model's. Prints a
+to 15% of the prompts (never trained on), per seed and mean, beside the teacher's and the untouched base model's. Prints a
 markdown table (the one in the README).
 
-Usage: python examples/distill_chat.py [--seeds 1,2] [--steps 150] [--teacher-steps 80] [--layers 10]
+Usage: python examples/distill_chat.py [--seeds 1,2] [--steps 150] [--teacher-steps 100] [--layers 10]
                                        [--alpha 0.5] [--temperature 2] [--student-lr 3e-4]
 """
 from __future__ import annotations
@@ -28,12 +28,16 @@ RECIPE = REPO / "recipes" / "causal_lm_smollm2.yaml"
 
 
 def pairs_split(out: Path) -> tuple[Path, Path]:
-    """The chatterbot (prompt, reply) pairs, shuffled once: 85% to train on, 15% held out."""
-    pairs = [{"prompt": d[i], "response": d[i + 1]} for d in dialogues() for i in range(0, len(d), 2)]
-    random.Random(0).shuffle(pairs)
-    cut = len(pairs) * 85 // 100
+    """The chatterbot (prompt, reply) pairs without repeats (the corpus holds many pairs twice), split by
+    prompt: the replies to 15% of the prompts, drawn once, are held out, so no held-out prompt is trained on."""
+    pairs = list(dict.fromkeys((d[i], d[i + 1]) for d in dialogues() for i in range(0, len(d), 2)))
+    prompts = sorted({p for p, _ in pairs})
+    random.Random(0).shuffle(prompts)
+    held = set(prompts[:len(prompts) * 15 // 100])
     out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train.jsonl", pairs[:cut]), ("heldout.jsonl", pairs[cut:])):
+    for name, rows in (("train.jsonl", [x for x in pairs if x[0] not in held]),
+                       ("heldout.jsonl", [x for x in pairs if x[0] in held])):
+        rows = [{"prompt": p, "response": r} for p, r in rows]
         (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return out / "train.jsonl", out / "heldout.jsonl"
 
@@ -68,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="1,2")
     ap.add_argument("--steps", type=int, default=150, help="student optimizer steps")
-    ap.add_argument("--teacher-steps", type=int, default=80)
+    ap.add_argument("--teacher-steps", type=int, default=100)
     ap.add_argument("--layers", type=int, default=10, help="the student's layers (the teacher has 30)")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=2.0)

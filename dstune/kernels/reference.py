@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 
 def sequence_mask(attn_mask: torch.Tensor | None, q_len: int, k_len: int, causal: bool,
@@ -80,6 +79,7 @@ def prefix_attention_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     keys, values = in_front(prefix_k, k), in_front(prefix_v, v)
     mask = None
     if causal:  # the bias object is CUDA dispatch only: a CPU step (or the estimate's fake trace) gets the mask
+        from torch.nn.attention.bias import causal_lower_right  # imported here: it pulls in torch._dynamo (2 s)
         mask = causal_lower_right(S, P + S) if q.is_cuda else \
             torch.ones(S, P + S, dtype=torch.bool, device=q.device).tril(P)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout, scale=scale,
