@@ -57,14 +57,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a finished run: dstune eval RUN_DIR [--data FILE] [key=value ...]
 
     Scores the trained model on FILE (default: the run's data.eval, or the rows it held out of
-    data.train with data.eval_fraction) and prints JSON metrics:
-    accuracy and macro-F1 (classification), perplexity (causal_lm, seq2seq), and BLEU/ROUGE when
+    data.train with data.eval_fraction) and prints a table of its metrics (--json: one JSON object):
+    loss, accuracy and macro-F1 (classification), perplexity (causal_lm, seq2seq), and BLEU/ROUGE when
     evaluation.generate is on. Overrides apply to the run's saved config (e.g. evaluation.max_samples=100).
     """
     import torch
 
     from dstune.data.pipeline import prepare_eval, prepare_held_out
-    from dstune.engine.evaluate import evaluate
+    from dstune.engine.evaluate import evaluate, results_table
     from dstune.engine.run_dir import load_run
     from dstune.tasks import get_task
 
@@ -80,8 +80,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError("--data: the run has no data.eval or data.eval_fraction; name an evaluation file")
     gen = get_task(cfg.task).scores_generations(cfg.evaluation)
     result = evaluate(model, data, cfg.task, tokenizer, device, cfg.evaluation.batch_size, gen,
-                      cfg.evaluation.max_new_tokens)
-    print(json.dumps(result, indent=1))
+                      cfg.evaluation.max_new_tokens, progress=not args.json)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"{os.path.abspath(path) if path else 'the rows held out of data.train'} ({len(data.eval):,} rows):\n"
+              f"{results_table({'score': result})}")
     return 0
 
 
@@ -365,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("eval", cmd_eval)
     sp.add_argument("run_dir")
     sp.add_argument("--data", help="evaluation file (default: the run's data.eval)")
+    sp.add_argument("--json", action="store_true", help="the metrics as one JSON object, nothing else")
     sp.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
 
     sp = add("select", cmd_select)

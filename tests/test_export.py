@@ -189,7 +189,7 @@ def test_tiny_runs_reload_exactly_and_export_their_base(ws, built_ops, tmp_path)
     for run, nproc, overrides in (("one", 1, ["training.gradient_accumulation_steps=2"]), ("zero3", 2, ["deepspeed=zero3"])):
         ok(run_cli(["train", str(recipe), f"output_dir={tmp_path / run}", *overrides], nproc=nproc))
         after = json.loads((tmp_path / run / "results.json").read_text())["after"]["loss"]
-        scores = [json.loads(ok(run_cli(["eval", str(tmp_path / run)])).stdout)["loss"] for _ in range(2)]
+        scores = [json.loads(ok(run_cli(["eval", str(tmp_path / run), "--json"])).stdout)["loss"] for _ in range(2)]
         assert scores[0] == scores[1] and abs(scores[0] - after) <= 1e-6, (run, after, scores)
         ends.append(after)
     assert abs(ends[0] - ends[1]) <= 1e-5, ends  # the same base on 1 rank and under ZeRO-3

@@ -50,8 +50,18 @@ def test_task_trains_and_loss_falls(ws, built_ops, tmp_path, name):
         assert {"accuracy", "macro_f1"} <= results["after"].keys()
         assert results["after"]["accuracy"] > 0.8 > results["before"]["accuracy"], results  # it learned the task
         # the eval command reloads the run dir and reproduces the in-training score
-        scored = json.loads(ok(run_cli(["eval", str(run_dir)])).stdout)
+        scored = json.loads(ok(run_cli(["eval", str(run_dir), "--json"])).stdout)
         assert abs(scored["accuracy"] - results["after"]["accuracy"]) < 1e-9
+        # and both print what the user came for: the metrics before and after, as a table
+        table = res.stdout.split("[dstune] results (data.eval, 64 rows):\n")[1].splitlines()
+        assert table[0].split() == ["metric", "before", "after"]
+        rows = {line.split()[0]: line.split()[1:] for line in table[1:4]}
+        assert rows.keys() == {"loss", "accuracy", "macro_f1"}
+        for metric, (before, after) in rows.items():
+            assert before == f"{results['before'][metric]:.4f}" and after == f"{results['after'][metric]:.4f}"
+        shown = ok(run_cli(["eval", str(run_dir)])).stdout.splitlines()
+        assert shown[0] == f"{ws / 'cls_eval.jsonl'} (64 rows):" and shown[1].split() == ["metric", "score"]
+        assert shown[3].split() == ["accuracy", f"{scored['accuracy']:.4f}"]
     elif name == "seq2seq":
         assert {"bleu", "rouge1", "rougeL"} <= results["after"].keys()
         assert results["after"]["perplexity"] < results["before"]["perplexity"]

@@ -34,17 +34,22 @@ def _shard(n: int, rank: int, world: int, batch_size: int) -> list[list[tuple[in
     return [padded[b * batch_size:(b + 1) * batch_size] for b in range(n_batches)]
 
 
+def _bar(batches: list, desc: str, show: bool):
+    from tqdm.auto import tqdm
+    return tqdm(batches, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+
+
 @torch.no_grad()
 def evaluate(model, data: TaskData, task: str, tokenizer, device: torch.device, batch_size: int,
              generate: bool = False, max_new_tokens: int = 32, rank: int = 0, world: int = 1,
-             synced_gpus: bool = False) -> dict[str, float]:
+             synced_gpus: bool = False, progress: bool = True) -> dict[str, float]:
     """Metrics of `model` on `data.eval` (the task's loss and metrics, and with `generate` BLEU/ROUGE of
-    greedy replies); identical on every rank."""
+    greedy replies); identical on every rank. `progress`: a progress bar on rank 0."""
     ds, task = data.eval, get_task(task)
     was_training = model.training
     model.eval()
     loss_sum, items, preds, golds = 0.0, 0, [], []
-    for batch_ix in _shard(len(ds), rank, world, batch_size):
+    for batch_ix in _bar(_shard(len(ds), rank, world, batch_size), "eval", progress and rank == 0):
         rows = [ds[i] for i, _ in batch_ix]
         keep = torch.tensor([k for _, k in batch_ix], device=device)
         batch = to_device(collate(rows, tokenizer.pad_token_id, task), device, task)
@@ -58,15 +63,16 @@ def evaluate(model, data: TaskData, task: str, tokenizer, device: torch.device, 
                           [x for p in parts for x in p[3]])
     if generate and "ref" in ds.column_names:
         result.update(_generation_scores(model, ds, task, tokenizer, device, batch_size, max_new_tokens,
-                                         rank, world, synced_gpus))
+                                         rank, world, synced_gpus, progress and rank == 0))
     model.train(was_training)
     return result
 
 
-def _generation_scores(model, ds, task, tokenizer, device, batch_size, max_new_tokens, rank, world, synced_gpus):
+def _generation_scores(model, ds, task, tokenizer, device, batch_size, max_new_tokens, rank, world, synced_gpus,
+                       progress):
     module = getattr(model, "module", model)  # DeepSpeed engine → the HF model with .generate
     pairs = []
-    for batch_ix in _shard(len(ds), rank, world, batch_size):
+    for batch_ix in _bar(_shard(len(ds), rank, world, batch_size), "generate", progress):
         prompts = [ds[i][task.prompt_column] for i, _ in batch_ix]
         inputs = {k: v.to(device) for k, v in
                   collate_prompts(prompts, tokenizer.pad_token_id, left=task.left_pad_prompts).items()}
@@ -78,3 +84,20 @@ def _generation_scores(model, ds, task, tokenizer, device, batch_size, max_new_t
         pairs += [(t.strip(), ds[i]["ref"]) for t, (i, k) in zip(texts, batch_ix) if k]
     pairs = [p for part in _gather(pairs) for p in part]
     return generation_metrics([p for p, _ in pairs], [r for _, r in pairs])
+
+
+def _number(v) -> str:
+    return f"{v:,.0f}" if isinstance(v, (int, float)) and abs(v) >= 1000 else \
+        f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def results_table(columns: dict[str, dict[str, float]]) -> str:
+    """Metrics side by side, one row per metric: e.g. {"before": {...}, "after": {...}} →
+        metric      before     after
+        loss        0.6931    0.4512"""
+    names = list(dict.fromkeys(k for col in columns.values() for k in col))
+    rows = [["metric", *columns]] + [[n, *(_number(c[n]) if n in c else "-" for c in columns.values())]
+                                     for n in names]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)

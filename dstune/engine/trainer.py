@@ -23,7 +23,7 @@ from dstune.data.prepare import keep_augmented, prepared_data, summary
 from dstune.engine import checkpoint as ckpt
 from dstune.engine.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
 from dstune.engine.ds_config import build_ds_config, zero_stage
-from dstune.engine.evaluate import evaluate
+from dstune.engine.evaluate import evaluate, results_table
 from dstune.engine.run_lock import (check_output_dir, check_recipe_matches, forget_fresh_run_dir, fresh_run_dir,
                                     hold_run_dir)
 from dstune.engine.teacher import load_teacher
@@ -198,6 +198,10 @@ def _train(cfg: RunConfig, started: list) -> dict:
                     count_targets)
     _write_memory(cfg, dist_, "phase_peaks", memory.report())
     memory.close()
+    if dist_.is_main and "after" in results:
+        where = f"data.eval, {len(data.eval):,} rows" if cfg.data.eval else f"{len(data.eval):,} held-out rows"
+        print(f"[dstune] results ({where}):\n"
+              f"{results_table({k: results[k] for k in ('before', 'after') if k in results})}", flush=True)
     if t.save_final:
         save_trainable_final(engine, run_dir, dist_, cfg)
     log.close()
