@@ -87,8 +87,9 @@ def _generation_scores(model, ds, task, tokenizer, device, batch_size, max_new_t
 
 
 def _number(v) -> str:
-    return f"{v:,.0f}" if isinstance(v, (int, float)) and abs(v) >= 1000 else \
-        f"{v:.4f}" if isinstance(v, float) else str(v)
+    if not isinstance(v, float):
+        return str(v)
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.2f}" if abs(v) >= 10 else f"{v:.4f}"
 
 
 def results_table(columns: dict[str, dict[str, float]]) -> str:
