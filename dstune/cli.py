@@ -253,9 +253,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     table adds tokens/s and peak-memory ratios; it refuses when the peer's model has another parameter
     count; the peer runs once per tuning method (prefix-split, prefix tuning on the split attention path,
     shares prefix's). Each child's whole output is kept in DIR/METHOD.log (and DIR/METHOD-peer.log).
+    --replot DIR/bench.json writes bench.md and bench.png again from a finished bench's JSON.
     """
-    from dstune.profiling.bench import bench
+    from dstune.profiling.bench import bench, replot
 
+    if args.replot:
+        where = replot(args.replot)
+        print((where / "bench.md").read_text())
+        print(f"[dstune] bench report written again: {where / 'bench.md'}, {where / 'bench.png'}")
+        return 0
+    if args.recipe is None:
+        raise UserError("bench: name a recipe (or --replot a bench.json)")
     rows = bench(args.recipe, args.overrides, args.methods.split(","), args.out, args.steps, args.peer, args.peer_size)
     print((Path(args.out) / "bench.md").read_text())
     if args.json:
@@ -420,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="one JSON object per rank with integer byte fields")
 
     sp = add("bench", cmd_bench)
-    sp.add_argument("recipe")
+    sp.add_argument("recipe", nargs="?")
     sp.add_argument("overrides", nargs="*", help="key=value overrides applied to every method's run")
     sp.add_argument("--methods", default="full,lora,prefix,prompt", help="comma-separated method names")
     sp.add_argument("--steps", type=int, default=10, help="optimizer steps per method (the first 2 are warm-up)")
@@ -428,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", help="also write the result list to this file")
     sp.add_argument("--peer", metavar="SCRIPT", help="peer baseline script (prints `RESULT {json}`) run side by side")
     sp.add_argument("--peer-size", default="1b", help="the peer's model size name (its --size)")
+    sp.add_argument("--replot", metavar="BENCH_JSON", help="only write bench.md and bench.png again from this "
+                                                         "bench.json (no recipe, nothing runs)")
 
     sp = add("launch", cmd_launch)
     sp.add_argument("recipe")

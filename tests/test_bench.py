@@ -29,6 +29,17 @@ def test_bench_compares_methods(ws, built_ops, tmp_path):
     assert lora["model_state_bytes_measured"] < full["model_state_bytes_measured"]
     assert (out / "bench.png").stat().st_size > 10_000 and (out / "bench.md").read_text().startswith("| method |")
     assert "| lora |" in res.stdout
+    # the report says what it measured, and can be drawn again from its JSON alone
+    import os
+    assert rows[0]["setup"] == {"model": "gpt2", "params": json.loads((out / "full" / "run.json").read_text())[
+        "base_params"], "device": f"CPU ({os.cpu_count()} cores)", "precision": "fp32", "seq_len": 32,
+        "micro_batch": 2, "zero_stage": 0, "world_size": 1}
+    md = (out / "bench.md").read_text()
+    (out / "bench.png").unlink()
+    (out / "bench.md").unlink()
+    again = ok(run_cli(["bench", "--replot", str(out / "bench.json")]))
+    assert (out / "bench.md").read_text() == md and (out / "bench.png").stat().st_size > 10_000
+    assert "bench report written again" in again.stdout
 
 
 def test_bench_rejects_unknown_method(ws, tmp_path):

@@ -153,9 +153,10 @@ def bench(recipe: str, overrides: list[str], methods: list[str], out_dir: str, s
         bar.set_postfix_str(f"{method}: dstune")
         _run_one(recipe, overrides, method, out / method, steps)
         row = _row(cfg, method, out / method)
+        info = json.loads((out / method / "run.json").read_text())
+        row["setup"] = setup(cfg, info["base_params"], info["world_size"])
         if peer_result is not None:
-            base = json.loads((out / method / "run.json").read_text())["base_params"]
-            row = compare_with_peer(row, peer_result, base)
+            row = compare_with_peer(row, peer_result, info["base_params"])
         rows.append(row)
     (out / "bench.json").write_text(json.dumps(rows, indent=1))
     (out / "bench.md").write_text(markdown(rows))
@@ -184,43 +185,109 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PARTS = ["weights", "gradients", "optimizer_states", "activations", "buffers"]
+
+
+def setup(cfg: RunConfig, base_params: int, world: int) -> dict:
+    """What a bench measured on: the plot's title."""
+    import torch
+    m = cfg.model
+    model = f"tiny {m.tiny}" if m.tiny else os.path.basename((m.path or "").rstrip("/")) + (f"/{m.gguf_file}"
+                                                                                            if m.gguf_file else "")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return {"model": model, "params": base_params, "device": device, "precision": cfg.training.precision,
+            "seq_len": cfg.data.max_length, "micro_batch": cfg.training.micro_batch_size,
+            "zero_stage": zero_stage(build_ds_config(cfg, world)), "world_size": world}
+
+
+def title(s: dict | None) -> str:
+    if not s:
+        return "dstune bench"
+    params = f"{s['params'] / 1e9:.2f}B" if s["params"] >= 1e9 else f"{s['params'] / 1e6:.1f}M"
+    return (f"{s['model']}, {params} parameters; {s['world_size']} × {s['device']}; {s['precision']}, "
+            f"sequence {s['seq_len']:,}, micro-batch {s['micro_batch']}, ZeRO-{s['zero_stage']}")
+
+
+def _unit(largest: float) -> tuple[float, str]:
+    return (2**30, "GiB") if largest >= 2 * 2**30 else (2**20, "MiB")
+
+
+def _label(ax, bars, texts: list[str]) -> None:
+    for bar, text in zip(bars, texts):
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_y() + bar.get_height()), ha="center",
+                    va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+
+
 def plot(rows: list[dict], path: Path) -> None:
-    """Estimated memory by part, stacked per method, with the measured peak marked; tokens/s beside it."""
+    """Per method, on linear axes: the estimate stacked by part beside the measured peak, the measured model
+    states (and the peer's peak); tokens/s and step time beside dstune's (and the peer's). Every bar
+    carries its value; the title says what was measured."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    parts = ["weights", "gradients", "optimizer_states", "activations", "buffers"]
-    names = [r["method"] for r in rows]
-    fig, (mem, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
-    bottom = [0.0] * len(rows)
-    for part in parts:
-        values = [r["estimate"][part] / 2**20 for r in rows]
-        mem.bar(names, values, bottom=bottom, label=part.replace("_", " "))
-        bottom = [b + v for b, v in zip(bottom, values)]
-    mem.scatter(names, [r["peak_bytes"] / 2**20 for r in rows], color="black", marker="_", s=600, zorder=3,
-                label=f"measured peak ({rows[0]['peak_source']})")
-    mem.scatter(names, [r["model_state_bytes_measured"] / 2**20 for r in rows], color="tab:red", marker="x", zorder=3,
-                label="measured model states (engine tensors)")
-    peers = [(r["method"], r["peer"]["peak_gib"] * 2**10) for r in rows if "peer" in r]
-    if peers:
-        mem.scatter(*zip(*peers), color="tab:gray", marker="_", s=600, zorder=3, label="peer's measured peak")
-    if rows[0]["peak_source"] != "cuda allocator":
-        mem.set_yscale("symlog")  # a CPU process's RSS dwarfs a tiny model; keep both visible
-    mem.set_ylabel("MiB per rank")
-    mem.set_title("memory: estimate by part vs measured")
-    mem.legend(fontsize=8)
-    if any("peer" in r for r in rows):  # dstune and the peer side by side per method
-        x = range(len(rows))
-        speed.bar([i - 0.2 for i in x], [r["tokens_per_s"] for r in rows], width=0.4, label="dstune")
-        speed.bar([i + 0.2 for i in x], [r["peer"]["tok_s"] if "peer" in r else 0 for r in rows], width=0.4,
-                  color="tab:gray", label="peer (HF + PEFT + DeepSpeed)")
-        speed.set_xticks(list(x), names)
-        speed.legend(fontsize=8)
-    else:
-        speed.bar(names, [r["tokens_per_s"] for r in rows], color="tab:gray")
-    speed.set_ylabel("tokens / s")
+    peer = any("peer" in r for r in rows)
+    largest = max(max(r["estimate_bytes"], r["peak_bytes"], r.get("peer", {}).get("peak_gib", 0) * 2**30)
+                  for r in rows)
+    scale, unit = _unit(largest)
+    fig, (mem, speed) = plt.subplots(1, 2, figsize=(13, 5.4), gridspec_kw={"width_ratios": [1.6, 1]})
+    x = np.arange(len(rows))
+    kinds = ["estimate", "measured peak", "model states"] + (["peer peak"] if peer else [])
+    width = 0.8 / len(kinds)
+    at = {k: x - 0.4 + width * (i + 0.5) for i, k in enumerate(kinds)}
+    bottom = np.zeros(len(rows))
+    colors = plt.get_cmap("Blues")(np.linspace(0.35, 0.9, len(PARTS)))
+    for part, color in zip(PARTS, colors):
+        values = np.array([r["estimate"][part] for r in rows]) / scale
+        mem.bar(at["estimate"], values, width, bottom=bottom, color=color, label=f"estimate: {part.replace('_', ' ')}")
+        bottom += values
+    _label(mem, mem.bar(at["estimate"], bottom, width, fill=False, edgecolor="none"),
+           [f"{v:,.1f}" for v in bottom])
+    source = rows[0]["peak_source"]
+    bars = mem.bar(at["measured peak"], [r["peak_bytes"] / scale for r in rows], width, color="black",
+                   label=f"measured peak ({source})")
+    _label(mem, bars, [f"{r['peak_bytes'] / scale:,.1f}" for r in rows])
+    bars = mem.bar(at["model states"], [r["model_state_bytes_measured"] / scale for r in rows], width,
+                   color="tab:red", label="measured model states (weights, grads, optimizer)")
+    _label(mem, bars, [f"{r['model_state_bytes_measured'] / scale:,.1f}" for r in rows])
+    if peer:
+        values = [r["peer"]["peak_gib"] * 2**30 / scale if "peer" in r else 0 for r in rows]
+        _label(mem, mem.bar(at["peer peak"], values, width, color="tab:gray", label="peer's measured peak"),
+               [f"{v:,.1f}" if v else "" for v in values])
+    mem.set_xticks(x, [r["method"] for r in rows])
+    mem.set_ylabel(f"{unit} per rank")
+    mem.set_title("memory per rank")
+    mem.margins(y=0.12)
+    mem.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, frameon=False)
+
+    series = [("dstune", [r["tokens_per_s"] for r in rows], [r["step_s"] for r in rows], "tab:blue")]
+    if peer:
+        series.append(("peer (HF + PEFT + DeepSpeed)", [r["peer"]["tok_s"] if "peer" in r else 0 for r in rows],
+                       [r["peer"]["step_s"] if "peer" in r else 0 for r in rows], "tab:gray"))
+    w = 0.8 / len(series)
+    for i, (name, tok_s, step_s, color) in enumerate(series):
+        bars = speed.bar(x - 0.4 + w * (i + 0.5), tok_s, w, color=color, label=name)
+        _label(speed, bars, [f"{t:,.0f}\n{1000 * s:,.0f} ms" if t else "" for t, s in zip(tok_s, step_s)])
+    speed.set_xticks(x, [r["method"] for r in rows])
+    speed.set_ylabel("tokens / s (label: tokens/s and step time)")
     speed.set_title("throughput")
+    speed.margins(y=0.18)
+    speed.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
+    fig.suptitle(title(rows[0].get("setup")), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(bench_json: str) -> Path:
+    """Write bench.md and bench.png again beside a bench.json (e.g. after the report changed)."""
+    path = Path(bench_json)
+    if path.is_dir():
+        path = path / "bench.json"
+    if not path.is_file():
+        raise UserError(f"--replot: no bench.json at {path}")
+    rows = json.loads(path.read_text())
+    (path.parent / "bench.md").write_text(markdown(rows))
+    plot(rows, path.parent / "bench.png")
+    return path.parent
