@@ -257,3 +257,17 @@ def test_ranks_end_when_their_launcher_is_killed(ws, built_ops, tmp_path):
         for p in psutil.process_iter(["cmdline"]):
             if recipe in " ".join(p.info["cmdline"] or []):
                 p.kill()
+
+
+def test_progress_bars_come_from_rank_0_alone(ws, built_ops, tmp_path):
+    """Tokenize, weight-loading and training bars are drawn once, by rank 0; rank 1's log holds none."""
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "--log-dir", str(logs), "--redirects", "3", "-m", "dstune", "train",
+           lm_recipe(ws, tmp_path, "run", max_steps=2), f"data.cache_dir={tmp_path / 'cache'}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
+    assert res.returncode == 0, res.stderr[-3000:]
+    err = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
+    assert sorted(err) == [0, 1]
+    assert "tokenize" in err[0] and "Loading weights" in err[0] and "train:" in err[0]
+    assert not any(bar in err[1] for bar in ("tokenize", "Loading weights", "train:", "it/s]")), err[1][-2000:]

@@ -98,9 +98,11 @@ def _train(cfg: RunConfig, started: list) -> dict:
     t = cfg.training
     # 1. everything that can reject the input, before anything is written
     methods = build_methods(cfg.methods)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if int(os.environ.get("RANK", "0")) != 0:  # one rank's bars are enough: no tokenize/load bars in the others' logs
         import datasets
+        import transformers
         datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     tokenizer = recipe_tokenizer(cfg)
     data, data_entry = prepared_data(cfg, tokenizer, int(os.environ.get("LOCAL_RANK", "0")), t.dist_timeout_s)
     build_ds_config(cfg, 1)  # reject a bad DeepSpeed config before starting the process group
