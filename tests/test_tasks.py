@@ -88,3 +88,19 @@ def test_tiny_random_model_with_sentencepiece_model_file(ws, built_ops, tmp_path
                                   tokenizer={"path": str(ws / "tokenizer" / "tokenizer.model")})
     ok(run_cli(["train", str(recipe), "training.max_steps=5"]))
     assert json.loads((run_dir / "run.json").read_text())["trainable_params"] > 0
+
+
+@pytest.mark.parametrize("method", [{"name": "prompt", "num_virtual_tokens": 4}, {"name": "prefix", "num_virtual_tokens": 4}])
+def test_methods_that_change_the_model_at_step_0_also_score_the_untouched_base(ws, built_ops, tmp_path, method):
+    """Random virtual tokens make "before" a damaged model: the base is scored too (its forward with the
+    method's hooks stepped aside) and equals a run whose method leaves the model as it was (LoRA's B = 0)."""
+    recipe, run_dir = task_recipe(ws, tmp_path, "causal_chat", methods=[method])
+    res = ok(run_cli(["train", str(recipe), "training.max_steps=2"]))
+    results = json.loads((run_dir / "results.json").read_text())
+    ok(run_cli(["train", str(recipe), "training.max_steps=1", f"output_dir={tmp_path / 'lora'}",
+                "methods=[{name: lora, r: 2}]"]))
+    untouched = json.loads((tmp_path / "lora" / "results.json").read_text())["before"]
+    assert abs(results["base"]["loss"] - untouched["loss"]) < 1e-5, (results["base"], untouched)
+    assert abs(results["before"]["loss"] - untouched["loss"]) > 1e-3   # the virtual tokens did change it
+    header = res.stdout.split("held-out rows):\n")[1].splitlines()[0]
+    assert header.split() == ["metric", "base", "model", "before", "after"]

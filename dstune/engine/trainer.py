@@ -29,6 +29,7 @@ from dstune.engine.run_lock import (check_output_dir, check_recipe_matches, forg
 from dstune.engine.teacher import load_teacher
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
+from dstune.methods.base import base_model_only
 from dstune.models.loading import (base_fingerprint, check_buildable, check_positions, compile_layers, load_model,
                                    prepare_for_training, recipe_config)
 from dstune.models.tokenizers import recipe_tokenizer
@@ -196,14 +197,13 @@ def _train(cfg: RunConfig, started: list) -> dict:
         m.first_label_is_target for m in methods)) \
         if task.generative or not all(s.labeled for s in cfg.data.sources()) else None
     results = _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_, log, step, total_steps, stage, memory,
-                    teacher,
-                    count_targets)
+                    teacher, count_targets, score_base=any(m.changes_output_at_init for m in methods))
     _write_memory(cfg, dist_, "phase_peaks", memory.report())
     memory.close()
     if dist_.is_main and "after" in results:
         where = f"data.eval, {len(data.eval):,} rows" if cfg.data.eval else f"{len(data.eval):,} held-out rows"
         print(f"[dstune] results ({where}):\n"
-              f"{results_table({k: results[k] for k in ('before', 'after') if k in results})}", flush=True)
+              f"{results_table({COLUMNS[k]: results[k] for k in COLUMNS if k in results})}", flush=True)
     if t.save_final:
         save_trainable_final(engine, run_dir, dist_, cfg)
     log.close()
@@ -221,12 +221,17 @@ def _run_eval(cfg, engine, data, tokenizer, dist_: Dist, stage: int) -> dict:
 
 
 def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: RunLog, step: int,
-          total_steps: int, stage: int, memory: PhaseMemory, teacher=None, count_targets=None) -> dict:
+          total_steps: int, stage: int, memory: PhaseMemory, teacher=None, count_targets=None,
+          score_base: bool = False) -> dict:
+    """`score_base`: the methods change the model before any step, so the untouched base is scored too."""
     from tqdm.auto import tqdm
 
     t, e = cfg.training, cfg.evaluation
     results: dict = {}
     if data.eval is not None and step == 0:
+        if score_base:
+            with base_model_only(engine.module):
+                results["base"] = _run_eval(cfg, engine, data, tokenizer, dist_, stage)
         results["before"] = _run_eval(cfg, engine, data, tokenizer, dist_, stage)
         log.write(0, "eval", results["before"])
         _write_results(cfg, dist_, results)
@@ -316,6 +321,7 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
     return _write_results(cfg, dist_, results)
 
 
+COLUMNS = {"base": "base model", "before": "before", "after": "after"}  # results.json key → table column
 MAX_SKIPPED_IN_A_ROW = 8  # with nan_policy=skip: more means the weights are broken, not a batch or two
 
 

@@ -1,10 +1,21 @@
 """The tuning-method contract: what trains, how it is optimised, what is saved."""
 from __future__ import annotations
 
+import contextlib
 from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+
+@contextlib.contextmanager
+def base_model_only(model: torch.nn.Module):
+    """Within it, methods that add inputs (virtual tokens, prefixes) leave the model's forward as the base's."""
+    model.dstune_bypass = True
+    try:
+        yield model
+    finally:
+        model.dstune_bypass = False
 
 
 class NoOptions(BaseModel):
@@ -29,6 +40,9 @@ class TuningMethod:
     generate_kwargs: ClassVar[dict] = {}           # what `model.generate` needs with this method applied
     first_label_is_target: ClassVar[bool] = False  # virtual tokens precede the input, so a causal LM predicts
                                                    # its first token too (the loss counts one more target)
+    changes_output_at_init: ClassVar[bool] = False  # the model differs from its base before any step (random
+                                                    # virtual tokens): the untouched base is scored too, and
+                                                    # the method's hooks step aside under `base_model_only`
     tokenizer = None                               # the run's tokenizer, set before `apply`
 
     def __init__(self, options: BaseModel):

@@ -88,6 +88,10 @@ def register_attention() -> None:
 def _distribute(model: nn.Module, args, kwargs):
     """Forward pre-hook: compute all layers' prefixes once, hand each attention module its slice, and
     number the real tokens after the prefix (positions P, P+1, ...), as when the prefix is a past cache."""
+    if getattr(model, "dstune_bypass", False):  # scoring the untouched base (base_model_only)
+        for attn in model._dstune_attention:
+            attn._dstune_prefix = None
+        return args, kwargs
     enc: PrefixEncoder = model.dstune_prefix
     kv = enc().view(enc.shape)  # [P, L, 2, Hkv, D]
     for i, attn in enumerate(model._dstune_attention):
@@ -110,6 +114,7 @@ class Prefix(TuningMethod):
     description = "prefix tuning: learned per-layer key/value prefixes (optional MLP reparameterisation)"
     Options = PrefixOptions
     mergeable = False  # extra keys/values are not a weight change
+    changes_output_at_init = True
 
     def apply(self, model: nn.Module, task: str) -> None:
         kind = model.config.model_type

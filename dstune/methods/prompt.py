@@ -31,6 +31,8 @@ def _prepend(model: nn.Module, args, kwargs):
     """Forward pre-hook: input_ids → [prompt; token embeddings]; masks and labels grow to match.
 
     Every call gets the prompt, so generation runs without a KV cache (the cache would hold it once)."""
+    if getattr(model, "dstune_bypass", False):  # scoring the untouched base (base_model_only)
+        return args, kwargs
     ids = kwargs.pop("input_ids", None)
     if ids is None and args:
         ids, args = args[0], args[1:]
@@ -72,6 +74,8 @@ def _packed_mask(positions: torch.Tensor, P: int, dtype: torch.dtype) -> torch.T
 
 def _drop_virtual_positions(model: nn.Module, args, kwargs, output):
     """Forward hook: logits only for the real tokens (the loss was already computed over all of them)."""
+    if getattr(model, "dstune_bypass", False):
+        return output
     real = model._dstune_real_len  # logits may cover fewer positions (generate keeps only the last)
     if getattr(output, "logits", None) is not None and output.logits.dim() == 3 and output.logits.shape[1] > real:
         output.logits = output.logits[:, -real:]
@@ -85,6 +89,7 @@ class Prompt(TuningMethod):
     mergeable = False
     generate_kwargs = {"use_cache": False}
     first_label_is_target = True
+    changes_output_at_init = True
 
     def apply(self, model: nn.Module, task: str) -> None:
         if model.config.is_encoder_decoder:
