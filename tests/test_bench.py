@@ -31,7 +31,7 @@ def test_bench_compares_methods(ws, built_ops, tmp_path):
     assert "| lora |" in res.stdout
     # the report says what it measured, and can be drawn again from its JSON alone
     import os
-    assert rows[0]["setup"] == {"model": "gpt2", "params": json.loads((out / "full" / "run.json").read_text())[
+    assert rows[0]["setup"] == {"model": "gpt2 (gpt2)", "params": json.loads((out / "full" / "run.json").read_text())[
         "base_params"], "device": f"CPU ({os.cpu_count()} cores)", "precision": "fp32", "seq_len": 32,
         "micro_batch": 2, "zero_stage": 0, "world_size": 1}
     md = (out / "bench.md").read_text()

@@ -185,6 +185,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+GENERIC_FOLDERS = {"model", "models", "hf", "weights", "checkpoint", "final", "merged", "base"}
 PARTS = ["weights", "gradients", "optimizer_states", "activations", "buffers"]
 
 
@@ -192,8 +193,15 @@ def setup(cfg: RunConfig, base_params: int, world: int) -> dict:
     """What a bench measured on: the plot's title."""
     import torch
     m = cfg.model
-    model = f"tiny {m.tiny}" if m.tiny else os.path.basename((m.path or "").rstrip("/")) + (f"/{m.gguf_file}"
-                                                                                            if m.gguf_file else "")
+    if m.tiny:
+        model = f"tiny {m.tiny}"
+    else:  # the folder, with its parent where the folder's own name says little ("model", "hf", ...)
+        folder = Path(m.path.rstrip("/"))
+        model = f"{folder.parent.name}/{folder.name}" if folder.name.lower() in GENERIC_FOLDERS else folder.name
+        model += f"/{m.gguf_file}" if m.gguf_file else ""
+        config = folder / "config.json"
+        if config.is_file():
+            model += f" ({json.loads(config.read_text()).get('model_type', '?')})"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     return {"model": model, "params": base_params, "device": device, "precision": cfg.training.precision,
             "seq_len": cfg.data.max_length, "micro_batch": cfg.training.micro_batch_size,
