@@ -271,3 +271,15 @@ def test_progress_bars_come_from_rank_0_alone(ws, built_ops, tmp_path):
     assert sorted(err) == [0, 1]
     assert "tokenize" in err[0] and "Loading weights" in err[0] and "train:" in err[0]
     assert not any(bar in err[1] for bar in ("tokenize", "Loading weights", "train:", "it/s]")), err[1][-2000:]
+
+
+def test_precision_auto_is_resolved_for_this_machine_and_recorded(ws, built_ops, tmp_path):
+    from dstune.engine.precision import resolve
+    precision, why = resolve("auto")
+    res = ok(run_cli(["train", lm_recipe(ws, tmp_path, "run", max_steps=2), "training.precision=auto"]))
+    assert f"ZeRO-0, {precision} ({why})," in res.stdout
+    assert f"precision: {precision}" in (tmp_path / "run" / "config.yaml").read_text()   # what ran
+    est = json.loads(ok(run_cli(["estimate", lm_recipe(ws, tmp_path, "est"), "training.precision=auto",
+                                 "--json"])).stdout)[0]
+    fp32 = json.loads(ok(run_cli(["estimate", lm_recipe(ws, tmp_path, "est"), "--json"])).stdout)[0]
+    assert est["weights"] * 2 == fp32["weights"]   # a GPU estimate: auto is bf16 there

@@ -294,3 +294,22 @@ def test_deepspeed_sections_deepspeed_would_reject_are_named_up_front(tmp_path, 
         return
     with pytest.raises(UserError, match=message):
         build_ds_config(load_config(recipe), world_size=1)
+
+
+def test_precision_auto_takes_what_the_machine_runs_fast_and_slow_choices_are_warned(monkeypatch):
+    import dstune.engine.precision as P
+    monkeypatch.setattr(P, "cpu_bf16", lambda: None)        # an AVX2-only CPU
+    assert P.resolve("auto", cuda=False) == ("fp32", "auto: the CPU has no native bf16")
+    assert "AVX512-BF16 or AMX" in P.slow_warning("bf16", cuda=False)
+    assert "emulated" in P.slow_warning("fp16", cuda=False) and P.slow_warning("fp32", cuda=False) is None
+    monkeypatch.setattr(P, "cpu_bf16", lambda: "amx_bf16")  # a CPU with AMX
+    assert P.resolve("auto", cuda=False) == ("bf16", "auto: the CPU has amx_bf16")
+    assert P.slow_warning("bf16", cuda=False) is None
+    assert P.resolve("auto", cuda=True)[0] == "bf16"         # what `dstune estimate` assumes for a GPU
+    assert P.resolve("fp16", cuda=True) == ("fp16", "set in the recipe")
+
+
+def test_this_machines_cpu_flags_are_read():
+    from dstune.engine.precision import cpu_bf16
+    flags = open("/proc/cpuinfo").read()
+    assert (cpu_bf16() is not None) == any(f" {f}" in flags for f in ("avx512_bf16", "amx_bf16"))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from dstune.config import RunConfig
+from dstune.engine.precision import resolve
 from dstune.errors import UserError, did_you_mean
 
 # package data; the top-level ds_configs/ is a link to it for people and their own `deepspeed` scripts
@@ -130,8 +131,9 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         gradient_clipping=t.max_grad_norm,
         steps_per_print=ds.get("steps_per_print", 10**9),
     )
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": t.precision == "bf16"}
-    ds["fp16"] = {**ds.get("fp16", {}), "enabled": t.precision == "fp16"}
+    precision = resolve(t.precision)[0]  # the trainer resolves `auto` before; other callers here
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     opt["params"] = {**opt.get("params", {}), "lr": t.lr, "betas": list(t.betas), "eps": t.eps,
                      "weight_decay": t.weight_decay}

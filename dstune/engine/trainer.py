@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from dstune.engine import checkpoint as ckpt
 from dstune.engine.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.evaluate import evaluate, results_table
+from dstune.engine.precision import resolve, slow_warning, with_precision
 from dstune.engine.run_lock import (check_output_dir, check_recipe_matches, forget_fresh_run_dir, fresh_run_dir,
                                     hold_run_dir)
 from dstune.engine.teacher import load_teacher
@@ -96,7 +98,14 @@ def _train(cfg: RunConfig, started: list) -> dict:
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
+    # training.precision auto made concrete here (the run dir's config.yaml says what ran)
+    precision, why = resolve(cfg.training.precision)
+    auto = cfg.training.precision == "auto"
+    slow = None if auto else slow_warning(precision)
+    cfg = with_precision(cfg, precision)
     t = cfg.training
+    if slow and int(os.environ.get("RANK", "0")) == 0:
+        print(f"[dstune] warning: {slow}", file=sys.stderr, flush=True)
     # 1. everything that can reject the input, before anything is written
     methods = build_methods(cfg.methods)
     if int(os.environ.get("RANK", "0")) != 0:  # one rank's bars are enough: no tokenize/load bars in the others' logs
@@ -162,7 +171,7 @@ def _train(cfg: RunConfig, started: list) -> dict:
             keep_augmented(data_entry, run_dir)
             print(f"[dstune] data: {summary(data, data_entry)}", flush=True)
             print(f"[dstune] {', '.join(m.name for m in methods)}: {n_train:,} of {n_total:,} parameters train "
-                  f"({100 * n_train / n_total:.2f}%); {dist_.world} rank(s), ZeRO-{stage}, {t.precision}, "
+                  f"({100 * n_train / n_total:.2f}%); {dist_.world} rank(s), ZeRO-{stage}, {t.precision}{f' ({why})' if auto else ''}, "
                   f"{total_steps} steps of {batches.global_batch} examples"
                   f"{f'; {compiled} layers compiled' if compiled else ''}", flush=True)
             if cfg.distill:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dstune.config import RunConfig, load_config
 from dstune.engine.ds_config import build_ds_config, zero_stage
+from dstune.engine.precision import resolve
 from dstune.errors import UserError
 from dstune.profiling.estimate import estimate
 from dstune.profiling.flops import mfu
@@ -73,7 +74,7 @@ def check_peer(script: str, cfg: RunConfig, methods: list[str]) -> None:
     """Refuse before anything runs when the peer cannot run these methods on these settings."""
     if not os.path.isfile(script):
         raise UserError(f"--peer: no such file: {script}")
-    if cfg.training.precision != "bf16":
+    if resolve(cfg.training.precision)[0] != "bf16":
         raise UserError(f"training.precision: the peer baseline runs bf16, the recipe {cfg.training.precision}")
     if cfg.training.gradient_accumulation_steps != 1:
         raise UserError("training.gradient_accumulation_steps: the peer baseline takes one micro-batch per step; set 1")
