@@ -193,3 +193,11 @@ def test_chat_rows_need_named_text_columns(ws, tmp_path):
     from dstune.models.tokenizers import recipe_tokenizer
     with pytest.raises(UserError, match="data.augment.columns: messages rows hold turns"):
         prepare_data(cfg, recipe_tokenizer(cfg))
+
+
+def test_random_token_data_has_nothing_to_augment(ws, tmp_path):
+    from dstune.errors import UserError
+    cfg = _cfg(ws, tmp_path, "{ops: [swap]}", "data.train=random", "data.eval_fraction=0", task="causal_lm",
+               model="gpt2")
+    with pytest.raises(UserError, match="data.augment: random token ids have no text to rewrite"):
+        prepare_data(cfg, load_tokenizer(str(ws / "gpt2")))

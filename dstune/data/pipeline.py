@@ -60,6 +60,8 @@ def random_data(cfg: RunConfig, tokenizer) -> TaskData:
         raise UserError(f"data.train: `random` data is for causal_lm, not {cfg.task}")
     if d.eval or d.eval_fraction:
         raise UserError("data.eval: random data has nothing to evaluate on; unset data.eval and data.eval_fraction")
+    if d.augment:
+        raise UserError("data.augment: random token ids have no text to rewrite; unset data.augment")
     vocab = len(tokenizer) if tokenizer is not None else cfg.model.config_overrides.get("vocab_size")
     if not isinstance(vocab, int) or vocab < 2:
         raise UserError("model.config_overrides.vocab_size: needed (an int >= 2) for random data without a tokenizer")
