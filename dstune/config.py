@@ -226,7 +226,9 @@ class TrainingConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "fp32", description="training precision; auto: bf16 where the device runs it natively (CUDA with bf16, "
                             "CPUs with AVX512-BF16/AMX), else fp32 (fp16 on GPUs without bf16)")
-    activation_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    activation_checkpointing: bool | Literal["auto"] = Field(
+        False, description="recompute activations in backward to save memory; auto: on only where `dstune "
+                           "estimate` says the run does not fit the device (or this rank's share of RAM) without it")
     activation_checkpointing_every: int = Field(
         1, gt=0, description="with activation_checkpointing: recompute every n-th layer only; the others keep "
                              "their activations (less recompute for more memory; `dstune estimate` shows both)")

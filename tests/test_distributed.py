@@ -283,3 +283,23 @@ def test_precision_auto_is_resolved_for_this_machine_and_recorded(ws, built_ops,
                                  "--json"])).stdout)[0]
     fp32 = json.loads(ok(run_cli(["estimate", lm_recipe(ws, tmp_path, "est"), "--json"])).stdout)[0]
     assert est["weights"] * 2 == fp32["weights"]   # a GPU estimate: auto is bf16 there
+
+
+def test_activation_checkpointing_auto_turns_on_only_where_the_estimate_does_not_fit(ws, built_ops, tmp_path,
+                                                                                    monkeypatch):
+    from dstune.config import load_config
+    from dstune.engine import fit
+    from dstune.profiling.estimate import estimate
+
+    res = ok(run_cli(["train", lm_recipe(ws, tmp_path, "run", max_steps=2), "training.activation_checkpointing=auto"]))
+    line = next(x for x in res.stdout.splitlines() if "activation checkpointing" in x)
+    assert line.startswith("[dstune] activation checkpointing off (auto: without it the estimate is "), line
+    assert "activation_checkpointing: false" in (tmp_path / "run" / "config.yaml").read_text()
+    cfg = load_config(lm_recipe(ws, tmp_path, "unit"), ["training.activation_checkpointing=auto"])
+    need = estimate(cfg, 1, cuda=False)[0][0].total
+    cpu = __import__("torch").device("cpu")
+    for have, on in ((need * 2, False), (need // 2, True)):   # a rank with room to spare, and one without
+        monkeypatch.setattr(fit, "rank_memory", lambda device, have=have: have)
+        assert fit.resolve_checkpointing(cfg, 1, cpu)[0] is on
+    assert fit.resolve_checkpointing(cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"activation_checkpointing": True})}), 1, cpu) == (True, "")

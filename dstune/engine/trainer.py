@@ -25,7 +25,8 @@ from dstune.engine import checkpoint as ckpt
 from dstune.engine.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.evaluate import evaluate, results_table
-from dstune.engine.precision import resolve, slow_warning, with_precision
+from dstune.engine.fit import resolve_checkpointing, with_checkpointing
+from dstune.engine.precision import on_cuda, resolve, slow_warning, with_precision
 from dstune.engine.run_lock import (check_output_dir, check_recipe_matches, forget_fresh_run_dir, fresh_run_dir,
                                     hold_run_dir)
 from dstune.engine.teacher import load_teacher
@@ -116,6 +117,12 @@ def _train(cfg: RunConfig, started: list) -> dict:
     tokenizer = recipe_tokenizer(cfg)
     data, data_entry = prepared_data(cfg, tokenizer, int(os.environ.get("LOCAL_RANK", "0")), t.dist_timeout_s)
     build_ds_config(cfg, 1)  # reject a bad DeepSpeed config before starting the process group
+    # activation checkpointing auto made concrete (before the resume check and config.yaml)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_cuda() else torch.device("cpu")
+    ckpt_on, ckpt_why = resolve_checkpointing(cfg, int(os.environ.get("WORLD_SIZE", "1")), device, tokenizer,
+                                              data.labels)
+    cfg = with_checkpointing(cfg, ckpt_on)
+    t = cfg.training
     check_output_dir(Path(cfg.output_dir))
     model_config = recipe_config(cfg, tokenizer, data.labels)
     check_positions(cfg, model_config)
@@ -174,6 +181,8 @@ def _train(cfg: RunConfig, started: list) -> dict:
                   f"({100 * n_train / n_total:.2f}%); {dist_.world} rank(s), ZeRO-{stage}, {t.precision}{f' ({why})' if auto else ''}, "
                   f"{total_steps} steps of {batches.global_batch} examples"
                   f"{f'; {compiled} layers compiled' if compiled else ''}", flush=True)
+            if ckpt_why:
+                print(f"[dstune] activation checkpointing {'on' if ckpt_on else 'off'} ({ckpt_why})", flush=True)
             if cfg.distill:
                 d = cfg.distill
                 print(f"[dstune] distilling from {d.teacher} ({d.divergence}, T {d.temperature:g}, alpha "

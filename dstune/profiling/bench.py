@@ -67,7 +67,7 @@ def peer_command(script: str, size: str, cfg: RunConfig, method: str, steps: int
     virtual = BENCH_METHODS[method][0].get("num_virtual_tokens")
     if virtual:
         cmd += ["--vtokens", str(virtual)]
-    return cmd + (["--ckpt"] if t.activation_checkpointing else [])
+    return cmd + (["--ckpt"] if t.activation_checkpointing is True else [])
 
 
 def check_peer(script: str, cfg: RunConfig, methods: list[str]) -> None:

@@ -273,7 +273,7 @@ def estimate(cfg: RunConfig, world_size: int, seq_len: int | None = None, cuda: 
         activations, after_forward, source = trace.peak, trace.after_forward, "traced"
     except Exception as e:  # an op without a fake-tensor implementation, data-dependent control flow, ...
         activations = rule_of_thumb_activation_bytes(model.config, t.micro_batch_size, seq, t.precision,
-                                                     t.activation_checkpointing)
+                                                     t.activation_checkpointing is True)
         after_forward, source = None, f"rule of thumb: the trace failed ({first_line(e)})"
     buffers = buffer_bytes(ds, stage, t.precision, table, cuda)
     step = step_temporary_bytes(table, stage, world_size, t.precision, ds)

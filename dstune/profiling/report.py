@@ -28,7 +28,8 @@ def estimate_table(cfg: RunConfig, est, table, info: dict, world: int, deepspeed
             f"({100 * table.trainable / max(table.total, 1):.2f}%); ZeRO-{info['zero_stage']}"
             f"{' + optimizer offload' if info['offload_optimizer'] else ''}"
             f"{' + parameter offload' if info['offload_params'] else ''}, {t.precision}, {world} rank(s), "
-            f"micro-batch {t.micro_batch_size}, activation checkpointing {'on' if t.activation_checkpointing else 'off'}")
+            f"micro-batch {t.micro_batch_size}, activation checkpointing "
+            f"{'auto (estimated off: on at run time where this does not fit)' if t.activation_checkpointing == 'auto' else 'on' if t.activation_checkpointing else 'off'}")
     rows = [("weights", est.weights), ("gradients", est.gradients), ("optimizer states", est.optimizer_states),
             ("activations (traced forward + backward peak)", est.activations),
             ("buffers (comm buckets, CUDA context)", est.buffers),
