@@ -112,11 +112,11 @@ def main() -> None:
     print("| model | seeds | held-out loss (each) | mean loss | mean perplexity |")
     print("|---|---:|---|---:|---:|")
     b, t = teacher["before"], teacher["after"]
-    print(f"| base model, untouched (30 layers) | - | {b['loss']:.3f} | {b['loss']:.3f} | {b['perplexity']:.1f} |")
-    print(f"| teacher (30 layers, fine-tuned) | 1 | {t['loss']:.3f} | {t['loss']:.3f} | {t['perplexity']:.1f} |")
+    print(f"| base model, untouched (30 layers) | - | {b['loss']:.4f} | {b['loss']:.4f} | {b['perplexity']:.1f} |")
+    print(f"| teacher (30 layers, fine-tuned) | 1 | {t['loss']:.4f} | {t['loss']:.4f} | {t['perplexity']:.1f} |")
     for label, ls in losses.items():
         m = statistics.mean(ls)
-        print(f"| {label} | {len(ls)} | {', '.join(f'{x:.3f}' for x in ls)} | {m:.3f} | {math.exp(m):.1f} |")
+        print(f"| {label} | {len(ls)} | {', '.join(f'{x:.4f}' for x in ls)} | {m:.4f} | {math.exp(m):.1f} |")
 
 
 if __name__ == "__main__":
