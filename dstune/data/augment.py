@@ -125,7 +125,8 @@ def _embedding_matrix(folder: str, gguf: str | None):
                 key = next((k for k in st.keys() if k == name or k.endswith("." + name)), None)
                 if key is not None:
                     return st.get_tensor(key).float().numpy()
-    model = AutoModel.from_pretrained(folder, gguf_file=gguf, local_files_only=True, dtype=torch.float32)
+    model = AutoModel.from_pretrained(folder, gguf_file=gguf, local_files_only=True, dtype=torch.float32,
+                                      use_safetensors=None if gguf else True)  # pickles are not loaded
     return model.get_input_embeddings().weight.detach().float().numpy()
 
 
@@ -251,7 +252,8 @@ class Rewriter:
             try:
                 tok = load_tokenizer(folder, gguf)
                 auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-                model = auto.from_pretrained(folder, gguf_file=gguf, local_files_only=True, dtype=torch.float32)
+                model = auto.from_pretrained(folder, gguf_file=gguf, local_files_only=True, dtype=torch.float32,
+                                             use_safetensors=None if gguf else True)  # pickles are not loaded
             except (OSError, ValueError) as e:
                 kind = "seq2seq" if seq2seq else "causal LM"
                 raise UserError(f"{key}: cannot load a {kind} model and tokenizer from {path}: "
