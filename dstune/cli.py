@@ -223,11 +223,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from dstune.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
-    from dstune.engine.precision import resolve, with_precision
+    from dstune.engine.precision import resolve
     from dstune.profiling.estimate import deepspeed_estimate, estimate
     from dstune.profiling.report import estimate_table
 
-    cfg = with_precision(cfg, resolve(cfg.training.precision, cuda=not args.cpu)[0])  # auto: bf16 on a GPU
+    cfg = cfg.with_training(precision=resolve(cfg.training.precision, cuda=not args.cpu)[0])  # auto: bf16 on a GPU
     tokenizer = None
     if cfg.model.tiny and cfg.tokenizer.path:
         from dstune.models.tokenizers import load_tokenizer

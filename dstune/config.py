@@ -295,6 +295,10 @@ class RunConfig(_Section):
                                                             "(knowledge distillation); composes with any method")
     output_dir: str = Field(description="run directory: checkpoints, metrics, trainable.safetensors")
 
+    def with_training(self, **changes) -> "RunConfig":
+        """This config with some training settings changed (e.g. `auto` ones made concrete)."""
+        return self.model_copy(update={"training": self.training.model_copy(update=changes)})
+
     def resolve_paths(self) -> "RunConfig":
         """Make every path absolute (relative paths are taken from the working directory)."""
         def absolute(p: str | None) -> str | None:

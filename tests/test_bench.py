@@ -133,3 +133,12 @@ def test_bench_refuses_a_peer_of_another_shape_or_that_fails(built_ops, tmp_path
     res = run_cli(["bench", random_tokens_recipe(tmp_path), "training.gradient_accumulation_steps=2", "--methods", "full",
                    "--peer", str(peer)])
     assert res.returncode == 2 and "training.gradient_accumulation_steps: the peer baseline takes one" in res.stderr
+
+
+def test_bench_without_a_recipe_or_with_a_missing_report_says_so(tmp_path):
+    res = run_cli(["bench"])
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == \
+        "dstune: error: bench: name a recipe (or --replot a bench.json)"
+    res = run_cli(["bench", "--replot", str(tmp_path)])
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == \
+        f"dstune: error: --replot: no bench.json at {tmp_path / 'bench.json'}"

@@ -23,7 +23,6 @@ from dstune.config import AugmentConfig, RunConfig
 from dstune.data.files import ROW
 from dstune.errors import UserError
 
-TOKEN_OPS = ("delete", "swap", "insert", "neighbour")
 MODEL_OPS = ("paraphrase", "back_translate")
 COMMON = 0.05        # words in more than this share of the rows are function words: never replaced
 COMMON_SAMPLE = 10_000  # rows the share is counted on
@@ -72,8 +71,7 @@ def augment_models(cfg: RunConfig) -> list[tuple[str, str]]:
 
 
 def _check_model(path: str, key: str) -> None:
-    folder, gguf = _split_path(path)
-    if not (os.path.isfile(path) if gguf else os.path.isdir(path)):
+    if not (os.path.isfile(path) if path.endswith(".gguf") else os.path.isdir(path)):
         raise UserError(f"{key}: not found: {path}")
 
 
@@ -110,6 +108,7 @@ def _embedding_matrix(folder: str, gguf: str | None):
 
     if gguf is None:
         import json
+        from pathlib import Path
 
         from safetensors import safe_open
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -118,7 +117,7 @@ def _embedding_matrix(folder: str, gguf: str | None):
         weight = skeleton.get_input_embeddings().weight
         name = next(n for n, p in skeleton.named_parameters() if p is weight)
         index = os.path.join(folder, "model.safetensors.index.json")
-        files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index) else \
+        files = sorted(set(json.loads(Path(index).read_text())["weight_map"].values())) if os.path.isfile(index) else \
             [f for f in os.listdir(folder) if f.endswith(".safetensors")]
         for f in files:
             with safe_open(os.path.join(folder, f), "pt") as st:

@@ -33,13 +33,9 @@ def resolve_checkpointing(cfg: RunConfig, world: int, device: torch.device, toke
     from dstune.profiling.estimate import estimate
     from dstune.profiling.report import human_bytes
 
-    off = cfg.model_copy(update={"training": cfg.training.model_copy(update={"activation_checkpointing": False})})
-    per_rank, _, _ = estimate(off, world, cuda=device.type == "cuda", tokenizer=tokenizer, labels=labels)
+    per_rank, _, _ = estimate(cfg.with_training(activation_checkpointing=False), world, cuda=device.type == "cuda", tokenizer=tokenizer, labels=labels)
     need, have = per_rank[0].total, int(MARGIN * rank_memory(device))
     on = need > have
     return on, (f"auto: without it the estimate is {human_bytes(need)} per rank, "
                 f"{'more' if on else 'less'} than {human_bytes(have)} ({MARGIN:.0%} of this rank's memory)")
 
-
-def with_checkpointing(cfg: RunConfig, on: bool) -> RunConfig:
-    return cfg.model_copy(update={"training": cfg.training.model_copy(update={"activation_checkpointing": on})})

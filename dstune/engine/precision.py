@@ -12,8 +12,6 @@ import os
 
 import torch
 
-from dstune.config import RunConfig
-
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -60,6 +58,3 @@ def slow_warning(precision: str, cuda: bool | None = None) -> str | None:
         return "training.precision: fp16 on a CPU is emulated and slow; set fp32 or auto"
     return None
 
-
-def with_precision(cfg: RunConfig, precision: str) -> RunConfig:
-    return cfg.model_copy(update={"training": cfg.training.model_copy(update={"precision": precision})})

@@ -25,8 +25,8 @@ from dstune.engine import checkpoint as ckpt
 from dstune.engine.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.evaluate import evaluate, results_table
-from dstune.engine.fit import resolve_checkpointing, with_checkpointing
-from dstune.engine.precision import on_cuda, resolve, slow_warning, with_precision
+from dstune.engine.fit import resolve_checkpointing
+from dstune.engine.precision import on_cuda, resolve, slow_warning
 from dstune.engine.run_lock import (check_output_dir, check_recipe_matches, forget_fresh_run_dir, fresh_run_dir,
                                     hold_run_dir)
 from dstune.engine.teacher import load_teacher
@@ -103,7 +103,7 @@ def _train(cfg: RunConfig, started: list) -> dict:
     precision, why = resolve(cfg.training.precision)
     auto = cfg.training.precision == "auto"
     slow = None if auto else slow_warning(precision)
-    cfg = with_precision(cfg, precision)
+    cfg = cfg.with_training(precision=precision)
     t = cfg.training
     if slow and int(os.environ.get("RANK", "0")) == 0:
         print(f"[dstune] warning: {slow}", file=sys.stderr, flush=True)
@@ -121,7 +121,7 @@ def _train(cfg: RunConfig, started: list) -> dict:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_cuda() else torch.device("cpu")
     ckpt_on, ckpt_why = resolve_checkpointing(cfg, int(os.environ.get("WORLD_SIZE", "1")), device, tokenizer,
                                               data.labels)
-    cfg = with_checkpointing(cfg, ckpt_on)
+    cfg = cfg.with_training(activation_checkpointing=ckpt_on)
     t = cfg.training
     check_output_dir(Path(cfg.output_dir))
     model_config = recipe_config(cfg, tokenizer, data.labels)

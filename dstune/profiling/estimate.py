@@ -18,7 +18,7 @@ import torch
 
 from dstune.config import RunConfig
 from dstune.engine.ds_config import build_ds_config, zero_stage
-from dstune.engine.precision import resolve, with_precision
+from dstune.engine.precision import resolve
 from dstune.errors import UserError, first_line
 from dstune.methods import apply_methods, build_methods, param_groups
 from dstune.models.loading import auto_class, prepare_for_training, recipe_config
@@ -257,7 +257,7 @@ def estimate(cfg: RunConfig, world_size: int, seq_len: int | None = None, cuda: 
     """One MemoryEstimate per rank (they are equal: DeepSpeed pads every rank's share to the same size)."""
     if world_size < 1:
         raise UserError(f"--world-size: must be at least 1, got {world_size}")
-    cfg = with_precision(cfg, resolve(cfg.training.precision, cuda)[0])  # auto: bf16 on a GPU
+    cfg = cfg.with_training(precision=resolve(cfg.training.precision, cuda)[0])  # auto: bf16 on a GPU
     ds = build_ds_config(cfg, world_size)
     stage = zero_stage(ds)
     z = ds.get("zero_optimization", {})
