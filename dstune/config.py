@@ -224,7 +224,7 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0 = off)")
     seed: int = Field(42, ge=0, lt=2**63, description="seeds init, data order and dropout")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "fp32", description="training precision; auto: bf16 where the device runs it natively (CUDA with bf16, "
+        "auto", description="training precision; auto (the default): bf16 where the device runs it natively (CUDA with bf16, "
                             "CPUs with AVX512-BF16/AMX), else fp32 (fp16 on GPUs without bf16)")
     activation_checkpointing: bool | Literal["auto"] = Field(
         False, description="recompute activations in backward to save memory; auto: on only where `dstune "

@@ -19,7 +19,7 @@ TASKS = {"gpt2": "causal_lm", "llama": "causal_lm", "bert": "classification", "t
 def recipe(tmp_path, family: str, method: str = "full", *overrides: str):
     path = tmp_path / "r.yaml"
     path.write_text(f"task: {TASKS[family]}\nmodel: {{tiny: {family}, config_overrides: {{vocab_size: 300}}}}\n"
-                    f"data: {{train: unused.jsonl, max_length: 24, max_target_length: 8}}\n"
+                    f"data: {{train: unused.jsonl, max_length: 24, max_target_length: 8}}\ntraining: {{precision: fp32}}\n"
                     f"output_dir: {tmp_path / 'run'}\n")
     return load_config(path, [f"methods={METHODS[method]}", *overrides])
 

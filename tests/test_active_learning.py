@@ -11,7 +11,7 @@ def test_the_loop_grows_the_labelled_set_by_each_strategy_and_resumes(ws, built_
     cfg = json.loads(json.dumps(GOOD).replace("MODEL", str(ws / "bert")).replace("TOK", str(ws / "tokenizer"))
                      .replace("DATA", str(ws / "cls_train.jsonl")).replace("OUT", str(tmp_path / "unused")))
     cfg["data"]["eval"] = str(ws / "cls_eval.jsonl")
-    cfg["training"] = {"epochs": 2, "micro_batch_size": 8, "lr": 1e-2}
+    cfg["training"] = {"precision": "fp32", "epochs": 2, "micro_batch_size": 8, "lr": 1e-2}
     (tmp_path / "r.yaml").write_text(json.dumps(cfg))
     out = tmp_path / "al"
     args = ["active-learn", str(tmp_path / "r.yaml"), "--pool", str(ws / "cls_train.jsonl"), "--initial", "16",
@@ -58,7 +58,7 @@ def test_continue_starts_each_round_from_the_last_rounds_merged_model(ws, built_
                      .replace("DATA", str(ws / "cls_train.jsonl")).replace("OUT", str(tmp_path / "unused")))
     cfg["data"]["eval"] = str(ws / "cls_eval.jsonl")
     cfg["methods"] = [{"name": "lora", "r": 4, "target_modules": ["query", "value"]}]
-    cfg["training"] = {"epochs": 1, "micro_batch_size": 8, "lr": 1e-2}
+    cfg["training"] = {"precision": "fp32", "epochs": 1, "micro_batch_size": 8, "lr": 1e-2}
     (tmp_path / "r.yaml").write_text(json.dumps(cfg))
     out = tmp_path / "al"
     args = ["active-learn", str(tmp_path / "r.yaml"), "--pool", str(ws / "cls_train.jsonl"), "--initial", "16",

@@ -141,7 +141,7 @@ data:
   augment: {{ops: [swap, neighbour], copies: 2}}
 methods: [{{name: lora, r: 4}}]
 deepspeed: zero2
-training: {{max_steps: 3, micro_batch_size: 8}}
+training: {{precision: fp32, max_steps: 3, micro_batch_size: 8}}
 output_dir: {tmp_path / 'run'}
 """)
     res = ok(run_cli(["train", str(recipe)], nproc=2))

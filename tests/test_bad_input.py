@@ -9,7 +9,7 @@ import pytest
 from conftest import run_cli
 
 GOOD = {"task": "classification", "model": {"path": "MODEL"}, "tokenizer": {"path": "TOK"},
-        "data": {"train": "DATA"}, "training": {"max_steps": 2}, "output_dir": "OUT"}
+        "data": {"train": "DATA"}, "training": {"precision": "fp32", "max_steps": 2}, "output_dir": "OUT"}
 
 
 def write(tmp_path, ws, text: str | None = None, **changes) -> tuple:

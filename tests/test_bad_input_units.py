@@ -223,7 +223,7 @@ def test_a_model_folder_without_loadable_weights_names_it(ws, tmp_path, tok, dam
         load_model(load_config(path), tok)
 
 
-def test_config_overrides_that_make_an_impossible_model_are_named(tmp_path, ws):
+def test_config_overrides_that_make_an_impossible_model_are_named(tmp_path, ws, caplog):
     from dstune.models.loading import check_buildable, load_model, recipe_config
 
     cfg = load_config(_yaml(tmp_path, {
@@ -240,6 +240,24 @@ def test_config_overrides_that_make_an_impossible_model_are_named(tmp_path, ws):
     with pytest.raises(UserError, match=r"^model\.config_overrides: \{'hidden_size': 30, 'num_attention_heads': 2\} "
                                         r"change the shapes of the weights in .*bert"):
         load_model(cfg, None, ["neg", "pos"])
+    assert "LOAD REPORT" in caplog.text   # the report the message points to is shown
+
+
+def test_weights_the_checkpoint_lacks_are_named_in_one_line_not_a_report(ws, tmp_path, caplog):
+    """A base model without a task head: transformers' table is held back; dstune names the new weights."""
+    import transformers as T
+
+    from dstune.models.loading import load_model, new_weights_line
+    T.BertModel.from_pretrained(ws / "bert").save_pretrained(tmp_path / "base")
+    caplog.clear()   # transformers' own report on that load (the classifier it drops)
+    def loaded(folder):
+        return load_model(load_config(_yaml(tmp_path, {"task": "classification", "model": {"path": str(folder)},
+                                                       "data": {"train": str(ws / "cls_train.jsonl")},
+                                                       "output_dir": "o"})), None, ["neg", "pos"])
+    line = new_weights_line(loaded(tmp_path / "base"))
+    assert line == "not in model.path, initialised at random: classifier.bias, classifier.weight"
+    assert "LOAD REPORT" not in caplog.text
+    assert new_weights_line(loaded(ws / "bert")) is None   # a checkpoint with its head: nothing to say
 
 
 def _yaml(tmp_path, recipe: dict):

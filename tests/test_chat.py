@@ -163,7 +163,7 @@ model: {{tiny: llama}}
 tokenizer: {{path: {ws / 'tokenizer'}, chat_template: chatml.jinja}}
 data: {{train: {train}, eval_fraction: 0.2, max_length: 64, packing: true}}
 methods: [{{name: lora, r: 4}}]
-training: {{max_steps: 6, micro_batch_size: 4, lr: 1.0e-2}}
+training: {{precision: fp32, max_steps: 6, micro_batch_size: 4, lr: 1.0e-2}}
 evaluation: {{generate: true, max_new_tokens: 4}}
 output_dir: run
 """)

@@ -42,7 +42,7 @@ def cluster():
 def recipe(ws, tmp_path: Path, name: str, steps: int = STEPS, **training) -> str:
     zero3 = tmp_path / "zero3.json"
     zero3.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
-    t = {"max_steps": steps, "micro_batch_size": 2, "lr": 2e-2, "warmup_steps": 2, "seed": 7,
+    t = {"precision": "fp32", "max_steps": steps, "micro_batch_size": 2, "lr": 2e-2, "warmup_steps": 2, "seed": 7,
          "checkpoint_every": 3 if steps == STEPS else LONG_CHECKPOINT_EVERY, **training}
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps({
@@ -173,7 +173,7 @@ def relative_recipe(ws, work: Path, rows: list[str]) -> str:
     (work / "r.yaml").write_text(json.dumps({
         "task": "causal_lm", "model": {"path": str(ws / "gpt2")}, "deepspeed": "zero2",
         "data": {"train": "train.jsonl", "max_length": 32, "packing": True},
-        "training": {"max_steps": 2, "micro_batch_size": 2}, "output_dir": "run",
+        "training": {"precision": "fp32", "max_steps": 2, "micro_batch_size": 2}, "output_dir": "run",
         "methods": [{"name": "lora", "r": 4}]}))
     return "r.yaml"
 

@@ -109,11 +109,11 @@ def test_a_run_dir_teaches_a_classifier(ws, built_ops, tmp_path):
     teacher = tmp_path / "teacher.yaml"
     cfg = json.loads(json.dumps(GOOD).replace("MODEL", str(ws / "bert")).replace("TOK", str(ws / "tokenizer"))
                      .replace("DATA", str(ws / "cls_train.jsonl")).replace("OUT", str(tmp_path / "teacher")))
-    teacher.write_text(json.dumps({**cfg, "training": {"max_steps": 60, "lr": 1e-2}}))
+    teacher.write_text(json.dumps({**cfg, "training": {"precision": "fp32", "max_steps": 60, "lr": 1e-2}}))
     ok(run_cli(["train", str(teacher)]))
     student = tmp_path / "student.yaml"
     student.write_text(json.dumps({**cfg, "output_dir": str(tmp_path / "student"), "methods": LORA,
-                                   "training": {"max_steps": 30, "lr": 1e-2},
+                                   "training": {"precision": "fp32", "max_steps": 30, "lr": 1e-2},
                                    "distill": {"teacher": str(tmp_path / "teacher"), "alpha": 1.0,
                                                "temperature": 1.0}}))
     ok(run_cli(["train", str(student)]))
@@ -170,12 +170,13 @@ def test_rows_without_labels_train_through_the_teacher_alone(ws, built_ops, tmp_
                                                  for r in rows[32:224]))
     cfg = json.loads(json.dumps(GOOD).replace("MODEL", str(ws / "bert")).replace("TOK", str(ws / "tokenizer"))
                      .replace("DATA", str(ws / "cls_train.jsonl")).replace("OUT", str(tmp_path / "teacher")))
-    (tmp_path / "teacher.yaml").write_text(json.dumps({**cfg, "training": {"max_steps": 20, "lr": 1e-2}}))
+    (tmp_path / "teacher.yaml").write_text(json.dumps({**cfg, "training": {"precision": "fp32", "max_steps": 20,
+                                                                           "lr": 1e-2}}))
     ok(run_cli(["train", str(tmp_path / "teacher.yaml")]))
 
     student = {**cfg, "output_dir": str(tmp_path / "student"), "methods": LORA,
                "data": {"train": str(tmp_path / "labelled.jsonl"), "unlabeled": str(tmp_path / "pool.jsonl")},
-               "training": {"epochs": 1, "micro_batch_size": 8, "lr": 1e-2}}
+               "training": {"precision": "fp32", "epochs": 1, "micro_batch_size": 8, "lr": 1e-2}}
     (tmp_path / "plain.yaml").write_text(json.dumps(student))
     assert_user_error(run_cli(["train", str(tmp_path / "plain.yaml")]),
                       r"data\.unlabeled: rows without labels train only through a teacher's outputs", tmp_path / "student")
@@ -219,7 +220,7 @@ def test_a_run_dir_of_other_labels_or_another_task_cannot_teach(ws, built_ops, t
                                                 + "\n" for r in rows))
     cfg = json.loads(json.dumps(GOOD).replace("MODEL", str(ws / "bert")).replace("TOK", str(ws / "tokenizer"))
                      .replace("DATA", str(tmp_path / "abc.jsonl")).replace("OUT", str(tmp_path / "ab-teacher")))
-    (tmp_path / "t.yaml").write_text(json.dumps({**cfg, "training": {"max_steps": 1}}))
+    (tmp_path / "t.yaml").write_text(json.dumps({**cfg, "training": {"precision": "fp32", "max_steps": 1}}))
     ok(run_cli(["train", str(tmp_path / "t.yaml")]))
     ok(run_cli(["train", lm_recipe(ws, tmp_path, "lm-teacher", methods=LORA), "training.max_steps=1"]))
     student = {**cfg, "data": {"train": str(ws / "cls_train.jsonl")}, "output_dir": str(tmp_path / "student")}

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -28,7 +29,8 @@ def lm_recipe(ws, tmp_path, name: str, stage: int | None = None, methods: list |
         ds_path = tmp_path / f"zero{stage}.json"
         ds_path.write_text(json.dumps(cfg))
         ds = str(ds_path)
-    t = {"max_steps": STEPS, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 2, "seed": 7, **training}
+    t = {"precision": "fp32", "max_steps": STEPS, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 2, "seed": 7,
+         **training}
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps({
         "task": "causal_lm", "model": {"path": str(ws / "gpt2")},
@@ -171,7 +173,8 @@ def test_step_loss_is_the_token_mean_of_the_whole_global_batch(ws, built_ops, tm
     recipe.write_text(json.dumps({
         "task": "causal_lm", "model": {"path": str(ws / "llama")}, "data": {"train": str(tmp_path / "mixed.jsonl"),
                                                                             "max_length": 48},
-        "training": {"max_steps": 1, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "lr": lr, "eps": eps,
+        "training": {"precision": "fp32", "max_steps": 1, "micro_batch_size": 2, "gradient_accumulation_steps": 2,
+                     "lr": lr, "eps": eps,
                      "weight_decay": 0.0, "max_grad_norm": 0.0, "lr_schedule": "constant", "seed": 5},
         "output_dir": str(tmp_path / "run")}))
     ok(run_cli(["train", str(recipe)], nproc=2))
@@ -273,10 +276,14 @@ def test_progress_bars_come_from_rank_0_alone(ws, built_ops, tmp_path):
     assert not any(bar in err[1] for bar in ("tokenize", "Loading weights", "train:", "it/s]")), err[1][-2000:]
 
 
-def test_precision_auto_is_resolved_for_this_machine_and_recorded(ws, built_ops, tmp_path):
+def test_precision_auto_is_the_default_resolved_for_this_machine_and_recorded(ws, built_ops, tmp_path):
     from dstune.engine.precision import resolve
     precision, why = resolve("auto")
-    res = ok(run_cli(["train", lm_recipe(ws, tmp_path, "run", max_steps=2), "training.precision=auto"]))
+    recipe = Path(lm_recipe(ws, tmp_path, "run", max_steps=2))
+    cfg = json.loads(recipe.read_text())
+    del cfg["training"]["precision"]   # left to the default
+    recipe.write_text(json.dumps(cfg))
+    res = ok(run_cli(["train", str(recipe)]))
     assert f"ZeRO-0, {precision} ({why})," in res.stdout
     assert f"precision: {precision}" in (tmp_path / "run" / "config.yaml").read_text()   # what ran
     est = json.loads(ok(run_cli(["estimate", lm_recipe(ws, tmp_path, "est"), "training.precision=auto",

@@ -33,7 +33,7 @@ def trained_run(ws, tmp_path, name: str):
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(json.dumps({
         "task": task, "model": {"path": str(ws / family)}, "data": {"train": str(ws / data), "max_length": 24},
-        "methods": methods, "training": {"max_steps": 4, "lr": 5e-2, "micro_batch_size": 8},
+        "methods": methods, "training": {"precision": "fp32", "max_steps": 4, "lr": 5e-2, "micro_batch_size": 8},
         "output_dir": str(tmp_path / name)}))
     ok(run_cli(["train", str(recipe)]))
     return tmp_path / name
@@ -156,7 +156,8 @@ def test_gguf_base_exports_merged_and_as_a_peft_adapter_with_its_base(ws, tiny_g
     recipe.write_text(json.dumps({
         "task": "causal_lm", "model": {"path": str(model_dir), "gguf_file": gguf_file},
         "data": {"train": str(ws / "lm.jsonl"), "max_length": 24}, "methods": [{"name": "lora", "r": 4}],
-        "training": {"max_steps": 2, "lr": 5e-2, "micro_batch_size": 8}, "output_dir": str(tmp_path / "run")}))
+        "training": {"precision": "fp32", "max_steps": 2, "lr": 5e-2, "micro_batch_size": 8},
+        "output_dir": str(tmp_path / "run")}))
     ok(run_cli(["train", str(recipe)]))
     ok(run_cli(["export", str(tmp_path / "run"), "--format", "merged", "--out", str(tmp_path / "merged")]))
     res = ok(run_cli(["export", str(tmp_path / "run"), "--format", "peft", "--out", str(tmp_path / "peft")]))
@@ -183,7 +184,8 @@ def test_tiny_runs_reload_exactly_and_export_their_base(ws, built_ops, tmp_path)
     recipe.write_text(json.dumps({
         "task": "causal_lm", "model": {"tiny": "llama"}, "tokenizer": {"path": str(ws / "tokenizer")},
         "data": {"train": str(ws / "lm.jsonl"), "eval_fraction": 0.25, "max_length": 24},
-        "methods": [{"name": "lora", "r": 4}], "training": {"max_steps": 3, "lr": 5e-2, "micro_batch_size": 4},
+        "methods": [{"name": "lora", "r": 4}],
+        "training": {"precision": "fp32", "max_steps": 3, "lr": 5e-2, "micro_batch_size": 4},
         "output_dir": str(tmp_path / "run")}))
     ends = []
     for run, nproc, overrides in (("one", 1, ["training.gradient_accumulation_steps=2"]), ("zero3", 2, ["deepspeed=zero3"])):

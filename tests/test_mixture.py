@@ -25,7 +25,7 @@ data:
 {sources}
   max_length: 32
   cache_dir: {tmp_path / 'cache'}
-{extra}training: {{max_steps: 2, micro_batch_size: 4}}
+{extra}training: {{precision: fp32, max_steps: 2, micro_batch_size: 4}}
 output_dir: {tmp_path / 'run'}
 """)
 

@@ -49,7 +49,7 @@ def test_a_step_with_a_nan_loss_is_skipped_and_training_goes_on(ws, built_ops, t
     recipe.write_text(json.dumps({
         "task": "classification", "model": {"path": str(model)}, "tokenizer": {"path": str(ws / "tokenizer")},
         "data": {"train": str(data)}, "deepspeed": str(ds), "methods": [{"name": "lora"}], "output_dir": str(out),
-        "training": {"micro_batch_size": 4 // nproc, "epochs": 1, "lr": 1e-2, "checkpoint_every": 1,
+        "training": {"precision": "fp32", "micro_batch_size": 4 // nproc, "epochs": 1, "lr": 1e-2, "checkpoint_every": 1,
                      "keep_checkpoints": 8, "nan_policy": "skip"}}))
     ok(run_cli(["train", str(recipe)], nproc=nproc))
 

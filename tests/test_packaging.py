@@ -51,7 +51,7 @@ def test_wheel_works_from_any_directory_in_a_fresh_venv(ws, built_ops, tmp_path)
     recipe.write_text(json.dumps({
         "task": "causal_lm", "model": {"tiny": "llama"}, "tokenizer": {"path": str(ws / "tokenizer")},
         "data": {"train": str(ws / "lm.jsonl"), "max_length": 24}, "methods": [{"name": "lora", "r": 4}],
-        "training": {"max_steps": 2, "micro_batch_size": 8}, "output_dir": "runs/tiny"}))
+        "training": {"precision": "fp32", "max_steps": 2, "micro_batch_size": 8}, "output_dir": "runs/tiny"}))
 
     def dstune(*args: str):
         return ok(run_cli(list(args), cwd=elsewhere, command=[str(venv / "bin" / "dstune")]))

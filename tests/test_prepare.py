@@ -28,7 +28,7 @@ data:
   train: {train}
   cache_dir: {tmp_path / 'cache'}
   max_length: 32
-{extra}training: {{max_steps: 2, micro_batch_size: 2}}
+{extra}training: {{precision: fp32, max_steps: 2, micro_batch_size: 2}}
 output_dir: {tmp_path / 'run'}
 """)
 

@@ -16,7 +16,7 @@ def classifier(ws, built_ops, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("classifier")
     cfg = json.loads(json.dumps(GOOD).replace("MODEL", str(ws / "bert")).replace("TOK", str(ws / "tokenizer"))
                      .replace("DATA", str(ws / "cls_train.jsonl")).replace("OUT", str(tmp / "run")))
-    (tmp / "r.yaml").write_text(json.dumps({**cfg, "training": {"max_steps": 20, "lr": 1e-2}}))
+    (tmp / "r.yaml").write_text(json.dumps({**cfg, "training": {"precision": "fp32", "max_steps": 20, "lr": 1e-2}}))
     ok(run_cli(["train", str(tmp / "r.yaml")]))
     return tmp / "run"
 

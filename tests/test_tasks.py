@@ -24,7 +24,7 @@ def task_recipe(ws, tmp_path, name: str, model_key: str = "path", **extra) -> tu
     data_cfg = {"train": str(ws / data), **{k: str(ws / v) if k == "eval" else v for k, v in data_extra.items()}}
     model_cfg = {"path": str(ws / model)} if model_key == "path" else {"tiny": model}
     recipe = {"task": task, "model": model_cfg, "tokenizer": {"path": str(ws / "tokenizer")}, "data": data_cfg,
-              "training": {"micro_batch_size": 8, "warmup_steps": 3, **training},
+              "training": {"precision": "fp32", "micro_batch_size": 8, "warmup_steps": 3, **training},
               "evaluation": {"max_new_tokens": 8}, "output_dir": str(tmp_path / name), **extra}
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(recipe))

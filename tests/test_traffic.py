@@ -48,7 +48,7 @@ def _tiny_llama(tmp_path, methods: list[dict]):
     from dstune.profiling.estimate import meta_model
     recipe = tmp_path / "r.yaml"
     recipe.write_text("task: causal_lm\nmodel: {tiny: llama, config_overrides: {vocab_size: 300}}\n"
-                      "data: {train: unused.jsonl, max_length: 24}\ntraining: {micro_batch_size: 2}\n"
+                      "data: {train: unused.jsonl, max_length: 24}\ntraining: {precision: fp32, micro_batch_size: 2}\n"
                       f"output_dir: {tmp_path / 'run'}\n")
     return recipe, meta_model(load_config(recipe, [f"methods={json.dumps(methods)}"]))[0]
 

@@ -34,7 +34,7 @@ from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
 from dstune.methods.base import base_model_only
 from dstune.models.loading import (base_fingerprint, check_buildable, check_positions, compile_layers, load_model,
-                                   prepare_for_training, recipe_config)
+                                   new_weights_line, prepare_for_training, recipe_config)
 from dstune.models.tokenizers import recipe_tokenizer
 from dstune.profiling.phases import PhaseMemory
 from dstune.profiling.step_profile import StepProfile
@@ -177,6 +177,8 @@ def _train(cfg: RunConfig, started: list) -> dict:
                  "world_size": dist_.world, "zero_stage": stage}, indent=1))
             keep_augmented(data_entry, run_dir)
             print(f"[dstune] data: {summary(data, data_entry)}", flush=True)
+            if new := new_weights_line(model):
+                print(f"[dstune] {new}", flush=True)
             print(f"[dstune] {', '.join(m.name for m in methods)}: {n_train:,} of {n_total:,} parameters train "
                   f"({100 * n_train / n_total:.2f}%); {dist_.world} rank(s), ZeRO-{stage}, {t.precision}{f' ({why})' if auto else ''}, "
                   f"{total_steps} steps of {batches.global_batch} examples"

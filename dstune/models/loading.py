@@ -1,6 +1,8 @@
 """Build the model for a task: from a local folder, a GGUF file, or a tiny random config (tests)."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any
 
@@ -114,9 +116,11 @@ def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.n
         return auto.from_config(config, dtype=torch.float32)
     from safetensors import SafetensorError
     try:
-        model = auto.from_pretrained(m.path, config=config, gguf_file=m.gguf_file, local_files_only=True,
-                                     trust_remote_code=m.trust_remote_code, dtype=torch.float32,
-                                     use_safetensors=None if m.gguf_file else True)
+        with held_load_report():
+            model, info = auto.from_pretrained(m.path, config=config, gguf_file=m.gguf_file, local_files_only=True,
+                                               trust_remote_code=m.trust_remote_code, dtype=torch.float32,
+                                               use_safetensors=None if m.gguf_file else True,
+                                               output_loading_info=True)
     except (OSError, SafetensorError) as e:  # no weights, only a .bin (pickles are not loaded), a cut-off file
         raise UserError(f"model.path: cannot load the weights in {m.path}: {first_line(e)}") from None
     except RuntimeError as e:
@@ -130,7 +134,43 @@ def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.n
         # save_pretrained refuse it (merged export); they are plain tensors, so drop the mark
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
+    model.dstune_new_weights = sorted(info.get("missing_keys") or [])
     return model
+
+
+def new_weights_line(model: torch.nn.Module) -> str | None:
+    """One line naming the weights the checkpoint lacked (a new task head), or None."""
+    names = getattr(model, "dstune_new_weights", [])
+    if not names:
+        return None
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return f"not in model.path, initialised at random: {shown}"
+
+
+@contextlib.contextmanager
+def held_load_report():
+    """transformers logs a table of every weight missing from the checkpoint, and a new task head always is
+    (on every eval of a run dir too, whose own file then fills it): the table is held back, and shown only
+    when loading fails (a shape mismatch is explained there); `new_weights_line` says it in one line."""
+    log = logging.getLogger("transformers.modeling_utils")
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            held.append(record)
+            return False
+        return True
+
+    log.addFilter(hold)
+    try:
+        yield
+    except BaseException:
+        log.removeFilter(hold)
+        for record in held:
+            log.handle(record)
+        raise
+    finally:
+        log.removeFilter(hold)
 
 
 WEIGHT_FILES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")

@@ -204,7 +204,7 @@ def setup(cfg: RunConfig, base_params: int, world: int) -> dict:
         if config.is_file():
             model += f" ({json.loads(config.read_text()).get('model_type', '?')})"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    return {"model": model, "params": base_params, "device": device, "precision": cfg.training.precision,
+    return {"model": model, "params": base_params, "device": device, "precision": resolve(cfg.training.precision)[0],
             "seq_len": cfg.data.max_length, "micro_batch": cfg.training.micro_batch_size,
             "zero_stage": zero_stage(build_ds_config(cfg, world)), "world_size": world}
 
