@@ -53,10 +53,19 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     path: str | None = Field(None, description="local Hugging Face model folder (or the folder holding gguf_file)")
     gguf_file: str | None = Field(None, description="GGUF file name inside `path`, loaded through transformers")
-    tiny: Literal["gpt2", "llama", "bert", "t5"] | None = Field(
-        None, description="build a tiny random model of this family instead of loading weights (tests)")
+    tiny: str | None = Field(
+        None, description="build a tiny random model of this family (dstune/families.py: gpt2, llama, mistral, qwen2, "
+                          "qwen3, gemma, gemma3_text, phi3, qwen2_moe, mixtral, bert, t5) instead of loading weights")
     config_overrides: dict[str, Any] = Field(default_factory=dict, description="fields set on the model config")
     trust_remote_code: bool = Field(False, description="allow model code shipped inside the model folder")
+
+    @field_validator("tiny")
+    @classmethod
+    def _known_family(cls, v: str | None) -> str | None:
+        from dstune.families import FAMILIES
+        if v is not None and v not in FAMILIES:
+            raise ValueError(f"unknown family {v!r}{did_you_mean(v, FAMILIES)}; known: {', '.join(sorted(FAMILIES))}")
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dstune.engine.losses import DIVERGENCES, distillation_loss
+from dstune.models.losses import DIVERGENCES, distillation_loss
 
 
 def reference(student: torch.Tensor, teacher: torch.Tensor, T: float, kind: str) -> torch.Tensor:

@@ -6,14 +6,15 @@ import importlib
 import pytest
 import torch
 
-from dstune.engine.lean_activations import (LLAMA_STYLE_MLPS, LLAMA_STYLE_RMSNORMS, lean_rms_norm, lean_swiglu_mlp,
+from dstune.families import FAMILIES
+from dstune.models.lean_activations import (LLAMA_STYLE_MLPS, LLAMA_STYLE_RMSNORMS, lean_rms_norm, lean_swiglu_mlp,
                                             use_lean_activations)
 
-FAMILIES = {"Llama": "llama", "Mistral": "mistral", "Qwen2": "qwen2", "Qwen3": "qwen3", "Phi3": "phi3"}
 
 
 def _class(name: str):
-    family = FAMILIES[next(f for f in FAMILIES if name.startswith(f))]
+    """A norm or MLP class the family table names, from its family's transformers module."""
+    family = next(f.model_type for f in FAMILIES.values() if name in (f.rmsnorm, f.swiglu_mlp))
     return getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), name)
 
 
@@ -77,7 +78,7 @@ def test_rmsnorm_on_cuda_runs_the_fused_kernels_and_keeps_only_input_and_rstd(we
     function's forward and backward are called directly): the kernels it runs, what it saves, what it returns."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from dstune.engine.lean_activations import _LeanRMSNorm
+    from dstune.models.lean_activations import _LeanRMSNorm
     ops = []
 
     class Ops(torch.utils._python_dispatch.TorchDispatchMode):

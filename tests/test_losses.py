@@ -7,7 +7,7 @@ import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from conftest import ok, read_metrics, run_cli
-from dstune.engine.losses import chunked_causal_lm_loss
+from dstune.models.losses import chunked_causal_lm_loss
 from test_distributed import lm_recipe
 
 

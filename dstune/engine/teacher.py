@@ -19,7 +19,7 @@ import torch
 
 from dstune.config import RunConfig
 from dstune.data.batching import IGNORE
-from dstune.engine.losses import distillation_loss
+from dstune.models.losses import distillation_loss
 from dstune.errors import UserError
 from dstune.tasks import get_task
 

@@ -8,16 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from dstune.errors import UserError
+from dstune.families import Family, family_of
 from dstune.methods.base import TuningMethod
 from dstune.methods.targets import matches, train_task_head
-
-# the projection that ends each sublayer, before the residual add (per family)
-SUBLAYER_OUTPUTS = {
-    "llama": {"attention": ["self_attn.o_proj"], "mlp": ["mlp.down_proj"]},
-    "gpt2": {"attention": ["attn.c_proj"], "mlp": ["mlp.c_proj"]},
-    "bert": {"attention": ["attention.output.dense"], "mlp": ["output.dense"]},
-    "t5": {"attention": ["SelfAttention.o"], "mlp": ["DenseReluDense.wo"]},
-}
 
 
 class AdapterOptions(BaseModel):
@@ -46,9 +39,12 @@ def _after(module, args, output):
     return module.adapter(output)
 
 
-def _is_sublayer_output(name: str, patterns: list[str], kind: str) -> bool:
-    # BERT's attention output is `attention.output.dense`; its MLP output is the other `output.dense`
-    return matches(name, patterns) and not (kind == "mlp" and "attention" in name)
+def _sublayer(name: str, family: Family) -> str | None:
+    """"attention" or "mlp" when `name` is the module ending that sublayer (before the residual add), else
+    None. The longer pattern wins: BERT's attention ends in `attention.output.dense`, its MLP in `output.dense`."""
+    hits = [(len(p), kind) for kind, p in (("attention", family.attention_out), ("mlp", family.mlp_out))
+            if p and matches(name, [p])]
+    return max(hits)[1] if hits else None
 
 
 class Adapter(TuningMethod):
@@ -59,14 +55,15 @@ class Adapter(TuningMethod):
 
     def apply(self, model: nn.Module, task: str) -> None:
         o = self.options
-        kind = model.config.model_type
-        if kind not in SUBLAYER_OUTPUTS:
-            raise UserError(f"methods (adapter): no adapter placement known for model type {kind!r}")
+        family = family_of(model)
+        if not (family.attention_out and family.mlp_out):
+            raise UserError(f"methods (adapter): no adapter placement known for model type {family.model_type!r}; "
+                            "add it to dstune/families.py")
         places = ["mlp"] if o.style == "pfeiffer" else ["attention", "mlp"]
         dim = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
         self.count = 0
         for name, module in list(model.named_modules()):
-            if any(_is_sublayer_output(name, SUBLAYER_OUTPUTS[kind][p], p) for p in places):
+            if _sublayer(name, family) in places:
                 module.adapter = Bottleneck(dim, o.bottleneck, o.activation)
                 module.register_forward_hook(_after)
                 self.count += 1

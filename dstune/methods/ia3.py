@@ -5,8 +5,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from dstune.families import default_targets, family_of
 from dstune.methods.base import TuningMethod
-from dstune.methods.targets import IA3_TARGETS, family_default, find_linears, linear_shape, matches, train_task_head
+from dstune.methods.targets import find_linears, linear_shape, matches, train_task_head
 
 
 class IA3Options(BaseModel):
@@ -42,10 +43,12 @@ class IA3(TuningMethod):
 
     def apply(self, model: nn.Module, task: str) -> None:
         o = self.options
-        default_targets, default_ff = family_default(IA3_TARGETS, model, self.name) \
-            if o.target_modules is None else (o.target_modules, o.feedforward_modules or [])
-        self.targets = default_targets
-        self.feedforward = o.feedforward_modules if o.feedforward_modules is not None else default_ff
+        if o.target_modules is None:
+            targets, feedforward = list(default_targets(model, self.name, "ia3")), list(family_of(model).ia3_feedforward)
+        else:
+            targets, feedforward = o.target_modules, []
+        self.targets = targets
+        self.feedforward = o.feedforward_modules if o.feedforward_modules is not None else feedforward
         self.wrapped: list[tuple[str, bool]] = []
         for name, module in list(find_linears(model, self.targets)):
             d_in, d_out = linear_shape(module)

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from dstune.families import depth
 from dstune.methods.base import TuningMethod
-from dstune.methods.targets import layer_index, num_layers
+from dstune.methods.targets import layer_index
 
 
 class LayerwiseOptions(BaseModel):
@@ -23,7 +24,7 @@ class LayerwiseLR(TuningMethod):
     order = 2
 
     def apply(self, model: torch.nn.Module, task: str) -> None:
-        self.n_layers = num_layers(model)  # sets no requires_grad: it only shapes the optimizer groups
+        self.n_layers = depth(model.config)  # sets no requires_grad: it only shapes the optimizer groups
         self.embedding_names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
 
     def lr_scale(self, param_name: str) -> float:

@@ -8,9 +8,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from dstune.families import default_targets
 from dstune.methods.base import TuningMethod
-from dstune.methods.targets import (LORA_TARGETS, family_default, find_linears, linear_shape,
-                                    train_task_head)
+from dstune.methods.targets import find_linears, linear_shape, train_task_head
 
 
 class LoraOptions(BaseModel):
@@ -19,7 +19,7 @@ class LoraOptions(BaseModel):
     alpha: float = Field(8.0, gt=0, description="scale: the update is multiplied by alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch input")
     target_modules: list[str] | Literal["all-linear"] | None = Field(
-        None, description="module names (suffix match) or 'all-linear'; default: PEFT's per-family choice")
+        None, description="module names (suffix match) or 'all-linear'; default: the family's (PEFT's where it has one)")
 
 
 class LoraUp(nn.Linear):
@@ -51,7 +51,7 @@ class Lora(TuningMethod):
 
     def apply(self, model: nn.Module, task: str) -> None:
         o = self.options
-        self.targets = o.target_modules or family_default(LORA_TARGETS, model, self.name)
+        self.targets = o.target_modules or list(default_targets(model, self.name, "lora"))
         self.wrapped: list[str] = []
         for name, module in list(find_linears(model, self.targets)):
             d_in, d_out = linear_shape(module)

@@ -18,13 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from dstune.errors import UserError
+from dstune.families import family_of
 from dstune.kernels import prefix_attention
 from dstune.methods.base import TuningMethod
 from dstune.methods.targets import train_task_head
 
 ATTENTION_NAME = "dstune_prefix"
-# the self-attention modules (the ones that call the attention function) per family, in layer order
-SELF_ATTENTION = {"llama": "self_attn", "gpt2": "attn", "bert": "attention.self", "t5": "SelfAttention"}
 
 
 class PrefixOptions(BaseModel):
@@ -118,10 +117,14 @@ class Prefix(TuningMethod):
 
     def apply(self, model: nn.Module, task: str) -> None:
         kind = model.config.model_type
-        if kind not in SELF_ATTENTION:
-            raise UserError(f"methods (prefix): no self-attention layout known for model type {kind!r}")
-        suffix = SELF_ATTENTION[kind]
-        attention = [m for n, m in model.named_modules() if n.endswith("." + suffix)]
+        if getattr(model.config, "attn_logit_softcapping", None):
+            raise UserError(f"methods (prefix): {kind} soft-caps its attention logits, which no prefix attention "
+                            "path does; use lora, ia3 or adapter")
+        suffix = family_of(model).self_attention
+        attention = [m for n, m in model.named_modules() if suffix and n.endswith("." + suffix)]  # in layer order
+        if not attention:
+            raise UserError(f"methods (prefix): no self-attention layout known for model type {kind!r}; add it to "
+                            "dstune/families.py")
         kv_heads, head_dim = kv_geometry(model.config)
         o = self.options
         model.dstune_prefix = PrefixEncoder(o.num_virtual_tokens, len(attention), kv_heads, head_dim, o.projection,

@@ -1,4 +1,4 @@
-"""Where methods attach: layer indices, linear layers, task heads, per-family default targets."""
+"""Where methods attach: layer indices, linear layers, task heads (per-family defaults: dstune/families.py)."""
 from __future__ import annotations
 
 import re
@@ -14,26 +14,11 @@ _LAYER = re.compile(r"\.(?:layers|layer|h|block)\.(\d+)\.")
 # as PEFT's `modules_to_save` does for sequence classification
 TASK_HEADS = ("classifier", "score")
 
-# PEFT's per-family defaults, so a recipe that names no targets trains what PEFT would
-LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"], "t5": ["q", "v"]}
-IA3_TARGETS = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-               "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-               "bert": (["key", "value", "output.dense"], ["output.dense"]),
-               "t5": (["k", "v", "wo"], ["wo"])}
-
 
 def layer_index(param_name: str) -> int | None:
     """Transformer block index in a parameter/module name (`model.layers.3.mlp...` → 3), else None."""
     m = _LAYER.search(f".{param_name}.")
     return int(m.group(1)) if m else None
-
-
-def num_layers(model: nn.Module) -> int:
-    c = model.config
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if getattr(c, key, None):
-            return int(getattr(c, key))
-    raise UserError(f"cannot tell how many layers a {type(model).__name__} has")
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -71,13 +56,6 @@ def find_linears(model: nn.Module, targets: list[str] | str) -> Iterator[tuple[s
             yield name, module
     if not found:
         raise UserError(f"target_modules: {targets!r} matches no linear layer of this {model.config.model_type} model")
-
-
-def family_default(table: dict, model: nn.Module, method: str):
-    kind = model.config.model_type
-    if kind not in table:
-        raise UserError(f"methods ({method}).target_modules: no default for model type {kind!r}; set it")
-    return table[kind]
 
 
 def train_task_head(model: nn.Module, task: str) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from dstune.config import RunConfig
 from dstune.errors import UserError, first_line
+from dstune.families import tiny_config
 from dstune.tasks import get_task
 
 
@@ -17,29 +18,6 @@ def auto_class(task: str):
     """The transformers Auto class that builds a model for a dstune task."""
     import transformers
     return getattr(transformers, get_task(task).auto_class)
-
-
-def tiny_config(family: str, vocab_size: int, special: dict[str, int], overrides: dict[str, Any] | None = None) -> Any:
-    """A 2-layer, 32-wide model of a family, dropout off (so runs are comparable across world sizes).
-
-    `overrides` go to the config's constructor, so derived fields (a Llama's head_dim) follow them.
-    """
-    import transformers as T
-    families = {
-        "gpt2": (T.GPT2Config, dict(n_embd=32, n_layer=2, n_head=2, n_positions=512, resid_pdrop=0.0,
-                                    embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)),
-        "llama": (T.LlamaConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)),
-        "bert": (T.BertConfig, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                    max_position_embeddings=512, hidden_dropout_prob=0.0,
-                                    attention_probs_dropout_prob=0.0)),
-        "t5": (T.T5Config, dict(d_model=32, d_ff=64, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=2,
-                                dropout_rate=0.0, decoder_start_token_id=special.get("pad_token_id", 0))),
-    }
-    if family not in families:
-        raise UserError(f"model.tiny: unknown family {family!r}")
-    cls, defaults = families[family]
-    return cls(**{**defaults, "vocab_size": vocab_size, **special, **(overrides or {})})
 
 
 def recipe_config(cfg: RunConfig, tokenizer=None, labels: list | None = None) -> Any:
@@ -209,8 +187,8 @@ def base_is_loadable(cfg: RunConfig) -> bool:
 def prepare_for_training(model: torch.nn.Module, cfg: RunConfig) -> None:
     """The chunked loss, lean activations and activation checkpointing the recipe asks for (training and the
     estimate's trace)."""
-    from dstune.engine.lean_activations import use_lean_activations
-    from dstune.engine.losses import use_chunked_loss
+    from dstune.models.lean_activations import use_lean_activations
+    from dstune.models.losses import use_chunked_loss
 
     t = cfg.training
     if get_task(cfg.task).shifts_labels and t.loss_chunk_tokens:

@@ -20,6 +20,7 @@ from dstune.config import RunConfig
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.precision import resolve
 from dstune.errors import UserError, first_line
+from dstune.families import config_family, num_layers
 from dstune.methods import apply_methods, build_methods, param_groups
 from dstune.models.loading import auto_class, prepare_for_training, recipe_config
 from dstune.profiling.activations import DTYPES, ActivationTrace, default_dtype, trace_step
@@ -147,7 +148,7 @@ def rule_of_thumb_activation_bytes(config: Any, micro_batch: int, seq_len: int, 
     ≈ 34·s·b·h bytes per layer in 16-bit (×2 in fp32), only each layer's input (2·s·b·h) plus one layer with
     checkpointing, plus the logits with transformers' loss (2 + 4 bytes per logit in 16-bit). Blind to
     frozen layers, MLP width and GQA: expect tens of percent off."""
-    h, layers = _hidden(config), _layers(config)
+    h, layers = _hidden(config), num_layers(config)
     scale = bytes_per_element(precision) / 2
     per_layer = 34 * seq_len * micro_batch * h * scale
     body = layers * 2 * seq_len * micro_batch * h * scale + per_layer if checkpointing else layers * per_layer
@@ -281,8 +282,8 @@ def estimate(cfg: RunConfig, world_size: int, seq_len: int | None = None, cuda: 
     per_rank = [MemoryEstimate(r, weights, grads, optim, activations, buffers, step, t_weights, t_logits)
                 for r in range(world_size)]
     c = model.config
-    body = table.total - model.get_input_embeddings().weight.numel()
-    per_token = flops_per_token(body, table.trainable, table.trainable == table.total, _layers(c), _hidden(c),
+    body = table.total - model.get_input_embeddings().weight.numel() - idle_expert_params(model)
+    per_token = flops_per_token(body, table.trainable, table.trainable == table.total, num_layers(c), _hidden(c),
                                 seq_len or cfg.data.max_length)
     return per_rank, table, {"zero_stage": stage, "offload_optimizer": offload_opt, "offload_params": offload_par,
                              "largest_param": max([n for g in table.groups for n in g] + table.frozen),
@@ -291,13 +292,18 @@ def estimate(cfg: RunConfig, world_size: int, seq_len: int | None = None, cuda: 
                              "activations_source": source}
 
 
+def idle_expert_params(model: torch.nn.Module) -> int:
+    """Expert weights a token does not run through (an MoE token uses top-k of E experts): they hold memory
+    like any weight, but take no FLOPs for that token."""
+    family = config_family(model.config)
+    if family is None or not family.experts:
+        return 0
+    experts = sum(p.numel() for n, p in model.named_parameters() if f".{family.experts}." in f".{n}")
+    return round(experts * (1 - family.active_expert_fraction(model.config)))
+
+
 def _hidden(config: Any) -> int:
     return getattr(config, "hidden_size", None) or getattr(config, "d_model", None) or config.n_embd
-
-
-def _layers(config: Any) -> int:
-    return (getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-            or config.num_layers + getattr(config, "num_decoder_layers", 0))
 
 
 def deepspeed_estimate(table: ParamTable, stage: int, world_size: int, offload: bool, largest: int) -> int | None:

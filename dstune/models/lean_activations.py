@@ -17,10 +17,12 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from dstune.families import FAMILIES
+
 # transformers classes whose forward is exactly `weight * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)`
-LLAMA_STYLE_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
+LLAMA_STYLE_RMSNORMS = tuple(f.rmsnorm for f in FAMILIES.values() if f.rmsnorm)
 # ... and whose MLP forward is exactly `down_proj(act_fn(gate_proj(x)) * up_proj(x))`, with a SiLU act_fn
-LLAMA_STYLE_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+LLAMA_STYLE_MLPS = tuple(f.swiglu_mlp for f in FAMILIES.values() if f.swiglu_mlp)
 SILU_CLASSES = ("SiLU", "SiLUActivation")
 
 
