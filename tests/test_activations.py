@@ -97,9 +97,9 @@ def bench_recipe_estimate(method: str, *overrides: str):
     import json
     from pathlib import Path
 
-    from dstune.profiling.bench import BENCH_METHODS
+    from dstune.methods import bench_presets
     cfg = load_config(Path(__file__).parents[1] / "recipes" / "bench_llama_1b.yaml",
-                      [f"methods={json.dumps(BENCH_METHODS[method])}", *overrides])
+                      [f"methods={json.dumps(bench_presets()[method])}", *overrides])
     (est, *_), _, info = estimate(cfg, 1, cuda=False)
     return est, info
 

@@ -210,10 +210,12 @@ def _load_trained(src: dict, dst: torch.nn.Module) -> None:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full (gathered) copies of the trainable parameters; a collective under ZeRO-3, so call it on every rank."""
+    """Full (gathered) copies of the trainable parameters and of every parameter a method added (see
+    `apply_methods`); a collective under ZeRO-3, so call it on every rank."""
     import deepspeed
 
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    added = getattr(model, "dstune_added", frozenset())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or n in added]
     params = [p for _, p in named]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         return {n: p.detach().to("cpu", torch.float32).clone().contiguous() for n, p in named}

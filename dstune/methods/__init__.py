@@ -46,6 +46,11 @@ def available() -> dict[str, type[TuningMethod]]:
     return found
 
 
+def bench_presets() -> dict[str, list[dict]]:
+    """What each name on `dstune bench --methods` trains, from every method's own presets (plugins too)."""
+    return {name: spec for cls in available().values() for name, spec in cls.bench_presets().items()}
+
+
 def build_methods(specs: list[dict[str, Any]]) -> list[TuningMethod]:
     """Turn the recipe's `methods:` list into method objects, validating each one's options."""
     known = available()
@@ -88,12 +93,16 @@ def check_composition(names: list[str]) -> None:
 
 
 def apply_methods(model: torch.nn.Module, methods: list[TuningMethod], task: str, tokenizer=None) -> None:
-    """Freeze everything, then let each method mark or add what trains."""
+    """Freeze everything, then let each method mark or add what trains. The names of the parameters methods
+    add are kept in `model.dstune_added`: they are saved with the trained ones even when frozen (a fixed
+    random projection must come back as it was)."""
+    base = {n for n, _ in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for m in methods:
         m.tokenizer = tokenizer
         m.apply(model, task)
+    model.dstune_added = frozenset(n for n, _ in model.named_parameters() if n not in base)
     model.dstune_generate_kwargs = {k: v for m in methods for k, v in m.generate_kwargs.items()}
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError("methods: nothing trains with these methods and options")

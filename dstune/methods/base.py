@@ -59,3 +59,23 @@ class TuningMethod:
     def merged_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Base-model tensors with this method's trained change folded in (only those it changes)."""
         return {}
+
+    def peft_adapter(self, model: torch.nn.Module, task: str):
+        """This method's trained state as a PEFT adapter (a `methods.peft_format.PeftAdapter`), or None where
+        PEFT has no equivalent (`dstune export --format peft` says so)."""
+        return None
+
+    @classmethod
+    def bench_presets(cls) -> dict[str, list[dict]]:
+        """What names on `dstune bench --methods` train: name → the recipe's `methods:` list for it."""
+        return {cls.name: [{"name": cls.name}]}
+
+    @classmethod
+    def exports_to_peft(cls) -> bool:
+        return cls.peft_adapter is not TuningMethod.peft_adapter
+
+
+def has_values(t: torch.Tensor) -> bool:
+    """False for tensors that are shapes only (the meta device, fake tensors: the memory estimate)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    return not (t.is_meta or isinstance(t, FakeTensor))

@@ -23,6 +23,10 @@ class Freeze(TuningMethod):
     Options = FreezeOptions
     order = 0
 
+    @classmethod
+    def bench_presets(cls) -> dict[str, list[dict]]:
+        return {"freeze": [{"name": "freeze", "layers": 1}]}
+
     def apply(self, model: torch.nn.Module, task: str) -> None:
         o = self.options
         regexes = [re.compile(p) for p in o.patterns]

@@ -7,6 +7,7 @@ from torch import nn
 
 from dstune.families import default_targets, family_of
 from dstune.methods.base import TuningMethod
+from dstune.methods.peft_format import PeftAdapter, fan_in_fan_out, layer_tensors
 from dstune.methods.targets import find_linears, linear_shape, matches, train_task_head
 
 
@@ -75,3 +76,10 @@ class IA3(TuningMethod):
                 if m.bias is not None:
                     out[f"{name}.bias"] = m.bias.detach() * v
         return out
+
+    def peft_adapter(self, model: nn.Module, task: str) -> PeftAdapter:
+        names = [n for n, _ in self.wrapped]
+        return PeftAdapter({"peft_type": "IA3", "target_modules": names,
+                            "feedforward_modules": [n for n, ff in self.wrapped if ff],
+                            "fan_in_fan_out": fan_in_fan_out(model, names), "init_ia3_weights": True},
+                           layer_tensors(model, lambda n: n.removesuffix(".weight")))  # x.ia3_l.weight → x.ia3_l

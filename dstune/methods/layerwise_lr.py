@@ -23,6 +23,10 @@ class LayerwiseLR(TuningMethod):
     needs_one_of = ("full", "freeze")
     order = 2
 
+    @classmethod
+    def bench_presets(cls) -> dict[str, list[dict]]:
+        return {"layerwise_lr": [{"name": "full"}, {"name": "layerwise_lr"}]}
+
     def apply(self, model: torch.nn.Module, task: str) -> None:
         self.n_layers = depth(model.config)  # sets no requires_grad: it only shapes the optimizer groups
         self.embedding_names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}

@@ -10,6 +10,7 @@ from torch import nn
 
 from dstune.families import default_targets
 from dstune.methods.base import TuningMethod
+from dstune.methods.peft_format import PeftAdapter, fan_in_fan_out, layer_tensors
 from dstune.methods.targets import find_linears, linear_shape, train_task_head
 
 
@@ -73,3 +74,13 @@ class Lora(TuningMethod):
             delta = (m.lora_B.weight @ m.lora_A.weight) * m.lora_scaling
             out[f"{name}.weight"] = m.weight.detach() + (delta if isinstance(m, nn.Linear) else delta.T)
         return out
+
+    def peft_adapter(self, model: nn.Module, task: str) -> PeftAdapter:
+        o = self.options   # x.lora_A.weight is PEFT's saved name too
+        return PeftAdapter({"peft_type": "LORA", "r": o.r, "lora_alpha": o.alpha, "lora_dropout": o.dropout,
+                            "fan_in_fan_out": fan_in_fan_out(model, self.wrapped), "bias": "none",
+                            "init_lora_weights": True, "target_modules": list(self.wrapped)}, layer_tensors(model))
+
+    @classmethod
+    def bench_presets(cls) -> dict[str, list[dict]]:
+        return {"lora": [{"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"}]}

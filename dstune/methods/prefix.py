@@ -21,6 +21,7 @@ from dstune.errors import UserError
 from dstune.families import family_of
 from dstune.kernels import prefix_attention
 from dstune.methods.base import TuningMethod
+from dstune.methods.peft_format import PeftAdapter, prompt_learning
 from dstune.methods.targets import train_task_head
 
 ATTENTION_NAME = "dstune_prefix"
@@ -140,6 +141,23 @@ class Prefix(TuningMethod):
             if isinstance(sub, PreTrainedModel) and sub.config._attn_implementation != ATTENTION_NAME:
                 sub.set_attn_implementation(ATTENTION_NAME)
         train_task_head(model, task)
+
+    def peft_adapter(self, model: nn.Module, task: str) -> PeftAdapter:
+        kv_heads, head_dim = kv_geometry(model.config)
+        adapter = prompt_learning(model, "PREFIX_TUNING", self.options.num_virtual_tokens, self.folded_prefix(model),
+                                  kv_heads * head_dim, kv_heads, num_layers=model.dstune_prefix.shape[1],
+                                  prefix_projection=False)  # the MLP is folded into the tensor
+        if task == "causal_lm":  # shown by a test on Llama; not checked for T5
+            adapter.note = ("PEFT's generate() does not apply prefix adapters on transformers 5.24+ (it drops the "
+                            "past_key_values PEFT hands in): its forward uses the prefix, its replies ignore it; "
+                            "`dstune generate RUN_DIR` applies it")
+        return adapter
+
+    @classmethod
+    def bench_presets(cls) -> dict[str, list[dict]]:
+        return {"prefix": [{"name": "prefix", "num_virtual_tokens": 32}],
+                "prefix-split": [{"name": "prefix", "num_virtual_tokens": 32, "attention": "split"}],
+                "prefix-lower-right": [{"name": "prefix", "num_virtual_tokens": 32, "attention": "lower-right"}]}
 
     def folded_prefix(self, model: nn.Module) -> torch.Tensor:
         """The [P, L·2·Hkv·D] prefix as a plain tensor (the MLP, if any, evaluated and dropped)."""

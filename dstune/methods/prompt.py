@@ -7,7 +7,8 @@ from torch import nn
 
 from dstune.data.batching import IGNORE
 from dstune.errors import UserError
-from dstune.methods.base import TuningMethod
+from dstune.methods.base import TuningMethod, has_values
+from dstune.methods.peft_format import PeftAdapter, prompt_learning
 from dstune.methods.targets import train_task_head
 
 
@@ -98,12 +99,22 @@ class Prompt(TuningMethod):
         emb = model.get_input_embeddings()
         dim = getattr(emb.weight, "ds_shape", emb.weight.shape)[1]  # ZeRO-3: the real shape
         model.dstune_prompt = SoftPrompt(o.num_virtual_tokens, dim)
-        if o.init_text:
+        if o.init_text and has_values(emb.weight):  # a shapes-only model (the estimate) has nothing to copy
             self._init_from_text(model, emb)
         model.register_forward_pre_hook(_prepend, with_kwargs=True)
         if task == "causal_lm":
             model.register_forward_hook(_drop_virtual_positions, with_kwargs=True)
         train_task_head(model, task)
+
+    def peft_adapter(self, model: nn.Module, task: str) -> PeftAdapter:
+        w = model.dstune_prompt.embedding.weight.detach().float()
+        return prompt_learning(model, "PROMPT_TUNING", self.options.num_virtual_tokens, w, w.shape[1],
+                               model.config.num_attention_heads, prompt_tuning_init="RANDOM",
+                               num_layers=model.config.num_hidden_layers)
+
+    @classmethod
+    def bench_presets(cls) -> dict[str, list[dict]]:
+        return {"prompt": [{"name": "prompt", "num_virtual_tokens": 32}]}
 
     def _init_from_text(self, model: nn.Module, emb: nn.Module) -> None:
         import deepspeed

@@ -12,23 +12,11 @@ from dstune.config import RunConfig, load_config
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.precision import resolve
 from dstune.errors import UserError
+from dstune.methods import bench_presets
 from dstune.profiling.estimate import estimate
 from dstune.profiling.flops import mfu
 from dstune.profiling.report import human_bytes
 
-# what a method name means on the bench command line (the peer baseline's settings)
-BENCH_METHODS = {
-    "full": [{"name": "full"}],
-    "freeze": [{"name": "freeze", "layers": 1}],
-    "bitfit": [{"name": "bitfit"}],
-    "lora": [{"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"}],
-    "ia3": [{"name": "ia3"}],
-    "adapter": [{"name": "adapter"}],
-    "prompt": [{"name": "prompt", "num_virtual_tokens": 32}],
-    "prefix": [{"name": "prefix", "num_virtual_tokens": 32}],
-    "prefix-split": [{"name": "prefix", "num_virtual_tokens": 32, "attention": "split"}],
-    "prefix-lower-right": [{"name": "prefix", "num_virtual_tokens": 32, "attention": "lower-right"}],
-}
 WARMUP_STEPS = 2  # first steps include allocator growth and lazy init: left out of the medians
 
 
@@ -36,8 +24,9 @@ PEER_METHODS = ("full", "lora", "prefix", "prompt")  # what the peer baseline sc
 
 
 def peer_method(method: str) -> str:
-    """The peer's name for a bench method: its tuning method's (prefix-split is prefix tuning)."""
-    return BENCH_METHODS[method][0]["name"]
+    """The peer's name for a bench method: its tuning method's (prefix-split is prefix tuning; layerwise_lr,
+    which trains with full, is layerwise_lr)."""
+    return bench_presets()[method][-1]["name"]
 
 
 def _run_logged(cmd: list[str], log: Path, what: str) -> str:
@@ -52,7 +41,7 @@ def _run_logged(cmd: list[str], log: Path, what: str) -> str:
 
 
 def _run_one(recipe: str, overrides: list[str], method: str, out: Path, steps: int) -> None:
-    cmd = [sys.executable, "-m", "dstune", "train", recipe, *overrides, f"methods={json.dumps(BENCH_METHODS[method])}",
+    cmd = [sys.executable, "-m", "dstune", "train", recipe, *overrides, f"methods={json.dumps(bench_presets()[method])}",
            f"training.max_steps={steps}", "training.resume=false", "training.checkpoint_every=0",
            "training.save_final=false", "data.eval=null", "data.eval_fraction=0", f"output_dir={out}"]
     _run_logged(cmd, out.parent / f"{method}.log", f"method {method}")
@@ -64,7 +53,7 @@ def peer_command(script: str, size: str, cfg: RunConfig, method: str, steps: int
     cmd = [sys.executable, script, "--method", peer_method(method), "--size", size, "--seq", str(cfg.data.max_length),
            "--bsz", str(t.micro_batch_size), "--zero", str(zero_stage(build_ds_config(cfg, 1))),
            "--steps", str(steps - WARMUP_STEPS)]
-    virtual = BENCH_METHODS[method][0].get("num_virtual_tokens")
+    virtual = bench_presets()[method][0].get("num_virtual_tokens")
     if virtual:
         cmd += ["--vtokens", str(virtual)]
     return cmd + (["--ckpt"] if t.activation_checkpointing is True else [])
@@ -114,7 +103,7 @@ def _row(cfg: RunConfig, method: str, run: Path) -> dict:
     cuda = "allocator_peak" in phases
     # peak over the whole run: the allocator's on a GPU, the process's peak RSS on CPU
     peak = max(phases["allocator_peak"].values()) if cuda else phases["peak_rss"]
-    est_cfg = cfg.model_copy(update={"methods": BENCH_METHODS[method]})
+    est_cfg = cfg.model_copy(update={"methods": bench_presets()[method]})
     (est, *_), _, info_est = estimate(est_cfg, info["world_size"], cuda=cuda)
     return {"method": method, "trainable_params": info["trainable_params"], "tokens_per_s": tokens_per_s,
             "step_s": step_s, "mfu": mfu(tokens_per_s, info_est["flops_per_token"], info["world_size"]), "peak_bytes": peak,
@@ -131,9 +120,10 @@ def bench(recipe: str, overrides: list[str], methods: list[str], out_dir: str, s
     bench.md, bench.json and bench.png to out_dir."""
     from tqdm.auto import tqdm
 
-    unknown = [m for m in methods if m not in BENCH_METHODS]
+    presets = bench_presets()
+    unknown = [m for m in methods if m not in presets]
     if unknown:
-        raise UserError(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(BENCH_METHODS)}")
+        raise UserError(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(presets)}")
     if steps <= WARMUP_STEPS:
         raise UserError(f"--steps: must be more than the {WARMUP_STEPS} warm-up steps")
     cfg = load_config(recipe, overrides)

@@ -183,7 +183,7 @@ def buffer_bytes(ds_config: dict, stage: int, precision: str, table: ParamTable,
 
 def _with_methods(cfg: RunConfig, config, tokenizer):
     model = auto_class(cfg.task).from_config(config)
-    methods = build_methods([{k: v for k, v in m.items() if k != "init_text"} for m in cfg.methods])
+    methods = build_methods(cfg.methods)
     apply_methods(model, methods, cfg.task, tokenizer)
     return model, methods
 
