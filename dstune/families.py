@@ -104,9 +104,17 @@ def tiny_config(model_type: str, vocab_size: int, special: dict[str, int],
     if model_type not in FAMILIES:
         raise UserError(f"model.tiny: unknown family {model_type!r}; known: {', '.join(sorted(FAMILIES))}")
     f = FAMILIES[model_type]
+    cls = getattr(transformers, f.config_class)
     extra = {"decoder_start_token_id": special.get("pad_token_id", 0)} if model_type == "t5" else {}
-    return getattr(transformers, f.config_class)(**{**f.tiny, **extra, "vocab_size": vocab_size, **special,
-                                                    **(overrides or {})})
+    settings = {**f.tiny, **extra, "vocab_size": vocab_size, **special, **(overrides or {})}
+    # special ids the class defaults to past this vocabulary (Phi-3's pad id is 32000) are dropped
+    defaults = cls()
+    outside = {k: None for k in SPECIAL_IDS if k not in settings
+               and isinstance(getattr(defaults, k, None), int) and getattr(defaults, k) >= settings["vocab_size"]}
+    return cls(**settings, **outside)
+
+
+SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
 
 def family_of(model: Any) -> Family:

@@ -34,6 +34,45 @@ def test_estimate_equals_bytes_the_engine_holds(ws, built_ops, tmp_path, world, 
         assert p["optimizer_states"] < p["weights"]
 
 
+NEW_FAMILIES = ["mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "qwen2_moe", "mixtral"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_estimate_equals_bytes_the_engine_holds_for_every_family(built_ops, tmp_path, family):
+    """Tiny random models of each family (MoE: every expert's weights and Adam states are held, LoRA on the
+    dense ones): the estimate's model states are the engine's, byte for byte."""
+    method = [{"name": "full"}] if family.endswith(("moe", "mixtral")) else METHODS["lora"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({
+        "task": "causal_lm", "model": {"tiny": family, "config_overrides": {"vocab_size": 300}},
+        "data": {"train": "random", "max_length": 16}, "deepspeed": "zero2", "methods": method,
+        "training": {"precision": "fp32", "max_steps": 1, "micro_batch_size": 1, "weight_decay": 0.1},
+        "output_dir": str(tmp_path / "run")}))
+    ok(run_cli(["train", str(recipe)]))
+    [measured] = json.loads((tmp_path / "run" / "memory.json").read_text())["after_first_step"]
+    [predicted] = json.loads(ok(run_cli(["estimate", str(recipe), "--world-size", "1", "--cpu", "--json"])).stdout)
+    assert (measured["weights"], measured["optimizer_states"]) == (predicted["weights"],
+                                                                   predicted["optimizer_states"]), (measured, predicted)
+
+
+def test_moe_flops_count_the_experts_a_token_runs_through(tmp_path):
+    """An MoE token runs through top-k of E experts: the FLOPs per token leave the other experts' weights out
+    (their memory is counted like any weight's: the test above)."""
+    from dstune.config import load_config
+    from dstune.profiling.estimate import estimate, idle_expert_params, meta_model
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"task": "causal_lm", "model": {"tiny": "mixtral"}, "data": {"train": "random"},
+                                  "output_dir": str(tmp_path / "o")}))
+    cfg = load_config(str(recipe), ["methods=[{name: full}]", "training.precision=fp32"])
+    model = meta_model(cfg)[0]
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    assert experts > 0 and idle_expert_params(model) == experts // 2   # top-2 of 4 experts
+    dense = cfg.model_copy(deep=True)
+    dense.model.config_overrides = {"num_experts_per_tok": 4}   # every token through every expert
+    assert estimate(cfg, 1, cuda=False)[2]["flops_per_token"] < estimate(dense, 1, cuda=False)[2]["flops_per_token"]
+
+
 def test_frozen_parameters_hold_weights_only(tmp_path):
     from dstune.profiling.estimate import ParamTable, model_state_bytes
     full = ParamTable(frozen=[], groups=[[1000, 24]])
