@@ -64,6 +64,19 @@ def test_two_ranks_match_one_rank(ws, built_ops, single_rank, tmp_path, stage):
         assert (w1[k] - w2[k]).abs().max() < 1e-4, k
 
 
+def test_dora_with_loraplus_under_zero3_matches_one_rank(ws, built_ops, tmp_path):
+    """DoRA reads the whole base weight and A, B, m in its hook: under ZeRO-3 they are gathered, and two ranks
+    train as one; LoRA+ gives B its own optimizer group."""
+    methods = [{"name": "lora", "r": 4, "use_dora": True, "loraplus_lr_ratio": 4, "target_modules": "all-linear"}]
+    ok(run_cli(["train", lm_recipe(ws, tmp_path, "one", methods=methods, gradient_accumulation_steps=2)]))
+    ok(run_cli(["train", lm_recipe(ws, tmp_path, "two", 3, methods=methods)], nproc=2))
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert all(abs(one[s]["loss"] - two[s]["loss"]) < 1e-5 for s in one) and one[STEPS]["loss"] < one[1]["loss"]
+    w1, w2 = (load_file(str(tmp_path / r / "trainable.safetensors")) for r in ("one", "two"))
+    assert w1.keys() == w2.keys() and any("lora_magnitude_vector" in k for k in w1)
+    assert all((w1[k] - w2[k]).abs().max() < 1e-4 for k in w1)
+
+
 def test_deepspeed_launcher_matches_one_rank(ws, built_ops, single_rank, tmp_path):
     ok(run_cli(["train", lm_recipe(ws, tmp_path, "run", 2)], nproc=2, launcher="deepspeed"))
     one, two = read_metrics(single_rank), read_metrics(tmp_path / "run")

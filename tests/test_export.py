@@ -15,6 +15,7 @@ RUNS = {  # name: (family, task, data, methods)
     "lora_gpt2": ("gpt2", "causal_lm", "lm.jsonl", [{"name": "lora", "r": 4, "alpha": 16}]),
     "lora_llama_all": ("llama", "causal_lm", "lm.jsonl", [{"name": "lora", "r": 4, "target_modules": "all-linear"}]),
     "ia3_llama": ("llama", "causal_lm", "lm.jsonl", [{"name": "ia3"}]),
+    "dora_rslora_gpt2": ("gpt2", "causal_lm", "lm.jsonl", [{"name": "lora", "r": 4, "use_dora": True, "use_rslora": True}]),
     "lora_bert_cls": ("bert", "classification", "cls_train.jsonl", [{"name": "lora", "r": 4}]),
     "ia3_gpt2": ("gpt2", "causal_lm", "lm.jsonl", [{"name": "ia3"}]),
     "adapter_gpt2": ("gpt2", "causal_lm", "lm.jsonl", [{"name": "adapter", "bottleneck": 8}]),
@@ -71,7 +72,7 @@ def assert_modes_of_new_files(folder: Path) -> None:
     assert modes and set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
 
-@pytest.mark.parametrize("name", ["lora_gpt2", "lora_llama_all", "ia3_llama", "ia3_gpt2", "lora_bert_cls",
+@pytest.mark.parametrize("name", ["lora_gpt2", "lora_llama_all", "ia3_llama", "ia3_gpt2", "lora_bert_cls", "dora_rslora_gpt2",
                                   "prompt_gpt2", "prompt_bert_cls", "prefix_llama", "prefix_proj_gpt2",
                                   "prefix_bert_cls"])
 def test_peft_export_loads_in_peft_with_same_logits(ws, built_ops, tmp_path, name):
@@ -92,7 +93,7 @@ def test_peft_export_loads_in_peft_with_same_logits(ws, built_ops, tmp_path, nam
             - logits(mine, task)).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("name", ["lora_llama_all", "ia3_gpt2"])
+@pytest.mark.parametrize("name", ["lora_llama_all", "ia3_gpt2", "dora_rslora_gpt2"])
 def test_merged_export_is_a_plain_model_with_same_logits(ws, built_ops, tmp_path, name):
     family, task = RUNS[name][:2]
     run_dir = trained_run(ws, tmp_path, name)

@@ -103,6 +103,46 @@ def test_lora_trainable_count_equals_peft(family, targets):
     model, _, (method,) = with_methods_list(family, {"name": "lora", "r": 4, "target_modules": targets})
     named = list(method.wrapped) if family in NAMED_FOR_PEFT else targets
     assert count_trainable(model)[0] == _peft_count(family, peft.LoraConfig(r=4, lora_alpha=8, target_modules=named))
+    dora, _, _ = with_methods_list(family, {"name": "lora", "r": 4, "target_modules": targets, "use_dora": True})
+    assert count_trainable(dora)[0] == _peft_count(family, peft.LoraConfig(r=4, lora_alpha=8, target_modules=named,
+                                                                           use_dora=True))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"use_rslora": True},
+                                     {"use_dora": True, "use_rslora": True, "dropout": 0.1}], ids=["dora", "rslora", "both"])
+def test_lora_variants_train_as_peft_does(family, variant):
+    """The same weights in dstune and PEFT give the same loss and the same gradients for A, B and DoRA's
+    magnitude (PEFT holds the row norm constant in the backward; so does dstune), dropout included."""
+    import peft
+    spec = {"name": "lora", "r": 4, "alpha": 16, "target_modules": "all-linear", **variant}
+    ours, task, method = as_if_trained(family, spec)
+    base, _ = tiny(family)
+    theirs = peft.get_peft_model(base, peft.LoraConfig(
+        r=4, lora_alpha=16, lora_dropout=variant.get("dropout", 0.0), target_modules=list(method.wrapped),
+        use_dora=variant.get("use_dora", False), use_rslora=variant.get("use_rslora", False),
+        fan_in_fan_out=family == "gpt2", task_type="CAUSAL_LM"))
+    adapter = method.peft_adapter(ours, task)
+    assert not peft.set_peft_model_state_dict(theirs, adapter.tensors).unexpected_keys
+    ours.train(), theirs.train()
+    losses = []
+    for model in (ours, theirs):
+        torch.manual_seed(11)   # the same dropout masks
+        losses.append(model(**batch(task)).loss)
+        losses[-1].backward()
+    assert abs(losses[0].item() - losses[1].item()) < 1e-5
+    grads = {n.replace("base_model.model.", "").replace(".default", ""): p.grad for n, p in theirs.named_parameters()
+             if p.requires_grad}
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            g = grads[n]
+            assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4), (n, (p.grad - g).abs().max())
+
+
+def test_loraplus_gives_b_a_larger_learning_rate():
+    model, _, methods = with_methods_list("llama", {"name": "lora", "r": 4, "loraplus_lr_ratio": 16})
+    lrs = {n: g["lr"] for g in param_groups(model, methods, 1e-4, 0.0) for n in g["names"]}
+    assert lrs and all(lr == pytest.approx(16e-4 if ".lora_B." in n else 1e-4) for n, lr in lrs.items())
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -154,7 +194,8 @@ def test_generation_with_cache_equals_without(family, spec):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("spec", [{"name": "lora", "r": 4}, {"name": "ia3"}, {"name": "adapter", "bottleneck": 8},
+@pytest.mark.parametrize("spec", [{"name": "lora", "r": 4}, {"name": "lora", "r": 4, "use_dora": True},
+                                  {"name": "ia3"}, {"name": "adapter", "bottleneck": 8},
                                   {"name": "adapter", "style": "pfeiffer", "bottleneck": 8}])
 def test_zero_initialised_methods_leave_logits_unchanged(family, spec):
     base, task = tiny(family)
@@ -165,21 +206,27 @@ def test_zero_initialised_methods_leave_logits_unchanged(family, spec):
 
 
 def as_if_trained(family: str, spec: dict):
-    """A model with the method applied and its zero-initialised parts (LoRA's B, IA3's scales) moved."""
+    """A model with the method applied and its zero-initialised parts (LoRA's B, IA3's scales, DoRA's
+    magnitudes) moved."""
     model, task, (method,) = with_methods_list(family, spec)
     torch.manual_seed(5)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n or "ia3_l" in n:
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "ia3_l" in n else 0.0))
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
     return model, task, method
 
 
-MERGEABLE = [{"name": "lora", "r": 4, "target_modules": "all-linear"}, {"name": "lora", "r": 4}, {"name": "ia3"}]
+MERGEABLE = [{"name": "lora", "r": 4, "target_modules": "all-linear"}, {"name": "lora", "r": 4}, {"name": "ia3"},
+             {"name": "lora", "r": 4, "use_dora": True, "target_modules": "all-linear"},
+             {"name": "lora", "r": 4, "alpha": 16, "use_rslora": True}]
+MERGEABLE_IDS = ["lora_all", "lora", "ia3", "dora", "rslora"]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("spec", MERGEABLE, ids=["lora_all", "lora", "ia3"])
+@pytest.mark.parametrize("spec", MERGEABLE, ids=MERGEABLE_IDS)
 def test_merged_weights_reproduce_the_adapted_model(family, spec):
     model, task, method = as_if_trained(family, spec)
     merged = method.merged_state(model)
@@ -191,7 +238,7 @@ def test_merged_weights_reproduce_the_adapted_model(family, spec):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("spec", MERGEABLE, ids=["lora_all", "lora", "ia3"])
+@pytest.mark.parametrize("spec", MERGEABLE, ids=MERGEABLE_IDS)
 def test_peft_loads_the_exported_adapter_with_the_same_logits(family, spec, tmp_path):
     import peft
 

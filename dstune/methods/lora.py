@@ -1,4 +1,10 @@
-"""LoRA: a trainable low-rank update B·A beside frozen linear layers; mergeable into the base weights."""
+"""LoRA: a trainable low-rank update B·A beside frozen linear layers; mergeable into the base weights.
+
+Variants are options, each as PEFT has it, so they compose and export: rsLoRA (`use_rslora`: scale by
+alpha/√r, which keeps the update's size steady as r grows), DoRA (`use_dora`: the updated weight's rows are
+renormalised to a trained magnitude vector, Liu et al. 2024) and LoRA+ (`loraplus_lr_ratio`: B learns
+faster than A, Hayou et al. 2024; an optimizer setting, so nothing of it is saved).
+"""
 from __future__ import annotations
 
 import math
@@ -9,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from dstune.families import default_targets
-from dstune.methods.base import TuningMethod
+from dstune.methods.base import TuningMethod, has_values
 from dstune.methods.peft_format import PeftAdapter, fan_in_fan_out, layer_tensors
 from dstune.methods.targets import find_linears, linear_shape, train_task_head
 
@@ -21,6 +27,9 @@ class LoraOptions(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch input")
     target_modules: list[str] | Literal["all-linear"] | None = Field(
         None, description="module names (suffix match) or 'all-linear'; default: the family's (PEFT's where it has one)")
+    use_rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r")
+    use_dora: bool = Field(False, description="DoRA: train a per-row magnitude and renormalise W + BA to it")
+    loraplus_lr_ratio: float = Field(1.0, gt=0, description="LoRA+: B's learning rate over A's (the paper: 16)")
 
 
 class LoraUp(nn.Linear):
@@ -45,6 +54,45 @@ def _lora_forward(module: nn.Module, args: tuple, output: torch.Tensor) -> torch
     return module.lora_B(module.lora_A(x.to(module.lora_A.weight.dtype)), output, module.lora_scaling)
 
 
+class Magnitude(nn.Module):
+    """DoRA's trained length of each row of the updated weight, called as a module so ZeRO-3 gathers it."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(rows))
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
+def _rows(module: nn.Module) -> torch.Tensor:
+    """The base weight as [out, in] (GPT-2's Conv1D stores it transposed)."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.T
+
+
+def _delta(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """scaling · B·A as [out, in], through the modules' own forwards (so ZeRO-3 gathers A and B)."""
+    eye = torch.eye(module.lora_A.in_features, device=module.weight.device, dtype=dtype)
+    zeros = torch.zeros(eye.shape[0], module.lora_B.out_features, device=eye.device, dtype=dtype)
+    return module.lora_B(module.lora_A(eye), zeros, module.lora_scaling).T
+
+
+def _dora_forward(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """PEFT's DoRA: m / ‖W + sBA‖ (per row, held constant in the backward, as the paper suggests) times
+    (W + sBA) x, plus the bias: `output + (scale - 1) · W x + scale · sBA x`."""
+    x = module.lora_dropout(args[0])
+    w = _rows(module).to(output.dtype)
+    norm = (w + _delta(module, output.dtype).detach()).norm(dim=1).detach()
+    scale = module.lora_magnitude_vector().to(output.dtype) / norm
+    if isinstance(module.lora_dropout, nn.Identity) or not module.training:
+        plain = output if module.bias is None else output - module.bias.to(output.dtype)
+    else:  # the dropped-out input, as the LoRA branch sees it
+        plain = torch.nn.functional.linear(x.to(output.dtype), w)
+    lora = module.lora_B(module.lora_A(x.to(module.lora_A.weight.dtype)), torch.zeros_like(output),
+                         module.lora_scaling)
+    return output + (scale - 1) * plain + scale * lora
+
+
 class Lora(TuningMethod):
     name = "lora"
     description = "LoRA: low-rank updates B·A on chosen linear layers (PEFT-compatible, mergeable)"
@@ -61,25 +109,41 @@ class Lora(TuningMethod):
             nn.init.kaiming_uniform_(module.lora_A.weight, a=math.sqrt(5))  # as PEFT: A random, B zero
             nn.init.zeros_(module.lora_B.weight)
             module.lora_dropout = nn.Dropout(o.dropout) if o.dropout else nn.Identity()
-            module.lora_scaling = o.alpha / o.r
-            module.register_forward_hook(_lora_forward)
+            module.lora_scaling = o.alpha / (math.sqrt(o.r) if o.use_rslora else o.r)
+            if o.use_dora:
+                import deepspeed
+                module.lora_magnitude_vector = Magnitude(d_out)
+                if has_values(module.lora_magnitude_vector.weight):  # ‖W‖ per row: the model is unchanged at step 0
+                    with deepspeed.zero.GatheredParameters([module.weight]), torch.no_grad():
+                        module.lora_magnitude_vector.weight.copy_(_rows(module).float().norm(dim=1))
+            module.register_forward_hook(_dora_forward if o.use_dora else _lora_forward)
             self.wrapped.append(name)
         train_task_head(model, task)
 
+    def lr_scale(self, param_name: str) -> float:
+        return self.options.loraplus_lr_ratio if ".lora_B." in param_name else 1.0
+
     def merged_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Base weights with the update folded in: W + (alpha/r)·B·A (transposed for GPT-2's Conv1D)."""
+        """Base weights with the update folded in: W + s·B·A, with DoRA rows rescaled to m / ‖W + s·B·A‖
+        (transposed back for GPT-2's Conv1D)."""
         out = {}
         for name in self.wrapped:
             m = model.get_submodule(name)
-            delta = (m.lora_B.weight @ m.lora_A.weight) * m.lora_scaling
-            out[f"{name}.weight"] = m.weight.detach() + (delta if isinstance(m, nn.Linear) else delta.T)
+            with torch.no_grad():
+                w = _rows(m).detach() + (m.lora_B.weight @ m.lora_A.weight) * m.lora_scaling
+                if self.options.use_dora:
+                    w = w * (m.lora_magnitude_vector.weight / w.norm(dim=1))[:, None]
+            out[f"{name}.weight"] = w if isinstance(m, nn.Linear) else w.T
         return out
 
     def peft_adapter(self, model: nn.Module, task: str) -> PeftAdapter:
-        o = self.options   # x.lora_A.weight is PEFT's saved name too
+        o = self.options   # x.lora_A.weight is PEFT's saved name too; DoRA's is x.lora_magnitude_vector
         return PeftAdapter({"peft_type": "LORA", "r": o.r, "lora_alpha": o.alpha, "lora_dropout": o.dropout,
                             "fan_in_fan_out": fan_in_fan_out(model, self.wrapped), "bias": "none",
-                            "init_lora_weights": True, "target_modules": list(self.wrapped)}, layer_tensors(model))
+                            "init_lora_weights": True, "target_modules": list(self.wrapped),
+                            "use_rslora": o.use_rslora, "use_dora": o.use_dora},
+                           layer_tensors(model, lambda n: n.replace(".lora_magnitude_vector.weight",
+                                                                    ".lora_magnitude_vector")))
 
     @classmethod
     def bench_presets(cls) -> dict[str, list[dict]]:
