@@ -55,7 +55,7 @@ class ModelConfig(_Section):
     gguf_file: str | None = Field(None, description="GGUF file name inside `path`, loaded through transformers")
     tiny: str | None = Field(
         None, description="build a tiny random model of this family (dstune/families.py: gpt2, llama, mistral, qwen2, "
-                          "qwen3, gemma, gemma3_text, phi3, qwen2_moe, mixtral, bert, t5) instead of loading weights")
+                          "qwen3, gemma, gemma2, gemma3_text, phi3, qwen2_moe, mixtral, bert, t5) instead of loading weights")
     config_overrides: dict[str, Any] = Field(default_factory=dict, description="fields set on the model config")
     trust_remote_code: bool = Field(False, description="allow model code shipped inside the model folder")
 
@@ -273,6 +273,32 @@ class EvaluationConfig(_Section):
     max_new_tokens: int = Field(32, gt=0, description="generation length for BLEU/ROUGE")
 
 
+TRACKERS = ("tensorboard", "jsonl", "wandb", "mlflow")
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+class LoggingConfig(_Section):
+    report_to: list[Literal[TRACKERS]] = Field(
+        ["tensorboard", "jsonl"], description="where rank 0 logs metrics: tensorboard (run dir), jsonl (run dir's "
+                                              "metrics.jsonl), wandb (WANDB_MODE=offline works without a network), "
+                                              "mlflow (mlflow_tracking_uri, e.g. file:./mlruns); the resolved recipe "
+                                              "is each run's config")
+    project: str = Field("dstune", description="W&B project / MLflow experiment")
+    run_name: str | None = Field(None, description="the run's name in W&B / MLflow (default: output_dir's name)")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
+                                                              "else MLflow's own default)")
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed(cls, v: list[str]) -> list[str]:
+        import importlib.util
+        missing = [t for t in dict.fromkeys(v) if t in TRACKER_PACKAGES and not importlib.util.find_spec(TRACKER_PACKAGES[t])]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} not installed here: pip install "
+                             + " ".join(f"'dstune[{t}]'" for t in missing))
+        return list(dict.fromkeys(v))
+
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 
@@ -300,6 +326,7 @@ class RunConfig(_Section):
         "zero0", description="ds_configs name (zero0..zero3, zero3_offload), a DeepSpeed JSON path, or inline")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     distill: DistillConfig | None = Field(None, description="train against a frozen teacher's outputs as well "
                                                             "(knowledge distillation); composes with any method")
     output_dir: str = Field(description="run directory: checkpoints, metrics, trainable.safetensors")

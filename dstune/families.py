@@ -66,6 +66,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            rmsnorm="Qwen3RMSNorm", swiglu_mlp="Qwen3MLP"),
     Family("gemma", "GemmaConfig", {**LLAMA_SHAPE, "head_dim": 8}, ia3=("q_proj", "v_proj", "down_proj"),
            notes=("RMSNorm scales by 1 + weight and the MLP is GeGLU: the lean activation paths leave them",)),
+    Family("gemma2", "Gemma2Config", {**LLAMA_SHAPE, "head_dim": 8}, ia3=("q_proj", "v_proj", "down_proj"),
+           notes=("soft-capped attention logits: no prefix path computes them, so prefix tuning refuses Gemma 2",)),
     Family("gemma3_text", "Gemma3TextConfig", {**LLAMA_SHAPE, "head_dim": 8},
            ia3=("q_proj", "v_proj", "down_proj"),
            notes=("sliding-window layers: a prefix stays visible to every position, as a past cache would",)),

@@ -34,7 +34,7 @@ def test_estimate_equals_bytes_the_engine_holds(ws, built_ops, tmp_path, world, 
         assert p["optimizer_states"] < p["weights"]
 
 
-NEW_FAMILIES = ["mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "qwen2_moe", "mixtral"]
+NEW_FAMILIES = ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "qwen2_moe", "mixtral"]
 
 
 @pytest.mark.slow

@@ -45,6 +45,15 @@ def batch(task: str) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
+def refused(family: str, spec: dict) -> bool:
+    """Gemma 2 soft-caps its attention logits, which no prefix path computes: prefix tuning refuses it."""
+    if spec["name"] != "prefix" or family != "gemma2":
+        return False
+    with pytest.raises(UserError, match=r"^methods \(prefix\): gemma2 soft-caps its attention logits"):
+        with_methods(family, spec)
+    return True
+
+
 def grads_after_backward(model, task) -> set[str]:
     model(**batch(task)).loss.backward()
     return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
@@ -68,6 +77,8 @@ EXPECT = {  # method spec → predicate on the names that must (and alone may) g
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("method", list(EXPECT))
 def test_only_intended_parameters_get_gradients(family, method):
+    if refused(family, EXPECT[method][0]):
+        return
     if method == "bitfit" and not any(n.endswith(".bias") for n, _ in tiny(family)[0].named_parameters()):
         with pytest.raises(UserError, match="nothing trains"):  # Llama and most decoders since have no biases
             with_methods(family, EXPECT[method][0])
@@ -162,12 +173,16 @@ def test_ia3_trainable_count_equals_peft(family):
      lambda: __import__("peft").PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=16)),
 ], ids=["prompt", "prefix", "prefix_mlp"])
 def test_prompt_and_prefix_trainable_counts_equal_peft(family, spec, config):
+    if refused(family, spec):
+        return
     assert count_trainable(with_methods(family, spec)[0])[0] == _peft_count(family, config())
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "bert"])
 @pytest.mark.parametrize("spec", [{"name": "prefix", "num_virtual_tokens": 3}, {"name": "prompt", "num_virtual_tokens": 3}])
 def test_prefix_and_prompt_work_with_activation_checkpointing(family, spec):
+    if refused(family, spec):
+        return
     results = []
     for ckpt in (False, True):
         model, task = with_methods(family, spec)
@@ -185,6 +200,8 @@ def test_prefix_and_prompt_work_with_activation_checkpointing(family, spec):
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "bert"])
 @pytest.mark.parametrize("spec", [{"name": "prefix", "num_virtual_tokens": 3}, {"name": "prompt", "num_virtual_tokens": 3}])
 def test_generation_with_cache_equals_without(family, spec):
+    if refused(family, spec):
+        return
     model, _ = with_methods(family, spec)
     ids = torch.randint(4, 100, (1, 5), generator=torch.Generator().manual_seed(2))
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)

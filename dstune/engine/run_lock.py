@@ -75,7 +75,7 @@ def hold_run_dir(run_dir: Path) -> int:
 RESUME_MAY_CHANGE = ("training.max_steps", "training.epochs", "training.checkpoint_every", "training.keep_checkpoints",
                      "training.save_final", "training.resume", "training.dist_timeout_s", "training.build_timeout_s",
                      "training.nan_policy", "training.log_every", "training.profile_step", "evaluation.", "data.num_proc", "data.cache_dir",
-                     "model.path")
+                     "model.path", "logging.")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -30,6 +30,7 @@ from dstune.engine.precision import on_cuda, resolve, slow_warning
 from dstune.engine.run_lock import (check_output_dir, check_recipe_matches, forget_fresh_run_dir, fresh_run_dir,
                                     hold_run_dir)
 from dstune.engine.teacher import load_teacher
+from dstune.engine.trackers import RunLog
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
 from dstune.methods.base import base_model_only
@@ -56,30 +57,6 @@ def lr_lambda(schedule: str, warmup: int, total: int):
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return f
-
-
-class RunLog:
-    """metrics.jsonl + TensorBoard, written by rank 0 only."""
-
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.enabled = enabled
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-            self.jsonl = open(run_dir / "metrics.jsonl", "a")
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, step: int, split: str, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
-        self.jsonl.flush()
-        for k, v in values.items():
-            self.tb.add_scalar(f"{split}/{k}", v, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            self.tb.close()
 
 
 def train(cfg: RunConfig) -> dict:
@@ -207,7 +184,7 @@ def _train(cfg: RunConfig, started: list) -> dict:
 
     started.append(True)  # from here on the run dir holds this run's work, kept whatever happens
     memory.mark("init")
-    log = RunLog(run_dir, dist_.is_main)
+    log = RunLog(run_dir, cfg, dist_.is_main)
     # causal LM / seq2seq steps take the token mean over the whole global batch (one label per example in
     # classification, and equal-sized micro-batches, make the plain mean right there)
     task = get_task(cfg.task)

@@ -43,7 +43,8 @@ def _run_logged(cmd: list[str], log: Path, what: str) -> str:
 def _run_one(recipe: str, overrides: list[str], method: str, out: Path, steps: int) -> None:
     cmd = [sys.executable, "-m", "dstune", "train", recipe, *overrides, f"methods={json.dumps(bench_presets()[method])}",
            f"training.max_steps={steps}", "training.resume=false", "training.checkpoint_every=0",
-           "training.save_final=false", "data.eval=null", "data.eval_fraction=0", f"output_dir={out}"]
+           "training.save_final=false", "data.eval=null", "data.eval_fraction=0", f"output_dir={out}",
+           "logging.report_to=[jsonl]"]  # measurements, not experiments: no tracker time in the step
     _run_logged(cmd, out.parent / f"{method}.log", f"method {method}")
 
 
