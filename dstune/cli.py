@@ -23,7 +23,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.recipe, args.overrides)  # a recipe error answers before torch is imported
     from dstune.engine.trainer import train
-    train(cfg)
+    from dstune.profiling.fit import resolve_checkpointing
+    train(cfg, resolve_checkpointing)
     # Everything is written and the process group is gone. Leave without interpreter teardown: C++
     # destructors of DeepSpeed/gloo background threads sometimes abort there ("terminate called without
     # an active exception") and turn a finished run into exit code 134.

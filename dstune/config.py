@@ -248,6 +248,17 @@ class TrainingConfig(_Section):
     loss_chunk_tokens: int = Field(
         1024, ge=0, description="causal_lm: cross-entropy over this many tokens at a time, never fp32 logits "
                                 "for the whole batch (0 = transformers' loss)")
+    measure_memory: Literal["off", "allocator", "device"] = Field(
+        "allocator", description="memory.json: off; allocator (the default, host-side counters, no sync): engine "
+                                 "bytes after step 1 and each phase's peak from the caching allocator (GPU) or the "
+                                 "process RSS (CPU); device: also a device-level sampler (cudaMemGetInfo in a thread, "
+                                 "a CUDA extension built at its first use) and pynvml's view of the process")
+
+    @field_validator("measure_memory", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v   # YAML reads a bare `off` as false
+
     profile_step: int = Field(0, ge=0, description="profile this optimizer step with torch.profiler: a trace per "
                                                   "rank and a table of the costliest operators in output_dir/profile/ "
                                                   "(0 = off)")

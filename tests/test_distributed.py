@@ -305,10 +305,19 @@ def test_precision_auto_is_the_default_resolved_for_this_machine_and_recorded(ws
     assert est["weights"] * 2 == fp32["weights"]   # a GPU estimate: auto is bf16 there
 
 
+def test_measuring_memory_is_cheap_by_default_and_can_be_off(ws, built_ops, tmp_path):
+    ok(run_cli(["train", lm_recipe(ws, tmp_path, "on", max_steps=2)]))
+    memory = json.loads((tmp_path / "on" / "memory.json").read_text())
+    assert memory.keys() == {"after_first_step", "phase_peaks"}
+    assert "RSS" in memory["phase_peaks"][0]["measured_by"]
+    ok(run_cli(["train", lm_recipe(ws, tmp_path, "off", max_steps=2), "training.measure_memory=off"]))
+    assert not (tmp_path / "off" / "memory.json").exists() and (tmp_path / "off" / "trainable.safetensors").exists()
+
+
 def test_activation_checkpointing_auto_turns_on_only_where_the_estimate_does_not_fit(ws, built_ops, tmp_path,
                                                                                     monkeypatch):
     from dstune.config import load_config
-    from dstune.engine import fit
+    from dstune.profiling import fit
     from dstune.profiling.estimate import estimate
 
     res = ok(run_cli(["train", lm_recipe(ws, tmp_path, "run", max_steps=2), "training.activation_checkpointing=auto"]))

@@ -28,7 +28,7 @@ def test_source_compiles_for_sm80_and_sm90(source, tmp_path):
 
 
 def test_phase_memory_on_cpu_says_what_it_measured():
-    from dstune.profiling.phases import PHASES, PhaseMemory
+    from dstune.engine.phases import PHASES, PhaseMemory
     mem = PhaseMemory(torch.device("cpu"))
     for phase in PHASES:
         mem.mark(phase)
@@ -59,8 +59,8 @@ def test_sampler_sees_a_device_allocation():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_phase_memory_on_gpu_reports_each_phase():
-    from dstune.profiling.phases import PHASES, PhaseMemory
-    mem = PhaseMemory(torch.device("cuda", 0))
+    from dstune.engine.phases import PHASES, PhaseMemory
+    mem = PhaseMemory(torch.device("cuda", 0), device_sampler=True)   # training.measure_memory: device
     for i, phase in enumerate(PHASES):
         x = torch.empty((i + 1) * 2**20, dtype=torch.uint8, device="cuda")
         mem.mark(phase)
@@ -70,6 +70,9 @@ def test_phase_memory_on_gpu_reports_each_phase():
     for i, phase in enumerate(PHASES):
         assert report["allocator_peak"][phase] >= (i + 1) * 2**20
     assert report["device_peak"] is not None, report["measured_by"]
+    cheap = PhaseMemory(torch.device("cuda", 0))   # the default: no sampler, no extension build
+    cheap.mark("init")
+    assert cheap.sampler is None and "measure_memory: device" in cheap.report()["measured_by"]
 
 
 def test_a_build_lock_left_by_a_killed_build_is_cleared(ws, built_ops, tmp_path):

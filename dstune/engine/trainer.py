@@ -25,7 +25,6 @@ from dstune.engine import checkpoint as ckpt
 from dstune.engine.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.evaluate import evaluate, results_table
-from dstune.engine.fit import resolve_checkpointing
 from dstune.engine.precision import on_cuda, resolve, slow_warning
 from dstune.engine.run_lock import (check_output_dir, check_recipe_matches, forget_fresh_run_dir, fresh_run_dir,
                                     hold_run_dir)
@@ -37,8 +36,8 @@ from dstune.methods.base import base_model_only
 from dstune.models.loading import (base_fingerprint, check_buildable, check_positions, compile_layers, load_model,
                                    new_weights_line, prepare_for_training, recipe_config)
 from dstune.models.tokenizers import recipe_tokenizer
-from dstune.profiling.phases import PhaseMemory
-from dstune.profiling.step_profile import StepProfile
+from dstune.engine.phases import NoMemory, PhaseMemory
+from dstune.engine.step_profile import StepProfile
 from dstune.tasks import get_task
 
 
@@ -59,20 +58,32 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
-def train(cfg: RunConfig) -> dict:
+def recipe_checkpointing(cfg: RunConfig, world: int, device: torch.device, tokenizer=None,
+                         labels: list | None = None) -> tuple[bool, str]:
+    """(on, why) for activation checkpointing as the recipe sets it; `auto` needs a planner (the CLI passes
+    `profiling.fit.resolve_checkpointing`, which asks the memory estimate)."""
+    setting = cfg.training.activation_checkpointing
+    if setting == "auto":
+        raise UserError("training.activation_checkpointing: auto needs the memory estimate; run through `dstune train`")
+    return bool(setting), ""
+
+
+def train(cfg: RunConfig, checkpointing=recipe_checkpointing) -> dict:
     """Run one fine-tuning job described by `cfg` on whatever ranks the launcher started. A job that fails
-    before its first step leaves no run dir behind (nor the files `dstune launch` put in a new one)."""
+    before its first step leaves no run dir behind (nor the files `dstune launch` put in a new one).
+    `checkpointing(cfg, world, device, tokenizer, labels) -> (on, why)` decides activation checkpointing
+    (the CLI hands in the estimate-based one for `auto`: the engine does not import profiling)."""
     run_dir, started = Path(cfg.output_dir), []
     fresh = fresh_run_dir(run_dir)
     try:
-        return _train(cfg, started)
+        return _train(cfg, started, checkpointing)
     except BaseException:
         if fresh and not started and int(os.environ.get("RANK", "0")) == 0:
             forget_fresh_run_dir(run_dir)
         raise
 
 
-def _train(cfg: RunConfig, started: list) -> dict:
+def _train(cfg: RunConfig, started: list, checkpointing) -> dict:
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -96,7 +107,7 @@ def _train(cfg: RunConfig, started: list) -> dict:
     build_ds_config(cfg, 1)  # reject a bad DeepSpeed config before starting the process group
     # activation checkpointing auto made concrete (before the resume check and config.yaml)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_cuda() else torch.device("cpu")
-    ckpt_on, ckpt_why = resolve_checkpointing(cfg, int(os.environ.get("WORLD_SIZE", "1")), device, tokenizer,
+    ckpt_on, ckpt_why = checkpointing(cfg, int(os.environ.get("WORLD_SIZE", "1")), device, tokenizer,
                                               data.labels)
     cfg = cfg.with_training(activation_checkpointing=ckpt_on)
     t = cfg.training
@@ -110,7 +121,8 @@ def _train(cfg: RunConfig, started: list) -> dict:
         check_recipe_matches(Path(cfg.output_dir), cfg.model_dump(mode="json"), base)
     dist_ = init_distributed(t.dist_timeout_s, t.build_timeout_s)
     tag = ckpt.first_readable(cfg.output_dir, tags, dist_.rank, dist_.world) if tags else None
-    memory = PhaseMemory(dist_.device)
+    measure = cfg.training.measure_memory
+    memory = NoMemory() if measure == "off" else PhaseMemory(dist_.device, device_sampler=measure == "device")
     ds_config = build_ds_config(cfg, dist_.world)
     batches = StepBatches(len(data.train), t.micro_batch_size, t.gradient_accumulation_steps, dist_.world,
                           dist_.rank, t.seed)
@@ -195,7 +207,8 @@ def _train(cfg: RunConfig, started: list) -> dict:
         if task.generative or not all(s.labeled for s in cfg.data.sources()) else None
     results = _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_, log, step, total_steps, stage, memory,
                     teacher, count_targets, score_base=any(m.changes_output_at_init for m in methods))
-    _write_memory(cfg, dist_, "phase_peaks", memory.report())
+    if measure != "off":
+        _write_memory(cfg, dist_, "phase_peaks", memory.report())
     memory.close()
     if dist_.is_main and "after" in results:
         where = f"data.eval, {len(data.eval):,} rows" if cfg.data.eval else f"{len(data.eval):,} held-out rows"
@@ -279,7 +292,8 @@ def _loop(cfg, engine, scheduler, data, batches, tokenizer, dist_: Dist, log: Ru
                 memory.mark("step")
         step += 1
         if first_step:
-            _write_memory(cfg, dist_, "after_first_step", engine_bytes(engine))
+            if cfg.training.measure_memory != "off":
+                _write_memory(cfg, dist_, "after_first_step", engine_bytes(engine))
             first_step = False
         loss = mean_over_ranks(loss_sum / t.gradient_accumulation_steps, dist_.device)
         skipped = engine.skipped_steps > skipped_before  # the same on every rank: the optimizer decided it
@@ -355,7 +369,7 @@ def engine_bytes(engine) -> dict:
     """What this rank's engine holds by part right now, and the process RSS (and CUDA peak on a GPU)."""
     import psutil
 
-    from dstune.profiling.measure import engine_model_state_bytes
+    from dstune.engine.measure import engine_model_state_bytes
 
     mine = {**engine_model_state_bytes(engine), "process_rss": psutil.Process().memory_info().rss}
     if torch.cuda.is_available():

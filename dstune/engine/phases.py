@@ -68,21 +68,22 @@ def nvml_process_bytes(device: torch.device) -> int | None:
 
 
 class PhaseMemory:
-    """Call `mark(phase)` at the end of each phase; peaks are kept per phase over the whole run."""
+    """Call `mark(phase)` at the end of each phase; peaks are kept per phase over the whole run. The
+    device-level sampler (a CUDA extension, built at its first use) runs only when asked for."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, device_sampler: bool = False):
         self.device = device
         self.cuda = device.type == "cuda"
         self.allocator: dict[str, int] = {}
         self.device_level: dict[str, int] = {}
         self.rss: dict[str, int] = {}
-        self.sampler = DeviceSampler(device) if self.cuda else None
+        self.sampler = DeviceSampler(device) if self.cuda and device_sampler else None
 
     def mark(self, phase: str) -> None:
         if self.cuda:
             self.allocator[phase] = max(self.allocator.get(phase, 0), torch.cuda.max_memory_allocated(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
-            peak = self.sampler.peak()
+            peak = self.sampler.peak() if self.sampler else None
             if peak is not None:
                 self.device_level[phase] = max(self.device_level.get(phase, 0), peak)
                 self.sampler.reset_peak()
@@ -93,14 +94,29 @@ class PhaseMemory:
         if not self.cuda:
             return {"measured_by": "process RSS at the end of each phase (psutil); no CUDA",
                     "rss": self.rss, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-        sampler = ("native cudaMemGetInfo sampler" if self.sampler.native
-                   else f"no device-level sampler ({self.sampler.reason})")
-        out = {"measured_by": f"CUDA caching allocator peak per phase; {sampler}; pynvml process view",
+        if self.sampler is None:
+            sampler = "no device-level sampler (training.measure_memory: device runs one)"
+        elif self.sampler.native:
+            sampler = "native cudaMemGetInfo sampler"
+        else:
+            sampler = f"no device-level sampler ({self.sampler.reason})"
+        out = {"measured_by": f"CUDA caching allocator peak per phase; {sampler}"
+                              + ("; pynvml process view" if self.sampler else ""),
                "allocator_peak": self.allocator, "device_peak": self.device_level or None,
-               "nvml_process": nvml_process_bytes(self.device),
+               "nvml_process": nvml_process_bytes(self.device) if self.sampler else None,
                "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         return out
 
     def close(self) -> None:
         if self.sampler:
             self.sampler.stop()
+
+
+class NoMemory:
+    """training.measure_memory: off — every mark is free and nothing is written."""
+
+    def mark(self, phase: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
