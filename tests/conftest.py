@@ -104,7 +104,7 @@ def ws(tmp_path_factory) -> Path:
     """Workspace: tokenizer/, data files, and tiny saved models (gpt2, llama, bert, t5)."""
     import torch
 
-    from dstune.models.loading import tiny_config
+    from dstune.families import tiny_config
     from dstune.models.tokenizers import load_tokenizer, train_sentencepiece
 
     root = tmp_path_factory.mktemp("ws")

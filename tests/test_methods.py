@@ -310,3 +310,26 @@ def test_impossible_combinations_and_bad_options_are_config_errors(specs, messag
 def test_lora_with_unknown_target_says_so():
     with pytest.raises(UserError, match=r"target_modules: \['nope'\] matches no linear layer"):
         with_methods("llama", {"name": "lora", "target_modules": ["nope"]})
+
+
+def test_a_family_not_in_the_table_is_discovered_from_its_module_tree():
+    """OPT is not in dstune/families.py: prefixes find its blocks and self-attention; LoRA without targets
+    names the linear layers it found; with targets it trains."""
+    config = T.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
+                         word_embed_proj_dim=32, max_position_embeddings=64, dropout=0.0, **SPECIAL)
+    assert config.model_type not in SPECS
+
+    def opt(*specs):
+        torch.manual_seed(0)
+        model = T.AutoModelForCausalLM.from_config(config).eval()
+        apply_methods(model, build_methods(list(specs)), "causal_lm")
+        return model
+    with pytest.raises(UserError, match=r"^methods \(lora\)\.target_modules: no default for model type 'opt' "
+                                        r"\(discovered: 2 blocks at model\.decoder\.layers, self-attention 'self_attn', "
+                                        r"linear layers fc1, fc2, k_proj, out_proj, q_proj, v_proj\); set target_modules"):
+        opt({"name": "lora"})
+    assert count_trainable(opt({"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}))[0] == 2 * 2 * 2 * 4 * 32
+    prefixed = opt({"name": "prefix", "num_virtual_tokens": 3})
+    assert count_trainable(prefixed)[0] == 3 * 2 * 2 * 32   # P × layers × (key, value) × width
+    grads = grads_after_backward(prefixed, "causal_lm")
+    assert grads == {"dstune_prefix.embedding.weight"}

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from dstune.data.batching import IGNORE, collate, to_device
 from dstune.data.packing import pack
+from dstune.families import tiny_config
 from dstune.methods import apply_methods, build_methods
-from dstune.models.loading import auto_class, tiny_config
+from dstune.models.loading import auto_class
 from dstune.tasks import get_task
 
 SPECIAL = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}

@@ -220,7 +220,7 @@ def test_random_token_data_refuses_what_it_cannot_be(tmp_path, kwargs, message):
 
 
 def test_tiny_config_overrides_reach_derived_fields():
-    from dstune.models.loading import tiny_config
+    from dstune.families import tiny_config
     config = tiny_config("llama", 100, {}, {"hidden_size": 256, "num_attention_heads": 4})
     assert config.head_dim == 64  # set after construction, head_dim would stay 32 / 4 = 8
 
