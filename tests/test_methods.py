@@ -333,3 +333,18 @@ def test_a_family_not_in_the_table_is_discovered_from_its_module_tree():
     assert count_trainable(prefixed)[0] == 3 * 2 * 2 * 32   # P × layers × (key, value) × width
     grads = grads_after_backward(prefixed, "causal_lm")
     assert grads == {"dstune_prefix.embedding.weight"}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_a_soft_prompt_starts_from_real_token_embeddings(family):
+    """By default (PEFT's SAMPLE_VOCAB) each virtual token is some vocabulary token's input embedding, drawn
+    from the run's seed; `init: random` keeps nn.Embedding's N(0, 1)."""
+    def prompt(**options):
+        torch.manual_seed(3)
+        model, _ = with_methods(family, {"name": "prompt", "num_virtual_tokens": 6, **options})
+        return model.dstune_prompt.embedding.weight.detach(), model.get_input_embeddings().weight.detach()
+    rows, vocab = prompt()
+    assert all(any(torch.equal(r, v) for v in vocab) for r in rows)
+    assert torch.equal(prompt()[0], rows)                          # the same seed, the same tokens
+    random, vocab = prompt(init="random")
+    assert not any(torch.equal(r, v) for r in random for v in vocab)

@@ -1,6 +1,8 @@
 """Soft prompt tuning: P learned embeddings prepended to the input embeddings."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -16,6 +18,9 @@ class PromptOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_virtual_tokens: int = Field(16, gt=0, description="P: learned embeddings prepended to every input")
     init_text: str | None = Field(None, description="initialise from this text's token embeddings (repeated to P)")
+    init: Literal["vocab", "random"] = Field(
+        "vocab", description="without init_text: vocab (embeddings of P tokens drawn from the vocabulary, PEFT's "
+                             "SAMPLE_VOCAB: inputs the model has seen) or random (N(0, 1), far from any token)")
 
 
 class SoftPrompt(nn.Module):
@@ -99,8 +104,15 @@ class Prompt(TuningMethod):
         emb = model.get_input_embeddings()
         dim = getattr(emb.weight, "ds_shape", emb.weight.shape)[1]  # ZeRO-3: the real shape
         model.dstune_prompt = SoftPrompt(o.num_virtual_tokens, dim)
-        if o.init_text and has_values(emb.weight):  # a shapes-only model (the estimate) has nothing to copy
-            self._init_from_text(model, emb)
+        if has_values(emb.weight):  # a shapes-only model (the estimate) has nothing to copy
+            if o.init_text:
+                self._init_from_text(model, emb)
+            elif o.init == "vocab":
+                vocab = getattr(emb.weight, "ds_shape", emb.weight.shape)[0]
+                # drawn from the run's seed alone, whatever else used the RNG (ZeRO-3's set-up, the ranks)
+                ids = torch.randint(0, vocab, (o.num_virtual_tokens,),
+                                    generator=torch.Generator().manual_seed(torch.initial_seed()))
+                self._copy_rows(model, emb, ids)
         model.register_forward_pre_hook(_prepend, with_kwargs=True)
         if task == "causal_lm":
             model.register_forward_hook(_drop_virtual_positions, with_kwargs=True)
@@ -109,7 +121,11 @@ class Prompt(TuningMethod):
     def peft_adapter(self, model: nn.Module, task: str) -> PeftAdapter:
         w = model.dstune_prompt.embedding.weight.detach().float()
         return prompt_learning(model, "PROMPT_TUNING", self.options.num_virtual_tokens, w, w.shape[1],
-                               model.config.num_attention_heads, prompt_tuning_init="RANDOM",
+                               model.config.num_attention_heads,
+                               # how PEFT would start it (the saved weights replace that); TEXT would make PEFT
+                               # ask for a tokenizer at load
+                               prompt_tuning_init="SAMPLE_VOCAB" if self.options.init == "vocab"
+                               and not self.options.init_text else "RANDOM",
                                num_layers=model.config.num_hidden_layers)
 
     @classmethod
@@ -117,14 +133,17 @@ class Prompt(TuningMethod):
         return {"prompt": [{"name": "prompt", "num_virtual_tokens": 32}]}
 
     def _init_from_text(self, model: nn.Module, emb: nn.Module) -> None:
-        import deepspeed
-
         if self.tokenizer is None:
             raise UserError("methods (prompt).init_text: needs the run's tokenizer")
         ids = self.tokenizer(self.options.init_text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise UserError("methods (prompt).init_text: the text has no tokens")
         P = self.options.num_virtual_tokens
-        ids = torch.tensor((ids * (P // len(ids) + 1))[:P])
+        self._copy_rows(model, emb, torch.tensor((ids * (P // len(ids) + 1))[:P]))
+
+    @staticmethod
+    def _copy_rows(model: nn.Module, emb: nn.Module, ids: torch.Tensor) -> None:
+        """The prompt starts as these tokens' input embeddings (gathered whole under ZeRO-3)."""
+        import deepspeed
         with deepspeed.zero.GatheredParameters([emb.weight]), torch.no_grad():
             model.dstune_prompt.embedding.weight.copy_(emb.weight[ids].float())
