@@ -122,6 +122,7 @@ METHOD_SPECS = {
     "bitfit": [{"name": "bitfit"}],
     "prompt": [{"name": "prompt", "num_virtual_tokens": 4}],
     "prefix": [{"name": "prefix", "num_virtual_tokens": 4}],
+    "prefix-from-text": [{"name": "prefix", "num_virtual_tokens": 4, "init_text": "a review of the film"}],
     "prefix+lora": [{"name": "prefix", "num_virtual_tokens": 4, "projection": True, "projection_hidden": 16},
                     {"name": "lora", "r": 4}],
     "freeze+layerwise_lr": [{"name": "freeze", "layers": 1}, {"name": "layerwise_lr", "decay": 0.5}],

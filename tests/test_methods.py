@@ -348,3 +348,39 @@ def test_a_soft_prompt_starts_from_real_token_embeddings(family):
     assert torch.equal(prompt()[0], rows)                          # the same seed, the same tokens
     random, vocab = prompt(init="random")
     assert not any(torch.equal(r, v) for r in random for v in vocab)
+
+
+class WordIds:
+    """A stand-in tokenizer: word n of the text is token 10 + n (the test needs ids, not a vocabulary)."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [10 + i for i, _ in enumerate(text.split())]}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral", "phi3"])
+@pytest.mark.parametrize("projection", [False, True], ids=["plain", "mlp"])
+def test_a_prefix_from_text_is_the_base_model_reading_that_text_first(family, projection):
+    """prefix.init_text: the prefix starts as the keys and values of the text in every layer, so at step 0
+    the model on x gives the base model's logits on [text; x] (at x's positions)."""
+    from dstune.methods import apply_methods, build_methods
+    text = "one two three four five"   # 5 words: tokens 10..14, P = 5
+    base, task = tiny(family)
+    model, _ = tiny(family)
+    methods = build_methods([{"name": "prefix", "num_virtual_tokens": 5, "init_text": text, "projection": projection,
+                              "projection_hidden": 16}])
+    apply_methods(model, methods, task, WordIds())
+    x = torch.randint(20, 100, (2, 7), generator=torch.Generator().manual_seed(4))
+    both = torch.cat([torch.arange(10, 15).expand(2, -1), x], dim=1)
+    with torch.no_grad():
+        ours = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+        reference = base(input_ids=both, attention_mask=torch.ones_like(both)).logits[:, 5:]
+    assert (ours - reference).abs().max() < 1e-4, (ours - reference).abs().max()
+    assert any(p.requires_grad for p in model.dstune_prefix.parameters())
+
+
+def test_prefix_init_text_needs_a_tokenizer_and_tokens():
+    with pytest.raises(UserError, match=r"methods \(prefix\)\.init_text: needs the run's tokenizer"):
+        with_methods("llama", {"name": "prefix", "init_text": "hello"})
+    model, task = tiny("llama")
+    with pytest.raises(UserError, match=r"methods \(prefix\)\.init_text: the text has no tokens"):
+        apply_methods(model, build_methods([{"name": "prefix", "init_text": " "}]), task, WordIds())

@@ -20,7 +20,7 @@ from torch import nn
 from dstune.errors import UserError
 from dstune.families import family_of
 from dstune.kernels import prefix_attention
-from dstune.methods.base import TuningMethod
+from dstune.methods.base import TuningMethod, base_model_only, has_values
 from dstune.methods.peft_format import PeftAdapter, prompt_learning
 from dstune.methods.targets import train_task_head
 
@@ -32,6 +32,9 @@ class PrefixOptions(BaseModel):
     num_virtual_tokens: int = Field(16, gt=0, description="P: prefix keys/values per layer")
     projection: bool = Field(False, description="produce the prefix with an MLP over P embeddings (reparameterisation)")
     projection_hidden: int = Field(512, gt=0, description="hidden size of that MLP")
+    init_text: str | None = Field(
+        None, description="start from the keys and values the frozen model computes for this text (its tokens "
+                          "repeated or cut to P): step 0 is the base model reading the text before every input")
     attention: Literal["auto", "shifted", "lower-right", "split", "kernel"] = Field(
         "auto", description="prefix attention path for unmasked blocks: auto (= shifted: plain causal SDPA over P "
                             "placeholder queries + the sequence), lower-right (SDPA with lower-right causality: "
@@ -62,10 +65,24 @@ class PrefixEncoder(nn.Module):
         x = self.embedding(self.positions)
         return self.mlp(x) if self.mlp is not None else x
 
+    @torch.no_grad()
+    def start_at(self, prefix: torch.Tensor) -> None:
+        """Make the output `prefix` [P, L·2·Hkv·D]: the plain tensor is set; with the MLP, its last layer
+        is solved for it (least squares over the hidden activations: exact while P <= the hidden size)."""
+        if self.mlp is None:
+            self.embedding.weight.copy_(prefix)
+            return
+        hidden = self.mlp[1](self.mlp[0](self.embedding(self.positions)))
+        self.mlp[2].weight.copy_((torch.linalg.pinv(hidden.double()) @ prefix.double()).T)
+        self.mlp[2].bias.zero_()
+
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                position_bias=None, **kwargs):
     """The registered attention function: plain attention plus this layer's prefix, if it has one."""
+    captured = getattr(module, "_dstune_capture", None)
+    if captured is not None:  # Prefix._init_from_text: this layer's keys and values for the text
+        captured.append((key.detach(), value.detach()))
     prefix = getattr(module, "_dstune_prefix", None)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if prefix is None:  # e.g. T5 cross-attention: no prefix there
@@ -140,7 +157,36 @@ class Prefix(TuningMethod):
         for sub in model.modules():  # transformers < 5.23 leaves e.g. T5's encoder/decoder stacks on sdpa
             if isinstance(sub, PreTrainedModel) and sub.config._attn_implementation != ATTENTION_NAME:
                 sub.set_attn_implementation(ATTENTION_NAME)
+        if o.init_text and has_values(model.dstune_prefix.embedding.weight):  # not in the (shapes-only) estimate
+            self._init_from_text(model, attention)
         train_task_head(model, task)
+
+    def _init_from_text(self, model: nn.Module, attention: list[nn.Module]) -> None:
+        """Run the frozen model once on `init_text` (no prefix, positions from 0) and start each layer's
+        prefix at the keys and values it computed: a past cache of the text. Under ZeRO-3 the base is
+        gathered whole for that one forward."""
+        import deepspeed
+        if self.tokenizer is None:
+            raise UserError("methods (prefix).init_text: needs the run's tokenizer")
+        ids = self.tokenizer(self.options.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise UserError("methods (prefix).init_text: the text has no tokens")
+        P = self.options.num_virtual_tokens
+        ids = torch.tensor([(ids * (P // len(ids) + 1))[:P]])
+        partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+        training = model.training
+        for attn in attention:
+            attn._dstune_capture = []
+        try:
+            with deepspeed.zero.GatheredParameters(partitioned), torch.no_grad(), base_model_only(model):
+                model.eval()
+                model(input_ids=ids, **({"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}))
+            kv = torch.stack([torch.stack(attn._dstune_capture[0]) for attn in attention])  # [L, 2, 1, Hkv, P, D]
+        finally:
+            for attn in attention:
+                attn._dstune_capture = None
+            model.train(training)
+        model.dstune_prefix.start_at(kv[:, :, 0].permute(3, 0, 1, 2, 4).reshape(P, -1).float())
 
     def peft_adapter(self, model: nn.Module, task: str) -> PeftAdapter:
         kv_heads, head_dim = kv_geometry(model.config)
