@@ -122,6 +122,7 @@ METHOD_SPECS = {
     "bitfit": [{"name": "bitfit"}],
     "prompt": [{"name": "prompt", "num_virtual_tokens": 4}],
     "prefix": [{"name": "prefix", "num_virtual_tokens": 4}],
+    "prefix-ungated": [{"name": "prefix", "num_virtual_tokens": 4, "gate": False}],
     "prefix-from-text": [{"name": "prefix", "num_virtual_tokens": 4, "init_text": "a review of the film"}],
     "prefix+lora": [{"name": "prefix", "num_virtual_tokens": 4, "projection": True, "projection_hidden": 16},
                     {"name": "lora", "r": 4}],

@@ -21,10 +21,12 @@ RUNS = {  # name: (family, task, data, methods)
     "adapter_gpt2": ("gpt2", "causal_lm", "lm.jsonl", [{"name": "adapter", "bottleneck": 8}]),
     "prompt_gpt2": ("gpt2", "causal_lm", "lm.jsonl", [{"name": "prompt", "num_virtual_tokens": 4}]),
     "prompt_bert_cls": ("bert", "classification", "cls_train.jsonl", [{"name": "prompt", "num_virtual_tokens": 4}]),
-    "prefix_llama": ("llama", "causal_lm", "lm.jsonl", [{"name": "prefix", "num_virtual_tokens": 4}]),
+    "prefix_llama": ("llama", "causal_lm", "lm.jsonl", [{"name": "prefix", "num_virtual_tokens": 4, "gate": False}]),
     "prefix_proj_gpt2": ("gpt2", "causal_lm", "lm.jsonl",
-                         [{"name": "prefix", "num_virtual_tokens": 4, "projection": True, "projection_hidden": 16}]),
-    "prefix_bert_cls": ("bert", "classification", "cls_train.jsonl", [{"name": "prefix", "num_virtual_tokens": 4}]),
+                         [{"name": "prefix", "num_virtual_tokens": 4, "projection": True, "projection_hidden": 16,
+                           "gate": False}]),
+    "prefix_bert_cls": ("bert", "classification", "cls_train.jsonl",
+                        [{"name": "prefix", "num_virtual_tokens": 4, "gate": False}]),
 }
 AUTO = {"causal_lm": T.AutoModelForCausalLM, "classification": T.AutoModelForSequenceClassification}
 

@@ -69,6 +69,8 @@ EXPECT = {  # method spec → predicate on the names that must (and alone may) g
     "adapter": ({"name": "adapter", "bottleneck": 8}, lambda n: ".adapter." in n or n.startswith(("classifier", "score"))),
     "prompt": ({"name": "prompt", "num_virtual_tokens": 3}, lambda n: "dstune_prompt" in n or n.startswith(("classifier", "score"))),
     "prefix": ({"name": "prefix", "num_virtual_tokens": 3}, lambda n: "dstune_prefix" in n or n.startswith(("classifier", "score"))),
+    "prefix_ungated": ({"name": "prefix", "num_virtual_tokens": 3, "gate": False},
+                       lambda n: "dstune_prefix" in n or n.startswith(("classifier", "score"))),
     "prefix_mlp": ({"name": "prefix", "num_virtual_tokens": 3, "projection": True, "projection_hidden": 8},
                    lambda n: "dstune_prefix" in n or n.startswith(("classifier", "score"))),
 }
@@ -90,7 +92,8 @@ def test_only_intended_parameters_get_gradients(family, method):
     got = grads_after_backward(model, task)
     # zero-initialised up-projections block the gradient of the layer below them at step 0
     blocked = {n for n in intended if method == "adapter" and ".down." in n} | \
-              {n for n in intended if method == "lora" and ".lora_A." in n}
+              {n for n in intended if method == "lora" and ".lora_A." in n} | \
+              {n for n in intended if method.startswith("prefix") and "dstune_prefix" in n and ".gate." not in n}
     assert got <= intended and intended - blocked <= got | {n for n in intended if n.endswith(".bias")}
 
 
@@ -168,8 +171,9 @@ def test_ia3_trainable_count_equals_peft(family):
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("spec,config", [
     ({"name": "prompt", "num_virtual_tokens": 5}, lambda: __import__("peft").PromptTuningConfig(num_virtual_tokens=5)),
-    ({"name": "prefix", "num_virtual_tokens": 5}, lambda: __import__("peft").PrefixTuningConfig(num_virtual_tokens=5)),
-    ({"name": "prefix", "num_virtual_tokens": 5, "projection": True, "projection_hidden": 16},
+    ({"name": "prefix", "num_virtual_tokens": 5, "gate": False},
+     lambda: __import__("peft").PrefixTuningConfig(num_virtual_tokens=5)),
+    ({"name": "prefix", "num_virtual_tokens": 5, "projection": True, "projection_hidden": 16, "gate": False},
      lambda: __import__("peft").PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=16)),
 ], ids=["prompt", "prefix", "prefix_mlp"])
 def test_prompt_and_prefix_trainable_counts_equal_peft(family, spec, config):
@@ -186,6 +190,8 @@ def test_prefix_and_prompt_work_with_activation_checkpointing(family, spec):
     results = []
     for ckpt in (False, True):
         model, task = with_methods(family, spec)
+        if getattr(getattr(model, "dstune_prefix", None), "gate", None) is not None:
+            model.dstune_prefix.gate.weight.data.fill_(0.5)   # opened, as after some steps: every part gets a gradient
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -198,7 +204,9 @@ def test_prefix_and_prompt_work_with_activation_checkpointing(family, spec):
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "bert"])
-@pytest.mark.parametrize("spec", [{"name": "prefix", "num_virtual_tokens": 3}, {"name": "prompt", "num_virtual_tokens": 3}])
+@pytest.mark.parametrize("spec", [{"name": "prefix", "num_virtual_tokens": 3},
+                                  {"name": "prefix", "num_virtual_tokens": 3, "gate": False},
+                                  {"name": "prompt", "num_virtual_tokens": 3}], ids=["prefix", "prefix_ungated", "prompt"])
 def test_generation_with_cache_equals_without(family, spec):
     if refused(family, spec):
         return
@@ -329,7 +337,7 @@ def test_a_family_not_in_the_table_is_discovered_from_its_module_tree():
                                         r"linear layers fc1, fc2, k_proj, out_proj, q_proj, v_proj\); set target_modules"):
         opt({"name": "lora"})
     assert count_trainable(opt({"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}))[0] == 2 * 2 * 2 * 4 * 32
-    prefixed = opt({"name": "prefix", "num_virtual_tokens": 3})
+    prefixed = opt({"name": "prefix", "num_virtual_tokens": 3, "gate": False})
     assert count_trainable(prefixed)[0] == 3 * 2 * 2 * 32   # P × layers × (key, value) × width
     grads = grads_after_backward(prefixed, "causal_lm")
     assert grads == {"dstune_prefix.embedding.weight"}
@@ -367,7 +375,7 @@ def test_a_prefix_from_text_is_the_base_model_reading_that_text_first(family, pr
     base, task = tiny(family)
     model, _ = tiny(family)
     methods = build_methods([{"name": "prefix", "num_virtual_tokens": 5, "init_text": text, "projection": projection,
-                              "projection_hidden": 16}])
+                              "projection_hidden": 16, "gate": False}])
     apply_methods(model, methods, task, WordIds())
     x = torch.randint(20, 100, (2, 7), generator=torch.Generator().manual_seed(4))
     both = torch.cat([torch.arange(10, 15).expand(2, -1), x], dim=1)
@@ -384,3 +392,33 @@ def test_prefix_init_text_needs_a_tokenizer_and_tokens():
     model, task = tiny("llama")
     with pytest.raises(UserError, match=r"methods \(prefix\)\.init_text: the text has no tokens"):
         apply_methods(model, build_methods([{"name": "prefix", "init_text": " "}]), task, WordIds())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_gated_prefix_starts_as_the_base_model_and_opens(family):
+    """The default prefix adds its attention through a zero gate: step 0 gives the base model's logits bit
+    for bit and only the gate gets a gradient; once open, the prefix changes the output and learns."""
+    if refused(family, {"name": "prefix"}):
+        return
+    base, task = tiny(family)
+    model, _ = with_methods(family, {"name": "prefix", "num_virtual_tokens": 3})
+    x = batch(task)
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, base(**x).logits)
+    assert {n for n in grads_after_backward(model, task) if not n.startswith(("classifier", "score"))} \
+        == {"dstune_prefix.gate.weight"}
+    with torch.no_grad():
+        model.dstune_prefix.gate.weight.fill_(0.5)
+        assert (model(**x).logits - base(**x).logits).abs().max() > 1e-4
+    model.zero_grad()
+    assert "dstune_prefix.embedding.weight" in grads_after_backward(model, task)
+
+
+def test_a_gated_prefix_has_no_peft_form_and_no_attention_path():
+    model, task, (method,) = with_methods_list("llama", {"name": "prefix", "num_virtual_tokens": 3})
+    with pytest.raises(UserError, match=r"^--format peft: a gated prefix .* train with gate: false"):
+        method.peft_adapter(model, task)
+    with pytest.raises(UserError, match=r"^methods\[0\] \(prefix\): attention: split picks how an ungated prefix "
+                                        r"joins the sequence's softmax; a gated prefix has its own attention: set gate: "
+                                        r"false to use it$"):
+        build_methods([{"name": "prefix", "attention": "split"}])

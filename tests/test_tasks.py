@@ -90,7 +90,8 @@ def test_tiny_random_model_with_sentencepiece_model_file(ws, built_ops, tmp_path
     assert json.loads((run_dir / "run.json").read_text())["trainable_params"] > 0
 
 
-@pytest.mark.parametrize("method", [{"name": "prompt", "num_virtual_tokens": 4}, {"name": "prefix", "num_virtual_tokens": 4}])
+@pytest.mark.parametrize("method", [{"name": "prompt", "num_virtual_tokens": 4},
+                                    {"name": "prefix", "num_virtual_tokens": 4, "gate": False}])
 def test_methods_that_change_the_model_at_step_0_also_score_the_untouched_base(ws, built_ops, tmp_path, method):
     """Random virtual tokens make "before" a damaged model: the base is scored too (its forward with the
     method's hooks stepped aside) and equals a run whose method leaves the model as it was (LoRA's B = 0)."""

@@ -70,8 +70,8 @@ def build_methods(specs: list[dict[str, Any]]) -> list[TuningMethod]:
             err = e.errors()[0]
             key = ".".join(str(p) for p in err["loc"])
             msg = "unknown option" + did_you_mean(key, cls.Options.model_fields) if err["type"] == "extra_forbidden" \
-                else err["msg"]
-            raise UserError(f"methods[{i}] ({name}).{key}: {msg}") from None
+                else err["msg"].removeprefix("Value error, ")   # a check across options has no key of its own
+            raise UserError(f"methods[{i}] ({name}){'.' + key if key else ''}: {msg}") from None
         out.append(cls(options))
     check_composition([m.name for m in out])
     return sorted(out, key=lambda m: m.order)  # base trainers first, then added modules, then LR shapers

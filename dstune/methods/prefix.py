@@ -8,13 +8,18 @@ KV-cached generation and ZeRO-3, on GPT-2, Llama (GQA), BERT and T5.
 Layout: the prefix of all L layers is one tensor [P, L·2·Hkv·D] (PEFT's layout: layer l's keys at
 slot 2l, values at 2l+1), either a plain parameter or, with `projection`, the output of a small MLP
 over P embeddings (PEFT's prefix_projection) — folded into a plain tensor at export.
+
+Gated (`gate`, the default; LLaMA-Adapter's zero-init attention): each layer attends to its sequence as
+the base model does and, separately, to its prefix, and adds the second times a learned per-head gate that
+starts at 0, so step 0 is exactly the base model and the prefix's share grows as it learns. Ungated, the
+prefix joins the sequence's softmax as a past cache would (PEFT's prefix tuning; it exports to PEFT).
 """
 from __future__ import annotations
 
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from dstune.errors import UserError
@@ -32,6 +37,9 @@ class PrefixOptions(BaseModel):
     num_virtual_tokens: int = Field(16, gt=0, description="P: prefix keys/values per layer")
     projection: bool = Field(False, description="produce the prefix with an MLP over P embeddings (reparameterisation)")
     projection_hidden: int = Field(512, gt=0, description="hidden size of that MLP")
+    gate: bool = Field(True, description="add the prefix's attention through a zero-initialised per-layer, per-head "
+                                         "gate (step 0 is the base model); false: one softmax over prefix and "
+                                         "sequence, as PEFT (needed for --format peft)")
     init_text: str | None = Field(
         None, description="start from the keys and values the frozen model computes for this text (its tokens "
                           "repeated or cut to P): step 0 is the base model reading the text before every input")
@@ -42,6 +50,14 @@ class PrefixOptions(BaseModel):
                             "by log-sum-exp) or kernel (dstune's CUDA kernel); see dstune.kernels")
 
 
+    @model_validator(mode="after")
+    def _path_is_for_ungated(self) -> "PrefixOptions":
+        if self.gate and self.attention != "auto":
+            raise ValueError(f"attention: {self.attention} picks how an ungated prefix joins the sequence's softmax; "
+                             "a gated prefix has its own attention: set gate: false to use it")
+        return self
+
+
 def kv_geometry(config) -> tuple[int, int]:
     """(key/value heads, head dim) of a model config."""
     heads = next(getattr(config, k) for k in ("num_attention_heads", "n_head", "num_heads") if hasattr(config, k))
@@ -50,16 +66,29 @@ def kv_geometry(config) -> tuple[int, int]:
     return kv_heads, head_dim
 
 
+class Gate(nn.Module):
+    """Each layer's per-head share of its prefix attention, from 0; called as a module so ZeRO-3 gathers it."""
+
+    def __init__(self, n_layers: int, heads: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_layers, heads))
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
 class PrefixEncoder(nn.Module):
     """Produces the [P, L·2·Hkv·D] prefix, directly or through an MLP (tanh, as in Li & Liang)."""
 
-    def __init__(self, n_tokens: int, n_layers: int, kv_heads: int, head_dim: int, projection: bool, hidden: int):
+    def __init__(self, n_tokens: int, n_layers: int, kv_heads: int, head_dim: int, projection: bool, hidden: int,
+                 gate_heads: int = 0):
         super().__init__()
         self.shape = (n_tokens, n_layers, 2, kv_heads, head_dim)
         token_dim, out = kv_heads * head_dim, n_layers * 2 * kv_heads * head_dim
         self.embedding = nn.Embedding(n_tokens, token_dim if projection else out)
         self.mlp = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, out)) if projection else None
         self.register_buffer("positions", torch.arange(n_tokens), persistent=False)
+        self.gate = Gate(n_layers, gate_heads) if gate_heads else None
 
     def forward(self) -> torch.Tensor:
         x = self.embedding(self.positions)
@@ -89,10 +118,27 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, position_bias=position_bias, **kwargs)
-    pk, pv = prefix
+    pk, pv, gate = prefix
+    if gate is not None:
+        return _gated(module, query, key, value, attention_mask, pk.to(query.dtype), pv.to(query.dtype),
+                      gate.to(query.dtype), dropout, scaling, is_causal, position_bias, **kwargs), None
     out = prefix_attention(query, key, value, pk.to(query.dtype), pv.to(query.dtype), attention_mask, causal,
                            scaling, position_bias, dropout, module._dstune_prefix_path)
     return out, None
+
+
+def _gated(module, query, key, value, attention_mask, pk, pv, gate, dropout, scaling, is_causal, position_bias,
+           **kwargs) -> torch.Tensor:
+    """The sequence part exactly as the base model's SDPA attention computes it, plus gate × the attention
+    of the same queries over the prefix alone (every prefix key visible to every query): [B, S, Hq, D]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    seq, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                    is_causal=is_causal, position_bias=position_bias, **kwargs)
+    B = query.shape[0]
+    pre = torch.nn.functional.scaled_dot_product_attention(
+        query, pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1), scale=scaling,
+        dropout_p=dropout if module.training else 0.0, enable_gqa=query.shape[1] != pk.shape[0])
+    return seq + gate[None, None, :, None] * pre.transpose(1, 2)
 
 
 def register_attention() -> None:
@@ -111,9 +157,13 @@ def _distribute(model: nn.Module, args, kwargs):
         return args, kwargs
     enc: PrefixEncoder = model.dstune_prefix
     kv = enc().view(enc.shape)  # [P, L, 2, Hkv, D]
+    gates = enc.gate() if enc.gate is not None else None
     for i, attn in enumerate(model._dstune_attention):
-        attn._dstune_prefix = (kv[:, i, 0].transpose(0, 1), kv[:, i, 1].transpose(0, 1))  # [Hkv, P, D] each
-    if not model.config.is_encoder_decoder:  # T5 has relative positions: nothing to shift
+        attn._dstune_prefix = (kv[:, i, 0].transpose(0, 1), kv[:, i, 1].transpose(0, 1),  # [Hkv, P, D] each
+                               None if gates is None else gates[i])
+    # T5 has relative positions: nothing to shift; a gated prefix is a side memory, not a past: the tokens
+    # keep the base model's positions
+    if not model.config.is_encoder_decoder and enc.gate is None:
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs["inputs_embeds"][..., 0]
@@ -131,7 +181,10 @@ class Prefix(TuningMethod):
     description = "prefix tuning: learned per-layer key/value prefixes (optional MLP reparameterisation)"
     Options = PrefixOptions
     mergeable = False  # extra keys/values are not a weight change
-    changes_output_at_init = True
+
+    def __init__(self, options: PrefixOptions):
+        super().__init__(options)
+        self.changes_output_at_init = not options.gate   # a closed gate is the base model
 
     def apply(self, model: nn.Module, task: str) -> None:
         kind = model.config.model_type
@@ -145,8 +198,10 @@ class Prefix(TuningMethod):
                             "dstune/families.py")
         kv_heads, head_dim = kv_geometry(model.config)
         o = self.options
+        heads = next(getattr(model.config, k) for k in ("num_attention_heads", "n_head", "num_heads")
+                     if hasattr(model.config, k))
         model.dstune_prefix = PrefixEncoder(o.num_virtual_tokens, len(attention), kv_heads, head_dim, o.projection,
-                                            o.projection_hidden)
+                                            o.projection_hidden, heads if o.gate else 0)
         object.__setattr__(model, "_dstune_attention", attention)  # plain list: not registered as submodules
         for attn in attention:
             attn._dstune_prefix_path = o.attention
@@ -189,6 +244,10 @@ class Prefix(TuningMethod):
         model.dstune_prefix.start_at(kv[:, :, 0].permute(3, 0, 1, 2, 4).reshape(P, -1).float())
 
     def peft_adapter(self, model: nn.Module, task: str) -> PeftAdapter:
+        if self.options.gate:
+            raise UserError("--format peft: a gated prefix (methods.prefix.gate, the default) has no PEFT form: "
+                            "PEFT's prefix shares the sequence's softmax and has no gate; train with gate: false "
+                            "to export it, or use the run dir (dstune eval / generate)")
         kv_heads, head_dim = kv_geometry(model.config)
         adapter = prompt_learning(model, "PREFIX_TUNING", self.options.num_virtual_tokens, self.folded_prefix(model),
                                   kv_heads * head_dim, kv_heads, num_layers=model.dstune_prefix.shape[1],
@@ -201,9 +260,12 @@ class Prefix(TuningMethod):
 
     @classmethod
     def bench_presets(cls) -> dict[str, list[dict]]:
-        return {"prefix": [{"name": "prefix", "num_virtual_tokens": 32}],
-                "prefix-split": [{"name": "prefix", "num_virtual_tokens": 32, "attention": "split"}],
-                "prefix-lower-right": [{"name": "prefix", "num_virtual_tokens": 32, "attention": "lower-right"}]}
+        # ungated: PEFT's prefix tuning, which the peer runs, and the attention paths under comparison
+        return {"prefix": [{"name": "prefix", "num_virtual_tokens": 32, "gate": False}],
+                "prefix-split": [{"name": "prefix", "num_virtual_tokens": 32, "gate": False, "attention": "split"}],
+                "prefix-lower-right": [{"name": "prefix", "num_virtual_tokens": 32, "gate": False,
+                                        "attention": "lower-right"}],
+                "prefix-gated": [{"name": "prefix", "num_virtual_tokens": 32}]}
 
     def folded_prefix(self, model: nn.Module) -> torch.Tensor:
         """The [P, L·2·Hkv·D] prefix as a plain tensor (the MLP, if any, evaluated and dropped)."""
