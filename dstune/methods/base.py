@@ -40,9 +40,10 @@ class TuningMethod:
     generate_kwargs: ClassVar[dict] = {}           # what `model.generate` needs with this method applied
     first_label_is_target: ClassVar[bool] = False  # virtual tokens precede the input, so a causal LM predicts
                                                    # its first token too (the loss counts one more target)
-    changes_output_at_init: ClassVar[bool] = False  # the model differs from its base before any step (random
-                                                    # virtual tokens): the untouched base is scored too, and
-                                                    # the method's hooks step aside under `base_model_only`
+    changes_output_at_init: bool = False           # the model differs from its base before any step (virtual
+                                                   # tokens; a method may set it per instance from its options):
+                                                   # the untouched base is scored too, and the method's hooks
+                                                   # step aside under `base_model_only`
     tokenizer = None                               # the run's tokenizer, set before `apply`
 
     def __init__(self, options: BaseModel):
