@@ -54,8 +54,9 @@ class ModelConfig(_Section):
     path: str | None = Field(None, description="local Hugging Face model folder (or the folder holding gguf_file)")
     gguf_file: str | None = Field(None, description="GGUF file name inside `path`, loaded through transformers")
     tiny: str | None = Field(
-        None, description="build a tiny random model of this family (dstune/families.py: gpt2, llama, mistral, qwen2, "
-                          "qwen3, gemma, gemma2, gemma3_text, phi3, qwen2_moe, mixtral, bert, t5) instead of loading weights")
+        None, description="build a tiny random model of this family (dstune/families.py: gpt2, llama, mistral, "
+                          "qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, qwen2_moe, mixtral, bert, t5) instead of "
+                          "loading weights")
     config_overrides: dict[str, Any] = Field(default_factory=dict, description="fields set on the model config")
     trust_remote_code: bool = Field(False, description="allow model code shipped inside the model folder")
 

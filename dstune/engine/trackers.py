@@ -75,7 +75,8 @@ class MLflow:
         mlflow.set_experiment(cfg.logging.project)
         self.mlflow = mlflow
         resumed = (run_dir / "mlflow_run_id").read_text().strip() if (run_dir / "mlflow_run_id").exists() else None
-        self.run = mlflow.start_run(run_id=resumed, run_name=None if resumed else (cfg.logging.run_name or run_dir.name))
+        self.run = mlflow.start_run(run_id=resumed,
+                                    run_name=None if resumed else (cfg.logging.run_name or run_dir.name))
         (run_dir / "mlflow_run_id").write_text(self.run.info.run_id)
         if not resumed:  # params are write-once in MLflow
             recipe = cfg.model_dump(mode="json")

@@ -26,7 +26,8 @@ class LoraOptions(BaseModel):
     alpha: float = Field(8.0, gt=0, description="scale: the update is multiplied by alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch input")
     target_modules: list[str] | Literal["all-linear"] | None = Field(
-        None, description="module names (suffix match) or 'all-linear'; default: the family's (PEFT's where it has one)")
+        None, description="module names (suffix match) or 'all-linear'; default: the family's (PEFT's where it "
+                          "has one)")
     use_rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r")
     use_dora: bool = Field(False, description="DoRA: train a per-row magnitude and renormalise W + BA to it")
     loraplus_lr_ratio: float = Field(1.0, gt=0, description="LoRA+: B's learning rate over A's (the paper: 16)")

@@ -33,7 +33,8 @@ def resolve_checkpointing(cfg: RunConfig, world: int, device: torch.device, toke
     from dstune.profiling.estimate import estimate
     from dstune.profiling.report import human_bytes
 
-    per_rank, _, _ = estimate(cfg.with_training(activation_checkpointing=False), world, cuda=device.type == "cuda", tokenizer=tokenizer, labels=labels)
+    per_rank, _, _ = estimate(cfg.with_training(activation_checkpointing=False), world, cuda=device.type == "cuda",
+                              tokenizer=tokenizer, labels=labels)
     need, have = per_rank[0].total, int(MARGIN * rank_memory(device))
     on = need > have
     return on, (f"auto: without it the estimate is {human_bytes(need)} per rank, "

@@ -1,0 +1,94 @@
+"""Prompt and prefix tuning on dialogue, against the untouched base and LoRA: SmolLM2-135M-Instruct on the
+chatterbot prompt/reply pairs (each pair once, split by prompt as in examples/distill_chat.py), every method
+at the same step budget. Held-out loss and perplexity over the reply tokens, and the replies each trained
+model gives to a few held-out prompts. Prints markdown (the README's table).
+
+Usage: python examples/prefix_chat.py [--steps 60] [--tokens 20] [--replies 3] [--heldout 200] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo import REPO  # noqa: E402
+from distill_chat import pairs_split, plain_model, train  # noqa: E402
+
+# what a chatbot prefix could say before every message (about 20 tokens)
+TASK = "You are a friendly assistant. Reply to the user's message with one short, polite answer."
+
+
+def variants(tokens: int) -> dict[str, tuple[str, list[dict], float]]:
+    """table label → (run name, methods, learning rate)."""
+    prefix = {"name": "prefix", "num_virtual_tokens": tokens}
+    return {
+        "prefix, random, ungated (PEFT's prefix tuning)": ("prefix-random", [{**prefix, "gate": False}], 1e-2),
+        "prefix, from the task text, ungated": ("prefix-text", [{**prefix, "gate": False, "init_text": TASK}], 1e-2),
+        "prefix, random, gated (the default)": ("prefix-gated", [prefix], 1e-2),
+        "prefix, from the task text, gated": ("prefix-gated-text", [{**prefix, "init_text": TASK}], 1e-2),
+        "prompt, from vocabulary tokens (the default)": ("prompt", [{"name": "prompt", "num_virtual_tokens": tokens}],
+                                                          3e-2),
+        "lora (r 8, q_proj and v_proj)": ("lora", [{"name": "lora", "r": 8, "alpha": 16}], 1e-3),
+    }
+
+
+def replies(run: Path, prompts: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "dstune", "generate", str(run), "--jsonl", "--max-new-tokens", "24",
+           *(arg for p in prompts for arg in ("--prompt", p))]
+    res = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(f"generate {run.name} failed:\n{res.stderr[-2000:]}")
+    return [json.loads(line)["reply"] for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--tokens", type=int, default=20, help="virtual tokens of the prompt and prefix")
+    ap.add_argument("--replies", type=int, default=3, help="held-out prompts to show replies to")
+    ap.add_argument("--heldout", type=int, default=200, help="held-out pairs scored (the first N of the split)")
+    ap.add_argument("--out", default=str(REPO / "runs" / "prefix_chat"), help="run dirs (finished ones are reused)")
+    a = ap.parse_args()
+    out = Path(a.out)
+    data = REPO / "runs" / "distill_chat"
+    train_file, held = pairs_split(data / "data")
+    base = plain_model(data / "smollm2")
+    common = [f"model.path={base}", "model.gguf_file=null", f"data.train={train_file}", f"data.eval={held}",
+              "data.eval_fraction=0", "data.max_length=128", "deepspeed=zero0", "training.precision=fp32",
+              "training.activation_checkpointing=false", "training.micro_batch_size=8", "training.seed=1",
+              "training.gradient_accumulation_steps=1", "training.checkpoint_every=0", "evaluation.every=0",
+              "evaluation.generate=false", f"evaluation.max_samples={a.heldout}", f"training.max_steps={a.steps}",
+              "training.warmup_steps=5"]
+    prompts = [json.loads(line)["prompt"] for line in held.read_text().splitlines()[:a.replies]]
+    rows, shown, base_score = [], {}, None
+    for label, (name, methods, lr) in variants(a.tokens).items():
+        result = train(out / name, [*common, f"methods={json.dumps(methods)}", f"training.lr={lr}"])
+        info = json.loads((out / name / "run.json").read_text())
+        if name == "lora":   # LoRA starts as the base model (B = 0): its step-0 score is the base's
+            base_score = result["before"]
+        rows.append((label, info["trainable_params"], lr, result["before"], result["after"]))
+        shown[label] = replies(out / name, prompts)
+        print(f"{name}: {result['before']['loss']:.3f} -> {result['after']['loss']:.3f}", file=sys.stderr, flush=True)
+    print(f"SmolLM2-135M-Instruct (fp32) on {len(train_file.read_text().splitlines()):,} chatterbot prompt/reply "
+          f"pairs, {a.steps} steps of 8, {a.tokens} virtual tokens; held-out: "
+          f"the first {a.heldout:,} of {len(held.read_text().splitlines()):,} pairs whose prompts were never trained on (loss over reply "
+          f"tokens). The untouched base model: loss {base_score['loss']:.4f}, perplexity "
+          f"{base_score['perplexity']:.1f}.\n")
+    print("| method | trainable params | lr | held-out loss at step 0 | after | perplexity after | vs base |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, params, lr, before, after in rows:
+        print(f"| {label} | {params:,} | {lr:g} | {before['loss']:.4f} | {after['loss']:.4f} | "
+              f"{after['perplexity']:.1f} | {after['loss'] - base_score['loss']:+.4f} |")
+    print("\nReplies to held-out prompts (greedy, 24 new tokens):\n")
+    for i, prompt in enumerate(prompts):
+        print(f"- **{prompt}**")
+        for label, texts in shown.items():
+            print(f"  - {label}: {texts[i].strip()!r}" if i < len(texts) else f"  - {label}: (none)")
+
+
+if __name__ == "__main__":
+    main()
