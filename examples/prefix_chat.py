@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--tokens", type=int, default=20, help="virtual tokens of the prompt and prefix")
     ap.add_argument("--replies", type=int, default=3, help="held-out prompts to show replies to")
-    ap.add_argument("--heldout", type=int, default=200, help="held-out pairs scored (the first N of the split)")
+    ap.add_argument("--heldout", type=int, default=200, help="held-out pairs scored (at most; the split holds 164)")
     ap.add_argument("--out", default=str(REPO / "runs" / "prefix_chat"), help="run dirs (finished ones are reused)")
     a = ap.parse_args()
     out = Path(a.out)
@@ -75,8 +75,8 @@ def main() -> None:
         print(f"{name}: {result['before']['loss']:.3f} -> {result['after']['loss']:.3f}", file=sys.stderr, flush=True)
     print(f"SmolLM2-135M-Instruct (fp32) on {len(train_file.read_text().splitlines()):,} chatterbot prompt/reply "
           f"pairs, {a.steps} steps of 8, {a.tokens} virtual tokens; held-out: "
-          f"the first {a.heldout:,} of {len(held.read_text().splitlines()):,} pairs whose prompts were never trained on (loss over reply "
-          f"tokens). The untouched base model: loss {base_score['loss']:.4f}, perplexity "
+          f"{min(a.heldout, len(held.read_text().splitlines())):,} pairs whose prompts were never trained on "
+          f"(loss over reply tokens). The untouched base model: loss {base_score['loss']:.4f}, perplexity "
           f"{base_score['perplexity']:.1f}.\n")
     print("| method | trainable params | lr | held-out loss at step 0 | after | perplexity after | vs base |")
     print("|---|---:|---:|---:|---:|---:|---:|")
