@@ -63,7 +63,7 @@ def main() -> None:
               "training.gradient_accumulation_steps=1", "training.checkpoint_every=0", "evaluation.every=0",
               "evaluation.generate=false", f"evaluation.max_samples={a.heldout}", f"training.max_steps={a.steps}",
               "training.warmup_steps=5"]
-    prompts = [json.loads(line)["prompt"] for line in held.read_text().splitlines()[:a.replies]]
+    prompts = list(dict.fromkeys(json.loads(line)["prompt"] for line in held.read_text().splitlines()))[:a.replies]
     rows, shown, base_score = [], {}, None
     for label, (name, methods, lr) in variants(a.tokens).items():
         result = train(out / name, [*common, f"methods={json.dumps(methods)}", f"training.lr={lr}"])
