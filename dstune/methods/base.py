@@ -7,6 +7,8 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from dstune.errors import UserError
+
 
 @contextlib.contextmanager
 def base_model_only(model: torch.nn.Module):
@@ -52,6 +54,16 @@ class TuningMethod:
     def apply(self, model: torch.nn.Module, task: str) -> None:
         """Set requires_grad on existing parameters and/or add trainable modules."""
         raise NotImplementedError
+
+    def init_text_ids(self) -> torch.Tensor:
+        """The tokens of `options.init_text`, repeated or cut to `options.num_virtual_tokens` (prompt, prefix)."""
+        if self.tokenizer is None:
+            raise UserError(f"methods ({self.name}).init_text: needs the run's tokenizer")
+        ids = self.tokenizer(self.options.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise UserError(f"methods ({self.name}).init_text: the text has no tokens")
+        P = self.options.num_virtual_tokens
+        return torch.tensor((ids * (P // len(ids) + 1))[:P])
 
     def lr_scale(self, param_name: str) -> float:
         """Multiplier on the base LR for one trainable parameter (1.0 unless the method says otherwise)."""

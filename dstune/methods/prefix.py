@@ -221,13 +221,7 @@ class Prefix(TuningMethod):
         prefix at the keys and values it computed: a past cache of the text. Under ZeRO-3 the base is
         gathered whole for that one forward."""
         import deepspeed
-        if self.tokenizer is None:
-            raise UserError("methods (prefix).init_text: needs the run's tokenizer")
-        ids = self.tokenizer(self.options.init_text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise UserError("methods (prefix).init_text: the text has no tokens")
-        P = self.options.num_virtual_tokens
-        ids = torch.tensor([(ids * (P // len(ids) + 1))[:P]])
+        ids, P = self.init_text_ids()[None], self.options.num_virtual_tokens
         partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
         training = model.training
         for attn in attention:

@@ -133,13 +133,7 @@ class Prompt(TuningMethod):
         return {"prompt": [{"name": "prompt", "num_virtual_tokens": 32}]}
 
     def _init_from_text(self, model: nn.Module, emb: nn.Module) -> None:
-        if self.tokenizer is None:
-            raise UserError("methods (prompt).init_text: needs the run's tokenizer")
-        ids = self.tokenizer(self.options.init_text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise UserError("methods (prompt).init_text: the text has no tokens")
-        P = self.options.num_virtual_tokens
-        self._copy_rows(model, emb, torch.tensor((ids * (P // len(ids) + 1))[:P]))
+        self._copy_rows(model, emb, self.init_text_ids())
 
     @staticmethod
     def _copy_rows(model: nn.Module, emb: nn.Module, ids: torch.Tensor) -> None:
