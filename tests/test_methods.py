@@ -422,3 +422,13 @@ def test_a_gated_prefix_has_no_peft_form_and_no_attention_path():
                                         r"joins the sequence's softmax; a gated prefix has its own attention: set gate: "
                                         r"false to use it$"):
         build_methods([{"name": "prefix", "attention": "split"}])
+
+
+def test_a_soft_prompt_from_text_repeats_the_texts_token_embeddings():
+    model, task = tiny("llama")
+    apply_methods(model, build_methods([{"name": "prompt", "num_virtual_tokens": 5, "init_text": "a b"}]), task,
+                  WordIds())
+    emb = model.get_input_embeddings().weight
+    assert torch.equal(model.dstune_prompt.embedding.weight, emb[torch.tensor([10, 11, 10, 11, 10])])
+    with pytest.raises(UserError, match=r"^methods \(prompt\)\.init_text: the text has no tokens$"):
+        apply_methods(tiny("llama")[0], build_methods([{"name": "prompt", "init_text": " "}]), task, WordIds())
