@@ -29,6 +29,8 @@ class Family:
     swiglu_mlp: str | None = None        # the MLP class, when it is Llama's `down(silu(gate(x)) * up(x))`
     experts: str | None = None           # MoE: the module holding the experts' fused 3-D weights
     router: str | None = None            # MoE: the router (its weight picks each token's experts)
+    reads_first_token: bool = False      # its sequence classifier pools the first token ([CLS]): a soft prompt
+                                         # goes after it, so the classifier still reads [CLS] at position 0
     notes: tuple[str, ...] = field(default=())  # what a user of this family should know (README table)
 
     def num_layers(self, config: Any) -> int:
@@ -87,7 +89,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                                       intermediate_size=64, max_position_embeddings=512, hidden_dropout_prob=0.0,
                                       attention_probs_dropout_prob=0.0),
            self_attention="attention.self", attention_out="attention.output.dense", mlp_out="output.dense",
-           lora=("query", "value"), ia3=("key", "value", "output.dense"), ia3_feedforward=("output.dense",)),
+           lora=("query", "value"), ia3=("key", "value", "output.dense"), ia3_feedforward=("output.dense",),
+           reads_first_token=True),
     Family("t5", "T5Config", dict(d_model=32, d_ff=64, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=2,
                                   dropout_rate=0.0),
            layer_counts=("num_layers", "num_decoder_layers"), self_attention="SelfAttention",

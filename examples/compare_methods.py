@@ -34,8 +34,12 @@ METHODS = {
                                                                      "loraplus_lr_ratio": 16}], 2.5e-4),
     "ia3": ("ia3", [{"name": "ia3"}], 1e-2),
     "adapter (houlsby, bottleneck 64)": ("adapter", [{"name": "adapter", "bottleneck": 64}], 1e-3),
-    "prompt (20 virtual tokens)": ("prompt", [{"name": "prompt", "num_virtual_tokens": 20}], 3e-2),
-    "prefix (20 virtual tokens)": ("prefix", [{"name": "prefix", "num_virtual_tokens": 20}], 1e-2),
+    "prompt (20 virtual tokens, after [CLS], from vocabulary tokens)": (
+        "prompt", [{"name": "prompt", "num_virtual_tokens": 20}], 3e-1),
+    "prefix (20 virtual tokens, gated, from the first inputs)": (
+        "prefix", [{"name": "prefix", "num_virtual_tokens": 20}], 3e-2),
+    "prefix (20 virtual tokens, ungated: PEFT's form, from the first inputs)": (
+        "prefix-ungated", [{"name": "prefix", "num_virtual_tokens": 20, "gate": False}], 3e-2),
 }
 
 

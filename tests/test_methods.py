@@ -386,6 +386,35 @@ def test_a_prefix_from_text_is_the_base_model_reading_that_text_first(family, pr
     assert any(p.requires_grad for p in model.dstune_prefix.parameters())
 
 
+def test_a_prefix_starts_from_the_first_training_inputs_by_default():
+    """Without init_text the prefix starts as the keys and values of the run's first training input tokens
+    (repeated to P where there are fewer): the same prefix as init_text of those tokens; `init: random` and a
+    run without data (a reloaded run dir) start at random."""
+    def prefix(spec: dict, tokenizer=None, inputs=None) -> torch.Tensor:
+        model, task = tiny("llama")
+        apply_methods(model, build_methods([{"name": "prefix", "num_virtual_tokens": 5, "gate": False, **spec}]),
+                      task, tokenizer, inputs)
+        return model.dstune_prefix().detach()
+    first = lambda n: [10, 11, 12][:n]  # noqa: E731  (three input tokens in all)
+    from_data = prefix({}, inputs=first)
+    assert torch.equal(from_data, prefix({"init_text": "a b c"}, WordIds()))
+    assert not torch.equal(from_data, prefix({"init_text": "a b c d"}, WordIds()))
+    assert not torch.equal(from_data, prefix({"init": "random"}, inputs=first))
+    assert torch.equal(prefix({"init": "random"}, inputs=first), prefix({}))   # torch.manual_seed(0) in tiny
+
+
+def test_leading_inputs_are_each_rows_prompt_then_the_next_row():
+    from dstune.data.batching import IGNORE
+    from dstune.data.pipeline import TaskData
+    chat = TaskData(train=[{"input_ids": [1, 2, 3, 4], "labels": [IGNORE, IGNORE, 3, 4]},
+                           {"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}], eval=None)
+    assert chat.leading_inputs(10) == [1, 2, 5] and chat.leading_inputs(2) == [1, 2]
+    text = TaskData(train=[{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4], "labels": [4]}], eval=None)
+    assert text.leading_inputs(3) == [1, 2, 3] and text.leading_inputs(9) == [1, 2, 3, 4]
+    classes = TaskData(train=[{"input_ids": [101, 7, 102], "labels": 1}], eval=None)
+    assert classes.leading_inputs(2) == [101, 7]
+
+
 def test_prefix_init_text_needs_a_tokenizer_and_tokens():
     with pytest.raises(UserError, match=r"methods \(prefix\)\.init_text: needs the run's tokenizer"):
         with_methods("llama", {"name": "prefix", "init_text": "hello"})
@@ -432,3 +461,29 @@ def test_a_soft_prompt_from_text_repeats_the_texts_token_embeddings():
     assert torch.equal(model.dstune_prompt.embedding.weight, emb[torch.tensor([10, 11, 10, 11, 10])])
     with pytest.raises(UserError, match=r"^methods \(prompt\)\.init_text: the text has no tokens$"):
         apply_methods(tiny("llama")[0], build_methods([{"name": "prompt", "init_text": " "}]), task, WordIds())
+
+
+@pytest.mark.parametrize("position,at", [("auto", 1), ("after_first", 1), ("start", 0)])
+def test_a_bert_classifiers_soft_prompt_goes_after_cls_unless_told(position, at):
+    """BERT's classifier pools the first token: by default the prompt goes after [CLS], so the classifier
+    reads [CLS] at position 0; `start` prepends it as PEFT does. Either way the model equals the base model
+    fed those embeddings."""
+    base, task = tiny("bert")
+    model, _ = with_methods("bert", {"name": "prompt", "num_virtual_tokens": 3, "position": position})
+    x = batch(task)
+    with torch.no_grad():
+        emb, prompt = base.get_input_embeddings()(x["input_ids"]), model.dstune_prompt(2)
+        embeds = torch.cat([emb[:, :at], prompt, emb[:, at:]], dim=1)
+        expected = base(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long)).logits
+        assert torch.allclose(model(**x).logits, expected, atol=1e-6)
+
+
+def test_a_prompt_after_cls_has_no_peft_form_and_is_for_classifiers_only():
+    model, task, (method,) = with_methods_list("bert", {"name": "prompt", "num_virtual_tokens": 3})
+    with pytest.raises(UserError, match=r"^--format peft: this soft prompt sits after the input's first token .* "
+                                        r"train with position: start to export it$"):
+        method.peft_adapter(model, task)
+    assert with_methods("llama", {"name": "prompt", "num_virtual_tokens": 3})[0].dstune_prompt.at == 0
+    with pytest.raises(UserError, match=r"^methods \(prompt\)\.position: after_first is for classifiers that read "
+                                        r"the first token; a causal_lm model's prompt goes at the start$"):
+        with_methods("llama", {"name": "prompt", "position": "after_first"})

@@ -12,6 +12,7 @@ import torch
 
 from dstune.config import RANDOM_DATA, RunConfig
 from dstune.data.augment import MARK, augment_rows, input_columns
+from dstune.data.batching import IGNORE
 from dstune.data.files import ROW, load_table, map_output, require_columns
 from dstune.data.packing import pack
 from dstune.errors import UserError
@@ -28,6 +29,22 @@ class TaskData:
     #                                    rows dropped (data.drop_invalid_rows)
     eval_dropped: int = 0       # evaluation rows dropped (data.drop_invalid_rows)
     augmented: list | None = None  # data.augment: (source path, its rows with their copies) per source
+
+    def leading_inputs(self, n_tokens: int) -> list[int]:
+        """The first `n_tokens` input tokens of data.train, row after row: of each row its prompt (the leading
+        tokens that are not targets) or, where the first token is already a target (plain text), all of it.
+        Fewer where the data holds fewer."""
+        out: list[int] = []
+        for i in range(len(self.train)):
+            if len(out) >= n_tokens:
+                break
+            row = self.train[i]
+            ids, labels = [int(x) for x in row["input_ids"]], np.asarray(row.get("labels", 0))
+            if labels.ndim == 1 and len(labels) == len(ids) and len(ids) and labels[0] == IGNORE:
+                targets = np.flatnonzero(labels != IGNORE)
+                ids = ids[:targets[0] if len(targets) else len(ids)]
+            out += ids
+        return out[:n_tokens]
 
 
 RANDOM_EXAMPLES = 1 << 16  # rows of `data.train: random`; set training.max_steps for longer runs

@@ -143,7 +143,7 @@ def _train(cfg: RunConfig, started: list, checkpointing) -> dict:
     torch.manual_seed(t.seed)
     model = load_model(cfg, tokenizer, data.labels)
     base_params = sum(p.numel() for p in model.parameters())  # the model before methods add any
-    apply_methods(model, methods, cfg.task, tokenizer)
+    apply_methods(model, methods, cfg.task, tokenizer, data.leading_inputs)
     prepare_for_training(model, cfg)
     compiled = compile_layers(model, stage) if t.compile else 0
     n_train, n_total = count_trainable(model)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from pydantic import ValidationError
@@ -92,15 +92,17 @@ def check_composition(names: list[str]) -> None:
             raise UserError(f"methods: {name} needs one of {', '.join(needs)} in the same list")
 
 
-def apply_methods(model: torch.nn.Module, methods: list[TuningMethod], task: str, tokenizer=None) -> None:
-    """Freeze everything, then let each method mark or add what trains. The names of the parameters methods
-    add are kept in `model.dstune_added`: they are saved with the trained ones even when frozen (a fixed
-    random projection must come back as it was)."""
+def apply_methods(model: torch.nn.Module, methods: list[TuningMethod], task: str, tokenizer=None,
+                  example_inputs: Callable[[int], list[int]] | None = None) -> None:
+    """Freeze everything, then let each method mark or add what trains (`example_inputs(n)`: the first n
+    training input tokens, which a prefix may start from). The names of the parameters methods add are kept
+    in `model.dstune_added`: they are saved with the trained ones even when frozen (a fixed random projection
+    must come back as it was)."""
     base = {n for n, _ in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for m in methods:
-        m.tokenizer = tokenizer
+        m.tokenizer, m.example_inputs = tokenizer, example_inputs
         m.apply(model, task)
     model.dstune_added = frozenset(n for n, _ in model.named_parameters() if n not in base)
     model.dstune_generate_kwargs = {k: v for m in methods for k, v in m.generate_kwargs.items()}

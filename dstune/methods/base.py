@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -18,6 +18,36 @@ def base_model_only(model: torch.nn.Module):
         yield model
     finally:
         model.dstune_bypass = False
+
+
+@contextlib.contextmanager
+def gathered_module_by_module(model: torch.nn.Module):
+    """Under ZeRO-3 (partitioned parameters, before DeepSpeed's engine exists): a forward inside it gathers
+    each module's own parameters for that module's call alone, as the engine does, so no rank ever holds the
+    whole model. Every rank must run the same forward (the gathers are collective)."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        yield model
+        return
+    import deepspeed
+    opened: list = []
+
+    def gather(module, args):
+        own = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")]
+        opened.append(deepspeed.zero.GatheredParameters(own) if own else contextlib.nullcontext())
+        opened[-1].__enter__()
+
+    def release(module, args, output):
+        opened.pop().__exit__(None, None, None)
+
+    handles = [h for m in model.modules()
+               for h in (m.register_forward_pre_hook(gather), m.register_forward_hook(release))]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        while opened:  # a forward that raised
+            opened.pop().__exit__(None, None, None)
 
 
 class NoOptions(BaseModel):
@@ -47,6 +77,8 @@ class TuningMethod:
                                                    # the untouched base is scored too, and the method's hooks
                                                    # step aside under `base_model_only`
     tokenizer = None                               # the run's tokenizer, set before `apply`
+    example_inputs: Callable[[int], list[int]] | None = None  # the run's first n training input tokens, set
+                                                              # before `apply` where the run has data
 
     def __init__(self, options: BaseModel):
         self.options = options
@@ -55,15 +87,22 @@ class TuningMethod:
         """Set requires_grad on existing parameters and/or add trainable modules."""
         raise NotImplementedError
 
-    def init_text_ids(self) -> torch.Tensor:
-        """The tokens of `options.init_text`, repeated or cut to `options.num_virtual_tokens` (prompt, prefix)."""
-        if self.tokenizer is None:
-            raise UserError(f"methods ({self.name}).init_text: needs the run's tokenizer")
-        ids = self.tokenizer(self.options.init_text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise UserError(f"methods ({self.name}).init_text: the text has no tokens")
+    def init_ids(self, from_data: bool = False) -> torch.Tensor | None:
+        """The tokens a prompt or prefix starts from, repeated or cut to `options.num_virtual_tokens`: those of
+        `options.init_text`, else (`from_data`) the run's first training inputs, else None (a random start;
+        also where the run has no data: a reloaded run dir, whose trained weights replace the start)."""
         P = self.options.num_virtual_tokens
-        return torch.tensor((ids * (P // len(ids) + 1))[:P])
+        if self.options.init_text:
+            if self.tokenizer is None:
+                raise UserError(f"methods ({self.name}).init_text: needs the run's tokenizer")
+            ids = self.tokenizer(self.options.init_text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise UserError(f"methods ({self.name}).init_text: the text has no tokens")
+        elif from_data and self.example_inputs is not None:
+            ids = self.example_inputs(P)
+        else:
+            ids = []
+        return torch.tensor((ids * (P // len(ids) + 1))[:P]) if ids else None
 
     def lr_scale(self, param_name: str) -> float:
         """Multiplier on the base LR for one trainable parameter (1.0 unless the method says otherwise)."""

@@ -25,7 +25,7 @@ from torch import nn
 from dstune.errors import UserError
 from dstune.families import family_of
 from dstune.kernels import prefix_attention
-from dstune.methods.base import TuningMethod, base_model_only, has_values
+from dstune.methods.base import TuningMethod, base_model_only, gathered_module_by_module, has_values
 from dstune.methods.peft_format import PeftAdapter, prompt_learning
 from dstune.methods.targets import train_task_head
 
@@ -43,6 +43,9 @@ class PrefixOptions(BaseModel):
     init_text: str | None = Field(
         None, description="start from the keys and values the frozen model computes for this text (its tokens "
                           "repeated or cut to P): step 0 is the base model reading the text before every input")
+    init: Literal["data", "random"] = Field(
+        "data", description="without init_text: data (the keys and values of the first P tokens of the training "
+                            "inputs: each row's prompt, row after row) or random (N(0, 1) embeddings)")
     attention: Literal["auto", "shifted", "lower-right", "split", "kernel"] = Field(
         "auto", description="prefix attention path for unmasked blocks: auto (= shifted: plain causal SDPA over P "
                             "placeholder queries + the sequence), lower-right (SDPA with lower-right causality: "
@@ -110,7 +113,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
                position_bias=None, **kwargs):
     """The registered attention function: plain attention plus this layer's prefix, if it has one."""
     captured = getattr(module, "_dstune_capture", None)
-    if captured is not None:  # Prefix._init_from_text: this layer's keys and values for the text
+    if captured is not None:  # Prefix._init_from_tokens: this layer's keys and values for the text
         captured.append((key.detach(), value.detach()))
     prefix = getattr(module, "_dstune_prefix", None)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -212,22 +215,21 @@ class Prefix(TuningMethod):
         for sub in model.modules():  # transformers < 5.23 leaves e.g. T5's encoder/decoder stacks on sdpa
             if isinstance(sub, PreTrainedModel) and sub.config._attn_implementation != ATTENTION_NAME:
                 sub.set_attn_implementation(ATTENTION_NAME)
-        if o.init_text and has_values(model.dstune_prefix.embedding.weight):  # not in the (shapes-only) estimate
-            self._init_from_text(model, attention)
+        ids = self.init_ids(from_data=o.init == "data")
+        if ids is not None and has_values(model.dstune_prefix.embedding.weight):  # not in the (shapes-only) estimate
+            self._init_from_tokens(model, attention, ids)
         train_task_head(model, task)
 
-    def _init_from_text(self, model: nn.Module, attention: list[nn.Module]) -> None:
-        """Run the frozen model once on `init_text` (no prefix, positions from 0) and start each layer's
+    def _init_from_tokens(self, model: nn.Module, attention: list[nn.Module], ids: torch.Tensor) -> None:
+        """Run the frozen model once on these P tokens (no prefix, positions from 0) and start each layer's
         prefix at the keys and values it computed: a past cache of the text. Under ZeRO-3 the base is
-        gathered whole for that one forward."""
-        import deepspeed
-        ids, P = self.init_text_ids()[None], self.options.num_virtual_tokens
-        partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+        gathered module by module for that one forward."""
+        ids, P = ids[None], self.options.num_virtual_tokens
         training = model.training
         for attn in attention:
             attn._dstune_capture = []
         try:
-            with deepspeed.zero.GatheredParameters(partitioned), torch.no_grad(), base_model_only(model):
+            with gathered_module_by_module(model), torch.no_grad(), base_model_only(model):
                 model.eval()
                 model(input_ids=ids, **({"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}))
             kv = torch.stack([torch.stack(attn._dstune_capture[0]) for attn in attention])  # [L, 2, 1, Hkv, P, D]

@@ -1,4 +1,5 @@
-"""Soft prompt tuning: P learned embeddings prepended to the input embeddings."""
+"""Soft prompt tuning: P learned embeddings prepended to the input embeddings (after [CLS] where a
+classifier reads the first token: BERT pools it, and prepended it would pool a virtual token instead)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -9,6 +10,7 @@ from torch import nn
 
 from dstune.data.batching import IGNORE
 from dstune.errors import UserError
+from dstune.families import family_of
 from dstune.methods.base import TuningMethod, has_values
 from dstune.methods.peft_format import PeftAdapter, prompt_learning
 from dstune.methods.targets import train_task_head
@@ -21,11 +23,17 @@ class PromptOptions(BaseModel):
     init: Literal["vocab", "random"] = Field(
         "vocab", description="without init_text: vocab (embeddings of P tokens drawn from the vocabulary, PEFT's "
                              "SAMPLE_VOCAB: inputs the model has seen) or random (N(0, 1), far from any token)")
+    position: Literal["auto", "start", "after_first"] = Field(
+        "auto", description="where the virtual tokens go: start (before the input, as PEFT) or after_first (after "
+                            "the input's first token, so a classifier that reads [CLS] still finds it first, at "
+                            "position 0; classification only); auto: after_first for families whose classifier "
+                            "reads the first token (BERT), else start")
 
 
 class SoftPrompt(nn.Module):
-    def __init__(self, n_tokens: int, dim: int):
+    def __init__(self, n_tokens: int, dim: int, at: int = 0):
         super().__init__()
+        self.at = at  # the input tokens before it
         self.embedding = nn.Embedding(n_tokens, dim)
         self.register_buffer("positions", torch.arange(n_tokens), persistent=False)
 
@@ -47,9 +55,10 @@ def _prepend(model: nn.Module, args, kwargs):
     prompt = model.dstune_prompt(ids.shape[0])
     model._dstune_real_len = ids.shape[1]
     embeds = model.get_input_embeddings()(ids)
-    kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype), embeds], dim=1)
+    at = model.dstune_prompt.at  # 0, or 1: after [CLS]
+    kwargs["inputs_embeds"] = torch.cat([embeds[:, :at], prompt.to(embeds.dtype), embeds[:, at:]], dim=1)
     P = prompt.shape[1]
-    pad = lambda t, value: torch.cat([t.new_full((t.shape[0], P), value), t], dim=1)  # noqa: E731
+    pad = lambda t, value: torch.cat([t[:, :at], t.new_full((t.shape[0], P), value), t[:, at:]], dim=1)  # noqa: E731
     if kwargs.get("attention_mask") is not None:
         kwargs["attention_mask"] = pad(kwargs["attention_mask"], 1)
     if kwargs.get("token_type_ids") is not None:
@@ -103,10 +112,10 @@ class Prompt(TuningMethod):
         o = self.options
         emb = model.get_input_embeddings()
         dim = getattr(emb.weight, "ds_shape", emb.weight.shape)[1]  # ZeRO-3: the real shape
-        model.dstune_prompt = SoftPrompt(o.num_virtual_tokens, dim)
+        model.dstune_prompt = SoftPrompt(o.num_virtual_tokens, dim, int(self._after_first(model, task)))
         if has_values(emb.weight):  # a shapes-only model (the estimate) has nothing to copy
             if o.init_text:
-                self._init_from_text(model, emb)
+                self._copy_rows(model, emb, self.init_ids())
             elif o.init == "vocab":
                 vocab = getattr(emb.weight, "ds_shape", emb.weight.shape)[0]
                 # drawn from the run's seed alone, whatever else used the RNG (ZeRO-3's set-up, the ranks)
@@ -118,7 +127,20 @@ class Prompt(TuningMethod):
             model.register_forward_hook(_drop_virtual_positions, with_kwargs=True)
         train_task_head(model, task)
 
+    def _after_first(self, model: nn.Module, task: str) -> bool:
+        position = self.options.position
+        if position == "auto":
+            return task == "classification" and family_of(model).reads_first_token
+        if position == "after_first" and task != "classification":
+            raise UserError(f"methods (prompt).position: after_first is for classifiers that read the first "
+                            f"token; a {task} model's prompt goes at the start")
+        return position == "after_first"
+
     def peft_adapter(self, model: nn.Module, task: str) -> PeftAdapter:
+        if model.dstune_prompt.at:
+            raise UserError("--format peft: this soft prompt sits after the input's first token (methods.prompt."
+                            "position; auto puts it after BERT's [CLS], which the classifier reads); PEFT prepends "
+                            "it before: train with position: start to export it")
         w = model.dstune_prompt.embedding.weight.detach().float()
         return prompt_learning(model, "PROMPT_TUNING", self.options.num_virtual_tokens, w, w.shape[1],
                                model.config.num_attention_heads,
@@ -131,9 +153,6 @@ class Prompt(TuningMethod):
     @classmethod
     def bench_presets(cls) -> dict[str, list[dict]]:
         return {"prompt": [{"name": "prompt", "num_virtual_tokens": 32}]}
-
-    def _init_from_text(self, model: nn.Module, emb: nn.Module) -> None:
-        self._copy_rows(model, emb, self.init_text_ids())
 
     @staticmethod
     def _copy_rows(model: nn.Module, emb: nn.Module, ids: torch.Tensor) -> None:
