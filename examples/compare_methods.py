@@ -36,9 +36,9 @@ METHODS = {
     "adapter (houlsby, bottleneck 64)": ("adapter", [{"name": "adapter", "bottleneck": 64}], 1e-3),
     "prompt (20 virtual tokens, after [CLS], from vocabulary tokens)": (
         "prompt", [{"name": "prompt", "num_virtual_tokens": 20}], 3e-1),
-    "prefix (20 virtual tokens, gated, from the first inputs)": (
+    "prefix (20 virtual tokens, gated)": (
         "prefix", [{"name": "prefix", "num_virtual_tokens": 20}], 3e-2),
-    "prefix (20 virtual tokens, ungated: PEFT's form, from the first inputs)": (
+    "prefix (20 virtual tokens, ungated: PEFT's form)": (
         "prefix-ungated", [{"name": "prefix", "num_virtual_tokens": 20, "gate": False}], 3e-2),
 }
 

@@ -4,6 +4,7 @@ at the same step budget. Held-out loss and perplexity over the reply tokens, and
 model gives to a few held-out prompts. Prints markdown (the README's table).
 
 Usage: python examples/prefix_chat.py [--steps 60] [--tokens 20] [--replies 3] [--heldout 200] [--out DIR]
+                                      [--only prefix-gated-data,lora]
 """
 from __future__ import annotations
 
@@ -26,14 +27,22 @@ def variants(tokens: int) -> dict[str, tuple[str, list[dict], float]]:
     """table label → (run name, methods, learning rate)."""
     prefix = {"name": "prefix", "num_virtual_tokens": tokens}
     return {
-        "prefix, random, ungated (PEFT's prefix tuning)": ("prefix-random", [{**prefix, "gate": False}], 1e-2),
+        "prefix, random, ungated (PEFT's prefix tuning)": ("prefix-random", [{**prefix, "gate": False,
+                                                                              "init": "random"}], 1e-2),
         "prefix, from the task text, ungated": ("prefix-text", [{**prefix, "gate": False, "init_text": TASK}], 1e-2),
-        "prefix, random, gated (the default)": ("prefix-gated", [prefix], 1e-2),
+        "prefix, from the first training prompts, ungated": ("prefix-data", [{**prefix, "gate": False}], 1e-2),
+        "prefix, random, gated": ("prefix-gated", [{**prefix, "init": "random"}], 1e-2),
         "prefix, from the task text, gated": ("prefix-gated-text", [{**prefix, "init_text": TASK}], 1e-2),
+        "prefix, from the first training prompts, gated (the default)": ("prefix-gated-data", [prefix], 1e-2),
         "prompt, from vocabulary tokens (the default)": ("prompt", [{"name": "prompt", "num_virtual_tokens": tokens}],
                                                           3e-2),
         "lora (r 8, q_proj and v_proj)": ("lora", [{"name": "lora", "r": 8, "alpha": 16}], 1e-3),
     }
+
+
+def starts_as_base(methods: list[dict]) -> bool:
+    """LoRA (B = 0) and a gated prefix (closed gate) start as the base model: step 0 scores the base."""
+    return methods[0]["name"] == "lora" or methods[0]["name"] == "prefix" and methods[0].get("gate", True)
 
 
 def replies(run: Path, prompts: list[str]) -> list[str]:
@@ -52,6 +61,7 @@ def main() -> None:
     ap.add_argument("--replies", type=int, default=3, help="held-out prompts to show replies to")
     ap.add_argument("--heldout", type=int, default=200, help="held-out pairs scored (at most; the split holds 164)")
     ap.add_argument("--out", default=str(REPO / "runs" / "prefix_chat"), help="run dirs (finished ones are reused)")
+    ap.add_argument("--only", help="run only these run names (comma-separated): prefix-random, prefix-text, ...")
     a = ap.parse_args()
     out = Path(a.out)
     data = REPO / "runs" / "distill_chat"
@@ -65,10 +75,15 @@ def main() -> None:
               "training.warmup_steps=5"]
     prompts = list(dict.fromkeys(json.loads(line)["prompt"] for line in held.read_text().splitlines()))[:a.replies]
     rows, shown, base_score = [], {}, None
+    only = set(a.only.split(",")) if a.only else None
+    if only is not None and not any(starts_as_base(m) for n, m, _ in variants(a.tokens).values() if n in only):
+        sys.exit("--only: include lora or a gated prefix, whose step 0 scores the untouched base model")
     for label, (name, methods, lr) in variants(a.tokens).items():
+        if only is not None and name not in only:
+            continue
         result = train(out / name, [*common, f"methods={json.dumps(methods)}", f"training.lr={lr}"])
         info = json.loads((out / name / "run.json").read_text())
-        if name == "lora":   # LoRA starts as the base model (B = 0): its step-0 score is the base's
+        if starts_as_base(methods):
             base_score = result["before"]
         rows.append((label, info["trainable_params"], lr, result["before"], result["after"]))
         shown[label] = replies(out / name, prompts)

@@ -386,12 +386,12 @@ def test_a_prefix_from_text_is_the_base_model_reading_that_text_first(family, pr
     assert any(p.requires_grad for p in model.dstune_prefix.parameters())
 
 
-def test_a_prefix_starts_from_the_first_training_inputs_by_default():
-    """Without init_text the prefix starts as the keys and values of the run's first training input tokens
-    (repeated to P where there are fewer): the same prefix as init_text of those tokens; `init: random` and a
-    run without data (a reloaded run dir) start at random."""
-    def prefix(spec: dict, tokenizer=None, inputs=None) -> torch.Tensor:
-        model, task = tiny("llama")
+def test_a_decoders_prefix_starts_from_the_first_training_inputs_by_default():
+    """Without init_text a decoder's prefix starts as the keys and values of the run's first training input
+    tokens (repeated to P where there are fewer): the same prefix as init_text of those tokens; `init: random`
+    and a run without data (a reloaded run dir) start at random, as an encoder's does unless told."""
+    def prefix(spec: dict, tokenizer=None, inputs=None, family: str = "llama") -> torch.Tensor:
+        model, task = tiny(family)
         apply_methods(model, build_methods([{"name": "prefix", "num_virtual_tokens": 5, "gate": False, **spec}]),
                       task, tokenizer, inputs)
         return model.dstune_prefix().detach()
@@ -401,6 +401,9 @@ def test_a_prefix_starts_from_the_first_training_inputs_by_default():
     assert not torch.equal(from_data, prefix({"init_text": "a b c d"}, WordIds()))
     assert not torch.equal(from_data, prefix({"init": "random"}, inputs=first))
     assert torch.equal(prefix({"init": "random"}, inputs=first), prefix({}))   # torch.manual_seed(0) in tiny
+    assert torch.equal(prefix({}, inputs=first, family="bert"), prefix({"init": "random"}, family="bert"))
+    assert torch.equal(prefix({"init": "data"}, inputs=first, family="bert"),
+                       prefix({"init_text": "a b c"}, WordIds(), family="bert"))
 
 
 def test_leading_inputs_are_each_rows_prompt_then_the_next_row():

@@ -43,9 +43,11 @@ class PrefixOptions(BaseModel):
     init_text: str | None = Field(
         None, description="start from the keys and values the frozen model computes for this text (its tokens "
                           "repeated or cut to P): step 0 is the base model reading the text before every input")
-    init: Literal["data", "random"] = Field(
-        "data", description="without init_text: data (the keys and values of the first P tokens of the training "
-                            "inputs: each row's prompt, row after row) or random (N(0, 1) embeddings)")
+    init: Literal["auto", "data", "random"] = Field(
+        "auto", description="without init_text: data (the keys and values of the first P tokens of the training "
+                            "inputs: each row's prompt, row after row) or random (N(0, 1) embeddings); auto: data "
+                            "for decoder-only models, which read such a prefix as text seen before the input, "
+                            "random for encoders (BERT, T5), which never see a past")
     attention: Literal["auto", "shifted", "lower-right", "split", "kernel"] = Field(
         "auto", description="prefix attention path for unmasked blocks: auto (= shifted: plain causal SDPA over P "
                             "placeholder queries + the sequence), lower-right (SDPA with lower-right causality: "
@@ -215,7 +217,8 @@ class Prefix(TuningMethod):
         for sub in model.modules():  # transformers < 5.23 leaves e.g. T5's encoder/decoder stacks on sdpa
             if isinstance(sub, PreTrainedModel) and sub.config._attn_implementation != ATTENTION_NAME:
                 sub.set_attn_implementation(ATTENTION_NAME)
-        ids = self.init_ids(from_data=o.init == "data")
+        decoder_only = not model.config.is_encoder_decoder and all(getattr(a, "is_causal", False) for a in attention)
+        ids = self.init_ids(from_data=o.init == "data" or o.init == "auto" and decoder_only)
         if ids is not None and has_values(model.dstune_prefix.embedding.weight):  # not in the (shapes-only) estimate
             self._init_from_tokens(model, attention, ids)
         train_task_head(model, task)
