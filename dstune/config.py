@@ -454,7 +454,8 @@ def format_validation_error(err: ValidationError, source: str, key_lines: dict[t
     key = ".".join(str(p) for p in loc) or "(top level)"
     msg = "unknown key" + did_you_mean(str(loc[-1]), _fields_at(loc[:-1])) if e["type"] == "extra_forbidden" \
         else e["msg"].removeprefix("Value error, ")
-    if e["type"] not in ("missing", "extra_forbidden") and "input" in e and not isinstance(e["input"], dict):
+    if e["type"] not in ("missing", "extra_forbidden") and "input" in e and not isinstance(e["input"], dict) \
+            and repr(e["input"]) not in msg:  # a validator's own message may already quote it
         msg += f" (got {e['input']!r})"
     where = source
     for n in range(len(loc), 0, -1):

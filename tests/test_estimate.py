@@ -89,7 +89,7 @@ def test_frozen_parameters_hold_weights_only(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--world-size", "0"], r"--world-size: must be at least 1, got 0"),
     (["deepspeed={zero_optimization: {stage: 7}}"], r"deepspeed: zero_optimization\.stage must be 0-3, got 7"),
-    (["model.tiny=gpt5"], r"model\.tiny: unknown family 'gpt5' \(did you mean 'gpt2'\?\); known: bert, gemma,"),
+    (["model.tiny=gpt5"], r"model\.tiny: unknown family 'gpt5' \(did you mean 'gpt2'\?\); known: bert, gemma,.*, t5\n"),
 ])
 def test_bad_estimate_input(ws, tmp_path, args, message):
     import re
