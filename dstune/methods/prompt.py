@@ -18,7 +18,7 @@ from dstune.methods.targets import train_task_head
 
 class PromptOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    num_virtual_tokens: int = Field(16, gt=0, description="P: learned embeddings prepended to every input")
+    num_virtual_tokens: int = Field(16, gt=0, description="P: learned embeddings added to every input")
     init_text: str | None = Field(None, description="initialise from this text's token embeddings (repeated to P)")
     init: Literal["vocab", "random"] = Field(
         "vocab", description="without init_text: vocab (embeddings of P tokens drawn from the vocabulary, PEFT's "
@@ -99,7 +99,7 @@ def _drop_virtual_positions(model: nn.Module, args, kwargs, output):
 
 class Prompt(TuningMethod):
     name = "prompt"
-    description = "soft prompt tuning: P learned input embeddings, random or initialised from a text"
+    description = "soft prompt tuning: P learned input embeddings, from vocabulary tokens, a text or random"
     Options = PromptOptions
     mergeable = False
     generate_kwargs = {"use_cache": False}
