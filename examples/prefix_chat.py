@@ -40,11 +40,6 @@ def variants(tokens: int) -> dict[str, tuple[str, list[dict], float]]:
     }
 
 
-def starts_as_base(methods: list[dict]) -> bool:
-    """LoRA (B = 0) and a gated prefix (closed gate) start as the base model: step 0 scores the base."""
-    return methods[0]["name"] == "lora" or methods[0]["name"] == "prefix" and methods[0].get("gate", True)
-
-
 def replies(run: Path, prompts: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "dstune", "generate", str(run), "--jsonl", "--max-new-tokens", "24",
            *(arg for p in prompts for arg in ("--prompt", p))]
@@ -63,6 +58,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "runs" / "prefix_chat"), help="run dirs (finished ones are reused)")
     ap.add_argument("--only", help="run only these run names (comma-separated): prefix-random, prefix-text, ...")
     a = ap.parse_args()
+    names = {name for name, _, _ in variants(a.tokens).values()}
+    only = set(a.only.split(",")) if a.only else names
+    if only - names:
+        sys.exit(f"--only: unknown run name(s) {', '.join(sorted(only - names))}; known: {', '.join(sorted(names))}")
     out = Path(a.out)
     data = REPO / "runs" / "distill_chat"
     train_file, held = pairs_split(data / "data")
@@ -75,16 +74,13 @@ def main() -> None:
               "training.warmup_steps=5"]
     prompts = list(dict.fromkeys(json.loads(line)["prompt"] for line in held.read_text().splitlines()))[:a.replies]
     rows, shown, base_score = [], {}, None
-    only = set(a.only.split(",")) if a.only else None
-    if only is not None and not any(starts_as_base(m) for n, m, _ in variants(a.tokens).values() if n in only):
-        sys.exit("--only: include lora or a gated prefix, whose step 0 scores the untouched base model")
     for label, (name, methods, lr) in variants(a.tokens).items():
-        if only is not None and name not in only:
+        if name not in only:
             continue
         result = train(out / name, [*common, f"methods={json.dumps(methods)}", f"training.lr={lr}"])
         info = json.loads((out / name / "run.json").read_text())
-        if starts_as_base(methods):
-            base_score = result["before"]
+        # the untouched base: scored apart where the method changes the model at step 0, else its step 0
+        base_score = result.get("base", result["before"])
         rows.append((label, info["trainable_params"], lr, result["before"], result["after"]))
         shown[label] = replies(out / name, prompts)
         print(f"{name}: {result['before']['loss']:.3f} -> {result['after']['loss']:.3f}", file=sys.stderr, flush=True)
