@@ -29,7 +29,7 @@ def folder_bytes(path: Path) -> int:
 
 def estimated(recipe: str, overrides: list[str], world: int) -> int:
     from dstune.config import load_config
-    from dstune.profiling.estimate import estimate
+    from dstune.planning.estimate import estimate
 
     _, _, info = estimate(load_config(recipe, overrides), world, cuda=False)
     return info["checkpoint_bytes"]

@@ -130,7 +130,7 @@ class AnonPeak:
 def worker_new(recipe_path: str, local_rank: int) -> dict:
     anon = AnonPeak()
     from dstune.config import load_config
-    from dstune.data.prepare import prepared_data
+    from dstune.prepare.cache import prepared_data
     from dstune.models.tokenizers import recipe_tokenizer
     cfg = load_config(recipe_path)
     data, entry = prepared_data(cfg, recipe_tokenizer(cfg), local_rank, 3600)

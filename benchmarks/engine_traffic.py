@@ -4,7 +4,7 @@
 
 Runs a small Llama (15M parameters, 2 x 64 tokens, so the model's activations are small beside its
 parameters) under `deepspeed.initialize` on one CPU rank, and counts with dstune's step traffic counter
-(`dstune/profiling/traffic.py`) the bytes every operator reads and writes in `engine.backward` and
+(`dstune/planning/traffic.py`) the bytes every operator reads and writes in `engine.backward` and
 `engine.step` on the third step. The same backward without DeepSpeed is counted on a copy of the model;
 the difference is what DeepSpeed's gradient hooks add (copies into buckets, averaging, all-reduce). The
 step is the optimizer (torch's single-tensor AdamW here, 92 B/param; DeepSpeed's FusedAdam on a GPU reads
@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from dstune.profiling.report import rows_table
+from dstune.planning.report import rows_table
 
 
 def _model():
@@ -37,7 +37,7 @@ def _model():
 def engine_traffic(zero: dict, precision: str) -> dict:
     import deepspeed
 
-    from dstune.profiling.traffic import StepTraffic
+    from dstune.planning.traffic import StepTraffic
     model = _model()
     plain = copy.deepcopy(model).to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
     params = sum(p.numel() for p in model.parameters())

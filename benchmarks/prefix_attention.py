@@ -155,7 +155,7 @@ def speed_row(B, Hq, Hkv, S, D, P, dtype=torch.bfloat16, device="cuda"):
 
 
 def table(rows: list[dict]) -> str:
-    from dstune.profiling.report import rows_table
+    from dstune.planning.report import rows_table
     return rows_table(rows, lambda x: (f"{x:.2e}" if x < 0.01 else f"{x:.3f}") if isinstance(x, float) else str(x))
 
 

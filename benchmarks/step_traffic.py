@@ -4,7 +4,7 @@
 
 Runs one forward + backward of the recipe's model (default recipes/bench_llama_1b.yaml, the peer's 1.1B
 Llama shape) on fake tensors, as `dstune estimate` does: no GPU, no weights, a few seconds per method.
-Every aten operator that makes a tensor is counted once (`dstune/profiling/traffic.py`): its FLOPs and
+Every aten operator that makes a tensor is counted once (`dstune/planning/traffic.py`): its FLOPs and
 the bytes it reads and writes. Its roofline time is max(FLOPs / peak, bytes / bandwidth), by default the
 measured ceilings of one H100 (800 TFLOP/s bf16 matmul, 3 TB/s copy). The sum is a floor for the eager
 step with no fusion: kernels that reach neither ceiling, launch gaps, the optimizer and DeepSpeed's
@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from dstune.methods import bench_presets
-from dstune.profiling.report import rows_table
-from dstune.profiling.traffic import recipe_traffic
+from dstune.planning.report import rows_table
+from dstune.planning.traffic import recipe_traffic
 
 
 def main() -> int:

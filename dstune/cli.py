@@ -23,7 +23,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.recipe, args.overrides)  # a recipe error answers before torch is imported
     from dstune.engine.trainer import train
-    from dstune.profiling.fit import resolve_checkpointing
+    from dstune.planning.fit import resolve_checkpointing
     train(cfg, resolve_checkpointing)
     # Everything is written and the process group is gone. Leave without interpreter teardown: C++
     # destructors of DeepSpeed/gloo background threads sometimes abort there ("terminate called without
@@ -45,7 +45,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from dstune.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
-    from dstune.data.prepare import prepared_data, summary
+    from dstune.prepare.cache import prepared_data, summary
     from dstune.models.tokenizers import recipe_tokenizer
     data, entry = prepared_data(cfg, recipe_tokenizer(cfg))
     if entry is None:
@@ -64,9 +64,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """
     import torch
 
-    from dstune.data.pipeline import prepare_eval, prepare_held_out
+    from dstune.prepare.pipeline import prepare_eval, prepare_held_out
     from dstune.engine.evaluate import evaluate, results_table
-    from dstune.engine.run_dir import load_run
+    from dstune.rundir.load import load_run
     from dstune.tasks import get_task
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,9 +102,9 @@ def cmd_select(args: argparse.Namespace) -> int:
     """
     import torch
 
-    from dstune.data.pipeline import prepare_pool
-    from dstune.engine.run_dir import load_run
-    from dstune.engine.select import check_strategy, score_rows, write_selection
+    from dstune.prepare.pipeline import prepare_pool
+    from dstune.rundir.load import load_run
+    from dstune.active.select import check_strategy, score_rows, write_selection
 
     out = os.path.abspath(args.out)
     if os.path.isdir(out) or not os.path.isdir(os.path.dirname(out)):
@@ -144,7 +144,7 @@ def cmd_active_learn(args: argparse.Namespace) -> int:
     OUT/STRATEGY/seedN, and a rerun with the same settings resumes where the loop stopped. The recipe
     needs data.eval (the held-out set the curve is measured on).
     """
-    from dstune.active_learning import run_loop
+    from dstune.active.loop import run_loop
 
     for name in ("rounds", "per_round", "initial"):
         if getattr(args, name) < (0 if name == "rounds" else 1):
@@ -170,7 +170,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """
     import torch
 
-    from dstune.engine.run_dir import load_run
+    from dstune.rundir.load import load_run
     from dstune.tasks import get_task
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -204,7 +204,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     merged: a plain Hugging Face model folder with what trained folded into the base weights (full, freeze,
     layerwise_lr, BitFit, LoRA, IA3; GGUF bases dequantized); adapters, prompts and prefixes cannot merge.
     """
-    from dstune.engine.export import export
+    from dstune.rundir.export import export
 
     out = export(args.run_dir, args.out, args.format)
     print(f"{args.format} export written to {out}")
@@ -225,8 +225,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.recipe, args.overrides)
     from dstune.engine.precision import resolve
-    from dstune.profiling.estimate import deepspeed_estimate, estimate
-    from dstune.profiling.report import estimate_table
+    from dstune.planning.estimate import deepspeed_estimate, estimate
+    from dstune.planning.report import estimate_table
 
     cfg = cfg.with_training(precision=resolve(cfg.training.precision, cuda=not args.cpu)[0])  # auto: bf16 on a GPU
     tokenizer = None
@@ -259,7 +259,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     shares prefix's). Each child's whole output is kept in DIR/METHOD.log (and DIR/METHOD-peer.log).
     --replot DIR/bench.json writes bench.md and bench.png again from a finished bench's JSON.
     """
-    from dstune.profiling.bench import bench, replot
+    from dstune.planning.bench import bench, replot
 
     if args.replot:
         where = replot(args.replot)

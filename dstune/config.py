@@ -15,8 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dstune.errors import UserError, did_you_mean
+from dstune.tasks import TASKS
 
-TASKS = ("classification", "causal_lm", "seq2seq")  # one module each in dstune/tasks/
+TASK_NAMES = tuple(TASKS)
 RANDOM_DATA = "random"  # data.train value: synthetic token ids instead of a file
 
 
@@ -327,7 +328,7 @@ class DistillConfig(_Section):
 
 
 class RunConfig(_Section):
-    task: Literal[TASKS] = Field(description="what the model learns")
+    task: Literal[TASK_NAMES] = Field(description="what the model learns")
     model: ModelConfig
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     data: DataConfig

@@ -1,9 +1,11 @@
 """One spec per model family: everything dstune needs to know about a transformers `model_type`.
 
-Methods (where LoRA, IA3, adapters and prefixes attach), the memory estimate (how many blocks), the lean
-activation paths (which norm and MLP classes are Llama-style) and `model.tiny` (the 2-layer test models)
-all read this table. A model type missing from it is described by `discover` from its module tree.
-Adding a family is one entry here (and, where transformers lays it out unlike its neighbours, a test).
+An entry says what the family has: its blocks, where attention and the MLP end, which classes are
+Llama-style, what a user should know. Methods (where adapters and prefixes attach), the memory estimate (how
+many blocks), the lean activation paths and `model.tiny` (the 2-layer test models) read it; what a method
+picks by default (LoRA's and IA3's targets) lives with that method. A model type missing from the table is
+described by `discover` from its module tree. Adding a family is one entry here, plus a line in each
+method's default-target table (tests/test_methods.py trains every method on every family).
 """
 from __future__ import annotations
 
@@ -22,9 +24,6 @@ class Family:
     self_attention: str = "self_attn"    # each block's self-attention module (it calls the attention function)
     attention_out: str = "self_attn.o_proj"  # the projection that ends the attention sublayer (adapters go after)
     mlp_out: str = "mlp.down_proj"       # ... and the one that ends the MLP (an MoE block: the block itself)
-    lora: tuple[str, ...] = ("q_proj", "v_proj")  # default LoRA targets (PEFT's where PEFT has one)
-    ia3: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")  # default IA3 targets (PEFT's where it has one)
-    ia3_feedforward: tuple[str, ...] = ("down_proj",)   # of those, the ones whose input is scaled
     rmsnorm: str | None = None           # the RMSNorm class, when it is Llama's `weight * normalised` form
     swiglu_mlp: str | None = None        # the MLP class, when it is Llama's `down(silu(gate(x)) * up(x))`
     experts: str | None = None           # MoE: the module holding the experts' fused 3-D weights
@@ -58,44 +57,36 @@ MOE_NOTE = ("experts are fused 3-D weights in transformers 5, not linear layers:
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("gpt2", "GPT2Config", dict(n_embd=32, n_layer=2, n_head=2, n_positions=512, resid_pdrop=0.0,
                                       embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0),
-           layer_counts=("n_layer",), self_attention="attn", attention_out="attn.c_proj", mlp_out="mlp.c_proj",
-           lora=("c_attn",), ia3=("c_attn", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",)),
+           layer_counts=("n_layer",), self_attention="attn", attention_out="attn.c_proj", mlp_out="mlp.c_proj"),
     Family("llama", "LlamaConfig", LLAMA_SHAPE, rmsnorm="LlamaRMSNorm", swiglu_mlp="LlamaMLP"),
     Family("mistral", "MistralConfig", LLAMA_SHAPE, rmsnorm="MistralRMSNorm", swiglu_mlp="MistralMLP"),
-    Family("qwen2", "Qwen2Config", LLAMA_SHAPE, ia3=("q_proj", "v_proj", "down_proj"),
-           rmsnorm="Qwen2RMSNorm", swiglu_mlp="Qwen2MLP"),
-    Family("qwen3", "Qwen3Config", {**LLAMA_SHAPE, "head_dim": 8}, ia3=("q_proj", "v_proj", "down_proj"),
-           rmsnorm="Qwen3RMSNorm", swiglu_mlp="Qwen3MLP"),
-    Family("gemma", "GemmaConfig", {**LLAMA_SHAPE, "head_dim": 8}, ia3=("q_proj", "v_proj", "down_proj"),
+    Family("qwen2", "Qwen2Config", LLAMA_SHAPE, rmsnorm="Qwen2RMSNorm", swiglu_mlp="Qwen2MLP"),
+    Family("qwen3", "Qwen3Config", {**LLAMA_SHAPE, "head_dim": 8}, rmsnorm="Qwen3RMSNorm", swiglu_mlp="Qwen3MLP"),
+    Family("gemma", "GemmaConfig", {**LLAMA_SHAPE, "head_dim": 8},
            notes=("RMSNorm scales by 1 + weight and the MLP is GeGLU: the lean activation paths leave them",)),
-    Family("gemma2", "Gemma2Config", {**LLAMA_SHAPE, "head_dim": 8}, ia3=("q_proj", "v_proj", "down_proj"),
+    Family("gemma2", "Gemma2Config", {**LLAMA_SHAPE, "head_dim": 8},
            notes=("soft-capped attention logits: no prefix path computes them, so prefix tuning refuses Gemma 2",)),
     Family("gemma3_text", "Gemma3TextConfig", {**LLAMA_SHAPE, "head_dim": 8},
-           ia3=("q_proj", "v_proj", "down_proj"),
            notes=("sliding-window layers: a prefix stays visible to every position, as a past cache would",)),
-    Family("phi3", "Phi3Config", {**LLAMA_SHAPE, "resid_pdrop": 0.0, "embd_pdrop": 0.0},
-           lora=("qkv_proj",), ia3=("qkv_proj", "down_proj"), rmsnorm="Phi3RMSNorm",
+    Family("phi3", "Phi3Config", {**LLAMA_SHAPE, "resid_pdrop": 0.0, "embd_pdrop": 0.0}, rmsnorm="Phi3RMSNorm",
            notes=("fused qkv_proj and gate_up_proj: PEFT has no default targets for phi3; dstune's are "
                   "written into the exported adapter_config.json",)),
     Family("qwen2_moe", "Qwen2MoeConfig", {**LLAMA_SHAPE, "moe_intermediate_size": 16, "num_experts": 4,
                                            "num_experts_per_tok": 2, "shared_expert_intermediate_size": 32},
-           mlp_out="mlp", ia3=("k_proj", "v_proj", "shared_expert.down_proj"),
-           ia3_feedforward=("shared_expert.down_proj",), rmsnorm="Qwen2MoeRMSNorm",
+           mlp_out="mlp", rmsnorm="Qwen2MoeRMSNorm",
            experts="mlp.experts", router="mlp.gate", notes=(MOE_NOTE,)),
     Family("mixtral", "MixtralConfig", {**LLAMA_SHAPE, "num_local_experts": 4, "num_experts_per_tok": 2},
-           mlp_out="mlp", ia3=("k_proj", "v_proj"), ia3_feedforward=(), rmsnorm="MixtralRMSNorm",
+           mlp_out="mlp", rmsnorm="MixtralRMSNorm",
            experts="mlp.experts", router="mlp.gate", notes=(MOE_NOTE,)),
     Family("bert", "BertConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                       intermediate_size=64, max_position_embeddings=512, hidden_dropout_prob=0.0,
                                       attention_probs_dropout_prob=0.0),
            self_attention="attention.self", attention_out="attention.output.dense", mlp_out="output.dense",
-           lora=("query", "value"), ia3=("key", "value", "output.dense"), ia3_feedforward=("output.dense",),
            reads_first_token=True),
     Family("t5", "T5Config", dict(d_model=32, d_ff=64, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=2,
                                   dropout_rate=0.0),
            layer_counts=("num_layers", "num_decoder_layers"), self_attention="SelfAttention",
-           attention_out="SelfAttention.o", mlp_out="DenseReluDense.wo", lora=("q", "v"), ia3=("k", "v", "wo"),
-           ia3_feedforward=("wo",)),
+           attention_out="SelfAttention.o", mlp_out="DenseReluDense.wo"),
 )}
 
 
@@ -136,7 +127,7 @@ def config_family(config: Any) -> Family | None:
 def discover(model: Any) -> Family:
     """A spec for a model type not in the table: its blocks are the longest list of like modules, its
     self-attention the block child named like one. Targets for LoRA/IA3 cannot be guessed: the recipe names
-    them (the message lists the block's linear layers)."""
+    them (the notes list the block's linear layers, which the methods' error shows)."""
     from torch import nn
     kind = model.config.model_type
     stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0
@@ -149,20 +140,8 @@ def discover(model: Any) -> Family:
                      None)
     linears = sorted({n.rsplit(".", 1)[-1] for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)})
     return Family(kind, "", {}, layer_counts=(), self_attention=attention or "", attention_out="", mlp_out="",
-                  lora=(), ia3=(), ia3_feedforward=(),
                   notes=(f"discovered: {len(blocks)} blocks at {name}, self-attention {attention!r}, "
                          f"linear layers {', '.join(linears)}",))
-
-
-def default_targets(model: Any, method: str, field_name: str) -> tuple[str, ...]:
-    """A family's default targets for a method, or a one-line error naming what the recipe can set."""
-    f = family_of(model)
-    value = getattr(f, field_name)
-    if not value:
-        found = f" ({f.notes[0]})" if f.notes and f.notes[0].startswith("discovered") else ""
-        raise UserError(f"methods ({method}).target_modules: no default for model type {f.model_type!r}{found}; "
-                        "set target_modules")
-    return value
 
 
 def num_layers(config: Any) -> int:

@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dstune.engine.run_lock import ENV_FILE, HOSTFILE
+from dstune.rundir.lock import ENV_FILE, HOSTFILE
 from dstune.errors import UserError
 
 # package data; the top-level launch/ is a link to it, so the scripts also run on their own from a checkout

@@ -6,10 +6,10 @@ import torch
 
 from dstune.config import load_config
 from dstune.models.loading import prepare_for_training
-from dstune.profiling.activations import DTYPES, default_dtype, trace_step
+from dstune.planning.activations import DTYPES, default_dtype, trace_step
 from dstune.tasks import get_task
 from dstune.models.loading import recipe_config
-from dstune.profiling.estimate import _with_methods, estimate, traced_activations
+from dstune.planning.estimate import _with_methods, estimate, traced_activations
 
 METHODS = {"full": "[{name: full}]", "lora": "[{name: lora, r: 4, target_modules: all-linear}]",
            "prefix": "[{name: prefix, num_virtual_tokens: 5}]", "prompt": "[{name: prompt, num_virtual_tokens: 5}]"}
@@ -166,8 +166,8 @@ def test_lean_activations_keep_exactly_the_redundant_copies_less_and_the_same_lo
 
 
 def test_a_model_the_trace_cannot_run_falls_back_to_the_rule_of_thumb(tmp_path, monkeypatch, capsys):
-    import dstune.profiling.estimate as est
-    from dstune.profiling.report import estimate_table
+    import dstune.planning.estimate as est
+    from dstune.planning.report import estimate_table
 
     def fail(*args, **kwargs):
         raise RuntimeError("aten.some_op: no fake implementation\nmore detail")

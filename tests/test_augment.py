@@ -10,9 +10,9 @@ import pytest
 
 from conftest import ok, run_cli, write_recipe
 from dstune.config import load_config
-from dstune.data.augment import MARK, OP, Neighbours, edit, generator, load_neighbours
+from dstune.prepare.augment import MARK, OP, Neighbours, edit, generator, load_neighbours
 from dstune.data.files import ROW
-from dstune.data.pipeline import prepare_data
+from dstune.prepare.pipeline import prepare_data
 from dstune.models.tokenizers import load_tokenizer
 
 TEXT = "The plot was clever and the actor gave a superb moving performance in this film"
@@ -90,7 +90,7 @@ def _copies(data) -> list[dict]:
 
 
 def test_copies_are_capped_marked_deterministic_and_never_of_held_out_rows(ws, tmp_path, monkeypatch):
-    monkeypatch.setattr("dstune.data.augment.COMMON", 0.5)  # the tiny data's 28 words are each in > 5% of rows
+    monkeypatch.setattr("dstune.prepare.augment.COMMON", 0.5)  # the tiny data's 28 words are each in > 5% of rows
     tok = load_tokenizer(str(ws / "bert"))
     augment = "{ops: [delete, swap, insert, neighbour], copies: 3, rate: 0.2}"
     data = prepare_data(_cfg(ws, tmp_path, augment), tok)

@@ -42,14 +42,14 @@ def test_jsonl_row_that_is_not_an_object(tmp_path):
 
 
 def test_single_label_value(tmp_path, tok):
-    from dstune.data.pipeline import prepare_data
+    from dstune.prepare.pipeline import prepare_data
     data = write_rows(tmp_path / "d.jsonl", [{"text": "a b", "label": "x"}] * 4)
     with pytest.raises(UserError, match=r"data\.label_column: .* has only one label value \('x'\)"):
         prepare_data(recipe(tmp_path, "classification", data), tok)
 
 
 def test_eval_label_unseen_in_training(tmp_path, tok):
-    from dstune.data.pipeline import prepare_data
+    from dstune.prepare.pipeline import prepare_data
     train = write_rows(tmp_path / "t.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
     ev = write_rows(tmp_path / "e.jsonl", [{"text": "a", "label": "z"}])
     with pytest.raises(UserError, match=r"data\.eval: labels \['z'\] do not occur in the training labels"):
@@ -57,7 +57,7 @@ def test_eval_label_unseen_in_training(tmp_path, tok):
 
 
 def test_causal_lm_without_text_or_prompt_columns(tmp_path, tok):
-    from dstune.data.pipeline import prepare_data
+    from dstune.prepare.pipeline import prepare_data
     data = write_rows(tmp_path / "d.jsonl", [{"body": "a b"}])
     with pytest.raises(UserError, match=r"^data\.format: .*d.jsonl is none of text \('text'\), prompt_response "
                                         r"\('prompt'\+'response'\), messages, .* \(columns: body\)"):
@@ -69,7 +69,7 @@ def test_causal_lm_without_text_or_prompt_columns(tmp_path, tok):
 
 
 def test_seq2seq_without_target_column(tmp_path, tok):
-    from dstune.data.pipeline import prepare_data
+    from dstune.prepare.pipeline import prepare_data
     data = write_rows(tmp_path / "d.jsonl", [{"source": "a b"}])
     with pytest.raises(UserError, match=r"data\.target_column: column 'target' not in"):
         prepare_data(recipe(tmp_path, "seq2seq", data), tok)
@@ -113,7 +113,7 @@ def test_gguf_without_the_gguf_package_is_one_line_naming_it(tmp_path, tok, monk
 
 
 def test_export_out_must_be_empty(tmp_path):
-    from dstune.engine.export import _prepare_out
+    from dstune.rundir.export import _prepare_out
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "f").write_text("x")
     with pytest.raises(UserError, match=r"--out: .*out exists and is not empty"):
@@ -121,13 +121,13 @@ def test_export_out_must_be_empty(tmp_path):
 
 
 def test_bench_needs_more_steps_than_warmup(tmp_path):
-    from dstune.profiling.bench import bench
+    from dstune.planning.bench import bench
     with pytest.raises(UserError, match=r"--steps: must be more than the 2 warm-up steps"):
         bench(str(tmp_path / "r.yaml"), [], ["full"], str(tmp_path / "b"), 2)
 
 
 def test_run_dir_that_is_not_a_run(tmp_path):
-    from dstune.engine.run_dir import load_run
+    from dstune.rundir.load import load_run
     with pytest.raises(UserError, match=r"not a finished dstune run \(missing config\.yaml\)"):
         load_run(str(tmp_path))
 
@@ -144,7 +144,7 @@ def test_run_dir_that_is_not_a_run(tmp_path):
 ])
 def test_a_row_without_a_value_names_its_line(tmp_path, tok, rows, task, message):
     """Not a class "None", nor the text "None": the row is named."""
-    from dstune.data.pipeline import prepare_data
+    from dstune.prepare.pipeline import prepare_data
     data = write_rows(tmp_path / "d.jsonl", rows)
     with pytest.raises(UserError, match=message):
         prepare_data(recipe(tmp_path, task, data), tok)
@@ -153,7 +153,7 @@ def test_a_row_without_a_value_names_its_line(tmp_path, tok, rows, task, message
 def test_drop_invalid_rows_leaves_out_and_counts_rows_without_a_value(tmp_path, tok):
     """Rows 2 and 4 miss their label; the rest train, later errors still name their own lines, and the
     start-up line says what was left out."""
-    from dstune.data.prepare import prepared_data, summary
+    from dstune.prepare.cache import prepared_data, summary
 
     rows = [{"text": "a b", "label": "x"}, {"text": "b"}, {"text": "c", "label": "y"}, {"text": "d", "label": None},
             {"text": "e", "label": "x"}]
@@ -164,7 +164,7 @@ def test_drop_invalid_rows_leaves_out_and_counts_rows_without_a_value(tmp_path, 
     assert sorted(r["input_ids"] for r in prepared.train) == sorted(tok(t)["input_ids"] for t in ("a b", "c", "e"))
     assert summary(prepared, entry).endswith("; left out for a missing value (data.drop_invalid_rows): 2 rows of d.jsonl")
 
-    from dstune.data.pipeline import prepare_data
+    from dstune.prepare.pipeline import prepare_data
     empty = write_rows(tmp_path / "n.jsonl", [{"text": None}, {"text": None}])
     with pytest.raises(UserError, match=r"n\.jsonl: every row misses a value of text"):
         prepare_data(recipe(tmp_path, "causal_lm", empty, drop_invalid_rows=True), tok)

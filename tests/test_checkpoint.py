@@ -46,7 +46,7 @@ def test_only_the_newest_checkpoints_are_kept(ws, built_ops, tmp_path):
 def test_a_run_dir_in_use_by_a_live_job_is_refused_and_left_alone(ws, built_ops, tmp_path):
     import os
 
-    from dstune.engine.run_lock import hold_run_dir
+    from dstune.rundir.lock import hold_run_dir
 
     recipe = lm_recipe(ws, tmp_path, "run", max_steps=2)
     fd = hold_run_dir(tmp_path / "run")  # this test process is the live job

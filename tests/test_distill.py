@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dstune.models.losses import DIVERGENCES, distillation_loss
+from dstune.config import DIVERGENCES
+from dstune.distill.divergence import distillation_loss
 
 
 def reference(student: torch.Tensor, teacher: torch.Tensor, T: float, kind: str) -> torch.Tensor:
@@ -145,7 +146,7 @@ def test_the_estimate_counts_the_teachers_weights_and_logits(ws, tmp_path):
     import transformers as T
 
     from dstune.config import load_config
-    from dstune.profiling.estimate import estimate
+    from dstune.planning.estimate import estimate
 
     recipe = lm_recipe(ws, tmp_path, "run", methods=LORA)
     [plain], _, _ = estimate(load_config(recipe), 1, cuda=False)
@@ -190,7 +191,7 @@ def test_rows_without_labels_train_through_the_teacher_alone(ws, built_ops, tmp_
 
 def test_rows_without_labels_are_refused_where_they_cannot_train(ws, tmp_path):
     from dstune.config import load_config
-    from dstune.data.pipeline import prepare_data
+    from dstune.prepare.pipeline import prepare_data
     from dstune.errors import UserError
     from dstune.models.tokenizers import load_tokenizer
 

@@ -175,7 +175,7 @@ def test_step_loss_is_the_token_mean_of_the_whole_global_batch(ws, built_ops, tm
     from dstune.config import load_config
     from dstune.data.batching import StepBatches, collate
     from dstune.data.batching import IGNORE
-    from dstune.data.pipeline import prepare_data
+    from dstune.prepare.pipeline import prepare_data
     from dstune.tasks import get_task
     from dstune.models.tokenizers import load_tokenizer
 
@@ -319,8 +319,8 @@ def test_measuring_memory_is_cheap_by_default_and_can_be_off(ws, built_ops, tmp_
 def test_activation_checkpointing_auto_turns_on_only_where_the_estimate_does_not_fit(ws, built_ops, tmp_path,
                                                                                     monkeypatch):
     from dstune.config import load_config
-    from dstune.profiling import fit
-    from dstune.profiling.estimate import estimate
+    from dstune.planning import fit
+    from dstune.planning.estimate import estimate
 
     res = ok(run_cli(["train", lm_recipe(ws, tmp_path, "run", max_steps=2), "training.activation_checkpointing=auto"]))
     line = next(x for x in res.stdout.splitlines() if "activation checkpointing" in x)

@@ -60,7 +60,7 @@ def test_moe_flops_count_the_experts_a_token_runs_through(tmp_path):
     """An MoE token runs through top-k of E experts: the FLOPs per token leave the other experts' weights out
     (their memory is counted like any weight's: the test above)."""
     from dstune.config import load_config
-    from dstune.profiling.estimate import estimate, idle_expert_params, meta_model
+    from dstune.planning.estimate import estimate, idle_expert_params, meta_model
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({"task": "causal_lm", "model": {"tiny": "mixtral"}, "data": {"train": "random"},
                                   "output_dir": str(tmp_path / "o")}))
@@ -74,7 +74,7 @@ def test_moe_flops_count_the_experts_a_token_runs_through(tmp_path):
 
 
 def test_frozen_parameters_hold_weights_only(tmp_path):
-    from dstune.profiling.estimate import ParamTable, model_state_bytes
+    from dstune.planning.estimate import ParamTable, model_state_bytes
     full = ParamTable(frozen=[], groups=[[1000, 24]])
     peft = ParamTable(frozen=[1000], groups=[[24]])
     for stage in (0, 1, 2, 3):
@@ -138,7 +138,7 @@ def test_zero12_bucket_term_is_what_deepspeed_allocates(built_ops, tmp_path, sta
     import sys
 
     from conftest import free_port
-    from dstune.profiling.estimate import zero12_bucket_bytes
+    from dstune.planning.estimate import zero12_bucket_bytes
     probe = tmp_path / "probe.py"
     probe.write_text(BUCKET_PROBE)
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",

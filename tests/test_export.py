@@ -44,7 +44,7 @@ def trained_run(ws, tmp_path, name: str):
 
 
 def ours(run_dir):
-    from dstune.engine.run_dir import load_run
+    from dstune.rundir.load import load_run
     return load_run(str(run_dir))[2]
 
 

@@ -28,7 +28,7 @@ def test_source_compiles_for_sm80_and_sm90(source, tmp_path):
 
 
 def test_phase_memory_on_cpu_says_what_it_measured():
-    from dstune.engine.phases import PHASES, PhaseMemory
+    from dstune.telemetry.phases import PHASES, PhaseMemory
     mem = PhaseMemory(torch.device("cpu"))
     for phase in PHASES:
         mem.mark(phase)
@@ -59,7 +59,7 @@ def test_sampler_sees_a_device_allocation():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_phase_memory_on_gpu_reports_each_phase():
-    from dstune.engine.phases import PHASES, PhaseMemory
+    from dstune.telemetry.phases import PHASES, PhaseMemory
     mem = PhaseMemory(torch.device("cuda", 0), device_sampler=True)   # training.measure_memory: device
     for i, phase in enumerate(PHASES):
         x = torch.empty((i + 1) * 2**20, dtype=torch.uint8, device="cuda")

@@ -1,5 +1,5 @@
-"""Imports point down: cli → profiling → engine → methods/data/models/tasks → kernels, and everything may
-use config, errors and families. A module that reaches up (even inside a function) fails here, by name."""
+"""Imports point down, and every package has a layer of its own, so no two packages can import each other
+(even inside a function, even for type hints). A module that reaches up fails here, by name."""
 from __future__ import annotations
 
 import ast
@@ -8,14 +8,25 @@ from pathlib import Path
 import dstune
 
 PACKAGE = Path(dstune.__file__).parent
-LAYERS = {  # higher may import lower or the same, never the other way
-    "config": 0, "errors": 0, "families": 0,
-    "kernels": 1,
-    "methods": 2, "data": 2, "models": 2, "tasks": 2,
-    "engine": 3,
-    "profiling": 4,
-    "cli": 5, "__main__": 5, "launch": 5, "active_learning": 5,
-}
+ORDER = [  # lowest first: a package may import those before it (and itself), never one after it
+    ("errors", "families"),  # one-line errors; what dstune knows of each model family
+    ("kernels",),     # CUDA extensions and their PyTorch references
+    ("data",),        # data primitives: files, chat rendering, packing, batches
+    ("tasks",),       # one module per task: how rows are encoded and scored (the task registry)
+    ("config",),      # the recipe schema (it names the tasks and families)
+    ("telemetry",),   # phase memory, step profile, metric trackers
+    ("models",),      # loading models and tokenizers; lean activations; the chunked loss
+    ("methods",),     # tuning methods
+    ("prepare",),     # data files -> the prepared, packed cache (uses tasks and tokenizers)
+    ("rundir",),      # run dir files: lock, checkpoint pointer, trainable weights, load, export
+    ("distill",),     # a teacher and the divergence
+    ("engine",),      # the training runtime
+    ("planning",),    # costs before a run: estimate, bench, fit
+    ("active",),      # active learning: select and the loop
+    ("launch",),      # the real launchers
+    ("cli", "__main__"),
+]
+LAYERS = {name: level for level, names in enumerate(ORDER) for name in names}
 
 
 def _layer(module: str) -> int:

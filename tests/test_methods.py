@@ -267,7 +267,7 @@ def test_merged_weights_reproduce_the_adapted_model(family, spec):
 def test_peft_loads_the_exported_adapter_with_the_same_logits(family, spec, tmp_path):
     import peft
 
-    from dstune.engine.export import write_peft_folder
+    from dstune.rundir.export import write_peft_folder
     model, task, method = as_if_trained(family, spec)
     adapter = method.peft_adapter(model, task)
     head = {"task_type": "CAUSAL_LM"} if task == "causal_lm" else {"task_type": "SEQ_CLS",
@@ -408,7 +408,7 @@ def test_a_decoders_prefix_starts_from_the_first_training_inputs_by_default():
 
 def test_leading_inputs_are_each_rows_prompt_then_the_next_row():
     from dstune.data.batching import IGNORE
-    from dstune.data.pipeline import TaskData
+    from dstune.prepare.pipeline import TaskData
     chat = TaskData(train=[{"input_ids": [1, 2, 3, 4], "labels": [IGNORE, IGNORE, 3, 4]},
                            {"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}], eval=None)
     assert chat.leading_inputs(10) == [1, 2, 5] and chat.leading_inputs(2) == [1, 2]

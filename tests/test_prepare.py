@@ -13,7 +13,7 @@ import pytest
 from conftest import ok, run_cli, write_recipe
 from dstune.config import load_config
 from dstune.data import prepare
-from dstune.data.pipeline import prepare_data
+from dstune.prepare.pipeline import prepare_data
 from dstune.errors import UserError
 from dstune.models.tokenizers import load_tokenizer
 

@@ -26,7 +26,7 @@ def picked(path) -> list[dict]:
 
 
 def probabilities(run, texts: list[str]) -> torch.Tensor:
-    from dstune.engine.run_dir import load_run
+    from dstune.rundir.load import load_run
 
     _, tok, model, _, _ = load_run(str(run))
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_two_ranks_share_the_scoring_and_pick_the_same_rows(ws, classifier, tmp_
 
 def test_nll_scores_each_reference_by_the_models_own_loss(ws, built_ops, tmp_path):
     """causal LM: a row's score is the mean loss per target token of its response given its prompt."""
-    from dstune.engine.run_dir import load_run
+    from dstune.rundir.load import load_run
 
     recipe = lm_recipe(ws, tmp_path, "lm", methods=[{"name": "lora", "r": 4}], max_steps=4)
     ok(run_cli(["train", recipe]))
@@ -110,7 +110,7 @@ def test_a_selection_that_cannot_be_made_is_one_line(ws, classifier, tmp_path, a
 def test_prompts_without_replies_are_scored_by_the_models_own_greedy_reply(ws, built_ops, tmp_path):
     """A pool of prompts alone: each score is the mean NLL of the reply the model gives greedily, recomputed
     here with one forward over prompt + reply."""
-    from dstune.engine.run_dir import load_run
+    from dstune.rundir.load import load_run
 
     recipe = lm_recipe(ws, tmp_path, "lm", methods=[{"name": "lora", "r": 4}], max_steps=4)
     ok(run_cli(["train", recipe, "evaluation.max_new_tokens=6"]))

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dstune.profiling.traffic import StepTraffic, recipe_traffic
+from dstune.planning.traffic import StepTraffic, recipe_traffic
 
 
 def test_views_and_allocations_move_nothing_and_a_copy_reads_and_writes_its_bytes():
@@ -45,7 +45,7 @@ def _tiny_llama(tmp_path, methods: list[dict]):
     import json
 
     from dstune.config import load_config
-    from dstune.profiling.estimate import meta_model
+    from dstune.planning.estimate import meta_model
     recipe = tmp_path / "r.yaml"
     recipe.write_text("task: causal_lm\nmodel: {tiny: llama, config_overrides: {vocab_size: 300}}\n"
                       "data: {train: unused.jsonl, max_length: 24}\ntraining: {precision: fp32, micro_batch_size: 2}\n"

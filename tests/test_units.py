@@ -42,10 +42,14 @@ def test_each_epoch_is_a_new_permutation_and_covers_distinct_examples():
 
 
 def test_every_task_the_config_accepts_has_a_module():
-    from dstune.config import TASKS as CONFIG_TASKS
+    from dstune.config import RunConfig
     from dstune.tasks import TASKS
-    assert set(TASKS) == set(CONFIG_TASKS)
-    assert {t.name for t in TASKS.values()} == set(TASKS)
+    from dstune.tasks.base import Task
+    accepted = RunConfig.model_json_schema()["properties"]["task"]["enum"]
+    assert accepted == list(TASKS)
+    for name in TASKS:
+        task = get_task(name)
+        assert isinstance(task, Task) and task.name == name
 
 
 def test_collate_pads_inputs_and_masks_labels():
@@ -125,7 +129,7 @@ def _recipe(tmp_path, task: str, train: Path, **data) -> Path:
 
 def test_chat_prompts_use_the_template_and_are_masked_from_the_loss(ws, tmp_path):
     from dstune.data.batching import IGNORE
-    from dstune.data.pipeline import prepare_data
+    from dstune.prepare.pipeline import prepare_data
     from dstune.models.tokenizers import load_tokenizer
     tok = load_tokenizer(str(ws / "tokenizer"))
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"  # words it knows
@@ -151,7 +155,7 @@ def test_csv_parquet_and_saved_datasets_load_like_jsonl(ws, tmp_path, fmt):
 
 
 def test_packing_keeps_whole_documents_with_their_own_positions(ws, tmp_path):
-    from dstune.data.pipeline import prepare_data
+    from dstune.prepare.pipeline import prepare_data
     from dstune.models.tokenizers import load_tokenizer
     tok = load_tokenizer(str(ws / "tokenizer"))
     cfg = load_config(_recipe(tmp_path, "causal_lm", ws / "lm.jsonl", packing=True, max_length=32))
@@ -191,7 +195,7 @@ def test_sentencepiece_tokenizer_encodes_and_decodes_as_sentencepiece_does(ws):
 
 
 def _random_data(tmp_path, *, task: str = "causal_lm", extra: str = "", overrides: str = "{vocab_size: 50}"):
-    from dstune.data.pipeline import prepare_data
+    from dstune.prepare.pipeline import prepare_data
     path = tmp_path / "random.yaml"
     path.write_text(f"task: {task}\nmodel: {{tiny: llama, config_overrides: {overrides}}}\n"
                     f"data: {{train: random, max_length: 12{extra}}}\noutput_dir: {tmp_path / 'run'}\n")
@@ -234,7 +238,7 @@ def test_compile_needs_transformer_layers():
 
 
 def test_a_run_trained_on_random_tokens_has_no_text_to_load(tmp_path):
-    from dstune.engine.run_dir import load_run
+    from dstune.rundir.load import load_run
     for name in ("config.yaml", "run.json", "trainable.safetensors"):
         (tmp_path / name).write_text("{}")
     with pytest.raises(UserError, match="trained on random token ids, it has no tokenizer to read or write text"):

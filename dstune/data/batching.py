@@ -7,15 +7,19 @@ s reads the same examples as an uninterrupted run at step s.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from dstune.tasks.base import Task
-
 IGNORE = -100  # label id the loss skips (prompt tokens, padding)
+
+
+class Task(Protocol):
+    """What batching needs of a task (dstune/tasks/ sits above this module and provides it)."""
+    generative: bool
+
+    def collate_labels(self, rows: list[dict]) -> torch.Tensor: ...
 
 
 class StepBatches:

@@ -1,32 +1,27 @@
-"""Checkpoints: DeepSpeed checkpoints plus a pointer to the last *complete* one, and the
-small `trainable.safetensors` holding only what trained.
+"""DeepSpeed checkpoints of what trains (and its optimizer state and schedule), saved by every rank and
+loaded back safely; the pointer to the complete ones is the run dir's (rundir/pointer.py).
 
-A checkpoint counts as complete only once every rank has finished writing it: the pointer
-file is replaced atomically after a barrier, so a save cut off half-way is never loaded.
+A checkpoint counts as complete only once every rank has finished writing it: the pointer is committed
+after a barrier, so a save cut off half-way is never loaded.
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
-from pathlib import Path
 
 import torch
 
 from dstune.engine.distributed import barrier
 from dstune.errors import UserError
-
-POINTER = "last_complete"
-
-
-def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "checkpoints"
+from dstune.rundir import pointer
+from dstune.rundir.pointer import checkpoint_dir
+from dstune.rundir.trainable import save_safetensors
 
 
 def save_checkpoint(engine, run_dir: str, step: int, is_main: bool, keep: int = 2) -> str:
     """Write checkpoint `step` on every rank, then point at it; the `keep` newest complete ones stay."""
-    tag = _tag(step)
+    tag = pointer.tag_of(step)
     ckpt = checkpoint_dir(run_dir)
     # only what trains, its optimizer state and the schedule: the frozen base is reloaded from its source
     _leave_out_tied_frozen(engine)
@@ -34,14 +29,7 @@ def save_checkpoint(engine, run_dir: str, step: int, is_main: bool, keep: int = 
                            exclude_frozen_parameters=True)
     barrier()
     if is_main:
-        # the complete checkpoints kept, newest first: a damaged newest one falls back to the next
-        kept = [tag] + [old for old in _pointed(ckpt) if old < tag][:keep - 1]
-        tmp = ckpt / f".{POINTER}.tmp"
-        tmp.write_text(json.dumps({"tag": tag, "global_step": step, "kept": kept}))
-        _fsync(tmp)
-        os.replace(tmp, ckpt / POINTER)
-        _fsync(ckpt)  # the rename itself reaches the disk
-        _prune(ckpt, tag, kept)
+        pointer.commit(run_dir, tag, step, keep)
     barrier()
     return tag
 
@@ -69,62 +57,7 @@ def _leave_out_tied_frozen(engine) -> None:
     engine.module_state_dict, engine._dstune_state_dict = module_state_dict, True
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _prune(ckpt: Path, newest: str, kept: list[str]) -> None:
-    """Remove the checkpoints up to `newest` (the one the pointer names) that are not kept; folders of later
-    steps (a run that went further before a rerun from an earlier checkpoint) are left alone."""
-    import shutil
-
-    for p in ckpt.iterdir():
-        if p.is_dir() and TAG.match(p.name) and p.name <= newest and p.name not in kept:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _tag(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-TAG = re.compile(r"^step_\d{8}$")  # what _tag writes: a plain folder name, never a path
-
-
-def _pointed(ckpt: Path) -> list[str]:
-    """The checkpoints the pointer lists as complete, newest first (a pointer from before the list: its tag).
-    A pointer that names anything but a checkpoint folder of this run (a path such as ../../elsewhere) is
-    refused: the load would unpickle it."""
-    pointer = ckpt / POINTER
-    if not pointer.is_file():
-        return []
-    try:
-        saved = json.loads(pointer.read_text())
-        tags = saved.get("kept", [saved["tag"]])
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise UserError(f"{pointer}: not a checkpoint pointer dstune wrote; remove it, or the run dir") from None
-    for tag in tags if isinstance(tags, list) else [tags]:
-        if not isinstance(tag, str) or not TAG.match(tag):
-            raise UserError(f"{pointer}: tag {tag!r} is not a checkpoint of this run (step_NNNNNNNN); "
-                            "remove the pointer, or the run dir") from None
-    return tags
-
-
-def complete_checkpoints(run_dir: str) -> list[str]:
-    """Tags of the kept checkpoints every rank finished writing, newest first."""
-    ckpt = checkpoint_dir(run_dir)
-    return [tag for tag in _pointed(ckpt) if (ckpt / tag).is_dir()]
-
-
-def last_complete(run_dir: str) -> str | None:
-    """Tag of the newest checkpoint every rank finished writing, or None."""
-    return next(iter(complete_checkpoints(run_dir)), None)
-
-
-def _damage(folder: Path, rank: int) -> str | None:
+def _damage(folder, rank: int) -> str | None:
     """What makes `folder` unloadable by this rank, or None: every file it reads (those shared by all ranks
     and its own ZeRO shards) must be a whole zip archive whose members match their CRCs. Reading them costs
     one pass over the rank's share; torch.load finds them in the page cache afterwards."""
@@ -221,24 +154,6 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {n: p.detach().to("cpu", torch.float32).clone().contiguous() for n, p in named}
 
 
-def file_mode() -> int:
-    """The mode a new file gets here (0666 less the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """safetensors' save_file, written whole (a temporary file renamed into place) and readable as any file
-    the process writes (save_file itself leaves mode 0600, whatever the umask)."""
-    from safetensors.torch import save_file
-
-    tmp = Path(f"{path}.tmp")
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()} or None)
-    os.chmod(tmp, file_mode())
-    os.replace(tmp, path)
-
-
 def save_trainable(model: torch.nn.Module, path: str | os.PathLike, is_main: bool, metadata: dict) -> None:
     state = trainable_state(model)
     if is_main:
@@ -246,17 +161,3 @@ def save_trainable(model: torch.nn.Module, path: str | os.PathLike, is_main: boo
     barrier()
 
 
-def load_trainable(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load trainable.safetensors into a model built the same way; every key must match."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({e}); the run did not finish writing it, "
-                        "or it was damaged") from None
-    missing_here = [k for k in state if k not in dict(model.named_parameters())]
-    if missing_here:
-        raise ValueError(f"{path}: {len(missing_here)} tensors have no parameter in the model, e.g. {missing_here[0]}")
-    model.load_state_dict(state, strict=False)

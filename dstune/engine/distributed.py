@@ -6,6 +6,7 @@ Launchers (`deepspeed`, `torchrun`, Slurm wrappers) set RANK/WORLD_SIZE/MASTER_*
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import socket
@@ -108,6 +109,25 @@ def bound_new_groups(timeout: timedelta) -> None:
         return original(*args, **kwargs)
 
     dist.new_group = c10d.new_group = new_group
+
+
+def gather_objects(obj) -> list:
+    """`obj` of every rank, in rank order (a collective; [obj] without a process group)."""
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shard_batches(n: int, rank: int, world: int, batch_size: int) -> list[list[tuple[int, bool]]]:
+    """This rank's batches of (index, counts) pairs, padded so every rank has the same number of batches."""
+    mine = list(range(rank, n, world))
+    per_rank = math.ceil(n / world)
+    n_batches = math.ceil(per_rank / batch_size)
+    padded = [(i, True) for i in mine] + [(0, False)] * (n_batches * batch_size - len(mine))
+    return [padded[b * batch_size:(b + 1) * batch_size] for b in range(n_batches)]
 
 
 def barrier() -> None:

@@ -6,32 +6,13 @@ so a rank that stopped early would hang the others); filler rows carry no weight
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from dstune.data.batching import collate, collate_prompts, to_device
-from dstune.data.pipeline import TaskData
+from dstune.engine.distributed import gather_objects, shard_batches
+from dstune.prepare.pipeline import TaskData
 from dstune.tasks import get_task
 from dstune.tasks.metrics import generation_metrics
-
-
-def _gather(obj):
-    import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _shard(n: int, rank: int, world: int, batch_size: int) -> list[list[tuple[int, bool]]]:
-    """This rank's batches of (index, counts) pairs, padded so every rank has the same number of batches."""
-    mine = list(range(rank, n, world))
-    per_rank = math.ceil(n / world)
-    n_batches = math.ceil(per_rank / batch_size)
-    padded = [(i, True) for i in mine] + [(0, False)] * (n_batches * batch_size - len(mine))
-    return [padded[b * batch_size:(b + 1) * batch_size] for b in range(n_batches)]
 
 
 def _bar(batches: list, desc: str, show: bool):
@@ -49,7 +30,7 @@ def evaluate(model, data: TaskData, task: str, tokenizer, device: torch.device, 
     was_training = model.training
     model.eval()
     loss_sum, items, preds, golds = 0.0, 0, [], []
-    for batch_ix in _bar(_shard(len(ds), rank, world, batch_size), "eval", progress and rank == 0):
+    for batch_ix in _bar(shard_batches(len(ds), rank, world, batch_size), "eval", progress and rank == 0):
         rows = [ds[i] for i, _ in batch_ix]
         keep = torch.tensor([k for _, k in batch_ix], device=device)
         batch = to_device(collate(rows, tokenizer.pad_token_id, task), device, task)
@@ -58,7 +39,7 @@ def evaluate(model, data: TaskData, task: str, tokenizer, device: torch.device, 
         batch_loss, batch_items, batch_preds, batch_golds = task.score(logits, labels, keep)
         loss_sum, items = loss_sum + batch_loss, items + batch_items
         preds, golds = preds + batch_preds, golds + batch_golds
-    parts = _gather((loss_sum, items, preds, golds))
+    parts = gather_objects((loss_sum, items, preds, golds))
     result = task.metrics(sum(p[0] for p in parts), sum(p[1] for p in parts), [x for p in parts for x in p[2]],
                           [x for p in parts for x in p[3]])
     if generate and "ref" in ds.column_names:
@@ -72,7 +53,7 @@ def _generation_scores(model, ds, task, tokenizer, device, batch_size, max_new_t
                        progress):
     module = getattr(model, "module", model)  # DeepSpeed engine → the HF model with .generate
     pairs = []
-    for batch_ix in _bar(_shard(len(ds), rank, world, batch_size), "generate", progress):
+    for batch_ix in _bar(shard_batches(len(ds), rank, world, batch_size), "generate", progress):
         prompts = [ds[i][task.prompt_column] for i, _ in batch_ix]
         inputs = {k: v.to(device) for k, v in
                   collate_prompts(prompts, tokenizer.pad_token_id, left=task.left_pad_prompts).items()}
@@ -82,7 +63,7 @@ def _generation_scores(model, ds, task, tokenizer, device, batch_size, max_new_t
         out = task.new_tokens(out, inputs["input_ids"].shape[1])
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)
         pairs += [(t.strip(), ds[i]["ref"]) for t, (i, k) in zip(texts, batch_ix) if k]
-    pairs = [p for part in _gather(pairs) for p in part]
+    pairs = [p for part in gather_objects(pairs) for p in part]
     return generation_metrics([p for p, _ in pairs], [r for _, r in pairs])
 
 

@@ -20,24 +20,24 @@ import torch
 
 from dstune.config import RunConfig, dump_config
 from dstune.data.batching import StepBatches, collate, to_device
-from dstune.data.prepare import keep_augmented, prepared_data, summary
+from dstune.prepare.cache import keep_augmented, prepared_data, summary
 from dstune.engine import checkpoint as ckpt
 from dstune.engine.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.evaluate import evaluate, results_table
 from dstune.engine.precision import on_cuda, resolve, slow_warning
-from dstune.engine.run_lock import (check_output_dir, check_recipe_matches, forget_fresh_run_dir, fresh_run_dir,
+from dstune.rundir.lock import (check_output_dir, check_recipe_matches, forget_fresh_run_dir, fresh_run_dir,
                                     hold_run_dir)
-from dstune.engine.teacher import load_teacher
-from dstune.engine.trackers import RunLog
+from dstune.distill.teacher import load_teacher
+from dstune.telemetry.trackers import RunLog
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
 from dstune.methods.base import base_model_only
 from dstune.models.loading import (base_fingerprint, check_buildable, check_positions, compile_layers, load_model,
                                    new_weights_line, prepare_for_training, recipe_config)
 from dstune.models.tokenizers import recipe_tokenizer
-from dstune.engine.phases import NoMemory, PhaseMemory
-from dstune.engine.step_profile import StepProfile
+from dstune.telemetry.phases import NoMemory, PhaseMemory
+from dstune.telemetry.step_profile import StepProfile
 from dstune.tasks import get_task
 
 
@@ -369,7 +369,7 @@ def engine_bytes(engine) -> dict:
     """What this rank's engine holds by part right now, and the process RSS (and CUDA peak on a GPU)."""
     import psutil
 
-    from dstune.engine.measure import engine_model_state_bytes
+    from dstune.telemetry.measure import engine_model_state_bytes
 
     mine = {**engine_model_state_bytes(engine), "process_rss": psutil.Process().memory_info().rss}
     if torch.cuda.is_available():

@@ -5,10 +5,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from dstune.families import default_targets, family_of
 from dstune.methods.base import TuningMethod
 from dstune.methods.peft_format import PeftAdapter, fan_in_fan_out, layer_tensors
-from dstune.methods.targets import find_linears, linear_shape, matches, train_task_head
+from dstune.methods.targets import default_targets, find_linears, linear_shape, matches, train_task_head
 
 
 class IA3Options(BaseModel):
@@ -37,6 +36,21 @@ def _scale_input(module, args):
     return (module.ia3_l(args[0]), *args[1:])
 
 
+# default targets per model family, and of those the feed-forward ones (their input is scaled, not their
+# output): keys, values and the MLP's output projection, PEFT's where PEFT has one
+DEFAULT_TARGETS = {  # family: (targets, feed-forward targets)
+    **dict.fromkeys(("llama", "mistral"), (("k_proj", "v_proj", "down_proj"), ("down_proj",))),
+    **dict.fromkeys(("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"),
+                    (("q_proj", "v_proj", "down_proj"), ("down_proj",))),
+    "phi3": (("qkv_proj", "down_proj"), ("down_proj",)),
+    "qwen2_moe": (("k_proj", "v_proj", "shared_expert.down_proj"), ("shared_expert.down_proj",)),
+    "mixtral": (("k_proj", "v_proj"), ()),  # experts are fused 3-D weights, not linear layers
+    "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+    "bert": (("key", "value", "output.dense"), ("output.dense",)),
+    "t5": (("k", "v", "wo"), ("wo",)),
+}
+
+
 class IA3(TuningMethod):
     name = "ia3"
     description = "IA3: rescale keys, values and feed-forward inputs by learned vectors (mergeable)"
@@ -45,7 +59,7 @@ class IA3(TuningMethod):
     def apply(self, model: nn.Module, task: str) -> None:
         o = self.options
         if o.target_modules is None:
-            targets, feedforward = list(default_targets(model, self.name, "ia3")), list(family_of(model).ia3_feedforward)
+            targets, feedforward = map(list, default_targets(model, self.name, DEFAULT_TARGETS))
         else:
             targets, feedforward = o.target_modules, []
         self.targets = targets

@@ -14,10 +14,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from dstune.families import default_targets
 from dstune.methods.base import TuningMethod, has_values
 from dstune.methods.peft_format import PeftAdapter, fan_in_fan_out, layer_tensors
-from dstune.methods.targets import find_linears, linear_shape, train_task_head
+from dstune.methods.targets import default_targets, find_linears, linear_shape, train_task_head
 
 
 class LoraOptions(BaseModel):
@@ -94,6 +93,15 @@ def _dora_forward(module: nn.Module, args: tuple, output: torch.Tensor) -> torch
     return output + (scale - 1) * plain + scale * lora
 
 
+# default targets per model family: the attention's query and value projections (PEFT's where PEFT has one;
+# Phi-3's fused qkv_proj is dstune's choice, written into the exported adapter_config.json)
+DEFAULT_TARGETS = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "qwen2_moe",
+                     "mixtral"), ("q_proj", "v_proj")),
+    "gpt2": ("c_attn",), "phi3": ("qkv_proj",), "bert": ("query", "value"), "t5": ("q", "v"),
+}
+
+
 class Lora(TuningMethod):
     name = "lora"
     description = "LoRA: low-rank updates B·A on chosen linear layers (PEFT-compatible, mergeable)"
@@ -101,7 +109,7 @@ class Lora(TuningMethod):
 
     def apply(self, model: nn.Module, task: str) -> None:
         o = self.options
-        self.targets = o.target_modules or list(default_targets(model, self.name, "lora"))
+        self.targets = o.target_modules or list(default_targets(model, self.name, DEFAULT_TARGETS))
         self.wrapped: list[str] = []
         for name, module in list(find_linears(model, self.targets)):
             d_in, d_out = linear_shape(module)

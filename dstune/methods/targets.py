@@ -1,4 +1,4 @@
-"""Where methods attach: layer indices, linear layers, task heads (per-family defaults: dstune/families.py)."""
+"""Where methods attach: layer indices, linear layers, task heads, and a method's default targets per family."""
 from __future__ import annotations
 
 import re
@@ -63,3 +63,16 @@ def train_task_head(model: nn.Module, task: str) -> None:
         for name, p in model.named_parameters():
             if name.split(".")[0] in TASK_HEADS:
                 p.requires_grad_(True)
+
+
+def default_targets(model: nn.Module, method: str, defaults: dict[str, tuple]) -> tuple:
+    """`defaults[model type]` (a method's table of default targets per family), or a one-line error naming
+    what the recipe can set (for a discovered family, with the linear layers its blocks have)."""
+    from dstune.families import family_of
+
+    family = family_of(model)
+    if family.model_type not in defaults:
+        found = f" ({family.notes[0]})" if family.notes and family.notes[0].startswith("discovered") else ""
+        raise UserError(f"methods ({method}).target_modules: no default for model type {family.model_type!r}"
+                        f"{found}; set target_modules")
+    return defaults[family.model_type]

@@ -195,7 +195,7 @@ def prepare_for_training(model: torch.nn.Module, cfg: RunConfig) -> None:
         use_chunked_loss(model, t.loss_chunk_tokens)
     if t.lean_activations:
         use_lean_activations(model)
-    if t.activation_checkpointing is True:  # "auto" is decided before (profiling/fit.py)
+    if t.activation_checkpointing is True:  # "auto" is decided before (planning/fit.py)
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,

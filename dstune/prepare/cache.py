@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from dstune.config import RANDOM_DATA, RunConfig
-from dstune.data.augment import augment_models, save_copies
-from dstune.data.pipeline import TaskData, prepare_data, random_data, token_count
+from dstune.prepare.augment import augment_models, save_copies
+from dstune.prepare.pipeline import TaskData, prepare_data, random_data, token_count
 from dstune.errors import UserError
 
 VERSION = 1  # bump when the prepared rows change for the same inputs

@@ -19,13 +19,9 @@ import torch
 
 from dstune.config import RunConfig
 from dstune.data.batching import IGNORE
-from dstune.models.losses import distillation_loss
+from dstune.distill.divergence import distillation_loss
 from dstune.errors import UserError
 from dstune.tasks import get_task
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "run.json").is_file()
 
 
 class Teacher:
@@ -96,9 +92,9 @@ def load_teacher(cfg: RunConfig, tokenizer, labels, ds_config: dict, stage: int,
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from dstune.engine.run_dir import load_run
     from dstune.models.loading import load_model
     from dstune.models.tokenizers import load_tokenizer
+    from dstune.rundir.load import is_run_dir, load_run
 
     path = Path(cfg.distill.teacher)
     if not path.is_dir():

@@ -1,6 +1,6 @@
 """From data files to token ids: load every source, let the task check and encode its rows, hold some out
 for evaluation, mix the sources and pack. In memory, or through Arrow files in a work folder (the prepared
-cache, data/prepare.py), so no step holds the corpus in Python objects."""
+cache, prepare/cache.py), so no step holds the corpus in Python objects."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from dstune.config import RANDOM_DATA, RunConfig
-from dstune.data.augment import MARK, augment_rows, input_columns
+from dstune.prepare.augment import MARK, augment_rows, input_columns
 from dstune.data.batching import IGNORE
 from dstune.data.files import ROW, load_table, map_output, require_columns
 from dstune.data.packing import pack

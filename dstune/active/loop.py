@@ -42,9 +42,9 @@ def _train(recipe: str, overrides: list[str], run: Path, labelled: Path, seed: i
 def _scores(run: Path, pool: str, strategy: str, seed: int, batch_size: int) -> np.ndarray:
     import torch
 
-    from dstune.data.pipeline import prepare_pool
-    from dstune.engine.run_dir import load_run
-    from dstune.engine.select import score_rows
+    from dstune.prepare.pipeline import prepare_pool
+    from dstune.rundir.load import load_run
+    from dstune.active.select import score_rows
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, tokenizer, model, labels, _ = load_run(str(run), device)
@@ -71,7 +71,7 @@ def _check_settings(out: Path, settings: dict) -> None:
 
 def _merged(run: Path) -> Path:
     """The round's run with its methods folded into the weights (made once): where the next round starts."""
-    from dstune.engine.export import export
+    from dstune.rundir.export import export
 
     merged = run / "merged"
     if not (merged / "config.json").exists():
@@ -89,7 +89,7 @@ def run_loop(recipe: str, overrides: list[str], pool: str, rounds: int, per_roun
              retrain: str = "base") -> dict:
     from dstune.config import load_config
     from dstune.data.files import load_table
-    from dstune.engine.select import check_strategy
+    from dstune.active.select import check_strategy
     from dstune.methods import build_methods
     from dstune.tasks import get_task
 

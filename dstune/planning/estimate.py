@@ -5,7 +5,7 @@ exist for trainable parameters alone. Model-state terms follow the ZeRO paper (m
 Adam: 2Ψ weights + 2Ψ gradients + 12Ψ optimizer states = 16Ψ bytes per trainable parameter),
 sharded by stage, with DeepSpeed's own padding rules so the numbers match its tensors exactly.
 Activations are not a rule of thumb: one training step of the recipe's model is traced on fake tensors
-(`dstune.profiling.activations`), so what frozen layers, the loss and checkpointing save comes out as is.
+(`dstune.planning.activations`), so what frozen layers, the loss and checkpointing save comes out as is.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from dstune.errors import UserError, first_line
 from dstune.families import config_family, num_layers
 from dstune.methods import apply_methods, build_methods, param_groups
 from dstune.models.loading import auto_class, prepare_for_training, recipe_config
-from dstune.profiling.activations import DTYPES, ActivationTrace, default_dtype, trace_step
-from dstune.profiling.flops import flops_per_token
+from dstune.planning.activations import DTYPES, ActivationTrace, default_dtype, trace_step
+from dstune.planning.flops import flops_per_token
 from dstune.tasks import get_task
 
 ZERO12_ALIGNMENT = 2  # DeepSpeed pads each flat ZeRO-1/2 group to a multiple of 2 × ranks elements
@@ -198,7 +198,7 @@ def teacher_bytes(cfg: RunConfig, stage: int, world: int, micro_batch: int, seq_
     import yaml
 
     from dstune.config import config_from_dict
-    from dstune.engine.teacher import is_run_dir
+    from dstune.rundir.load import is_run_dir
 
     if cfg.distill is None:
         return 0, 0

@@ -13,9 +13,9 @@ from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.precision import resolve
 from dstune.errors import UserError
 from dstune.methods import bench_presets
-from dstune.profiling.estimate import estimate
-from dstune.profiling.flops import mfu
-from dstune.profiling.report import human_bytes
+from dstune.planning.estimate import estimate
+from dstune.planning.flops import mfu
+from dstune.planning.report import human_bytes
 
 WARMUP_STEPS = 2  # first steps include allocator growth and lazy init: left out of the medians
 

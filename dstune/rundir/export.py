@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from dstune.engine.checkpoint import file_mode, save_safetensors
-from dstune.engine.run_dir import load_run
+from dstune.rundir.trainable import file_mode, save_safetensors
+from dstune.rundir.load import load_run
 from dstune.errors import UserError
 from dstune.methods import available
 from dstune.models.loading import base_is_loadable, load_model

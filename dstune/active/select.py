@@ -18,6 +18,7 @@ import torch
 
 from dstune.data.batching import IGNORE, collate, to_device
 from dstune.data.files import ROW
+from dstune.engine.distributed import gather_objects, shard_batches
 from dstune.errors import UserError
 from dstune.tasks import get_task
 
@@ -76,13 +77,11 @@ def greedy_nll(model, prompts: list[list[int]], task, tokenizer, device, max_new
 def score_rows(model, rows, task_name: str, tokenizer, device, batch_size: int, strategy: str, seed: int,
                rank: int = 0, world: int = 1, max_new_tokens: int = 32) -> np.ndarray:
     """One score per row of the tokenized pool `rows` (same on every rank)."""
-    from dstune.engine.evaluate import _gather, _shard
-
     if strategy == "random":
         return np.random.default_rng(seed).random(len(rows))
     task = get_task(task_name)
     mine: list[tuple[int, float]] = []
-    for batch_ix in _shard(len(rows), rank, world, batch_size):
+    for batch_ix in shard_batches(len(rows), rank, world, batch_size):
         if "prompt_ids" in rows[0]:  # prompts only: the greedy reply's NLL
             scores = greedy_nll(model, [rows[i]["prompt_ids"] for i, _ in batch_ix], task, tokenizer, device,
                                 max_new_tokens)
@@ -94,7 +93,7 @@ def score_rows(model, rows, task_name: str, tokenizer, device, batch_size: int, 
         scores = token_nll(logits, labels, task.shifts_labels) if task.generative else uncertainty(logits, strategy)
         mine += [(i, float(s)) for (i, keep), s in zip(batch_ix, scores.tolist()) if keep]
     out = np.zeros(len(rows))
-    for part in _gather(mine):
+    for part in gather_objects(mine):
         for i, s in part:
             out[i] = s
     return out

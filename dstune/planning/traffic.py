@@ -72,8 +72,8 @@ class StepTraffic(TorchDispatchMode):
 def recipe_traffic(recipe: Path, methods: list[dict], overrides: list[str] = ()) -> StepTraffic:
     """One training step of a recipe with these methods, counted on fake tensors."""
     from dstune.config import load_config
-    from dstune.profiling.activations import run_step
-    from dstune.profiling.estimate import fake_training_model
+    from dstune.planning.activations import run_step
+    from dstune.planning.estimate import fake_training_model
 
     cfg = load_config(recipe, [f"methods={json.dumps(methods)}", *overrides])
     traffic = StepTraffic()

@@ -30,8 +30,8 @@ def resolve_checkpointing(cfg: RunConfig, world: int, device: torch.device, toke
     setting = cfg.training.activation_checkpointing
     if setting != "auto":
         return bool(setting), ""
-    from dstune.profiling.estimate import estimate
-    from dstune.profiling.report import human_bytes
+    from dstune.planning.estimate import estimate
+    from dstune.planning.report import human_bytes
 
     per_rank, _, _ = estimate(cfg.with_training(activation_checkpointing=False), world, cuda=device.type == "cuda",
                               tokenizer=tokenizer, labels=labels)

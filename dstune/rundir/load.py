@@ -8,11 +8,16 @@ import torch
 import yaml
 
 from dstune.config import RunConfig, config_from_dict
-from dstune.engine.checkpoint import load_trainable
+from dstune.rundir.trainable import load_trainable
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods
 from dstune.models.loading import load_model
 from dstune.models.tokenizers import load_tokenizer
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` looks like a folder `dstune train` wrote (it may not have finished)."""
+    return (path / "config.yaml").is_file() and (path / "run.json").is_file()
 
 
 def load_run(run_dir: str, device: torch.device | None = None):
