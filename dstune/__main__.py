@@ -1,3 +1,3 @@
-from dstune.cli import main
+from dstune.cli import entry
 
-main()
+entry()

@@ -25,12 +25,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dstune.engine.trainer import train
     from dstune.planning.fit import resolve_checkpointing
     train(cfg, resolve_checkpointing)
-    # Everything is written and the process group is gone. Leave without interpreter teardown: C++
-    # destructors of DeepSpeed/gloo background threads sometimes abort there ("terminate called without
-    # an active exception") and turn a finished run into exit code 134.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -64,14 +59,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """
     import torch
 
-    from dstune.prepare.pipeline import prepare_eval, prepare_held_out
     from dstune.engine.evaluate import evaluate, results_table
+    from dstune.prepare.pipeline import prepare_eval, prepare_held_out
     from dstune.rundir.load import load_run
-    from dstune.tasks import get_task
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, tokenizer, model, labels, _ = load_run(args.run_dir, device)
-    cfg = _override(cfg, args.overrides)
+    run = load_run(args.run_dir, device)
+    cfg, tokenizer, model, labels = _override(run.cfg, args.overrides), run.tokenizer, run.model, run.labels
     path = args.data or cfg.data.eval
     if path:
         data = prepare_eval(cfg, tokenizer, os.path.abspath(path), labels, key="--data")
@@ -79,9 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data = prepare_held_out(cfg, tokenizer, labels)
     else:
         raise UserError("--data: the run has no data.eval or data.eval_fraction; name an evaluation file")
-    gen = get_task(cfg.task).scores_generations(cfg.evaluation)
-    result = evaluate(model, data, cfg.task, tokenizer, device, cfg.evaluation.batch_size, gen,
-                      cfg.evaluation.max_new_tokens, progress=not args.json)
+    result = evaluate(model, data, cfg, tokenizer, progress=not args.json)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -116,7 +108,8 @@ def cmd_select(args: argparse.Namespace) -> int:
         import torch.distributed as dist
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
-    cfg, tokenizer, model, labels, _ = load_run(args.run_dir, device)
+    run = load_run(args.run_dir, device)
+    cfg, tokenizer, model, labels = run.cfg, run.tokenizer, run.model, run.labels
     check_strategy(cfg.task, args.strategy)
     if not os.path.exists(args.pool):
         raise UserError(f"--pool: not found: {args.pool}")
@@ -174,7 +167,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from dstune.tasks import get_task
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, tokenizer, model, _, _ = load_run(args.run_dir, device)
+    run = load_run(args.run_dir, device)
+    cfg, tokenizer, model = run.cfg, run.tokenizer, run.model
     task = get_task(cfg.task)
     if not task.generative:
         raise UserError(f"{args.run_dir}: a {cfg.task} run does not generate; use dstune eval")
@@ -474,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run one dstune command (`argv`: the arguments after `dstune`, default sys.argv[1:]); returns its exit
+    code: 0, or 2 after a one-line error (argparse's own errors exit with 2 too)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may follow options too (`dstune estimate R --world-size 8 deepspeed=zero3`)
@@ -483,20 +479,30 @@ def main(argv: list[str] | None = None) -> None:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        code = args.func(args)
+        return args.func(args)
     except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"dstune: error: {e}", file=sys.stderr)
-        code = e.exit_code
+        return e.exit_code
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
         print(f"dstune: error: no space left on the device{f' writing {e.filename}' if e.filename else ''}; "
               "free some (old run dirs, training.keep_checkpoints) and rerun: training resumes from the last "
               "complete checkpoint", file=sys.stderr)
-        code = 2
-    sys.exit(code)
+        return 2
+
+
+def entry() -> None:
+    """The `dstune` console script and `python -m dstune`: run the command, then leave without interpreter
+    teardown. C++ destructors of DeepSpeed/gloo background threads sometimes abort there ("terminate called
+    without an active exception") and would turn a finished run into exit code 134; everything is written
+    and flushed by then."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -47,7 +47,8 @@ def _scores(run: Path, pool: str, strategy: str, seed: int, batch_size: int) -> 
     from dstune.active.select import score_rows
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, tokenizer, model, labels, _ = load_run(str(run), device)
+    loaded = load_run(str(run), device)
+    cfg, tokenizer, model, labels = loaded.cfg, loaded.tokenizer, loaded.model, loaded.labels
     _, rows = prepare_pool(cfg, tokenizer, labels, pool)
     return score_rows(model, rows, cfg.task, tokenizer, device, batch_size, strategy, seed, 0, 1,
                       cfg.evaluation.max_new_tokens)

@@ -109,6 +109,8 @@ def require_columns(ds, needs: list[tuple[str, str]], path: str, drop: bool = Fa
     import pyarrow.compute as pc
 
     require_present(ds.column_names, needs, path)
+    for key, c in needs:
+        _require_one_type(ds, key, c, path)
     valid = np.ones(len(ds), dtype=bool)
     for key, c in needs:  # a row without the value (a JSON row lacking the key, null, an empty CSV cell)
         values = ds.data.column(c)
@@ -122,6 +124,30 @@ def require_columns(ds, needs: list[tuple[str, str]], path: str, drop: bool = Fa
     if dropped == len(ds) and len(ds):
         raise UserError(f"{path}: every row misses a value of {', '.join(c for _, c in needs)}")
     return (ds.select(np.flatnonzero(valid)) if dropped else ds), dropped
+
+
+SCALARS = {str: "text", int: "a number", float: "a number", bool: "true/false"}
+
+
+def _require_one_type(ds, key: str, column: str, path: str) -> None:
+    """A column of plain values (text, numbers, booleans) that change type from row to row (a label that is 1
+    in one row and "neg" in another) is one line naming the first row that differs. The JSON reader keeps
+    such a column as JSON values (arrow.json), which nothing downstream can sort, compare or count."""
+    if getattr(ds.data.schema.field(column).type, "extension_name", None) != "arrow.json":
+        return  # one Arrow type for every row
+    first = None
+    for i, value in enumerate(ds[column]):
+        kind = SCALARS.get(type(value))
+        if value is None:
+            continue
+        if kind is None:
+            return  # nested values (turns of a conversation): the task reads them as objects
+        if first is None:
+            first = (kind, value)
+        elif kind != first[0]:
+            raise UserError(f"{row_location(path, i)}: {key}: {column!r} is {kind} here ({value!r}) but {first[0]} "
+                            f"in earlier rows ({first[1]!r}); give it one type in every row (e.g. every label as "
+                            "text)")
 
 
 def row_location(path: str, index: int) -> str:

@@ -100,7 +100,8 @@ def load_teacher(cfg: RunConfig, tokenizer, labels, ds_config: dict, stage: int,
     if not path.is_dir():
         raise UserError(f"distill.teacher: not a folder: {path}")
     if is_run_dir(path):
-        tcfg, ttok, model, tlabels, _ = load_run(str(path))
+        run = load_run(str(path))
+        tcfg, ttok, model, tlabels = run.cfg, run.tokenizer, run.model, run.labels
         vocab = _check_matches(cfg, path, tcfg.task, ttok, tokenizer)  # the task first: then its labels
         if not get_task(cfg.task).generative and [str(x) for x in tlabels or []] != [str(x) for x in labels or []]:
             raise UserError(f"distill.teacher: {path} was trained on labels {tlabels}, the data has {labels}")

@@ -1,10 +1,12 @@
 """Process-group setup: the same code path for 1 CPU process, N GPUs, or many nodes.
 
 Launchers (`deepspeed`, `torchrun`, Slurm wrappers) set RANK/WORLD_SIZE/MASTER_*; a bare
-`dstune train` gets single-process defaults, because DeepSpeed otherwise asks for mpi4py.
+`dstune train` gets single-process values for the job's lifetime (`launcher_env`), because DeepSpeed
+otherwise asks for mpi4py.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -13,6 +15,7 @@ import socket
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 
@@ -25,14 +28,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def prepare_env() -> None:
-    """Defaults for a run without a launcher; CPU DeepSpeed accelerator when there is no GPU. A rank that
-    a launcher started ends with it."""
+@contextlib.contextmanager
+def launcher_env() -> Iterator[None]:
+    """For a job's lifetime: the launcher's RANK/WORLD_SIZE/MASTER_* (a rank a launcher started ends with it),
+    or, without a launcher, single-process values, removed again afterwards so that a job run inside another
+    program leaves its environment as it found it."""
     if "RANK" in os.environ:
         end_with_parent()
-    else:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        yield
+        return
+    single = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    added = {name: value for name, value in single.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def prepare_env() -> None:
+    """The CPU DeepSpeed accelerator when there is no GPU, an op-build arch list DeepSpeed can read, and no
+    repeated deprecation warnings."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -146,9 +163,17 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
 
 
 def shutdown(engine=None) -> None:
-    """Release the engine and the process group (ZeRO-3 runs can abort at exit without this)."""
+    """Release the engine and the process group (ZeRO-3 runs can abort at exit without this), and forget the
+    groups DeepSpeed made from it, so that a later job in the same process makes its own."""
+    import importlib
+
+    import deepspeed.utils.groups
     import torch.distributed as dist
+
     if engine is not None:
         engine.destroy()
     if dist.is_initialized():
         dist.destroy_process_group()
+        # its module globals hold the old world group's clone and the data-parallel groups: reloading the module
+        # resets them in place (modules that imported it keep the same module object)
+        importlib.reload(deepspeed.utils.groups)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from dstune.data.batching import collate, collate_prompts, to_device
-from dstune.engine.distributed import gather_objects, shard_batches
+from dstune.config import RunConfig
+from dstune.engine.distributed import Dist, gather_objects, shard_batches
 from dstune.prepare.pipeline import TaskData
 from dstune.tasks import get_task
 from dstune.tasks.metrics import generation_metrics
@@ -21,19 +22,21 @@ def _bar(batches: list, desc: str, show: bool):
 
 
 @torch.no_grad()
-def evaluate(model, data: TaskData, task: str, tokenizer, device: torch.device, batch_size: int,
-             generate: bool = False, max_new_tokens: int = 32, rank: int = 0, world: int = 1,
-             synced_gpus: bool = False, progress: bool = True) -> dict[str, float]:
-    """Metrics of `model` on `data.eval` (the task's loss and metrics, and with `generate` BLEU/ROUGE of
-    greedy replies); identical on every rank. `progress`: a progress bar on rank 0."""
-    ds, task = data.eval, get_task(task)
+def evaluate(model, data: TaskData, cfg: RunConfig, tokenizer, where: Dist | None = None,
+             progress: bool = True) -> dict[str, float]:
+    """Metrics of `model` (a bare model, or a DeepSpeed engine) on `data.eval`: the task's loss and metrics,
+    and BLEU/ROUGE of greedy replies where `evaluation.generate` (or the task's default) asks for them;
+    identical on every rank of `where` (one process when None). `progress`: a progress bar on rank 0."""
+    where = where or Dist(0, 1, 0, next(model.parameters()).device)
+    ds, task, batch_size = data.eval, get_task(cfg.task), cfg.evaluation.batch_size
+    show = progress and where.is_main
     was_training = model.training
     model.eval()
     loss_sum, items, preds, golds = 0.0, 0, [], []
-    for batch_ix in _bar(shard_batches(len(ds), rank, world, batch_size), "eval", progress and rank == 0):
+    for batch_ix in _bar(shard_batches(len(ds), where.rank, where.world, batch_size), "eval", show):
         rows = [ds[i] for i, _ in batch_ix]
-        keep = torch.tensor([k for _, k in batch_ix], device=device)
-        batch = to_device(collate(rows, tokenizer.pad_token_id, task), device, task)
+        keep = torch.tensor([k for _, k in batch_ix], device=where.device)
+        batch = to_device(collate(rows, tokenizer.pad_token_id, task), where.device, task)
         labels = batch["labels"] if task.forward_takes_labels else batch.pop("labels")
         logits = model(**batch).logits.float()
         batch_loss, batch_items, batch_preds, batch_golds = task.score(logits, labels, keep)
@@ -42,22 +45,25 @@ def evaluate(model, data: TaskData, task: str, tokenizer, device: torch.device, 
     parts = gather_objects((loss_sum, items, preds, golds))
     result = task.metrics(sum(p[0] for p in parts), sum(p[1] for p in parts), [x for p in parts for x in p[2]],
                           [x for p in parts for x in p[3]])
-    if generate and "ref" in ds.column_names:
-        result.update(_generation_scores(model, ds, task, tokenizer, device, batch_size, max_new_tokens,
-                                         rank, world, synced_gpus, progress and rank == 0))
+    if task.scores_generations(cfg.evaluation) and "ref" in ds.column_names:
+        result.update(_generation_scores(model, ds, cfg, tokenizer, where, show))
     model.train(was_training)
     return result
 
 
-def _generation_scores(model, ds, task, tokenizer, device, batch_size, max_new_tokens, rank, world, synced_gpus,
-                       progress):
+def _generation_scores(model, ds, cfg: RunConfig, tokenizer, where: Dist, progress: bool) -> dict[str, float]:
+    """BLEU and ROUGE of greedy replies to the held-out prompts against their references."""
+    task, device = get_task(cfg.task), where.device
     module = getattr(model, "module", model)  # DeepSpeed engine → the HF model with .generate
+    # ZeRO-3 gathers each layer's weights collectively: every rank runs as many decoding steps as the longest
+    synced_gpus = where.world > 1 and getattr(model, "zero_optimization_stage", lambda: 0)() == 3
     pairs = []
-    for batch_ix in _bar(shard_batches(len(ds), rank, world, batch_size), "generate", progress):
+    for batch_ix in _bar(shard_batches(len(ds), where.rank, where.world, cfg.evaluation.batch_size), "generate",
+                         progress):
         prompts = [ds[i][task.prompt_column] for i, _ in batch_ix]
         inputs = {k: v.to(device) for k, v in
                   collate_prompts(prompts, tokenizer.pad_token_id, left=task.left_pad_prompts).items()}
-        out = module.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+        out = module.generate(**inputs, max_new_tokens=cfg.evaluation.max_new_tokens, do_sample=False,
                               pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
                               **getattr(module, "dstune_generate_kwargs", {}))
         out = task.new_tokens(out, inputs["input_ids"].shape[1])

@@ -44,6 +44,23 @@ def resolve(precision: str, cuda: bool | None = None) -> tuple[str, str]:
     return ("bf16", f"auto: the CPU has {feature}") if feature else ("fp32", "auto: the CPU has no native bf16")
 
 
+def cpu_fp16() -> bool:
+    """Whether DeepSpeed's CPU accelerator runs fp16 here: it asks oneDNN, which needs AVX512-FP16 or AMX-FP16."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def unsupported(precision: str, cuda: bool | None = None) -> str | None:
+    """One line when DeepSpeed cannot train in `precision` on this machine at all, else None."""
+    cuda = on_cuda() if cuda is None else cuda
+    if not cuda and precision == "fp16" and not cpu_fp16():
+        return ("training.precision: fp16 does not run on this CPU (DeepSpeed's CPU accelerator needs oneDNN fp16: "
+                "AVX512-FP16 or AMX-FP16); set fp32, bf16 or auto")
+    return None
+
+
 def slow_warning(precision: str, cuda: bool | None = None) -> str | None:
     """One line when an explicit precision will be slow on this machine, else None."""
     cuda = on_cuda() if cuda is None else cuda

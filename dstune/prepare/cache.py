@@ -174,6 +174,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _failed_since(entry: Path, host: str, since: float) -> Path | None:
+    """An error a writer on this host left for `entry` after `since` (a time stamp), if any."""
+    for err in entry.parent.glob(f"{entry.name}.{host}.*.error"):
+        try:
+            if err.stat().st_mtime >= since:
+                return err
+        except OSError:
+            pass
+    return None
+
+
 def wait_for(entry: Path, timeout_s: float) -> None:
     """Wait while this node's local rank 0 prepares `entry`: until it is in place, or its writer failed
     (its error is raised here too), or no writer showed up within `timeout_s`."""
@@ -195,6 +206,8 @@ def wait_for(entry: Path, timeout_s: float) -> None:
                 raise UserError(err.read_text())
             raise UserError(f"data.cache_dir: the rank preparing the data (pid {writer}) ended without "
                             f"writing {entry}")
+        if writer is None and (failed := _failed_since(entry, host, started)):
+            raise UserError(failed.read_text())  # the writer failed before this rank saw its lock
         if writer is None and time.monotonic() > deadline:
             raise UserError(f"training.dist_timeout_s: no rank on {host} began preparing the data in "
                             f"{timeout_s:.0f} s (local rank 0 prepares; {entry})")

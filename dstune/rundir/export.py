@@ -26,7 +26,8 @@ def _prepare_out(out: str) -> Path:
 
 def export(run_dir: str, out: str, fmt: str) -> Path:
     path = _prepare_out(out)  # refused before the run is loaded
-    cfg, tokenizer, model, labels, methods = load_run(run_dir)
+    run = load_run(run_dir)
+    cfg, tokenizer, model, labels, methods = run.cfg, run.tokenizer, run.model, run.labels, run.methods
     if fmt == "merged":
         blocked = [m.name for m in methods if not m.mergeable]
         if blocked:

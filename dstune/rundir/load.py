@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -20,8 +22,19 @@ def is_run_dir(path: Path) -> bool:
     return (path / "config.yaml").is_file() and (path / "run.json").is_file()
 
 
-def load_run(run_dir: str, device: torch.device | None = None):
-    """(cfg, tokenizer, model, labels, methods) of a run dir written by `dstune train`; the model is in eval mode."""
+@dataclass
+class Run:
+    """A finished run loaded back: its recipe, tokenizer, the model with what trained (in eval mode), the
+    classification labels (None for other tasks) and the tuning methods applied."""
+    cfg: RunConfig
+    tokenizer: Any
+    model: torch.nn.Module
+    labels: list | None
+    methods: list
+
+
+def load_run(run_dir: str, device: torch.device | None = None) -> Run:
+    """Load a run dir written by `dstune train` (a one-line error when it is not a finished run)."""
     d = Path(run_dir)
     for name in ("config.yaml", "run.json", "trainable.safetensors"):
         if not (d / name).is_file():
@@ -36,4 +49,4 @@ def load_run(run_dir: str, device: torch.device | None = None):
     apply_methods(model, methods, cfg.task, tokenizer)
     load_trainable(model, d / "trainable.safetensors")
     model.to(device or torch.device("cpu")).eval()
-    return cfg, tokenizer, model, info.get("labels"), methods
+    return Run(cfg, tokenizer, model, info.get("labels"), methods)
