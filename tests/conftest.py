@@ -1,11 +1,10 @@
-"""Shared fixtures: a SentencePiece tokenizer trained here, tiny saved models, data for every task,
-and a launcher helper that runs the real CLI (1 process, or N ranks through torchrun) with a timeout."""
+"""Session fixtures: a SentencePiece tokenizer trained here, tiny saved models and data for every task, the
+DeepSpeed CPU op built once, a tiny GGUF file; the test session's environment. Shared helpers (running the
+CLI, recipes) are in helpers.py and cli_runner.py."""
 from __future__ import annotations
 
-import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,90 +12,22 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-LAUNCH_TIMEOUT_S = 420
+# Set before torch is imported (helpers imports it), here and in every process the tests start:
+# one JIT cache per test session: a build killed half-way elsewhere leaves a lock that hangs forever
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="dstune-ext-"))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# launchers, ranks and op builds all find this venv's tools first (another `ninja` rebuilds every op)
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
-POS = "good great fine lovely superb fun moving clever".split()
-NEG = "bad awful dull boring poor weak messy tedious".split()
-FILLER = "the movie film plot actor scene was is a an and it this".split()
-
-
-def pytest_configure(config):
-    # one JIT cache per test session: a build killed half-way elsewhere leaves a lock that hangs forever
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="dstune-ext-"))
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # launchers, ranks and op builds all find this venv's tools first (another `ninja` rebuilds every op)
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+from cli_runner import close_pools  # noqa: E402
+from helpers import NEG, POS, sentence, write_jsonl  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a launcher and every process under it (torchrun starts ranks in their own sessions)."""
-    import psutil
-    try:
-        parent = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    for p in parent.children(recursive=True) + [parent]:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
-def run_cli(args: list[str], nproc: int = 1, cwd: Path | None = None, timeout: int = LAUNCH_TIMEOUT_S,
-            env: dict | None = None, launcher: str = "torchrun",
-            command: list[str] | None = None, input: str | None = None) -> subprocess.CompletedProcess:
-    """Run `dstune ARGS` as one process (`command`, default this venv's `python -m dstune`), or with `nproc`
-    ranks under torchrun or the `deepspeed` launcher, `input` on its stdin; kill the whole process tree on
-    timeout."""
-    if nproc == 1:
-        cmd = [*(command or [sys.executable, "-m", "dstune"]), *args]
-    elif launcher == "deepspeed":
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
-               str(free_port()), "--module", "dstune", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "dstune", *args]
-    e = {**os.environ, **(env or {})}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    proc = subprocess.Popen(cmd, cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, stdin=subprocess.PIPE if input is not None else None)
-    try:
-        out, err = proc.communicate(input=input, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        out, err = proc.communicate()
-        raise AssertionError(f"dstune {' '.join(args)} hung for {timeout}s\n{out[-3000:]}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert res.returncode == 0, f"exit {res.returncode}\nSTDOUT:\n{res.stdout[-4000:]}\nSTDERR:\n{res.stderr[-6000:]}"
-    return res
-
-
-def read_metrics(run_dir: Path, split: str = "train") -> dict[int, dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if r["split"] == split}
-
-
-def _sentence(rng: random.Random, words: list[str]) -> str:
-    return " ".join(rng.choice(FILLER + [rng.choice(words)] * 3) for _ in range(10))
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def pytest_unconfigure(config):
+    close_pools()  # the ranks of pooled multi-rank runs (tests/cli_runner.py)
 
 
 @pytest.fixture(scope="session")
@@ -109,18 +40,18 @@ def ws(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("ws")
     rng = random.Random(0)
-    (root / "corpus.txt").write_text("".join(_sentence(rng, POS + NEG) + "\n" for _ in range(400)))
+    (root / "corpus.txt").write_text("".join(sentence(rng, POS + NEG) + "\n" for _ in range(400)))
     train_sentencepiece([str(root / "corpus.txt")], str(root / "tokenizer"), vocab_size=120)
     tok = load_tokenizer(str(root / "tokenizer"))
 
     # 256 training rows: with fewer, a tiny BERT memorises them and its held-out loss is noise
-    cls = [{"text": _sentence(rng, POS if i % 2 else NEG), "label": "pos" if i % 2 else "neg"} for i in range(320)]
-    _write_jsonl(root / "cls_train.jsonl", cls[:256])
-    _write_jsonl(root / "cls_eval.jsonl", cls[256:])
-    _write_jsonl(root / "lm.jsonl", [{"text": _sentence(rng, POS)} for _ in range(96)])
+    cls = [{"text": sentence(rng, POS if i % 2 else NEG), "label": "pos" if i % 2 else "neg"} for i in range(320)]
+    write_jsonl(root / "cls_train.jsonl", cls[:256])
+    write_jsonl(root / "cls_eval.jsonl", cls[256:])
+    write_jsonl(root / "lm.jsonl", [{"text": sentence(rng, POS)} for _ in range(96)])
     pairs = [{"prompt": f"say {w}", "response": f"{w} {w} it is"} for w in (POS + NEG) * 6]
-    _write_jsonl(root / "chat.jsonl", pairs)
-    _write_jsonl(root / "s2s.jsonl", [{"source": f"copy {w} and {v}", "target": f"{w} {v}"}
+    write_jsonl(root / "chat.jsonl", pairs)
+    write_jsonl(root / "s2s.jsonl", [{"source": f"copy {w} and {v}", "target": f"{w} {v}"}
                                       for w in POS + NEG for v in POS[:4]])
 
     import transformers as T

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import ok, run_cli
-from test_bad_input import GOOD
+from helpers import ok, run_cli
+from helpers import GOOD
 
 
 def test_the_loop_grows_the_labelled_set_by_each_strategy_and_resumes(ws, built_ops, tmp_path):

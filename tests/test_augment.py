@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conftest import ok, run_cli, write_recipe
+from helpers import ok, run_cli, write_recipe
 from dstune.config import load_config
 from dstune.prepare.augment import MARK, OP, Neighbours, edit, generator, load_neighbours
 from dstune.data.files import ROW

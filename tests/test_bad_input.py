@@ -6,38 +6,7 @@ import re
 
 import pytest
 
-from conftest import run_cli
-
-GOOD = {"task": "classification", "model": {"path": "MODEL"}, "tokenizer": {"path": "TOK"},
-        "data": {"train": "DATA"}, "training": {"precision": "fp32", "max_steps": 2}, "output_dir": "OUT"}
-
-
-def write(tmp_path, ws, text: str | None = None, **changes) -> tuple:
-    """A recipe (YAML text, or GOOD with `changes`) using the workspace's model/tokenizer/data."""
-    if text is None:
-        cfg = json.loads(json.dumps(GOOD))
-        for key, value in changes.items():
-            node = cfg
-            *parents, leaf = key.split("__")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
-        text = json.dumps(cfg, indent=1)
-    out = tmp_path / "out"
-    text = (text.replace("MODEL", str(ws / "bert")).replace("TOK", str(ws / "tokenizer"))
-            .replace("DATA", str(ws / "cls_train.jsonl")).replace("OUT", str(out)))
-    path = tmp_path / "recipe.yaml"
-    path.write_text(text)
-    return path, out
-
-
-def assert_user_error(res, pattern: str, out) -> None:
-    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
-    assert "Traceback" not in res.stderr
-    errors = [line for line in res.stderr.splitlines() if line.startswith("dstune: error:")]
-    assert len(errors) == 1, res.stderr
-    assert re.search(pattern, errors[0]), errors[0]
-    assert not out.exists(), "a failed run left its output_dir behind"
+from helpers import assert_user_error, run_cli, write
 
 
 def test_unknown_config_key_names_key_and_line(ws, tmp_path):
@@ -73,6 +42,23 @@ def test_missing_label_column(ws, tmp_path):
     path, out = write(tmp_path, ws, data__label_column="sentiment")
     assert_user_error(run_cli(["train", str(path)]),
                       r"data\.label_column: column 'sentiment' not in .*cls_train\.jsonl \(columns: .*label", out)
+
+
+def test_a_label_column_mixing_numbers_and_text_names_the_first_row_that_differs(ws, tmp_path):
+    rows = [{"text": "good film", "label": 1}, {"text": "fine film", "label": 1}, {"text": "bad film", "label": "neg"}]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    path, out = write(tmp_path, ws, data__train=str(data))
+    assert_user_error(run_cli(["train", str(path)]), r"mixed\.jsonl:3: data\.label_column: 'label' is text here "
+                      r"\('neg'\) but a number in earlier rows \(1\); give it one type in every row", out)
+
+
+def test_fp16_on_a_cpu_that_cannot_run_it_is_one_line(ws, tmp_path, monkeypatch):
+    import dstune.engine.precision as precision
+    monkeypatch.setattr(precision, "cpu_fp16", lambda: False)
+    path, out = write(tmp_path, ws, training__precision="fp16")
+    assert_user_error(run_cli(["train", str(path)]), r"training\.precision: fp16 does not run on this CPU "
+                      r"\(DeepSpeed's CPU accelerator needs oneDNN fp16: AVX512-FP16 or AMX-FP16\)", out)
 
 
 def test_empty_dataset(ws, tmp_path):

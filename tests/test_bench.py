@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import ok, run_cli
-from test_distributed import lm_recipe
+from helpers import lm_recipe, ok, random_tokens_recipe, run_cli
 
 KEYS = {"method", "trainable_params", "tokens_per_s", "step_s", "mfu", "peak_bytes", "estimate_bytes"}
 
@@ -63,21 +62,6 @@ print("some log line")
 print("RESULT " + json.dumps({"method": a.method, "params": int(os.environ["PEER_PARAMS"]), "tok_s": 1000.0,
                               "step_s": 0.5, "peak_gib": 1.5, "trainable": 1, "loss": 4.0}))
 '''
-
-
-def random_tokens_recipe(tmp_path, precision: str = "bf16") -> str:
-    """Tiny Llama on `data.train: random`: no tokenizer, no data file."""
-    path = tmp_path / "random.yaml"
-    path.write_text(f"""task: causal_lm
-model:
-  tiny: llama
-  config_overrides: {{vocab_size: 300, max_position_embeddings: 64}}
-data: {{train: random, max_length: 32}}
-deepspeed: zero2
-training: {{micro_batch_size: 2, precision: {precision}, lr: 1.0e-3}}
-output_dir: {tmp_path / "unused"}
-""")
-    return str(path)
 
 
 def test_bench_runs_the_peer_side_by_side(built_ops, tmp_path, monkeypatch):

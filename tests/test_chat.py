@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ok, read_metrics, run_cli, write_recipe
+from helpers import ok, read_metrics, run_cli, write_recipe
 from dstune.config import load_config
 from dstune.data.batching import IGNORE
 from dstune.prepare.pipeline import prepare_data

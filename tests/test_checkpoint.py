@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from conftest import ok, read_metrics, run_cli
-from test_distributed import lm_recipe
+from helpers import ok, read_metrics, run_cli
+from helpers import lm_recipe
 
 
 def test_partial_checkpoint_is_ignored_on_resume(ws, built_ops, tmp_path):
@@ -89,16 +89,20 @@ def test_a_checkpoint_carrying_code_is_refused_and_runs_nothing(ws, built_ops, t
     assert sorted(read_metrics(tmp_path / "run")) == [1, 2]  # nothing trained or logged on top
 
 
-def test_resume_reads_deepspeed_checkpoints_of_every_kind_without_unpickling_code(ws, built_ops, tmp_path):
+@pytest.mark.parametrize("stage, precision", [(2, "fp16"), (3, "bf16")])
+def test_resume_reads_deepspeed_checkpoints_of_every_kind_without_unpickling_code(ws, built_ops, tmp_path, stage,
+                                                                                  precision):
     """The types safe_load allows are all a checkpoint needs: fp16 (dynamic loss scaler) under ZeRO-2 and
     bf16 under ZeRO-3 resume exactly (ZeRO 0-3 in fp32 resume in test_distributed)."""
-    for stage, precision in ((2, "fp16"), (3, "bf16")):
-        name = f"z{stage}{precision}"
-        recipe = lm_recipe(ws, tmp_path, name, stage, max_steps=4, checkpoint_every=2, precision=precision)
-        ok(run_cli(["train", recipe, "training.max_steps=2"]))
-        res = ok(run_cli(["train", recipe]))
-        assert "resumed from step_00000002 (step 2)" in res.stdout
-        assert sorted(read_metrics(tmp_path / name)) == [1, 2, 3, 4]
+    from dstune.engine.precision import cpu_fp16
+    if precision == "fp16" and not cpu_fp16():
+        pytest.skip("this CPU runs no fp16 (oneDNN needs AVX512-FP16 or AMX-FP16), so DeepSpeed refuses it")
+    name = f"z{stage}{precision}"
+    recipe = lm_recipe(ws, tmp_path, name, stage, max_steps=4, checkpoint_every=2, precision=precision)
+    ok(run_cli(["train", recipe, "training.max_steps=2"]))
+    res = ok(run_cli(["train", recipe]))
+    assert "resumed from step_00000002 (step 2)" in res.stdout
+    assert sorted(read_metrics(tmp_path / name)) == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("stage", [0, 3])

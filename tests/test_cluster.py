@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from cluster import NODES, Cluster, unavailable_reason
-from conftest import free_port, ok, read_metrics, run_cli
+from helpers import free_port, ok, read_metrics, run_cli
 
 _reason = unavailable_reason()
 pytestmark = [pytest.mark.slow, pytest.mark.cluster,

@@ -52,8 +52,8 @@ def test_identical_distributions_have_no_divergence_nor_gradient():
 import hashlib  # noqa: E402
 import json  # noqa: E402
 
-from conftest import ok, read_metrics, run_cli  # noqa: E402
-from test_distributed import lm_recipe  # noqa: E402
+from helpers import ok, read_metrics, run_cli  # noqa: E402
+from helpers import lm_recipe  # noqa: E402
 
 
 def with_teacher(recipe: str, **distill) -> str:
@@ -105,7 +105,7 @@ def test_two_ranks_at_zero3_with_a_partitioned_teacher_match_one_rank(ws, built_
 def test_a_run_dir_teaches_a_classifier(ws, built_ops, tmp_path):
     """The teacher is a finished dstune run (fully fine-tuned tiny BERT); a LoRA student distils from it
     alone (alpha 1) and gets closer to it: the divergence falls."""
-    from test_bad_input import GOOD
+    from helpers import GOOD
 
     teacher = tmp_path / "teacher.yaml"
     cfg = json.loads(json.dumps(GOOD).replace("MODEL", str(ws / "bert")).replace("TOK", str(ws / "tokenizer"))
@@ -126,7 +126,7 @@ def test_a_teacher_that_cannot_teach_is_refused(ws, tmp_path):
     import shutil
 
     from dstune.models.tokenizers import train_sentencepiece
-    from test_bad_input import assert_user_error
+    from helpers import assert_user_error
 
     other = tmp_path / "other-vocab"
     shutil.copytree(ws / "llama", other)
@@ -163,7 +163,7 @@ def test_rows_without_labels_train_through_the_teacher_alone(ws, built_ops, tmp_
     """32 labelled reviews plus 192 without labels (data.unlabeled): micro-batches that hold no labelled row
     train on the divergence alone (no 0/0 task loss), every step is finite, and the start-up line lists the
     unlabeled source."""
-    from test_bad_input import GOOD, assert_user_error
+    from helpers import GOOD, assert_user_error
 
     rows = (ws / "cls_train.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "labelled.jsonl").write_text("".join(rows[:32]))
@@ -204,7 +204,7 @@ def test_rows_without_labels_are_refused_where_they_cannot_train(ws, tmp_path):
 
 def test_a_classifier_teacher_without_the_datas_classes_is_refused(ws, tmp_path):
     """A model folder whose config.json does not name the data's labels, in order, cannot teach them."""
-    from test_bad_input import assert_user_error, write
+    from helpers import assert_user_error, write
 
     path, out = write(tmp_path, ws, distill={"teacher": str(ws / "bert")})
     assert_user_error(run_cli(["train", str(path)]),
@@ -214,7 +214,7 @@ def test_a_classifier_teacher_without_the_datas_classes_is_refused(ws, tmp_path)
 
 def test_a_run_dir_of_other_labels_or_another_task_cannot_teach(ws, built_ops, tmp_path):
     """A dstune run trained on other classes, or for another task, is refused by name before any training."""
-    from test_bad_input import GOOD, assert_user_error
+    from helpers import GOOD, assert_user_error
 
     rows = [json.loads(line) for line in (ws / "cls_train.jsonl").read_text().splitlines()]
     (tmp_path / "abc.jsonl").write_text("".join(json.dumps({**r, "label": {"pos": "a", "neg": "b"}[r["label"]]})

@@ -11,34 +11,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import free_port, kill_tree, ok, read_metrics, run_cli
+from helpers import LM_STEPS as STEPS
+from helpers import free_port, kill_tree, lm_recipe, ok, read_metrics, run_cli
 
 pytestmark = pytest.mark.slow
-
-STEPS = 6
-
-
-def lm_recipe(ws, tmp_path, name: str, stage: int | None = None, methods: list | None = None,
-              eval_fraction: float = 0.0, **training) -> str:
-    """Tiny GPT-2 on packed text: every micro-batch has the same token count, so per-rank mean losses
-    average to exactly the global mean."""
-    ds = "zero0"
-    if stage is not None:
-        # threshold 0: partition even the tiny model's parameters under ZeRO-3
-        cfg = {"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
-        ds_path = tmp_path / f"zero{stage}.json"
-        ds_path.write_text(json.dumps(cfg))
-        ds = str(ds_path)
-    t = {"precision": "fp32", "max_steps": STEPS, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 2, "seed": 7,
-         **training}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(json.dumps({
-        "task": "causal_lm", "model": {"path": str(ws / "gpt2")},
-        "data": {"train": str(ws / "lm.jsonl"), "max_length": 32, "packing": True, "eval_fraction": eval_fraction},
-        "deepspeed": ds, "training": t, "output_dir": str(tmp_path / name),
-        "methods": methods or [{"name": "full"}]}))
-    return str(path)
-
 
 @pytest.fixture(scope="module")
 def single_rank(ws, built_ops, tmp_path_factory):

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from conftest import ok, run_cli
-from test_distributed import lm_recipe
+from helpers import ok, run_cli
+from helpers import lm_recipe
 
 METHODS = {"full": [{"name": "full"}], "lora": [{"name": "lora", "r": 4, "target_modules": "all-linear"}],
            "prefix": [{"name": "prefix", "num_virtual_tokens": 5}]}
@@ -137,7 +137,7 @@ def test_zero12_bucket_term_is_what_deepspeed_allocates(built_ops, tmp_path, sta
     import subprocess
     import sys
 
-    from conftest import free_port
+    from helpers import free_port
     from dstune.planning.estimate import zero12_bucket_bytes
     probe = tmp_path / "probe.py"
     probe.write_text(BUCKET_PROBE)

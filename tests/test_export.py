@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers as T
 
-from conftest import ok, run_cli
+from helpers import logits, ok, run_cli
 
 RUNS = {  # name: (family, task, data, methods)
     "lora_gpt2": ("gpt2", "causal_lm", "lm.jsonl", [{"name": "lora", "r": 4, "alpha": 16}]),
@@ -45,13 +45,7 @@ def trained_run(ws, tmp_path, name: str):
 
 def ours(run_dir):
     from dstune.rundir.load import load_run
-    return load_run(str(run_dir))[2]
-
-
-def logits(model, task):
-    ids = torch.randint(4, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    return load_run(str(run_dir)).model
 
 
 def peft_logits(model, task, name):

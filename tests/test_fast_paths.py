@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ok, read_metrics, run_cli
-from test_distributed import lm_recipe
+from helpers import ok, read_metrics, run_cli
+from helpers import lm_recipe
 
 PLAIN = ["training.lean_activations=false", "training.loss_chunk_tokens=0"]
 FAST = ["training.lean_activations=true", "training.loss_chunk_tokens=16"]

@@ -80,8 +80,8 @@ def test_a_build_lock_left_by_a_killed_build_is_cleared(ws, built_ops, tmp_path)
     process holds the build's OS lock) and remove it, and the op loads from the cache."""
     import os
 
-    from conftest import ok, run_cli
-    from test_distributed import lm_recipe
+    from helpers import ok, run_cli
+    from helpers import lm_recipe
 
     cache = tmp_path / "ext"
     shutil.copytree(os.environ["TORCH_EXTENSIONS_DIR"], cache, symlinks=True)

@@ -59,3 +59,18 @@ def test_imports_point_down():
                 upward.append(f"{module} imports {imported}")
     assert seen > 150, seen   # the scan found the package's imports (function-level ones too)
     assert not upward, "\n".join(upward)
+
+
+def test_the_training_runtime_reads_in_short_functions():
+    """engine/ (the training runtime) is where newcomers read most: no function over 60 lines or with more
+    than 6 parameters (self aside), so each step of a run fits one screen and one call."""
+    long = []
+    for path in sorted((PACKAGE / "engine").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                params = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs if p.arg not in ("self", "cls")]
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60 or len(params) > 6:
+                    long.append(f"{path.name}:{node.lineno} {node.name}: {lines} lines, {len(params)} parameters")
+    assert not long, "\n".join(long)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from conftest import ok, read_metrics, run_cli
+from helpers import ok, read_metrics, run_cli
 from dstune.models.losses import chunked_causal_lm_loss
-from test_distributed import lm_recipe
+from helpers import lm_recipe
 
 
 def _case(dtype, seed=0):

@@ -9,41 +9,8 @@ import transformers as T
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
 from dstune.families import FAMILIES as SPECS
-from dstune.families import tiny_config
-
-SPECIAL = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
-# every decoder family as a causal LM; BERT as a classifier (T5: tests/test_tasks.py, test_export.py)
-FAMILIES = {**{f: ("causal_lm", T.AutoModelForCausalLM) for f in SPECS if f not in ("bert", "t5")},
-            "bert": ("classification", T.AutoModelForSequenceClassification)}
-
-
-def tiny(family: str) -> tuple[torch.nn.Module, str]:
-    task, auto = FAMILIES[family]
-    torch.manual_seed(0)
-    cfg = tiny_config(family, 100, SPECIAL)
-    if task == "classification":
-        cfg.num_labels = 3
-    return auto.from_config(cfg).eval(), task
-
-
-def with_methods(family: str, *specs: dict) -> tuple[torch.nn.Module, str]:
-    model, task, _ = with_methods_list(family, *specs)
-    return model, task
-
-
-def with_methods_list(family: str, *specs: dict):
-    model, task = tiny(family)
-    methods = build_methods(list(specs))
-    apply_methods(model, methods, task)
-    return model, task, methods
-
-
-def batch(task: str) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(4, 100, (2, 12), generator=g)
-    labels = torch.tensor([0, 2]) if task == "classification" else ids
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
+from helpers import MODEL_FAMILIES as FAMILIES
+from helpers import SPECIAL, batch, tiny, with_methods, with_methods_list
 
 def refused(family: str, spec: dict) -> bool:
     """Gemma 2 soft-caps its attention logits, which no prefix path computes: prefix tuning refuses it."""
@@ -325,7 +292,7 @@ def test_a_family_not_in_the_table_is_discovered_from_its_module_tree():
     names the linear layers it found; with targets it trains."""
     config = T.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
                          word_embed_proj_dim=32, max_position_embeddings=64, dropout=0.0, **SPECIAL)
-    assert config.model_type not in SPECS
+    assert config.model_type not in SPECS  # dstune's family table
 
     def opt(*specs):
         torch.manual_seed(0)

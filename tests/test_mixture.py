@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ok, run_cli, write_recipe
+from helpers import ok, run_cli, write_recipe
 from dstune.config import load_config
 from dstune.prepare.pipeline import prepare_data
 from dstune.errors import UserError

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import ok, read_metrics, run_cli
+from helpers import ok, read_metrics, run_cli
 
 
 def poisoned(ws, tmp_path) -> tuple:
@@ -73,7 +73,7 @@ def test_a_step_with_a_nan_loss_is_skipped_and_training_goes_on(ws, built_ops, t
 
 
 def test_skip_stops_when_every_step_is_not_finite(ws, built_ops, tmp_path):
-    from test_bad_input import write
+    from helpers import write
 
     path, out = write(tmp_path, ws, training__lr=1e30, training__max_steps=12, training__nan_policy="skip")
     res = run_cli(["train", str(path)])

@@ -10,7 +10,7 @@ import tomllib
 
 import pytest
 
-from conftest import REPO, ok, run_cli
+from helpers import REPO, ok, run_cli
 
 
 def _name(requirement: str) -> str:

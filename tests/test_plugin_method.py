@@ -11,7 +11,7 @@ import torch
 import transformers as T
 from torch import nn
 
-from conftest import ok, run_cli
+from helpers import lm_recipe, logits, ok, random_tokens_recipe, run_cli
 from dstune.methods.lora import Lora
 from dstune.methods.peft_format import PeftAdapter
 
@@ -50,10 +50,6 @@ def plugin_env(tmp_path) -> dict:
 
 
 def test_a_plugin_method_trains_merges_exports_and_benches(ws, built_ops, tmp_path, plugin_env):
-    from test_bench import random_tokens_recipe
-    from test_distributed import lm_recipe
-    from test_export import logits
-
     listed = ok(run_cli(["methods"], env=plugin_env)).stdout
     assert "lora_fa" in listed and "frozen random A" in listed
 

@@ -2,46 +2,12 @@
 float64 implementation, for GQA, padding, decoding with a cache and T5's position bias."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dstune.kernels import prefix_attention
-
-
-def float64_attention(q, k, v, pk, pv, pad=None, causal=True, bias=None):
-    """Written out per query with explicit softmax, in float64; shares no code with the kernel."""
-    q, k, v, pk, pv = (t.double() for t in (q, k, v, pk, pv))
-    B, Hq, S, D = q.shape
-    Hkv, P, T = pk.shape[0], pk.shape[1], k.shape[2]
-    out = torch.zeros(B, S, Hq, D, dtype=torch.float64)
-    for b in range(B):
-        for h in range(Hq):
-            g = h // (Hq // Hkv)
-            keys = torch.cat([pk[g], k[b, g]])
-            vals = torch.cat([pv[g], v[b, g]])
-            for i in range(S):
-                pos = T - S + i  # query i sits at key position pos (bottom-right alignment)
-                scores = keys @ q[b, h, i] / math.sqrt(D)
-                if bias is not None:
-                    scores[P:] += bias[0, h, i].double()
-                allowed = torch.ones(P + T, dtype=torch.bool)
-                if causal:
-                    allowed[P + pos + 1:] = False
-                if pad is not None:
-                    allowed[P:] &= pad[b]
-                scores[~allowed] = -math.inf
-                out[b, i, h] = torch.softmax(scores, 0) @ vals
-    return out
-
-
-def inputs(B=2, Hq=4, Hkv=2, S=7, T=None, P=3, D=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    T = T or S
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return r(B, Hq, S, D), r(B, Hkv, T, D), r(B, Hkv, T, D), r(Hkv, P, D), r(Hkv, P, D)
+from helpers import float64_attention, inputs
 
 
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (4, 1)])
@@ -160,7 +126,7 @@ def test_sdpa_paths_in_bf16_are_within_bf16_tolerance(path):
 def test_every_path_trains_a_model_like_the_others(caplog):
     """Loss and every trainable gradient of a prefix-tuned Llama, with and without activation checkpointing."""
     import dstune.kernels as kernels
-    from test_methods import batch, with_methods
+    from helpers import batch, with_methods
     results = {}
     for path in ("auto", *SDPA_PATHS):
         kernels._logged.clear()

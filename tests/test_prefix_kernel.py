@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import prefix_attention_tiled as tiled
-from test_prefix_attention import float64_attention, inputs
+from helpers import float64_attention, inputs
 
 CASES = [  # Hq, Hkv, Sq, Sk, P, causal, padded
     (4, 4, 9, 9, 3, True, False),

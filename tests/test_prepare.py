@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ok, run_cli, write_recipe
+from helpers import ok, run_cli, write_recipe
 from dstune.config import load_config
-from dstune.data import prepare
+from dstune.prepare import cache as prepare
 from dstune.prepare.pipeline import prepare_data
 from dstune.errors import UserError
 from dstune.models.tokenizers import load_tokenizer

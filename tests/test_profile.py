@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import ok, read_metrics, run_cli
-from test_bench import random_tokens_recipe
+from helpers import ok, read_metrics, run_cli
+from helpers import random_tokens_recipe
 
 
 def test_profile_step_writes_a_trace_per_rank_and_a_table(built_ops, tmp_path):

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from conftest import ok, run_cli
-from test_bad_input import GOOD
-from test_distributed import lm_recipe
+from helpers import ok, run_cli
+from helpers import GOOD
+from helpers import lm_recipe
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,8 @@ def picked(path) -> list[dict]:
 def probabilities(run, texts: list[str]) -> torch.Tensor:
     from dstune.rundir.load import load_run
 
-    _, tok, model, _, _ = load_run(str(run))
+    loaded = load_run(str(run))
+    tok, model = loaded.tokenizer, loaded.model
     with torch.no_grad():
         return torch.stack([model(**tok(t, return_tensors="pt")).logits[0].softmax(-1) for t in texts])
 
@@ -82,7 +83,8 @@ def test_nll_scores_each_reference_by_the_models_own_loss(ws, built_ops, tmp_pat
     out = tmp_path / "pick.jsonl"
     ok(run_cli(["select", str(tmp_path / "lm"), "--pool", str(ws / "lm.jsonl"), "--strategy", "nll", "--k", "3",
                 "--out", str(out)]))
-    _, tok, model, _, _ = load_run(str(tmp_path / "lm"))
+    loaded = load_run(str(tmp_path / "lm"))
+    tok, model = loaded.tokenizer, loaded.model
     for r in picked(out):
         ids = tok(r["text"], return_tensors="pt")["input_ids"]
         ids = torch.cat([ids, torch.tensor([[tok.eos_token_id]])], 1)[:, :32]
@@ -120,7 +122,8 @@ def test_prompts_without_replies_are_scored_by_the_models_own_greedy_reply(ws, b
     out = tmp_path / "pick.jsonl"
     ok(run_cli(["select", str(tmp_path / "lm"), "--pool", str(pool), "--strategy", "nll", "--k", "12",
                 "--batch-size", "5", "--out", str(out)]))
-    _, tok, model, _, _ = load_run(str(tmp_path / "lm"))
+    loaded = load_run(str(tmp_path / "lm"))
+    tok, model = loaded.tokenizer, loaded.model
     for r in picked(out):
         x = torch.tensor([tok(r["prompt"])["input_ids"]])
         with torch.no_grad():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import ok, read_metrics, run_cli
+from helpers import ok, read_metrics, run_cli
 
 TASKS = {
     # name: (task, model folder, data file, extra data keys, training overrides)

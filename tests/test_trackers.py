@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from conftest import ok, read_metrics, run_cli
-from test_distributed import lm_recipe
+from helpers import ok, read_metrics, run_cli
+from helpers import lm_recipe
 
 
 def test_two_ranks_log_one_run_to_wandb_and_mlflow(ws, built_ops, tmp_path, monkeypatch):
