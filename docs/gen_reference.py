@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import re
 import sys
 import types
 import typing
@@ -111,8 +112,9 @@ def default_text(info: FieldInfo) -> str:
     return code(yaml_value(value))
 
 
-def anchor(key: str) -> str:
-    return key.replace(".", "-")
+def anchor(heading: str) -> str:
+    """The id MkDocs (and GitHub) give a heading: punctuation dropped, lower case, spaces as hyphens."""
+    return re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", heading).strip().lower())
 
 
 def field_rows(model: type[BaseModel], prefix: str, parent: type[BaseModel] | None = None) -> list[str]:
@@ -155,7 +157,7 @@ def section(model: type[BaseModel], key: str, level: int, listed: bool = False,
     """A heading, the model's docstring, a table of its own keys, then one section per nested model."""
     doc = inspect.cleandoc(model.__doc__) if model.__doc__ and model.__doc__ != BaseModel.__doc__ else ""
     title = f"{key}[]" if listed else key
-    lines = [f"{'#' * level} `{title}` {{#{anchor(key)}}}", ""]
+    lines = [f"{'#' * level} `{title}`", ""]
     if doc:
         lines += [" ".join(doc.split()), ""]
     if listed:
@@ -276,12 +278,10 @@ def cli_page() -> str:
              "| command | what it does |", "|---|---|"]
     found = list(commands(parser))
     for sub, short in found:
-        anchor = sub.prog.replace(" ", "-")
-        lines.append(f"| [{sub.prog}](#{anchor}) | {cell(short or '')} |")
+        lines.append(f"| [{sub.prog}](#{anchor(sub.prog)}) | {cell(short or '')} |")
     lines.append("")
     for sub, _ in found:
-        anchor = sub.prog.replace(" ", "-")
-        lines += [f"## {sub.prog} {{#{anchor}}}", "", "```text", usage(sub), "```", ""]
+        lines += [f"## {sub.prog}", "", "```text", usage(sub), "```", ""]
         lines += description_md(sub.description or "")
         rows = argument_rows(sub)
         if rows:
@@ -301,11 +301,11 @@ def methods_page() -> str:
              "options not given take the defaults below.", "",
              "| method | what it does | merges into the base | PEFT export |", "|---|---|---|---|"]
     for name, cls in built_in.items():
-        lines.append(f"| [`{name}`](#{name}) | {cell(cls.description)} | {'yes' if cls.mergeable else 'no'} | "
+        lines.append(f"| [`{name}`](#{anchor(name)}) | {cell(cls.description)} | {'yes' if cls.mergeable else 'no'} | "
                      f"{'yes' if cls.exports_to_peft() else 'no'} |")
     lines.append("")
     for name, cls in built_in.items():
-        lines += [f"## `{name}` {{#{name}}}", "", cell(cls.description), ""]
+        lines += [f"## `{name}`", "", cell(cls.description), ""]
         notes = []
         for other, why in sorted(cls.conflicts.items()):
             notes.append(f"- Cannot be combined with `{other}`: {why}.")
