@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 LOCK   := requirements/lock.txt
 STAMP  := $(VENV)/.dstune-installed
 LATEST := .venv-latest
-.PHONY: install test demo lock test-latest clean
+.PHONY: install test demo docs lock test-latest clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ test: $(STAMP)
 
 demo: $(VENV)/.dstune-demo
 	OMP_NUM_THREADS=2 $(PY) examples/demo.py
+
+# the manual (docs/, mkdocs.yml) into site/; fails on any broken link, anchor or navigation entry
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
 
 # Re-resolve every dependency to its newest release that installs here (pip-tools, with this venv's
 # torch for DeepSpeed's build); then `make test`, and commit the lock when it passes.
