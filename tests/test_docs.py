@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, kill_tree
+from helpers import REPO, kill_tree
 
 DOCS = REPO / "docs"
 TUTORIALS = sorted((DOCS / "tutorials").glob("*.md"))

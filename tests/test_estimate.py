@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from helpers import ok, run_cli
-from helpers import lm_recipe
+from helpers import lm_recipe, ok, run_cli
 
 METHODS = {"full": [{"name": "full"}], "lora": [{"name": "lora", "r": 4, "target_modules": "all-linear"}],
            "prefix": [{"name": "prefix", "num_virtual_tokens": 5}]}
@@ -130,6 +129,7 @@ print("BUCKETS " + json.dumps({"config": ds, "bytes": max(seen)}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,overlap,bf16", [(2, 0, 0), (2, 1, 1), (1, 0, 1), (1, 1, 0)])
 def test_zero12_bucket_term_is_what_deepspeed_allocates(built_ops, tmp_path, stage, overlap, bf16):
     """A 0.1M-element bucket for a model of 4.7K parameters: DeepSpeed allocates it whole, once or twice."""

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import ok, read_metrics, run_cli
-from helpers import lm_recipe
+from helpers import lm_recipe, ok, read_metrics, run_cli
 
 PLAIN = ["training.lean_activations=false", "training.loss_chunk_tokens=0"]
 FAST = ["training.lean_activations=true", "training.loss_chunk_tokens=16"]

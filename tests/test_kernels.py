@@ -17,6 +17,7 @@ def test_every_source_belongs_to_an_extension():
     assert {p.name for p in SOURCES} == listed
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("source", SOURCES, ids=[p.name for p in SOURCES])
 def test_source_compiles_for_sm80_and_sm90(source, tmp_path):
@@ -75,19 +76,21 @@ def test_phase_memory_on_gpu_reports_each_phase():
     assert cheap.sampler is None and "measure_memory: device" in cheap.report()["measured_by"]
 
 
+@pytest.mark.slow
 def test_a_build_lock_left_by_a_killed_build_is_cleared(ws, built_ops, tmp_path):
     """torch waits forever on the `lock` file of a build that was killed; dstune's runs find it stale (no
-    process holds the build's OS lock) and remove it, and the op loads from the cache."""
+    process holds the build's OS lock) and remove it, and the op loads from the cache. Two new processes
+    (ranks under torchrun): a process that loaded the op before never looks at the build folder again."""
     import os
 
-    from helpers import ok, run_cli
-    from helpers import lm_recipe
+    from helpers import lm_recipe, ok, run_cli
 
     cache = tmp_path / "ext"
     shutil.copytree(os.environ["TORCH_EXTENSIONS_DIR"], cache, symlinks=True)
     stale = cache / "deepspeed_shm_comm" / "lock"
     stale.write_text("")
     recipe = lm_recipe(ws, tmp_path, "run", max_steps=2)
-    res = ok(run_cli(["train", recipe], nproc=2, env={"TORCH_EXTENSIONS_DIR": str(cache)}, timeout=300))
+    res = ok(run_cli(["train", recipe], nproc=2, launcher="torchrun", env={"TORCH_EXTENSIONS_DIR": str(cache)},
+                     timeout=300))
     assert f"removing {stale}, left by a build that was killed" in res.stdout
     assert not stale.exists()

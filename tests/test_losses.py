@@ -6,9 +6,8 @@ import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from helpers import ok, read_metrics, run_cli
 from dstune.models.losses import chunked_causal_lm_loss
-from helpers import lm_recipe
+from helpers import lm_recipe, ok, read_metrics, run_cli
 
 
 def _case(dtype, seed=0):

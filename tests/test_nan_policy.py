@@ -39,7 +39,8 @@ def module_state(ckpt_dir) -> dict:
     return safe_load(str(ckpt_dir / "mp_rank_00_model_states.pt"), map_location="cpu")["module"]
 
 
-@pytest.mark.parametrize("stage, nproc", [(0, 1), (2, 2), (3, 2)])
+@pytest.mark.parametrize("stage, nproc", [(0, 1), pytest.param(2, 2, marks=pytest.mark.slow),
+                                          pytest.param(3, 2, marks=pytest.mark.slow)])
 def test_a_step_with_a_nan_loss_is_skipped_and_training_goes_on(ws, built_ops, tmp_path, stage, nproc):
     model, data = poisoned(ws, tmp_path)
     ds = tmp_path / "ds.json"

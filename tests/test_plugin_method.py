@@ -49,6 +49,7 @@ def plugin_env(tmp_path) -> dict:
     return {"PYTHONPATH": os.pathsep.join(p for p in path if p)}
 
 
+@pytest.mark.slow
 def test_a_plugin_method_trains_merges_exports_and_benches(ws, built_ops, tmp_path, plugin_env):
     listed = ok(run_cli(["methods"], env=plugin_env)).stdout
     assert "lora_fa" in listed and "frozen random A" in listed

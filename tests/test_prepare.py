@@ -78,6 +78,7 @@ def test_a_writer_that_died_is_reported_not_waited_for(tmp_path):
         prepare.wait_for(entry, timeout_s=1)
 
 
+@pytest.mark.slow
 def test_two_ranks_prepare_once_and_a_bad_row_stops_both_with_one_line(ws, tmp_path):
     train = tmp_path / "lm.jsonl"
     train.write_text((ws / "lm.jsonl").read_text())

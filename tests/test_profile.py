@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 
-from helpers import ok, read_metrics, run_cli
-from helpers import random_tokens_recipe
+import pytest
+
+from helpers import ok, random_tokens_recipe, read_metrics, run_cli
 
 
+@pytest.mark.slow
 def test_profile_step_writes_a_trace_per_rank_and_a_table(built_ops, tmp_path):
     out = tmp_path / "run"
     ok(run_cli(["train", random_tokens_recipe(tmp_path), "training.max_steps=3", "training.profile_step=2",

@@ -6,9 +6,7 @@ import json
 import pytest
 import torch
 
-from helpers import ok, run_cli
-from helpers import GOOD
-from helpers import lm_recipe
+from helpers import GOOD, lm_recipe, ok, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +61,7 @@ def test_random_is_a_seeded_sample(ws, classifier, tmp_path):
     assert rows[0] == rows[1] != rows[2] and len(set(rows[0])) == 8
 
 
+@pytest.mark.slow
 def test_two_ranks_share_the_scoring_and_pick_the_same_rows(ws, classifier, tmp_path):
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     args = ["select", str(classifier), "--pool", str(ws / "cls_eval.jsonl"), "--strategy", "entropy", "--k", "12",

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from helpers import ok, read_metrics, run_cli
-from helpers import lm_recipe
+from helpers import lm_recipe, ok, read_metrics, run_cli
 
 
+@pytest.mark.slow
 def test_two_ranks_log_one_run_to_wandb_and_mlflow(ws, built_ops, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     mlflow = pytest.importorskip("mlflow")

@@ -111,9 +111,8 @@ def test_example_recipes_validate(recipe):
 
 
 def test_methods_command_lists_every_method_with_its_options():
-    import subprocess
-    import sys
-    out = subprocess.run([sys.executable, "-m", "dstune", "methods"], capture_output=True, text=True, timeout=120).stdout
+    from helpers import ok, run_cli
+    out = ok(run_cli(["methods"])).stdout
     for name in ("full", "freeze", "layerwise_lr", "bitfit", "prompt", "prefix", "adapter", "lora", "ia3"):
         assert f"\n{name} " in f"\n{out}", name
     assert "    r: rank of the update (default: 8)" in out

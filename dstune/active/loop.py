@@ -1,7 +1,7 @@
 """`dstune active-learn`: the active-learning loop simulated on a labelled pool, its labels the oracle.
 
 For every strategy and seed: start from `initial` rows drawn at random (the same rows for every strategy
-of a seed), then each round train the recipe on the labelled rows, score the rest of the pool with the
+of a seed), then each round train the recipe on the labelled rows (in this process), score the rest of the pool with the
 trained run (`dstune select`'s scores) and label the `per_round` most informative. Each round trains from
 the base model (`retrain="base"`), or from the previous round's model (`"continue"`: its run exported
 with its methods merged into the weights, OUT/STRATEGY/seedN/roundR/merged, which the next round's
@@ -13,11 +13,9 @@ round.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +24,21 @@ from dstune.errors import UserError
 
 
 def _train(recipe: str, overrides: list[str], run: Path, labelled: Path, seed: int) -> dict:
-    """The round's run (trained unless it already finished): its results.json."""
+    """The round's run (trained here unless it already finished; its output in RUN.log): its results.json."""
+    from dstune.config import load_config
+    from dstune.engine.trainer import train
+    from dstune.planning.fit import resolve_checkpointing
+
     done = run / "results.json"
     if not (done.exists() and "after" in json.loads(done.read_text())):
-        cmd = [sys.executable, "-m", "dstune", "train", recipe, *overrides, f"data.train={labelled}",
-               f"training.seed={seed}", f"output_dir={run}", "training.resume=false", "data.eval_fraction=0"]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        (run.parent / f"{run.name}.log").write_text(res.stdout + res.stderr)
-        if res.returncode != 0:
-            tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise UserError(f"active-learn: training {run} failed: {tail} (whole output: {run}.log)")
+        cfg = load_config(recipe, [*overrides, f"data.train={labelled}", f"training.seed={seed}", f"output_dir={run}",
+                                   "training.resume=false", "data.eval_fraction=0"])
+        log = run.parent / f"{run.name}.log"
+        with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            try:
+                train(cfg, resolve_checkpointing)
+            except UserError as e:
+                raise UserError(f"active-learn: training {run} failed: {e} (whole output: {log})") from None
     return json.loads(done.read_text())
 
 

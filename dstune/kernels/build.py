@@ -120,10 +120,11 @@ def build_all() -> list[str]:
 
 
 def nvcc_check(source: Path, out_dir: Path) -> subprocess.CompletedProcess:
-    """Compile one .cu to an object file for every target arch; no GPU needed."""
+    """Compile one .cu to an object file for every target arch (the arches in parallel); no GPU needed."""
     from torch.utils.cpp_extension import include_paths
     nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
     includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
-    cmd = [nvcc, "-c", "-std=c++17", "-O3", "-Xcompiler", "-fPIC", f"-DTORCH_EXTENSION_NAME={source.stem}",
+    cmd = [nvcc, "-c", "--threads", "0", "-std=c++17", "-O3", "-Xcompiler", "-fPIC",
+           f"-DTORCH_EXTENSION_NAME={source.stem}",
            *includes, *gencode_flags(), str(source), "-o", str(out_dir / f"{source.stem}.o")]
     return subprocess.run(cmd, capture_output=True, text=True)
