@@ -32,15 +32,24 @@ RUNS = {  # name: (family, task, data, methods)
 AUTO = {"causal_lm": T.AutoModelForCausalLM, "classification": T.AutoModelForSequenceClassification}
 
 
-def trained_run(ws, tmp_path, name: str):
-    family, task, data, methods = RUNS[name]
-    recipe = tmp_path / f"{name}.yaml"
-    recipe.write_text(json.dumps({
-        "task": task, "model": {"path": str(ws / family)}, "data": {"train": str(ws / data), "max_length": 24},
-        "methods": methods, "training": {"precision": "fp32", "max_steps": 4, "lr": 5e-2, "micro_batch_size": 8},
-        "output_dir": str(tmp_path / name)}))
-    ok(run_cli(["train", str(recipe)]))
-    return tmp_path / name
+@pytest.fixture(scope="module")
+def trained(ws, built_ops, tmp_path_factory):
+    """`trained(name)`: the run dir of RUNS[name], trained once for the module (the tests only read it)."""
+    runs: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("runs")
+
+    def run(name: str) -> Path:
+        if name not in runs:
+            family, task, data, methods = RUNS[name]
+            recipe = root / f"{name}.yaml"
+            recipe.write_text(json.dumps({
+                "task": task, "model": {"path": str(ws / family)}, "data": {"train": str(ws / data), "max_length": 24},
+                "methods": methods, "training": {"precision": "fp32", "max_steps": 4, "lr": 5e-2, "micro_batch_size": 8},
+                "output_dir": str(root / name)}))
+            ok(run_cli(["train", str(recipe)]))
+            runs[name] = root / name
+        return runs[name]
+    return run
 
 
 def ours(run_dir):
@@ -72,10 +81,10 @@ def assert_modes_of_new_files(folder: Path) -> None:
 @pytest.mark.parametrize("name", ["lora_gpt2", "lora_llama_all", "ia3_llama", "ia3_gpt2", "lora_bert_cls", "dora_rslora_gpt2",
                                   "prompt_gpt2", "prompt_bert_cls", "prefix_llama", "prefix_proj_gpt2",
                                   "prefix_bert_cls"])
-def test_peft_export_loads_in_peft_with_same_logits(ws, built_ops, tmp_path, name):
+def test_peft_export_loads_in_peft_with_same_logits(ws, trained, tmp_path, name):
     import peft
     family, task = RUNS[name][:2]
-    run_dir = trained_run(ws, tmp_path, name)
+    run_dir = trained(name)
     ok(run_cli(["export", str(run_dir), "--format", "peft", "--out", str(tmp_path / "peft")]))
     assert_modes_of_new_files(tmp_path / "peft")
     base = AUTO[task].from_pretrained(ws / family, **({"num_labels": 2} if task == "classification" else {}))
@@ -91,9 +100,9 @@ def test_peft_export_loads_in_peft_with_same_logits(ws, built_ops, tmp_path, nam
 
 
 @pytest.mark.parametrize("name", ["lora_llama_all", "ia3_gpt2", "dora_rslora_gpt2"])
-def test_merged_export_is_a_plain_model_with_same_logits(ws, built_ops, tmp_path, name):
+def test_merged_export_is_a_plain_model_with_same_logits(ws, trained, tmp_path, name):
     family, task = RUNS[name][:2]
-    run_dir = trained_run(ws, tmp_path, name)
+    run_dir = trained(name)
     ok(run_cli(["export", str(run_dir), "--format", "merged", "--out", str(tmp_path / "merged")]))
     assert_modes_of_new_files(tmp_path / "merged")
     assert_modes_of_new_files(run_dir)
@@ -103,8 +112,8 @@ def test_merged_export_is_a_plain_model_with_same_logits(ws, built_ops, tmp_path
     assert diff <= 1e-5, diff
 
 
-def test_adapters_refuse_to_merge(ws, built_ops, tmp_path):
-    run_dir = trained_run(ws, tmp_path, "adapter_gpt2")
+def test_adapters_refuse_to_merge(trained, tmp_path):
+    run_dir = trained("adapter_gpt2")
     res = run_cli(["export", str(run_dir), "--format", "merged", "--out", str(tmp_path / "m")])
     assert res.returncode == 2
     assert "dstune: error: --format merged: adapter cannot be folded into the base weights" in res.stderr
@@ -112,7 +121,9 @@ def test_adapters_refuse_to_merge(ws, built_ops, tmp_path):
     (tmp_path / "a-file").write_text("kept")
     res = run_cli(["export", str(run_dir), "--format", "peft", "--out", str(tmp_path / "a-file")])
     assert res.returncode == 2 and f"dstune: error: --out: {tmp_path / 'a-file'} is a file" in res.stderr
-    # a damaged trainable.safetensors: one line, not a traceback
+    # a damaged trainable.safetensors (in a copy: the module's run stays whole): one line, not a traceback
+    import shutil
+    run_dir = Path(shutil.copytree(run_dir, tmp_path / "damaged"))
     weights = run_dir / "trainable.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     res = run_cli(["eval", str(run_dir)])
@@ -120,10 +131,10 @@ def test_adapters_refuse_to_merge(ws, built_ops, tmp_path):
     assert f"dstune: error: {weights}: not a readable safetensors file" in res.stderr
 
 
-def test_peft_generate_ignores_an_exported_prefix_and_export_says_so(ws, built_ops, tmp_path):
+def test_peft_generate_ignores_an_exported_prefix_and_export_says_so(ws, trained, tmp_path):
     """PEFT's forward applies the exported prefix; its generate() (transformers 5.24+) does not."""
     import peft
-    run_dir = trained_run(ws, tmp_path, "prefix_llama")
+    run_dir = trained("prefix_llama")
     res = ok(run_cli(["export", str(run_dir), "--format", "peft", "--out", str(tmp_path / "peft")]))
     assert "note: PEFT's generate() does not apply prefix adapters" in res.stdout
     base = T.AutoModelForCausalLM.from_pretrained(ws / "llama").eval()
