@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LAUNCH_TIMEOUT_S = 420
-FAILED_RANK_GRACE_S = 10  # after one rank fails, the others' time to end before the pool is killed
+FAILED_RANK_GRACE_S = 5  # after one rank fails, the others' time to end before the pool is killed
 
 
 @dataclass
@@ -155,7 +155,7 @@ class RankPool:
 
     def __init__(self, world: int):
         ctx = multiprocessing.get_context("spawn")
-        self.world, self.conns, self.procs = world, [], []
+        self.world, self.conns, self.procs, self.closed = world, [], [], False
         for rank in range(world):
             mine, theirs = ctx.Pipe()
             proc = ctx.Process(target=_serve, args=(rank, world, theirs), daemon=True, name=f"dstune-rank{rank}")
@@ -164,7 +164,7 @@ class RankPool:
             self.procs.append(proc)
 
     def alive(self) -> bool:
-        return all(p.is_alive() for p in self.procs)
+        return not self.closed and all(p.is_alive() for p in self.procs)
 
     def run(self, args: list[str], cwd: Path | None, env: dict | None, timeout: float) -> CliResult:
         """Every worker runs `dstune ARGS` as its rank. As under a launcher, a rank that fails ends the job: the
@@ -202,13 +202,17 @@ class RankPool:
                          [(o, e) for _, o, e in ordered])
 
     def close(self) -> None:
+        """Idle ranks leave when told; a rank still in a job (hung, stopped) is killed after a second."""
         for conn in self.conns:
             with contextlib.suppress(OSError, BrokenPipeError):
                 conn.send(None)
+        self.closed = True
+        deadline = time.monotonic() + 1
         for proc in self.procs:
-            proc.join(timeout=5)
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 kill_tree(proc.pid)
+                proc.join(timeout=5)
 
 
 _POOLS: dict[int, RankPool] = {}
