@@ -345,14 +345,20 @@ def _override(cfg, overrides: list[str]):
     return config_from_dict(_merge(cfg.model_dump(mode="json"), parse_overrides(overrides)), "override")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, its errors one line like every other dstune error (the usage is what --help shows)."""
+
+    def error(self, message: str):
+        self.exit(2, f"dstune: error: {message}; see {self.prog} --help\n")
+
+
 def _help(fn) -> tuple[str, str]:
     doc = (fn.__doc__ or "").strip()
     return doc.splitlines()[0], doc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dstune", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="dstune", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # the `deepspeed` launcher passes --local_rank=N before the subcommand (it also sets LOCAL_RANK)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)

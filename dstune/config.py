@@ -447,8 +447,10 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(cls.model_fields)
 
 
-def format_validation_error(err: ValidationError, source: str, key_lines: dict[tuple, int]) -> str:
-    """First pydantic error as one line: `recipe.yaml:7: training.lr: Input should be a valid number`."""
+def format_validation_error(err: ValidationError, source: str, key_lines: dict[tuple, int],
+                            overrides: dict[tuple, str] | None = None) -> str:
+    """First pydantic error as one line: `recipe.yaml:7: training.lr: Input should be a valid number`, or, for a
+    key given on the command line (`overrides`: key path -> the `key=value` item), `override training.lr=x: ...`."""
     errors = err.errors()
     e = max(errors, key=lambda x: len(x["loc"]))  # of a union's branches, the one that got furthest
     loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and UNION_TAG.match(p)))
@@ -459,7 +461,12 @@ def format_validation_error(err: ValidationError, source: str, key_lines: dict[t
             and repr(e["input"]) not in msg:  # a validator's own message may already quote it
         msg += f" (got {e['input']!r})"
     where = source
+    given = overrides or {}
+    below = [item for path, item in given.items() if path[:len(loc)] == loc]  # an override made the key itself
     for n in range(len(loc), 0, -1):
+        if loc[:n] in given or (n == len(loc) and below):
+            where = f"override {given.get(loc[:n]) or below[0]}"
+            break
         if loc[:n] in key_lines:
             where = f"{source}:{key_lines[loc[:n]]}"
             break
@@ -485,10 +492,11 @@ def load_config(recipe: str | os.PathLike, overrides: list[str] | None = None) -
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a mapping of sections (task, model, data, ...)")
     raw = _merge(raw, parse_overrides(overrides or []))
+    given = {tuple(item.partition("=")[0].split(".")): item for item in overrides or []}
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(format_validation_error(e, str(path), _key_lines(text))) from None
+        raise UserError(format_validation_error(e, str(path), _key_lines(text), given)) from None
     return cfg.resolve_paths()
 
 

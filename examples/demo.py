@@ -78,7 +78,7 @@ def main() -> None:
     results = json.loads((RUN_DIR / "results.json").read_text())
     before, after = results["before"]["accuracy"], results["after"]["accuracy"]
     info = json.loads((RUN_DIR / "run.json").read_text())
-    print(f"\nall-MiniLM-L6-v2 on Rotten Tomatoes ({N_TRAIN} train / {N_TEST} held-out reviews), LoRA: "
+    print(f"\nall-MiniLM-L6-v2 on Rotten Tomatoes ({N_TRAIN:,} train / {N_TEST:,} held-out reviews), LoRA: "
           f"{info['trainable_params']:,} of {info['total_params']:,} parameters trained")
     print(f"  held-out accuracy before: {before:.3f}")
     print(f"  held-out accuracy after:  {after:.3f}   (macro-F1 {results['after']['macro_f1']:.3f})")

@@ -23,7 +23,17 @@ def test_wrong_type_names_key(ws, tmp_path):
 def test_wrong_type_in_override_names_key(ws, tmp_path):
     path, out = write(tmp_path, ws)
     assert_user_error(run_cli(["train", str(path), "training.micro_batch_size=two"]),
-                      r"training\.micro_batch_size: .*integer", out)
+                      r"^dstune: error: override training\.micro_batch_size=two: training\.micro_batch_size: .*integer", out)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.lrr=1", r"override training\.lrr=1: training\.lrr: unknown key \(did you mean 'lr'\?\)$"),
+    ("evaluaton.every=1", r"override evaluaton\.every=1: evaluaton: unknown key \(did you mean 'evaluation'\?\)$"),
+])
+def test_a_misspelt_key_given_on_the_command_line_is_named_as_given_there(ws, tmp_path, override, message):
+    """Not as a line of the recipe file, which does not hold it."""
+    path, out = write(tmp_path, ws)
+    assert_user_error(run_cli(["train", str(path), override]), r"^dstune: error: " + message, out)
 
 
 def test_missing_data_file(ws, tmp_path):
@@ -151,3 +161,9 @@ def test_a_loss_that_is_not_finite_stops_the_run_and_keeps_the_last_checkpoint(w
     assert json.loads((out / "checkpoints" / "last_complete").read_text())["tag"] == m.group(3)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert all(json.loads(line) for line in lines)  # strict JSON: no NaN written
+
+
+def test_a_bad_argument_is_one_line_naming_the_commands_help(tmp_path):
+    res = run_cli(["export", str(tmp_path), "--format", "merge", "--out", str(tmp_path / "x")])
+    assert res.returncode == 2 and res.stderr.strip() == ("dstune: error: argument --format: invalid choice: 'merge' "
+                                                          "(choose from 'peft', 'merged'); see dstune export --help")

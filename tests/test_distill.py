@@ -187,6 +187,9 @@ def test_rows_without_labels_train_through_the_teacher_alone(ws, built_ops, tmp_
     train = read_metrics(tmp_path / "student")
     assert sorted(train) == list(range(1, 29))  # (32 + 192) / 8
     assert all(r["loss"] == r["loss"] and r["distill"] >= 0 for r in train.values())
+    # the data is prepared now, and the cache is keyed by the data alone: without a teacher, still refused
+    assert_user_error(run_cli(["train", str(tmp_path / "plain.yaml"), f"output_dir={tmp_path / 'plain'}"]),
+                      r"data\.unlabeled: rows without labels train only through a teacher's outputs", tmp_path / "plain")
 
 
 def test_rows_without_labels_are_refused_where_they_cannot_train(ws, tmp_path):

@@ -69,6 +69,15 @@ def test_lr_schedule_warms_up_then_decays(schedule, expected):
     assert [f(s) for s in range(6)] == pytest.approx(expected)
 
 
+def test_each_step_logs_the_learning_rate_its_update_used(ws, tmp_path):
+    """lm_recipe warms up over 2 steps to 3e-3, then decays linearly to 0 at step 4: the rates the 4 updates
+    used (the schedule moves after each update; the next step's rate is not logged as this one's)."""
+    from helpers import lm_recipe, ok, read_metrics, run_cli
+    ok(run_cli(["train", lm_recipe(ws, tmp_path, "run", max_steps=4)]))
+    logged = [row["lr"] for _, row in sorted(read_metrics(tmp_path / "run").items())]
+    assert logged == pytest.approx([1.5e-3, 3e-3, 3e-3, 1.5e-3])
+
+
 def test_every_ds_config_is_accepted_by_deepspeed():
     from deepspeed.runtime.config import DeepSpeedConfig
     assert named_configs() == ["zero0", "zero1", "zero2", "zero3", "zero3_offload"]

@@ -83,6 +83,7 @@ class Job:
 class StepResult:
     """One optimizer step, as every rank sees it (means over ranks)."""
     loss: float                    # the mixed loss that trains (with a teacher: task and divergence)
+    lr: float                      # the learning rate the step's update used (the schedule moves after it)
     distill: float | None          # the divergence term alone, with a teacher
     tokens: float                  # input tokens of the global batch
     seconds: float
@@ -134,6 +135,7 @@ class TrainRun:
         """One optimizer step over this rank's micro-batches of the global batch."""
         job, t = self.job, self.cfg.training
         seed_step(t.seed, self.step, job.dist.rank)
+        lr = job.scheduler.get_last_lr()[0]
         started = time.perf_counter()
         loss_sum, kd_sum, tokens = 0.0, 0.0, 0
         global_targets = self.count_targets([job.data.train[i]["labels"] for i in job.batches.global_step(self.step)]) \
@@ -155,7 +157,7 @@ class TrainRun:
         if self.step == job.step + 1 and t.measure_memory != "off":
             write_memory(job, "after_first_step", engine_bytes(self.engine))
         accum, device = t.gradient_accumulation_steps, job.dist.device
-        return StepResult(loss=mean_over_ranks(loss_sum / accum, device),
+        return StepResult(loss=mean_over_ranks(loss_sum / accum, device), lr=lr,
                           distill=mean_over_ranks(kd_sum / accum, device) if job.teacher else None,
                           tokens=mean_over_ranks(tokens, device) * job.dist.world,
                           seconds=time.perf_counter() - started,
@@ -212,7 +214,7 @@ class TrainRun:
         elif self.due(self.cfg.training.log_every) or self.step == self.job.total_steps:
             # with a teacher, `loss` is the mixed loss that trains; `distill` its divergence term alone
             kd = {"distill": result.distill} if result.distill is not None else {}
-            self.log.write(self.step, "train", {"loss": result.loss, **kd, "lr": self.job.scheduler.get_last_lr()[0],
+            self.log.write(self.step, "train", {"loss": result.loss, **kd, "lr": result.lr,
                                                 "step_s": result.seconds, "tokens": result.tokens,
                                                 "tokens_per_s": result.tokens / result.seconds})
         self.bar.update(1)

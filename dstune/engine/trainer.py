@@ -67,8 +67,8 @@ def recipe_checkpointing(cfg: RunConfig, world: int, device: torch.device, token
 
 def train(cfg: RunConfig, checkpointing: Checkpointing = recipe_checkpointing) -> dict:
     """Run one fine-tuning job described by `cfg` on whatever ranks the launcher started (or in this process
-    alone); returns the run's results (results.json). A job that fails before its first step leaves no run
-    dir behind (nor the files `dstune launch` put in a new one). `checkpointing` decides activation
+    alone); returns the run's results (results.json). A job that fails before its engine has started leaves
+    no run dir behind (nor the files `dstune launch` put in a new one). `checkpointing` decides activation
     checkpointing `auto` (the CLI hands in the estimate-based one: the engine does not import planning)."""
     run_dir = Path(cfg.output_dir)
     fresh = fresh_run_dir(run_dir)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dstune.config import RANDOM_DATA, RunConfig
 from dstune.prepare.augment import augment_models, save_copies
-from dstune.prepare.pipeline import TaskData, prepare_data, random_data, token_count
+from dstune.prepare.pipeline import TaskData, check_sources, prepare_data, random_data, token_count
 from dstune.errors import UserError
 
 VERSION = 1  # bump when the prepared rows change for the same inputs
@@ -229,6 +229,7 @@ def prepared_data(cfg: RunConfig, tokenizer, local_rank: int = 0, timeout_s: flo
     """(the recipe's data, its cache entry): prepared by local rank 0 unless the cache has it, else read."""
     if cfg.data.train == RANDOM_DATA:
         return random_data(cfg, tokenizer), None
+    check_sources(cfg)  # the cache is keyed by the data, not by what trains on it (a teacher)
     # the node's local rank 0 hashes the data files; the others wait for its digests (or hash themselves)
     entry = cache_root(cfg) / fingerprint(cfg, tokenizer, wait_s=0 if local_rank == 0 else timeout_s)
     if not (entry / "meta.json").is_file():

@@ -187,17 +187,29 @@ class _Source:
     copies: int = 0  # rows data.augment added
 
 
+def _source_key(cfg: RunConfig, i: int, src) -> str:
+    """The recipe key a source comes from (what its errors name)."""
+    if src.path == cfg.data.unlabeled and not src.labeled:
+        return "data.unlabeled"
+    return f"data.train[{i}]" if isinstance(cfg.data.train, list) else "data.train"
+
+
+def check_sources(cfg: RunConfig) -> None:
+    """What the recipe alone decides about its sources, checked whether or not the data is prepared already:
+    rows without labels need a classifier and a teacher."""
+    for i, src in enumerate(cfg.data.sources()):
+        if not src.labeled:
+            _check_unlabeled(cfg, _source_key(cfg, i, src))
+
+
 def _sources(cfg: RunConfig, tokenizer, work: str | None) -> list[_Source]:
     """Every source of data.train, loaded and checked, with the config it is read with."""
-    listed = isinstance(cfg.data.train, list)
+    check_sources(cfg)
     out = []
     for i, src in enumerate(cfg.data.sources()):
         columns = src.model_dump(exclude={"path", "weight", "epochs", "labeled"}, exclude_none=True)
         c = cfg.model_copy(update={"data": cfg.data.model_copy(update=columns)}) if columns else cfg
-        key = "data.unlabeled" if src.path == cfg.data.unlabeled and not src.labeled else \
-            f"data.train[{i}]" if listed else "data.train"
-        if not src.labeled:
-            _check_unlabeled(cfg, key)
+        key = _source_key(cfg, i, src)
         needs: list = []
         raw, style, dropped = _load(c, src.path, key, tokenizer, f"{work}/source{i}" if work else None, src.labeled,
                                     needs)

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from dstune.rundir.trainable import file_mode, save_safetensors
-from dstune.rundir.load import load_run
+from dstune.rundir.load import finished_recipe, load_run
 from dstune.errors import UserError
-from dstune.methods import available
+from dstune.methods import available, build_methods
 from dstune.models.loading import base_is_loadable, load_model
 from dstune.methods.targets import TASK_HEADS
 from dstune.tasks import get_task
@@ -24,15 +24,26 @@ def _prepare_out(out: str) -> Path:
     return path
 
 
-def export(run_dir: str, out: str, fmt: str) -> Path:
-    path = _prepare_out(out)  # refused before the run is loaded
-    run = load_run(run_dir)
-    cfg, tokenizer, model, labels, methods = run.cfg, run.tokenizer, run.model, run.labels, run.methods
+def _check_format(run_dir: str, fmt: str) -> None:
+    """What the run's methods refuse, said before any weights are loaded."""
+    methods = build_methods(finished_recipe(run_dir).methods)
     if fmt == "merged":
         blocked = [m.name for m in methods if not m.mergeable]
         if blocked:
             raise UserError(f"--format merged: {', '.join(blocked)} cannot be folded into the base weights "
                             f"(a non-linear or input-side change); use the run dir, or --format peft where supported")
+    elif len(methods) != 1 or not type(methods[0]).exports_to_peft():
+        exportable = sorted(name for name, cls in available().items() if cls.exports_to_peft())
+        raise UserError(f"--format peft: supported for one of {', '.join(exportable)} alone; "
+                        f"this run used {', '.join(m.name for m in methods)}")
+
+
+def export(run_dir: str, out: str, fmt: str) -> Path:
+    path = _prepare_out(out)  # refused before the run is loaded
+    _check_format(run_dir, fmt)
+    run = load_run(run_dir)
+    cfg, tokenizer, model, labels, methods = run.cfg, run.tokenizer, run.model, run.labels, run.methods
+    if fmt == "merged":
         plain = load_model(cfg, tokenizer, labels)
         state = {k: v for k, v in model.state_dict().items() if k in plain.state_dict()}
         for m in methods:
@@ -40,11 +51,7 @@ def export(run_dir: str, out: str, fmt: str) -> Path:
         plain.load_state_dict(state, strict=True)
         _save_plain(plain, tokenizer, path)
         return path
-    adapter = methods[0].peft_adapter(model, cfg.task) if len(methods) == 1 else None
-    if adapter is None:
-        exportable = sorted(name for name, cls in available().items() if cls.exports_to_peft())
-        raise UserError(f"--format peft: supported for one of {', '.join(exportable)} alone; "
-                        f"this run used {', '.join(m.name for m in methods)}")
+    adapter = methods[0].peft_adapter(model, cfg.task)
     write_peft_folder(path, {**_peft_common(cfg, _peft_base(cfg, tokenizer, labels, path)), **adapter.config},
                       adapter.tensors)
     tokenizer.save_pretrained(path)

@@ -33,15 +33,22 @@ class Run:
     methods: list
 
 
-def load_run(run_dir: str, device: torch.device | None = None) -> Run:
-    """Load a run dir written by `dstune train` (a one-line error when it is not a finished run)."""
+def finished_recipe(run_dir: str) -> RunConfig:
+    """The recipe a finished run trained with (read before any weights: a one-line error when `run_dir` is not a
+    finished run, or holds no tokenizer)."""
     d = Path(run_dir)
     for name in ("config.yaml", "run.json", "trainable.safetensors"):
         if not (d / name).is_file():
             raise UserError(f"{d}: not a finished dstune run (missing {name})")
     if not (d / "tokenizer").is_dir():
         raise UserError(f"{d}: trained on random token ids, it has no tokenizer to read or write text with")
-    cfg: RunConfig = config_from_dict(yaml.safe_load((d / "config.yaml").read_text()), str(d / "config.yaml"))
+    return config_from_dict(yaml.safe_load((d / "config.yaml").read_text()), str(d / "config.yaml"))
+
+
+def load_run(run_dir: str, device: torch.device | None = None) -> Run:
+    """Load a run dir written by `dstune train` (a one-line error when it is not a finished run)."""
+    d = Path(run_dir)
+    cfg = finished_recipe(run_dir)
     info = json.loads((d / "run.json").read_text())
     tokenizer = load_tokenizer(str(d / "tokenizer"))
     model = load_model(cfg, tokenizer, info.get("labels"))
