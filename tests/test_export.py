@@ -19,6 +19,7 @@ RUNS = {  # name: (family, task, data, methods)
     "lora_bert_cls": ("bert", "classification", "cls_train.jsonl", [{"name": "lora", "r": 4}]),
     "ia3_gpt2": ("gpt2", "causal_lm", "lm.jsonl", [{"name": "ia3"}]),
     "adapter_gpt2": ("gpt2", "causal_lm", "lm.jsonl", [{"name": "adapter", "bottleneck": 8}]),
+    "full_gpt2": ("gpt2", "causal_lm", "lm.jsonl", [{"name": "full"}]),
     "prompt_gpt2": ("gpt2", "causal_lm", "lm.jsonl", [{"name": "prompt", "num_virtual_tokens": 4}]),
     "prompt_bert_cls": ("bert", "classification", "cls_train.jsonl",
                         [{"name": "prompt", "num_virtual_tokens": 4, "position": "start"}]),
@@ -110,6 +111,20 @@ def test_merged_export_is_a_plain_model_with_same_logits(ws, trained, tmp_path, 
     assert not any("lora" in n or "ia3" in n for n, _ in plain.named_parameters())
     diff = (logits(plain, task) - logits(ours(run_dir), task)).abs().max()
     assert diff <= 1e-5, diff
+
+
+@pytest.mark.parametrize("name, fmt, message", [
+    ("full_gpt2", "peft", "--format peft: supported for one of ia3, lora, prefix, prompt alone; this run used full"),
+    ("adapter_gpt2", "merged", "--format merged: adapter cannot be folded into the base weights"),
+])
+def test_a_format_the_methods_cannot_take_is_refused_before_any_weights_load(trained, tmp_path, monkeypatch, name, fmt,
+                                                                             message):
+    import dstune.rundir.export as export
+    run_dir = trained(name)
+    monkeypatch.setattr(export, "load_run", lambda *args, **kwargs: pytest.fail("the weights were loaded"))
+    res = run_cli(["export", str(run_dir), "--format", fmt, "--out", str(tmp_path / "out")])
+    assert res.returncode == 2 and f"dstune: error: {message}" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
 
 
 def test_adapters_refuse_to_merge(trained, tmp_path):
