@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -55,7 +56,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     Scores the trained model on FILE (default: the run's data.eval, or the rows it held out of
     data.train with data.eval_fraction) and prints a table of its metrics (--json: one JSON object):
     loss, accuracy and macro-F1 (classification), perplexity (causal_lm, seq2seq), and BLEU/ROUGE when
-    evaluation.generate is on. Overrides apply to the run's saved config (e.g. evaluation.max_samples=100).
+    evaluation.generate is on. The weights are held in the precision the run trained in, so the scores equal the
+run's own final evaluation on the same rows. Overrides apply to the run's saved config (e.g.
+evaluation.max_samples=100, training.precision=fp32).
     """
     import torch
 
@@ -64,8 +67,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dstune.rundir.load import load_run
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = load_run(args.run_dir, device)
-    cfg, tokenizer, model, labels = _override(run.cfg, args.overrides), run.tokenizer, run.model, run.labels
+    run = load_run(args.run_dir, device, args.overrides)
+    cfg, tokenizer, model, labels = run.cfg, run.tokenizer, run.model, run.labels
     path = args.data or cfg.data.eval
     if path:
         data = prepare_eval(cfg, tokenizer, os.path.abspath(path), labels, key="--data")
@@ -75,7 +78,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError("--data: the run has no data.eval or data.eval_fraction; name an evaluation file")
     result = evaluate(model, data, cfg, tokenizer, progress=not args.json)
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1), file=args.print_to)
     else:
         print(f"{os.path.abspath(path) if path else 'the rows held out of data.train'} ({len(data.eval):,} rows):\n"
               f"{results_table({'score': result})}")
@@ -183,7 +186,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              **getattr(model, "dstune_generate_kwargs", {}))
         reply = tokenizer.decode(task.new_tokens(out[0], x.shape[1]), skip_special_tokens=True).strip()
         if args.jsonl:
-            print(json.dumps({"prompt": prompt, "reply": reply}, ensure_ascii=False), flush=True)
+            print(json.dumps({"prompt": prompt, "reply": reply}, ensure_ascii=False), file=args.print_to, flush=True)
         else:
             print(f">>> {prompt}\n{reply}\n---", flush=True)
     return 0
@@ -231,7 +234,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if info["activations_after_forward"] is None:
         print(f"dstune: warning: activations by {info['activations_source']}", file=sys.stderr)
     if args.json:
-        print(json.dumps([{**r.as_dict(), "checkpoint_all_ranks": info["checkpoint_bytes"]} for r in per_rank]))
+        print(json.dumps([{**r.as_dict(), "checkpoint_all_ranks": info["checkpoint_bytes"]} for r in per_rank]),
+              file=args.print_to)
         return 0
     theirs = deepspeed_estimate(table, info["zero_stage"], args.world_size, info["offload_optimizer"],
                                 info["largest_param"])
@@ -340,9 +344,31 @@ def cmd_kernels_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _override(cfg, overrides: list[str]):
-    from dstune.config import config_from_dict, parse_overrides, _merge
-    return config_from_dict(_merge(cfg.model_dump(mode="json"), parse_overrides(overrides)), "override")
+MACHINE_FLAGS = ("json", "jsonl")  # an eval/estimate --json, a generate --jsonl: stdout is for machines
+
+
+@contextlib.contextmanager
+def _machine_output(args: argparse.Namespace):
+    """`args.print_to`: where a command prints what it outputs. With --json or --jsonl that is the real stdout and
+    nothing else may reach it: whatever else writes there while the command runs (a library's log line at
+    import, a C++ warning on file descriptor 1) goes to stderr instead."""
+    if not any(getattr(args, flag, None) is True for flag in MACHINE_FLAGS):
+        args.print_to = sys.stdout
+        yield
+        return
+    before = sys.stdout
+    before.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    args.print_to, sys.stdout = open(real, "w", encoding="utf-8"), sys.stderr
+    try:
+        yield
+    finally:
+        args.print_to.flush()
+        sys.stdout.flush()
+        os.dup2(real, 1)
+        args.print_to.close()
+        sys.stdout = before
 
 
 class _Parser(argparse.ArgumentParser):
@@ -485,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        with _machine_output(args):
+            return args.func(args)
     except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"dstune: error: {e}", file=sys.stderr)

@@ -396,10 +396,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -491,7 +491,7 @@ def load_config(recipe: str | os.PathLike, overrides: list[str] | None = None) -
         raise UserError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a mapping of sections (task, model, data, ...)")
-    raw = _merge(raw, parse_overrides(overrides or []))
+    raw = merge(raw, parse_overrides(overrides or []))
     given = {tuple(item.partition("=")[0].split(".")): item for item in overrides or []}
     try:
         cfg = RunConfig.model_validate(raw)

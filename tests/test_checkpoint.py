@@ -188,3 +188,32 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_complete_one(ws,
     assert res.returncode != 0  # torchrun's own code; each rank ends with exit 2 and the line
     assert "dstune: error: " in res.stderr and "checkpoints: no kept checkpoint is readable (step_00000006, " \
         "step_00000004); remove them, or start over with training.resume=false" in res.stderr, res.stderr[-3000:]
+
+
+def test_a_resumed_run_logs_each_step_once(ws, built_ops, tmp_path):
+    """Steps an earlier start logged past its last checkpoint run again after the resume: metrics.jsonl
+    holds each step once, with the numbers of the run that counts."""
+    recipe = lm_recipe(ws, tmp_path, "run", max_steps=3, checkpoint_every=2, save_final=False, log_every=1)
+    ok(run_cli(["train", recipe]))  # steps 1-3 logged, the checkpoint is step 2
+    ok(run_cli(["train", recipe, "training.max_steps=4", "training.save_final=true"]))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+    straight = lm_recipe(ws, tmp_path, "straight", max_steps=4, log_every=1)
+    ok(run_cli(["train", straight]))
+    assert abs(read_metrics(tmp_path / "straight")[3]["loss"] - read_metrics(tmp_path / "run")[3]["loss"]) < 1e-6
+
+
+def test_a_resume_on_other_held_out_rows_starts_a_new_table(ws, built_ops, tmp_path):
+    recipe = lm_recipe(ws, tmp_path, "run", max_steps=2, checkpoint_every=1, eval_fraction=0.4)
+    ok(run_cli(["train", recipe]))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {"before", "after"} <= results.keys()
+    same = ok(run_cli(["train", recipe, "training.max_steps=3"]))  # the same rows: the table goes on
+    assert "starts anew" not in same.stdout
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["before"] == results["before"]
+    res = ok(run_cli(["train", recipe, "training.max_steps=4", "evaluation.max_samples=2"]))
+    assert "the held-out rows differ from those this run was first scored on" in res.stdout
+    now = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert f"({results['held_out']['rows']:,} rows then, {now['held_out']['rows']:,} now)" in res.stdout
+    assert "before" not in now and now["held_out"]["rows"] < results["held_out"]["rows"] and now["steps"] == 4
+    assert "before" not in res.stdout.split("results (")[1]

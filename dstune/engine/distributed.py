@@ -11,7 +11,9 @@ import functools
 import math
 import os
 import re
+import signal
 import socket
+import threading
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +21,7 @@ from typing import Iterator
 
 import torch
 
+from dstune.errors import StopSignal
 from dstune.kernels.build import BUILD_TIMEOUT_S, guard_jit_builds
 
 
@@ -45,6 +48,24 @@ def launcher_env() -> Iterator[None]:
     finally:
         for name in added:
             os.environ.pop(name, None)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """For a job's lifetime: SIGTERM (what torchrun, DeepSpeed's launcher and Slurm send to stop a rank) raises
+    StopSignal in the main thread, as Ctrl-C raises KeyboardInterrupt, so the job ends through the same
+    path: its run dir released, one line said. The previous handler is put back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise StopSignal(signum)
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def prepare_env() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from dstune.data.batching import StepBatches, collate, to_device
 from dstune.engine import checkpoint as ckpt
 from dstune.engine.distributed import Dist, mean_over_ranks, shutdown
 from dstune.engine.evaluate import evaluate, results_table
-from dstune.errors import UserError
+from dstune.errors import Interrupted, UserError, signal_number
 from dstune.methods.base import base_model_only
 from dstune.rundir import pointer
 from dstune.rundir.trainable import TRAINABLE
@@ -100,7 +101,7 @@ class TrainRun:
         self.step = job.step
         self.results: dict = {}
         self.bad_in_a_row = 0
-        self.log = RunLog(self.run_dir, job.cfg, job.dist.is_main)
+        self.log = RunLog(self.run_dir, job.cfg, job.dist.is_main, job.step)
         self.count_targets = self._target_counter()
 
     def run(self) -> dict:
@@ -127,9 +128,20 @@ class TrainRun:
             self.bar.close()
             self.evaluate_after()
             self.finish()
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (engine/distributed.py stop_signals)
+            raise self.interrupted(signal_number(stop)) from None
         finally:
             self.log.close()
         return self.results
+
+    def interrupted(self, signum: int) -> Interrupted:
+        """The one line a stopped job ends with: where it stopped and what a rerun does."""
+        if bar := getattr(self, "bar", None):
+            bar.close()
+        last = pointer.last_complete(self.cfg.output_dir)
+        rerun = (f"the last checkpoint is step {pointer.step_of(last)}: rerun the same command to resume from it"
+                 if last else "no checkpoint was written yet (training.checkpoint_every): a rerun starts over")
+        return Interrupted(f"interrupted at step {self.step + 1} of {self.job.total_steps}; {rerun}", signum)
 
     def train_step(self) -> StepResult:
         """One optimizer step over this rank's micro-batches of the global batch."""
@@ -228,14 +240,35 @@ class TrainRun:
     def evaluate_before(self) -> None:
         """At step 0: the held-out metrics before training, and of the untouched base when the methods change
         the model before any step (prompt tuning, an ungated prefix)."""
-        if self.job.data.eval is None or self.step != 0:
+        if self.job.data.eval is None:
             return
+        held_out = held_out_id(self.job.data.eval)
+        if self.step != 0:
+            self.keep_or_restart_table(held_out)
+            return
+        self.results["held_out"] = held_out
         if any(m.changes_output_at_init for m in self.job.methods):
             with base_model_only(self.engine.module):
                 self.results["base"] = self.evaluate()
         self.results["before"] = self.evaluate()
         self.log.write(0, "eval", self.results["before"])
         self.results = write_results(self.job, self.results)
+
+    def keep_or_restart_table(self, held_out: dict) -> None:
+        """A continued run scores 'after' on the rows its 'before' was scored on. When the held-out set changed
+        since (another evaluation.max_samples or data.eval), the results table starts anew: the earlier
+        columns are dropped and one line says so, so no table compares two sets of rows."""
+        path = self.run_dir / "results.json"
+        if not self.job.dist.is_main or not path.exists():
+            return
+        earlier = json.loads(path.read_text())
+        if earlier.get("held_out", held_out) == held_out:
+            return
+        print(f"[dstune] the held-out rows differ from those this run was first scored on "
+              f"({earlier['held_out']['rows']:,} rows then, {held_out['rows']:,} now): its results table starts "
+              f"anew at step {self.step}, without the earlier columns", flush=True)
+        kept = {k: v for k, v in earlier.items() if k not in COLUMNS}
+        path.write_text(json.dumps({**kept, "held_out": held_out}, indent=1))
 
     def evaluate_after(self) -> None:
         if self.job.data.eval is not None:
@@ -344,6 +377,14 @@ def write_memory(job: Job, key: str, mine: dict) -> None:
         path = Path(job.cfg.output_dir) / "memory.json"
         current = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({**current, key: ranks}, indent=1))
+
+
+def held_out_id(ds) -> dict:
+    """Which rows a held-out set holds: their number and a digest of their tokens and targets."""
+    digest = hashlib.sha256()
+    for batch in ds.select_columns([c for c in ("input_ids", "labels") if c in ds.column_names]).iter(1024):
+        digest.update(json.dumps(batch).encode())
+    return {"rows": len(ds), "sha256": digest.hexdigest()[:16]}
 
 
 def write_results(job: Job, results: dict) -> dict:

@@ -23,11 +23,11 @@ from dstune.config import RunConfig, dump_config
 from dstune.data.batching import StepBatches
 from dstune.engine import checkpoint as ckpt
 from dstune.distill.teacher import load_teacher
-from dstune.engine.distributed import barrier, init_distributed, launcher_env
+from dstune.engine.distributed import barrier, init_distributed, launcher_env, stop_signals
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.precision import on_cuda, resolve, slow_warning, unsupported
 from dstune.engine.train_run import Job, TrainRun
-from dstune.errors import UserError
+from dstune.errors import Interrupted, UserError, signal_number
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
 from dstune.models.loading import (base_fingerprint, check_buildable, check_positions, compile_layers, load_model,
                                    new_weights_line, prepare_for_training, recipe_config)
@@ -72,12 +72,15 @@ def train(cfg: RunConfig, checkpointing: Checkpointing = recipe_checkpointing) -
     checkpointing `auto` (the CLI hands in the estimate-based one: the engine does not import planning)."""
     run_dir = Path(cfg.output_dir)
     fresh = fresh_run_dir(run_dir)
-    with launcher_env():
+    with launcher_env(), stop_signals():
         try:
             job = start(check(cfg, checkpointing))
-        except BaseException:
+        except BaseException as failure:
             if fresh and _rank() == 0:
                 forget_fresh_run_dir(run_dir)
+            if isinstance(failure, KeyboardInterrupt):
+                raise Interrupted("interrupted before the first step; nothing trained", signal_number(failure)) \
+                    from None
             raise
         with job:  # from here on the run dir holds this run's work, kept whatever happens
             return TrainRun(job).run()

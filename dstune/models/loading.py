@@ -14,6 +14,15 @@ from dstune.families import tiny_config
 from dstune.tasks import get_task
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def weights_dtype(precision: str) -> torch.dtype:
+    """The dtype DeepSpeed holds a model's weights in for `training.precision` (bf16/fp16 modules are cast
+    whole; anything else, e.g. `auto` in a run dir written before it was resolved, is fp32)."""
+    return DTYPES.get(precision, torch.float32)
+
+
 def auto_class(task: str):
     """The transformers Auto class that builds a model for a dstune task."""
     import transformers

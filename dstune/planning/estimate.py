@@ -22,8 +22,8 @@ from dstune.engine.precision import resolve
 from dstune.errors import UserError, first_line
 from dstune.families import config_family, num_layers
 from dstune.methods import apply_methods, build_methods, param_groups
-from dstune.models.loading import auto_class, prepare_for_training, recipe_config
-from dstune.planning.activations import DTYPES, ActivationTrace, default_dtype, trace_step
+from dstune.models.loading import auto_class, prepare_for_training, recipe_config, weights_dtype
+from dstune.planning.activations import ActivationTrace, default_dtype, trace_step
 from dstune.planning.flops import flops_per_token
 from dstune.tasks import get_task
 
@@ -231,7 +231,7 @@ def fake_training_model(cfg: RunConfig, micro_batch: int, seq_len: int, tokenize
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     config = recipe_config(cfg, tokenizer, labels)
-    with FakeTensorMode(allow_non_fake_inputs=False), default_dtype(DTYPES[cfg.training.precision]):
+    with FakeTensorMode(allow_non_fake_inputs=False), default_dtype(weights_dtype(cfg.training.precision)):
         model, _ = _with_methods(cfg, config, tokenizer)
         prepare_for_training(model, cfg)
         # no attention mask: full-length rows, as in packed data

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 import yaml
 
-from dstune.config import RunConfig, config_from_dict
+from dstune.config import RunConfig, config_from_dict, merge, parse_overrides
 from dstune.rundir.trainable import load_trainable
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods
-from dstune.models.loading import load_model
+from dstune.models.loading import load_model, weights_dtype
 from dstune.models.tokenizers import load_tokenizer
 
 
@@ -33,27 +33,32 @@ class Run:
     methods: list
 
 
-def finished_recipe(run_dir: str) -> RunConfig:
-    """The recipe a finished run trained with (read before any weights: a one-line error when `run_dir` is not a
-    finished run, or holds no tokenizer)."""
+def finished_recipe(run_dir: str, overrides: list[str] | None = None) -> RunConfig:
+    """The recipe a finished run trained with, `overrides` (key=value) applied; read before any weights: a
+    one-line error when `run_dir` is not a finished run, or holds no tokenizer."""
     d = Path(run_dir)
     for name in ("config.yaml", "run.json", "trainable.safetensors"):
         if not (d / name).is_file():
             raise UserError(f"{d}: not a finished dstune run (missing {name})")
     if not (d / "tokenizer").is_dir():
         raise UserError(f"{d}: trained on random token ids, it has no tokenizer to read or write text with")
-    return config_from_dict(yaml.safe_load((d / "config.yaml").read_text()), str(d / "config.yaml"))
+    saved = yaml.safe_load((d / "config.yaml").read_text())
+    if overrides:
+        return config_from_dict(merge(saved, parse_overrides(overrides)), "override")
+    return config_from_dict(saved, str(d / "config.yaml"))
 
 
-def load_run(run_dir: str, device: torch.device | None = None) -> Run:
-    """Load a run dir written by `dstune train` (a one-line error when it is not a finished run)."""
+def load_run(run_dir: str, device: torch.device | None = None, overrides: list[str] | None = None) -> Run:
+    """Load a run dir written by `dstune train` (a one-line error when it is not a finished run), its weights
+    in the dtype training held them in (training.precision, which `overrides` may change), so that its
+    evaluation scores what training's did."""
     d = Path(run_dir)
-    cfg = finished_recipe(run_dir)
+    cfg = finished_recipe(run_dir, overrides)
     info = json.loads((d / "run.json").read_text())
     tokenizer = load_tokenizer(str(d / "tokenizer"))
     model = load_model(cfg, tokenizer, info.get("labels"))
     methods = build_methods(cfg.methods)
     apply_methods(model, methods, cfg.task, tokenizer)
     load_trainable(model, d / "trainable.safetensors")
-    model.to(device or torch.device("cpu")).eval()
+    model.to(device or torch.device("cpu"), dtype=weights_dtype(cfg.training.precision)).eval()
     return Run(cfg, tokenizer, model, info.get("labels"), methods)

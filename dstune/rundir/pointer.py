@@ -27,6 +27,11 @@ def tag_of(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(tag: str) -> int:
+    """The optimizer step a checkpoint's tag names (`step_00000012` → 12)."""
+    return int(tag.rsplit("_", 1)[1])
+
+
 def commit(run_dir: str | os.PathLike, tag: str, step: int, keep: int) -> None:
     """Point at `tag` (written by every rank), keeping the `keep` newest complete checkpoints: a damaged
     newest one falls back to the next. The older ones up to `tag` are removed."""

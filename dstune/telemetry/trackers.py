@@ -25,8 +25,19 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class Jsonl:
-    def __init__(self, run_dir: Path, cfg: RunConfig):
-        self.f = open(run_dir / "metrics.jsonl", "a")
+    """metrics.jsonl: one JSON object per logged step and split. A run continued from step S first drops what an
+    earlier start logged after S (that start's steps past its last checkpoint run again); a run starting at
+    step 0 starts the file anew."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, from_step: int = 0):
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if from_step and _logged_step(line) <= from_step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)
+        self.f = open(path, "a")
 
     def log(self, step: int, split: str, values: dict[str, float]) -> None:
         self.f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
@@ -37,9 +48,10 @@ class Jsonl:
 
 
 class TensorBoard:
-    def __init__(self, run_dir: Path, cfg: RunConfig):
+    def __init__(self, run_dir: Path, cfg: RunConfig, from_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
-        self.w = SummaryWriter(str(run_dir / "tensorboard"))
+        # purge_step: TensorBoard hides what an earlier start logged after the step this one continues from
+        self.w = SummaryWriter(str(run_dir / "tensorboard"), purge_step=from_step + 1 if from_step else None)
 
     def log(self, step: int, split: str, values: dict[str, float]) -> None:
         for k, v in values.items():
@@ -52,7 +64,7 @@ class TensorBoard:
 class WandB:
     """A W&B run in the run dir (`wandb/`); WANDB_MODE=offline keeps it local until `wandb sync`."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig):
+    def __init__(self, run_dir: Path, cfg: RunConfig, from_step: int = 0):
         import wandb
         self.run = wandb.init(project=cfg.logging.project, name=cfg.logging.run_name or run_dir.name,
                               dir=str(run_dir), config=cfg.model_dump(mode="json"), resume="allow",
@@ -68,7 +80,7 @@ class WandB:
 class MLflow:
     """An MLflow run in the experiment `logging.project`; the recipe's settings are its params."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig):
+    def __init__(self, run_dir: Path, cfg: RunConfig, from_step: int = 0):
         import mlflow
         if cfg.logging.mlflow_tracking_uri:
             mlflow.set_tracking_uri(cfg.logging.mlflow_tracking_uri)
@@ -93,6 +105,14 @@ class MLflow:
 TRACKERS = {"jsonl": Jsonl, "tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
 
 
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a torn last line (the process died mid-write) counts as past any."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def _run_id(run_dir: Path, tracker: str) -> str:
     """One id per run dir, kept in it, so a resumed run goes on logging into the same tracker run."""
     path = run_dir / f"{tracker}_run_id"
@@ -103,13 +123,14 @@ def _run_id(run_dir: Path, tracker: str) -> str:
 
 
 class RunLog:
-    """The trackers `logging.report_to` names, on rank 0 only (the other ranks' RunLog does nothing)."""
+    """The trackers `logging.report_to` names, on rank 0 only (the other ranks' RunLog does nothing), for a
+    run that starts or continues at `from_step`."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, enabled: bool):
+    def __init__(self, run_dir: Path, cfg: RunConfig, enabled: bool, from_step: int = 0):
         self.trackers = []
         for name in cfg.logging.report_to if enabled else []:
             try:
-                self.trackers.append(TRACKERS[name](run_dir, cfg))
+                self.trackers.append(TRACKERS[name](run_dir, cfg, from_step))
             except Exception as e:  # noqa: BLE001 - whatever the library refuses (a URI, a login, a store)
                 self.close()
                 raise UserError(f"logging.report_to: {name} did not start: {first_line(e)}") from None

@@ -1,0 +1,72 @@
+"""`dstune eval` scores a run as its training did, and every machine-readable output parses whatever a
+method imports on the way."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import lm_recipe, ok, run_cli
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_eval_equals_the_runs_own_final_evaluation(ws, built_ops, tmp_path, precision):
+    lora = [{"name": "lora", "r": 4, "target_modules": ["c_attn"]}]
+    recipe = lm_recipe(ws, tmp_path, "run", methods=lora, eval_fraction=0.3, precision=precision, max_steps=3)
+    ok(run_cli(["train", recipe]))
+    after = json.loads((tmp_path / "run" / "results.json").read_text())["after"]
+    again = json.loads(ok(run_cli(["eval", str(tmp_path / "run"), "--json"])).stdout)
+    assert again == after
+    if precision == "bf16":  # the override is applied before the weights load: fp32 scores differ
+        fp32 = json.loads(ok(run_cli(["eval", str(tmp_path / "run"), "--json", "training.precision=fp32"])).stdout)
+        assert fp32["loss"] != after["loss"] and abs(fp32["loss"] - after["loss"]) < 0.05
+
+
+# a method that needs company or options to train on the tiny GPT-2; any other trains as {name: NAME}
+METHOD_SPECS = {"layerwise_lr": [{"name": "full"}, {"name": "layerwise_lr"}],
+                "lora": [{"name": "lora", "r": 2, "use_dora": True}]}
+
+
+@pytest.fixture
+def noisy_load(monkeypatch):
+    """Whatever loads a run also writes to stdout, as a library's import-time log line does: through
+    sys.stdout and straight to file descriptor 1."""
+    import os
+    import sys
+
+    from dstune.rundir import load
+
+    real = load.load_trainable
+
+    def noisy(*args, **kwargs):
+        print("[WARNING] a library's line on stdout")
+        sys.stdout.flush()
+        os.write(1, b"[WARNING] a C++ line on fd 1\n")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(load, "load_trainable", noisy)
+
+
+def test_json_outputs_parse_for_every_method(ws, built_ops, tmp_path, noisy_load):
+    from dstune.methods import available
+
+    for name in sorted(available()):
+        recipe = lm_recipe(ws, tmp_path, name, methods=METHOD_SPECS.get(name, [{"name": name}]), max_steps=1,
+                           eval_fraction=0.3)
+        ok(run_cli(["train", recipe]))
+        res = ok(run_cli(["eval", str(tmp_path / name), "--json"]))
+        assert "loss" in json.loads(res.stdout), name
+        assert "a C++ line on fd 1" in res.stderr and "a library's line" in res.stderr
+        res = ok(run_cli(["generate", str(tmp_path / name), "--jsonl", "--max-new-tokens", "2", "--prompt", "a",
+                          "--prompt", "b"]))
+        assert [json.loads(line)["prompt"] for line in res.stdout.splitlines()] == ["a", "b"], name
+
+
+@pytest.mark.slow
+def test_a_dora_run_prints_only_json_from_a_fresh_process(ws, built_ops, tmp_path):
+    """The real case: DoRA imports DeepSpeed lazily, whose accelerator line went to stdout first."""
+    recipe = lm_recipe(ws, tmp_path, "dora", methods=METHOD_SPECS["lora"], max_steps=1, eval_fraction=0.3)
+    ok(run_cli(["train", recipe]))
+    res = ok(run_cli(["eval", str(tmp_path / "dora"), "--json"], launcher="python"))
+    assert "loss" in json.loads(res.stdout)
+    res = ok(run_cli(["generate", str(tmp_path / "dora"), "--jsonl", "--prompt", "a"], launcher="python"))
+    assert json.loads(res.stdout)["prompt"] == "a"
