@@ -75,6 +75,12 @@ class ModelConfig(_Section):
             raise ValueError("set exactly one of model.path and model.tiny")
         if self.gguf_file and not self.path:
             raise ValueError("model.gguf_file needs model.path (the folder holding it)")
+        if self.path and not self.gguf_file and self.path.lower().endswith(".gguf"):
+            folder, name = os.path.split(self.path)
+            raise ValueError(f"model.path is a GGUF file; set model.path to its folder "
+                             f"({folder or '.'}) and model.gguf_file to its name ({name})")
+        if self.gguf_file and os.sep in self.gguf_file:
+            raise ValueError(f"model.gguf_file is a path ({self.gguf_file}); give the file's name inside model.path")
         return self
 
 

@@ -16,7 +16,8 @@ def first_line(exc: BaseException) -> str:
 def did_you_mean(name: str, known) -> str:
     """' (did you mean X?)' for the known name closest to a misspelt one, or ''."""
     import difflib
-    near = difflib.get_close_matches(name, list(known), n=1)
+    same_letters = [k for k in known if k.lower() == name.lower()]  # `LoRA` for `lora`
+    near = same_letters or difflib.get_close_matches(name, list(known), n=1)
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 

@@ -216,7 +216,7 @@ def _write_run_header(c: Checked, job: Job) -> int | None:
 def _start_lines(c: Checked, job: Job, n_train: int, n_total: int) -> list[str]:
     """What rank 0 says before the first step: the data, new weights, what trains where and how, why
     activation checkpointing `auto` came out as it did, the teacher."""
-    names = ", ".join(m.name for m in c.methods)
+    names = ", ".join(m.label for m in c.methods)
     lines = [f"data: {summary(c.data, c.data_entry)}"]
     if new := new_weights_line(job.model):
         lines.append(new)

@@ -69,12 +69,18 @@ def build_methods(specs: list[dict[str, Any]]) -> list[TuningMethod]:
         except ValidationError as e:
             err = e.errors()[0]
             key = ".".join(str(p) for p in err["loc"])
-            msg = "unknown option" + did_you_mean(key, cls.Options.model_fields) if err["type"] == "extra_forbidden" \
+            msg = unknown_option(key, cls) if err["type"] == "extra_forbidden" \
                 else err["msg"].removeprefix("Value error, ")   # a check across options has no key of its own
             raise UserError(f"methods[{i}] ({name}){'.' + key if key else ''}: {msg}") from None
         out.append(cls(options))
     check_composition([m.name for m in out])
     return sorted(out, key=lambda m: m.order)  # base trainers first, then added modules, then LR shapers
+
+
+def unknown_option(key: str, cls: type[TuningMethod]) -> str:
+    """'unknown option' and the nearest option's name, or the method's options when none is near."""
+    options = cls.Options.model_fields
+    return "unknown option" + (did_you_mean(key, options) or f"; {cls.name}'s options: {', '.join(options)}")
 
 
 def check_composition(names: list[str]) -> None:

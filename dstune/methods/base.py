@@ -83,6 +83,11 @@ class TuningMethod:
     def __init__(self, options: BaseModel):
         self.options = options
 
+    @property
+    def label(self) -> str:
+        """What logs call this method: its name, and a variant its options choose (e.g. `lora (DoRA)`)."""
+        return self.name
+
     def apply(self, model: torch.nn.Module, task: str) -> None:
         """Set requires_grad on existing parameters and/or add trainable modules."""
         raise NotImplementedError

@@ -107,6 +107,13 @@ class Lora(TuningMethod):
     description = "LoRA: low-rank updates B·A on chosen linear layers (PEFT-compatible, mergeable)"
     Options = LoraOptions
 
+    @property
+    def label(self) -> str:
+        o = self.options
+        variants = [v for on, v in ((o.use_dora, "DoRA"), (o.use_rslora, "rsLoRA"), (o.loraplus_lr_ratio != 1, "LoRA+"))
+                    if on]
+        return f"lora ({', '.join(variants)})" if variants else "lora"
+
     def apply(self, model: nn.Module, task: str) -> None:
         o = self.options
         self.targets = o.target_modules or list(default_targets(model, self.name, DEFAULT_TARGETS))

@@ -66,14 +66,16 @@ def recipe_config(cfg: RunConfig, tokenizer=None, labels: list | None = None) ->
 
 
 def check_positions(cfg: RunConfig, config) -> None:
-    """data.max_length must fit a model whose positions are a table (GPT-2, BERT: longer rows would index
-    past it mid-run); rotary models (Llama, Qwen, ...) have no hard limit."""
+    """data.max_length must fit the model's positions: a table (GPT-2, BERT) would be indexed past its end
+    mid-run; a rotary model (Llama, Qwen, ...) runs longer rows but was trained on at most
+    max_position_embeddings, and packing would fill such rows with many documents."""
     rotary = any(getattr(config, a, None) is not None for a in ("rope_theta", "rope_parameters", "rope_scaling"))
-    limit = getattr(config, "n_positions", None) or (None if rotary else getattr(config, "max_position_embeddings",
-                                                                                  None))
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and cfg.data.max_length > limit:
-        raise UserError(f"data.max_length: {cfg.data.max_length} tokens do not fit the model's {limit} positions "
-                        f"({config.model_type}); use at most {limit}")
+        extend = (" (or extend its context: model.config_overrides with rope_scaling and max_position_embeddings)"
+                  if rotary else "")
+        raise UserError(f"data.max_length: {cfg.data.max_length:,} tokens do not fit the model's {limit:,} positions "
+                        f"({config.model_type}); use at most {limit:,}{extend}")
 
 
 def check_buildable(cfg: RunConfig, config) -> None:

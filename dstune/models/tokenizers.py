@@ -44,7 +44,14 @@ def recipe_tokenizer(cfg):
         if cfg.data.train == RANDOM_DATA:
             return None  # random token ids need none
         raise UserError("tokenizer.path: required when the model is a tiny random config")
-    return load_tokenizer(path, None if cfg.tokenizer.path else cfg.model.gguf_file, cfg.model.trust_remote_code,
+    if not os.path.exists(path):
+        raise UserError(f"{'tokenizer' if cfg.tokenizer.path else 'model'}.path: not found: {path}")
+    gguf = None if cfg.tokenizer.path else cfg.model.gguf_file
+    if gguf and not os.path.isfile(os.path.join(path, gguf)):
+        present = sorted(f for f in os.listdir(path) if f.endswith(".gguf")) if os.path.isdir(path) else []
+        raise UserError(f"model.gguf_file: no {gguf} in {path}" + (f"; it holds {', '.join(present)}" if present
+                                                                 else "; it holds no .gguf file"))
+    return load_tokenizer(path, gguf, cfg.model.trust_remote_code,
                           read_chat_template(cfg))
 
 

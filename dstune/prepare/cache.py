@@ -22,6 +22,7 @@ from dstune.config import RANDOM_DATA, RunConfig
 from dstune.prepare.augment import augment_models, save_copies
 from dstune.prepare.pipeline import TaskData, check_sources, prepare_data, random_data, token_count
 from dstune.errors import UserError
+from dstune.tasks import get_task
 
 VERSION = 1  # bump when the prepared rows change for the same inputs
 AUGMENTED = "augmented.jsonl"  # data.augment's copies, for inspection (copied into the run dir)
@@ -124,7 +125,9 @@ def build(cfg: RunConfig, tokenizer, entry: Path) -> None:
     try:
         data = prepare_data(cfg, tokenizer, work=str(tmp / "work"))
         copies = sum(save_copies(table, str(tmp / AUGMENTED), path) for path, table in data.augmented or [])
+        packed = get_task(cfg.task).packs(cfg, data.style, False)
         meta = {"labels": data.labels, "style": data.style, "train_rows": len(data.train), "augmented": copies,
+                "packed_blocks_of": cfg.data.max_length if packed else None,
                 "train_tokens": token_count(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0,
                 "sources": data.sources, "eval_dropped": data.eval_dropped, "train": _keep(data.train, tmp, "train"),
                 "eval": _keep(data.eval, tmp, "eval") if data.eval is not None else []}
@@ -259,7 +262,11 @@ def summary(data: TaskData, entry: Path | None) -> str:
         return f"{len(data.train):,} random rows"
     meta = json.loads((entry / "meta.json").read_text())
     ev = f"; {meta['eval_rows']:,} eval rows" if meta["eval_rows"] else ""
-    line = f"{meta['train_rows']:,} training rows, {meta['train_tokens']:,} tokens{ev} ({entry})"
+    rows = f"{meta['train_rows']:,} training rows"
+    if size := meta.get("packed_blocks_of"):  # what a step counts are blocks, not the file's rows
+        rows = (f"{meta['train_rows']:,} packed blocks of up to {size:,} tokens from "
+                f"{sum(s['examples'] for s in meta['sources']):,} examples")
+    line = f"{rows}, {meta['train_tokens']:,} tokens{ev} ({entry})"
     if len(meta["sources"]) > 1 or meta["sources"][0]["examples"] != meta["sources"][0]["rows"]:
         line += "".join(f"\n  {Path(s['path']).name} ({s['format'] or 'rows'}"
                         f"{'' if s.get('labeled', True) else ', no labels: the teacher alone'}): {s['rows']:,} rows, "
