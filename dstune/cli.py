@@ -9,6 +9,26 @@ import sys
 from pathlib import Path
 
 from dstune.errors import UserError
+from dstune.tasks import TASKS
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a commented recipe to start from: dstune init --model DIR --data FILE [--method lora] [--out FILE]
+
+    Reads the model folder's files (no weights: a Hugging Face folder, or one holding a .gguf file, which
+    becomes model.gguf_file) and the data's first rows, and finds the task from the data's columns unless
+    --task names it: a label column is classification; source and target, seq2seq; plain text,
+    prompt/response pairs or chat data (OpenAI messages, ShareGPT, Alpaca), causal_lm. Writes a recipe
+    (default recipe.yaml; an existing file only with --force) whose every key is commented with its
+    description from the recipe schema; --method (default lora; comma-separated to combine) is written
+    with every option at its default. At a terminal it asks for a missing --model or --data. Prints what
+    it found and the command that trains.
+    """
+    from dstune.planning.recipe_init import init
+
+    for line in init(args.model, args.data, args.task, args.method, args.out, args.force):
+        print(line)
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -415,6 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.set_defaults(func=fn)
         return sp
+
+    sp = add("init", cmd_init)
+    sp.add_argument("--model", help="local model folder: Hugging Face files, or a .gguf file (or the GGUF file itself)")
+    sp.add_argument("--data", help="training data: .jsonl, .json, .csv, .tsv, .parquet or a saved datasets folder")
+    sp.add_argument("--task", choices=sorted(TASKS), help="the task (default: found from the data's columns)")
+    sp.add_argument("--method", default="lora", help="tuning method, or several comma-separated (dstune methods "
+                                                    "lists them)")
+    sp.add_argument("--out", default="recipe.yaml", help="the recipe file to write")
+    sp.add_argument("--force", action="store_true", help="replace --out if it exists")
 
     sp = add("train", cmd_train)
     sp.add_argument("recipe", help="YAML recipe (see recipes/)")

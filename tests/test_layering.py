@@ -21,7 +21,7 @@ ORDER = [  # lowest first: a package may import those before it (and itself), ne
     ("rundir",),      # run dir files: lock, checkpoint pointer, trainable weights, load, export, chat
     ("distill",),     # a teacher and the divergence
     ("engine",),      # the training runtime
-    ("planning",),    # costs before a run: estimate, bench, fit
+    ("planning",),    # before a run: a first recipe (init), costs: estimate, bench, fit
     ("active",),      # active learning: select and the loop
     ("launch",),      # the real launchers
     ("cli", "__main__"),
