@@ -13,16 +13,17 @@ from dstune.tasks import TASKS
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    """Write a commented recipe to start from: dstune init --model DIR --data FILE [--method lora] [--out FILE]
+    """Write a commented recipe to start from: dstune init --model PATH --data FILE [--method lora] [--out FILE]
 
-    Reads the model folder's files (no weights: a Hugging Face folder, or one holding a .gguf file, which
-    becomes model.gguf_file) and the data's first rows, and finds the task from the data's columns unless
-    --task names it: a label column is classification; source and target, seq2seq; plain text,
-    prompt/response pairs or chat data (OpenAI messages, ShareGPT, Alpaca), causal_lm. Writes a recipe
-    (default recipe.yaml; an existing file only with --force) whose every key is commented with its
-    description from the recipe schema; --method (default lora; comma-separated to combine) is written
-    with every option at its default. At a terminal it asks for a missing --model or --data. Prints what
-    it found and the command that trains.
+    Reads the model folder's files, no weights (a Hugging Face folder; a folder holding one .gguf file, or
+    the file, sets model.gguf_file), and the data file, whose columns give the task unless --task names
+    it: a label column is classification; source and target, seq2seq; plain text, prompt/response pairs
+    or chat data (OpenAI messages, ShareGPT, Alpaca), causal_lm. Writes a recipe (default recipe.yaml;
+    an existing file only with --force) whose every key is commented with its description from the
+    recipe schema; --method (default lora; comma-separated to combine) is written with every option at
+    its default. Packing, batch sizes and the held-out share follow the data's size, the learning rate
+    is the method's usual start. At a terminal it asks for a missing --model or --data. Prints what it
+    found and the command that trains.
     """
     from dstune.planning.recipe_init import init
 
@@ -414,13 +415,14 @@ def _help(fn) -> tuple[str, str]:
 
 def _decoding_flags(sp: argparse.ArgumentParser) -> None:
     """The flags generate and chat share: the system message and how replies are decoded."""
-    sp.add_argument("--system", help="system message rendered through the run's chat template before the "
-                                     "conversation (causal_lm runs with a chat template)")
-    sp.add_argument("--max-new-tokens", type=int, default=64, help="longest reply, in tokens")
+    sp.add_argument("--system", metavar="TEXT", help="system message rendered through the run's chat template "
+                                                     "before the conversation (causal_lm runs with a chat template)")
+    sp.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="longest reply, in tokens")
     sp.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    sp.add_argument("--temperature", type=float, default=0.8, help="with --sample: softmax temperature")
-    sp.add_argument("--top-p", type=float, default=0.95, help="with --sample: nucleus (top-p) cut")
-    sp.add_argument("--seed", type=int, default=0, help="with --sample: seed of the draws")
+    sp.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                    help="with --sample: softmax temperature")
+    sp.add_argument("--top-p", type=float, default=0.95, metavar="P", help="with --sample: nucleus (top-p) cut")
+    sp.add_argument("--seed", type=int, default=0, metavar="S", help="with --sample: seed of the draws")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -437,12 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sp = add("init", cmd_init)
-    sp.add_argument("--model", help="local model folder: Hugging Face files, or a .gguf file (or the GGUF file itself)")
-    sp.add_argument("--data", help="training data: .jsonl, .json, .csv, .tsv, .parquet or a saved datasets folder")
+    sp.add_argument("--model", metavar="PATH", help="local model folder: Hugging Face files, or a .gguf file (or "
+                                                     "the GGUF file itself)")
+    sp.add_argument("--data", metavar="FILE", help="training data: .jsonl, .json, .csv, .tsv, .parquet or a saved "
+                                                   "datasets folder")
     sp.add_argument("--task", choices=sorted(TASKS), help="the task (default: found from the data's columns)")
-    sp.add_argument("--method", default="lora", help="tuning method, or several comma-separated (dstune methods "
-                                                    "lists them)")
-    sp.add_argument("--out", default="recipe.yaml", help="the recipe file to write")
+    sp.add_argument("--method", default="lora", metavar="NAME", help="tuning method, or several comma-separated "
+                                                                    "(dstune methods lists them)")
+    sp.add_argument("--out", default="recipe.yaml", metavar="FILE", help="the recipe file to write")
     sp.add_argument("--force", action="store_true", help="replace --out if it exists")
 
     sp = add("train", cmd_train)
@@ -490,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--jsonl", action="store_true", help='one {"prompt": ..., "reply": ...} object per line')
 
     sp = add("chat", cmd_chat)
-    sp.add_argument("run_dir")
+    sp.add_argument("run_dir", help="a finished causal_lm run (dstune train's output_dir) with a chat template")
     _decoding_flags(sp)
 
     sp = add("export", cmd_export)

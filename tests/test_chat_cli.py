@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 
 import pytest
@@ -120,6 +121,27 @@ def test_a_history_past_the_models_positions_drops_the_oldest_exchanges_and_keep
     else:
         raise AssertionError("the last prompt is no tail of the conversation")
     assert 0 < first < 4  # some exchanges dropped, the newest kept
+
+
+def test_a_message_too_long_or_an_interrupted_reply_is_not_kept(runs, prompts, monkeypatch):
+    tok = load_tokenizer(str(runs["chat"] / "tokenizer"))
+    real = Generative.reply
+
+    def interrupted_once(self, *args, **kw):
+        if not prompts:  # the first reply: Ctrl-C while it is generated
+            prompts.append(([], []))
+            raise KeyboardInterrupt
+        return real(self, *args, **kw)
+    monkeypatch.setattr(Generative, "reply", interrupted_once)
+    res = ok(run_cli(["chat", runs["chat"], "--max-new-tokens", "4"],
+                     input="say bad\n" + "say good " * 100 + "\nsay fine\n"))
+    notes = [line for line in res.stdout.splitlines() if line.startswith("[dstune]")]
+    assert notes[0] == "[dstune] reply interrupted; that message is not kept"
+    assert re.fullmatch(rf"\[dstune\] that message needs [\d,]+ tokens with the system message; the model takes "
+                        rf"{POSITIONS - 4} besides the reply's --max-new-tokens: say less \(it is not kept\)", notes[1])
+    # neither is in the history: the next message is the conversation's first
+    assert len(prompts) == 2 and prompts[1][0] == rendered(tok, [user("say fine")])
+    assert res.stdout.splitlines()[-1] == said(tok, prompts[1][1])
 
 
 def test_generate_renders_the_system_message_and_is_unchanged_without_one(runs, prompts):

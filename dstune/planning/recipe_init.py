@@ -202,7 +202,8 @@ def check_methods(given: str) -> list[str]:
     known = available()
     for n in names or [""]:
         if n not in known:
-            raise UserError(f"--method: unknown method {n!r}{did_you_mean(n, known)}; known: {', '.join(sorted(known))}")
+            raise UserError(f"--method: unknown method {n!r}{did_you_mean(n, known)}; known: "
+                            f"{', '.join(sorted(known))}")
     try:
         check_composition(names)
     except UserError as e:
@@ -221,7 +222,7 @@ def recipe(model: Model, data_path: str, found: Detected, methods: list[str], na
     micro = max(1, min(micro, train_rows))
     # packing pays where many rows share a block; a few blocks would not fill the batches
     blocks = train_rows * found.row_chars / 4 / max_length
-    packing = found.task == "causal_lm" and blocks >= 10 * micro * accumulation
+    packing = found.task == "causal_lm" and blocks >= 4 * micro * accumulation
     examples = blocks if packing else train_rows
     steps = EPOCHS * math.ceil(examples / (micro * accumulation))
     chat = found.task == "causal_lm" and found.data.get("format") in CHAT
@@ -297,6 +298,10 @@ def recipe_text(keys: dict[str, Any], header: list[str]) -> str:
     return text
 
 
+def _exists(out) -> UserError:
+    return UserError(f"--out: {out} exists; --force replaces it")
+
+
 def write_new(out: Path, text: str, force: bool) -> None:
     """`text` into `out` at once (a reader never sees half a file); an existing file only with `force`."""
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -314,7 +319,11 @@ def write_new(out: Path, text: str, force: bool) -> None:
             try:
                 os.link(tmp, out)  # fails when `out` exists, even one made since the check
             except FileExistsError:
-                raise UserError(f"--out: {out} exists; --force replaces it") from None
+                raise _exists(out) from None
+            except OSError:  # a filesystem without hard links
+                if out.exists():
+                    raise _exists(out) from None
+                os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -328,7 +337,7 @@ def init(model: str | None, data: str | None, task: str | None, method: str, out
     if not target.resolve().parent.is_dir():
         raise UserError(f"--out: folder {target.resolve().parent} does not exist")
     if target.exists() and not force:
-        raise UserError(f"--out: {out} exists; --force replaces it")
+        raise _exists(out)
     methods = check_methods(method)
     model = ask("--model", "model folder (Hugging Face, or one holding a .gguf file)", model)
     found_model = inspect_model(model)

@@ -67,10 +67,6 @@ class Conversation:
             raise TooLong(len(ids))
         return ids, turns, dropped
 
-    def reset(self, system: str | None = None, keep_system: bool = True) -> None:
-        self.turns = []
-        if not keep_system:
-            self.system = system
 
 
 def check_system(tokenizer, system: str | None) -> str | None:
@@ -150,7 +146,7 @@ def _command(line: str, talk: Conversation) -> bool:
     if word in ("/exit", "/quit"):
         return True
     if word == "/reset":
-        talk.reset()
+        talk.turns = []
         print("[dstune] history cleared" + (" (the system message stays)" if talk.system is not None else ""),
               flush=True)
     elif word == "/system":
@@ -159,7 +155,7 @@ def _command(line: str, talk: Conversation) -> bool:
             print(f"[dstune] the run's chat template refuses a system message ({reason}); nothing changed",
                   flush=True)
             return False
-        talk.reset(system, keep_system=False)
+        talk.system, talk.turns = system, []
         print("[dstune] " + ("system message set" if system else "no system message") + "; history cleared",
               flush=True)
     elif word == "/help":
