@@ -10,6 +10,27 @@ import sys
 from pathlib import Path
 
 from dstune.errors import UserError
+from dstune.tasks import TASKS
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a commented recipe to start from: dstune init --model PATH --data FILE [--method lora] [--out FILE]
+
+    Reads the model folder's files, no weights (a Hugging Face folder; a folder holding one .gguf file, or
+    the file, sets model.gguf_file), and the data file, whose columns give the task unless --task names
+    it: a label column is classification; source and target, seq2seq; plain text, prompt/response pairs
+    or chat data (OpenAI messages, ShareGPT, Alpaca), causal_lm. Writes a recipe (default recipe.yaml;
+    an existing file only with --force) whose every key is commented with its description from the
+    recipe schema; --method (default lora; comma-separated to combine) is written with every option at
+    its default. Packing, batch sizes and the held-out share follow the data's size, the learning rate
+    is the method's usual start. At a terminal it asks for a missing --model or --data. Prints what it
+    found and the command that trains.
+    """
+    from dstune.planning.recipe_init import init
+
+    for line in init(args.model, args.data, args.task, args.method, args.out, args.force):
+        print(line)
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -161,16 +182,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Generate text with a finished causal_lm or seq2seq run: dstune generate RUN_DIR --prompt TEXT
 
     Greedy by default; --sample with --temperature/--top-p samples. Prompts go through the
-    tokenizer's chat template when it has one, as in training. Prints each prompt (after `>>> `), its
+    tokenizer's chat template when it has one, as in training; --system TEXT puts a system message
+    before each (causal_lm runs with a chat template). Prints each prompt (after `>>> `), its
     reply and a `---` line; --jsonl prints one {"prompt", "reply"} JSON object per line instead.
     """
     import torch
 
+    from dstune.rundir.chat import needs_chat
     from dstune.rundir.load import load_run
     from dstune.tasks import get_task
 
+    decoding = _decoding(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = load_run(args.run_dir, device)
+    run = load_run(args.run_dir, device, check=None if args.system is None else needs_chat("--system", args.system))
     cfg, tokenizer, model = run.cfg, run.tokenizer, run.model
     task = get_task(cfg.task)
     if not task.generative:
@@ -178,18 +202,56 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     torch.manual_seed(args.seed)
     for prompt in prompts:
-        ids = task.prompt_ids(tokenizer, prompt)
-        x = torch.tensor([ids], device=device)
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
-                             do_sample=args.sample, temperature=args.temperature if args.sample else None,
-                             top_p=args.top_p if args.sample else None, pad_token_id=tokenizer.pad_token_id,
-                             **getattr(model, "dstune_generate_kwargs", {}))
-        reply = tokenizer.decode(task.new_tokens(out[0], x.shape[1]), skip_special_tokens=True).strip()
+        ids = task.prompt_ids(tokenizer, prompt, system=args.system)
+        reply = tokenizer.decode(task.reply(model, tokenizer, ids, decoding), skip_special_tokens=True).strip()
         if args.jsonl:
             print(json.dumps({"prompt": prompt, "reply": reply}, ensure_ascii=False), file=args.print_to, flush=True)
         else:
             print(f">>> {prompt}\n{reply}\n---", flush=True)
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Chat with a finished causal_lm run in the terminal: dstune chat RUN_DIR [--system TEXT]
+
+    A multi-turn conversation through the run's chat template (the run needs one): each line you type
+    is a user turn, the reply prints as it is generated, and the whole history (your turns and the
+    model's replies, rendered by the template as training rendered them) is the next reply's prompt.
+    When it outgrows the model's positions the oldest exchanges are dropped, the system message kept.
+    Commands: /reset (clear the history), /system TEXT (a new system message; the history is cleared),
+    /help, /exit or /quit (so do Ctrl-D and Ctrl-C). Reads lines from stdin, so input may be piped
+    (`you> ` prompts only at a terminal). Greedy by default; --sample with --temperature/--top-p samples.
+    """
+    import torch
+
+    from dstune.rundir.chat import chat, needs_chat
+    from dstune.rundir.load import load_run
+
+    decoding = _decoding(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = load_run(args.run_dir, device, check=needs_chat(args.run_dir, args.system))
+    torch.manual_seed(args.seed)
+    return chat(run.model, run.tokenizer, args.system, decoding, args.run_dir)
+
+
+def _decoding(args: argparse.Namespace):
+    """generate's and chat's decoding flags, checked."""
+    from dstune.tasks.base import Decoding
+
+    given = [flag for flag in SAMPLING if getattr(args, flag) is not None]
+    if given and not args.sample:
+        flag = "--" + given[0].replace("_", "-")
+        raise UserError(f"{flag}: greedy decoding has no {flag}; add --sample to sample with it")
+    for flag, default in SAMPLING.items():
+        setattr(args, flag, default if getattr(args, flag) is None else getattr(args, flag))
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
+    if args.sample and args.temperature <= 0:
+        raise UserError(f"--temperature: must be above 0 to sample (greedy: leave out --sample), got "
+                        f"{args.temperature}")
+    if args.sample and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    return Decoding(args.max_new_tokens, args.sample, args.temperature, args.top_p)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -383,6 +445,22 @@ def _help(fn) -> tuple[str, str]:
     return doc.splitlines()[0], doc
 
 
+SAMPLING = {"temperature": 0.8, "top_p": 0.95}  # --sample's defaults
+
+
+def _decoding_flags(sp: argparse.ArgumentParser) -> None:
+    """The flags generate and chat share: the system message and how replies are decoded."""
+    sp.add_argument("--system", metavar="TEXT", help="system message rendered through the run's chat template "
+                                                     "before the conversation (causal_lm runs with a chat template)")
+    sp.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="longest reply, in tokens")
+    sp.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    sp.add_argument("--temperature", type=float, metavar="T",
+                    help=f"with --sample: softmax temperature (default: {SAMPLING['temperature']})")
+    sp.add_argument("--top-p", type=float, metavar="P",
+                    help=f"with --sample: nucleus (top-p) cut (default: {SAMPLING['top_p']})")
+    sp.add_argument("--seed", type=int, default=0, metavar="S", help="with --sample: seed of the draws")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dstune", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # the `deepspeed` launcher passes --local_rank=N before the subcommand (it also sets LOCAL_RANK)
@@ -395,6 +473,17 @@ def build_parser() -> argparse.ArgumentParser:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.set_defaults(func=fn)
         return sp
+
+    sp = add("init", cmd_init)
+    sp.add_argument("--model", metavar="PATH", help="local model folder: Hugging Face files, or a .gguf file (or "
+                                                     "the GGUF file itself)")
+    sp.add_argument("--data", metavar="FILE", help="training data: .jsonl, .json, .csv, .tsv, .parquet or a saved "
+                                                   "datasets folder")
+    sp.add_argument("--task", choices=sorted(TASKS), help="the task (default: found from the data's columns)")
+    sp.add_argument("--method", default="lora", metavar="NAME", help="tuning method, or several comma-separated "
+                                                                    "(dstune methods lists them)")
+    sp.add_argument("--out", default="recipe.yaml", metavar="FILE", help="the recipe file to write")
+    sp.add_argument("--force", action="store_true", help="replace --out if it exists")
 
     sp = add("train", cmd_train)
     sp.add_argument("recipe", help="YAML recipe (see recipes/)")
@@ -437,12 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("generate", cmd_generate)
     sp.add_argument("run_dir")
     sp.add_argument("--prompt", action="append", help="prompt text (repeatable; default: one per stdin line)")
-    sp.add_argument("--max-new-tokens", type=int, default=64)
-    sp.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    sp.add_argument("--temperature", type=float, default=0.8)
-    sp.add_argument("--top-p", type=float, default=0.95)
-    sp.add_argument("--seed", type=int, default=0)
+    _decoding_flags(sp)
     sp.add_argument("--jsonl", action="store_true", help='one {"prompt": ..., "reply": ...} object per line')
+
+    sp = add("chat", cmd_chat)
+    sp.add_argument("run_dir", help="a finished causal_lm run (dstune train's output_dir) with a chat template")
+    _decoding_flags(sp)
 
     sp = add("export", cmd_export)
     sp.add_argument("run_dir")

@@ -335,17 +335,22 @@ class DistillConfig(_Section):
 
 class RunConfig(_Section):
     task: Literal[TASK_NAMES] = Field(description="what the model learns")
-    model: ModelConfig
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    data: DataConfig
+    model: ModelConfig = Field(description="the base model: a local folder (or a GGUF file in it), or a tiny "
+                                           "random one")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="the tokenizer and its chat "
+                                                                                    "template")
+    data: DataConfig = Field(description="training and evaluation data, its format and columns, and how rows "
+                                         "become examples")
     methods: list[dict[str, Any]] = Field(
         default_factory=lambda: [{"name": "full"}],
         description="tuning methods, each {name: ..., options...}; see `dstune methods`")
     deepspeed: str | dict[str, Any] = Field(
         "zero0", description="ds_configs name (zero0..zero3, zero3_offload), a DeepSpeed JSON path, or inline")
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="the optimizer, its schedule, "
+                                     "batch sizes, precision and checkpoints")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="held-out scoring before, "
+                                         "during and after training")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="where metrics go")
     distill: DistillConfig | None = Field(None, description="train against a frozen teacher's outputs as well "
                                                             "(knowledge distillation); composes with any method")
     output_dir: str = Field(description="run directory: checkpoints, metrics, trainable.safetensors")

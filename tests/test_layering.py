@@ -18,10 +18,10 @@ ORDER = [  # lowest first: a package may import those before it (and itself), ne
     ("models",),      # loading models and tokenizers; lean activations; the chunked loss
     ("methods",),     # tuning methods
     ("prepare",),     # data files -> the prepared, packed cache (uses tasks and tokenizers)
-    ("rundir",),      # run dir files: lock, checkpoint pointer, trainable weights, load, export
+    ("rundir",),      # run dir files: lock, checkpoint pointer, trainable weights, load, export, chat
     ("distill",),     # a teacher and the divergence
     ("engine",),      # the training runtime
-    ("planning",),    # costs before a run: estimate, bench, fit
+    ("planning",),    # before a run: a first recipe (init), costs: estimate, bench, fit
     ("active",),      # active learning: select and the loop
     ("launch",),      # the real launchers
     ("cli", "__main__"),

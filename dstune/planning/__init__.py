@@ -1,2 +1,2 @@
-"""Costs before a run: the memory estimate, activation tracing, FLOPs and traffic, `dstune bench`, and the fit
-that decides activation checkpointing `auto`."""
+"""Before a run: a first recipe (`dstune init`), the memory estimate, activation tracing, FLOPs and traffic,
+`dstune bench`, and the fit that decides activation checkpointing `auto`."""

@@ -1,2 +1,2 @@
 """The run dir: its lock (one job at a time), the checkpoint pointer, trainable.safetensors, loading a finished
-run back and exporting it."""
+run back, exporting it and chatting with it."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -48,14 +48,18 @@ def finished_recipe(run_dir: str, overrides: list[str] | None = None) -> RunConf
     return config_from_dict(saved, str(d / "config.yaml"))
 
 
-def load_run(run_dir: str, device: torch.device | None = None, overrides: list[str] | None = None) -> Run:
+def load_run(run_dir: str, device: torch.device | None = None, overrides: list[str] | None = None,
+             check: Callable[[RunConfig, Any], None] | None = None) -> Run:
     """Load a run dir written by `dstune train` (a one-line error when it is not a finished run), its weights
     in the dtype training held them in (training.precision, which `overrides` may change), so that its
-    evaluation scores what training's did."""
+    evaluation scores what training's did. `check(cfg, tokenizer)` may refuse the run (raise UserError)
+    before any weights load."""
     d = Path(run_dir)
     cfg = finished_recipe(run_dir, overrides)
     info = json.loads((d / "run.json").read_text())
     tokenizer = load_tokenizer(str(d / "tokenizer"))
+    if check is not None:
+        check(cfg, tokenizer)
     model = load_model(cfg, tokenizer, info.get("labels"))
     methods = build_methods(cfg.methods)
     apply_methods(model, methods, cfg.task, tokenizer)

@@ -3,6 +3,7 @@ of them is collated, scored and generated from. Each task is one module with one
 in `dstune.tasks.TASKS`; the data pipeline, the trainer, evaluation, export and the estimate ask it."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -10,6 +11,16 @@ import torch
 from dstune.data.batching import IGNORE, pad, target_tokens
 
 Encoder = Callable[[dict[str, list]], dict[str, list]]  # a batched `datasets.map` function
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How `dstune generate` and `dstune chat` pick the reply's tokens: greedy, or sampled with a temperature
+    and nucleus (top-p) cut when `sample`."""
+    max_new_tokens: int = 64
+    sample: bool = False
+    temperature: float = 0.8
+    top_p: float = 0.95
 
 
 class Task:
@@ -82,8 +93,9 @@ class Task:
         """evaluation.generate, or the task's default when the recipe leaves it unset."""
         return evaluation.generate if evaluation.generate is not None else self.generates_by_default
 
-    def prompt_ids(self, tokenizer, prompt: str) -> list[int]:
-        """A user's prompt as the model reads it (`dstune generate`)."""
+    def prompt_ids(self, tokenizer, prompt: str, system: str | None = None) -> list[int]:
+        """A user's prompt as the model reads it (`dstune generate`); `system`: a system message before it,
+        which only a chat template renders (causal_lm)."""
         return tokenizer(prompt)["input_ids"]
 
     def new_tokens(self, out: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -124,3 +136,14 @@ class Generative(Task):
         from dstune.tasks.metrics import perplexity
         return perplexity(loss_sum, items)
 
+
+    def reply(self, model, tokenizer, ids: list[int], decoding: Decoding, streamer=None) -> torch.Tensor:
+        """The tokens `model` generates after the prompt `ids` (one row), with every tuning method applied
+        (their `generate_kwargs`); `streamer` (transformers' TextStreamer protocol) sees them as they come."""
+        x = torch.tensor([ids], device=next(model.parameters()).device)
+        sample = {"temperature": decoding.temperature, "top_p": decoding.top_p} if decoding.sample else \
+            {"temperature": None, "top_p": None}
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=decoding.max_new_tokens,
+                             do_sample=decoding.sample, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
+                             **sample, **getattr(model, "dstune_generate_kwargs", {}))
+        return self.new_tokens(out[0], x.shape[1])

@@ -5,6 +5,8 @@ Chat data is rendered with the tokenizer's chat template and trains on the assis
 (dstune/data/chat.py); prompt/response rows take the same path when the tokenizer has a template."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 from dstune.data import chat
@@ -26,6 +28,35 @@ def conversational(fmt: str, tokenizer) -> bool:
     return fmt in CHAT or (fmt == "prompt_response" and has_template(tokenizer))
 
 
+def auto_format(d, columns: list[str], first: Callable[[str], Any]) -> str | None:
+    """data.format `auto`: the format rows with `columns` are read as (d: the data settings; `first(column)`:
+    that column's value in the first row), or None when they hold none."""
+    conv = [c for c in (d.messages_column, "messages", "conversations") if c and c in columns]
+    if d.text_column in columns:
+        return "text"
+    if d.prompt_column in columns and d.response_column in columns:
+        return "prompt_response"
+    if conv:
+        turns = first(conv[0])
+        return "sharegpt" if isinstance(turns, list) and turns and isinstance(turns[0], dict) \
+            and "from" in turns[0] else "messages"
+    if "instruction" in columns and "output" in columns:
+        return "alpaca"
+    return None
+
+
+def with_system(system: str | None, turns: list[dict]) -> list[dict]:
+    """`turns` after a system turn holding `system` (none when it is None)."""
+    return ([{"role": "system", "content": system}] if system is not None else []) + turns
+
+
+def require_template(tokenizer, key: str) -> None:
+    """A one-line error naming `key` when the tokenizer has no chat template."""
+    if not has_template(tokenizer):
+        raise UserError(f"{key}: the run's tokenizer has no chat template to render a conversation with; train "
+                        "with tokenizer.chat_template set (a Jinja template or a file holding one)")
+
+
 class CausalLM(Generative):
     name = "causal_lm"
     auto_class = "AutoModelForCausalLM"
@@ -39,18 +70,8 @@ class CausalLM(Generative):
         d, columns = cfg.data, ds.column_names
         fmt = d.format
         if fmt == "auto":
-            conv = [c for c in (d.messages_column, "messages", "conversations") if c and c in columns]
-            if d.text_column in columns:
-                fmt = "text"
-            elif d.prompt_column in columns and d.response_column in columns:
-                fmt = "prompt_response"
-            elif conv:
-                first = ds[0][conv[0]]
-                fmt = "sharegpt" if isinstance(first, list) and first and isinstance(first[0], dict) \
-                    and "from" in first[0] else "messages"
-            elif "instruction" in columns and "output" in columns:
-                fmt = "alpaca"
-            else:
+            fmt = auto_format(d, columns, lambda column: ds[0][column])
+            if fmt is None:
                 raise UserError(f"data.format: {path} is none of text ({d.text_column!r}), prompt_response "
                                 f"({d.prompt_column!r}+{d.response_column!r}), messages, sharegpt (conversations) "
                                 f"or alpaca (instruction+output) (columns: {', '.join(columns)})")
@@ -99,13 +120,18 @@ class CausalLM(Generative):
         ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len))
         return {"input_ids": ids, "labels": ids}
 
-    def prompt_ids(self, tokenizer, prompt):
-        """Through the chat template, as one user turn, when the tokenizer has one (training renders
-        prompt/response rows the same way)."""
+    def prompt_ids(self, tokenizer, prompt, system=None):
+        """Through the chat template, as one user turn after the `system` message if there is one, when the
+        tokenizer has a template (training renders prompt/response rows the same way)."""
         if not has_template(tokenizer):
             return tokenizer(prompt)["input_ids"]
+        return self.chat_ids(tokenizer, with_system(system, [{"role": "user", "content": prompt}]))
+
+    def chat_ids(self, tokenizer, turns: list[dict]) -> list[int]:
+        """A conversation that ends on a user turn, rendered with the chat template up to the assistant's
+        reply, as token ids (as training renders the prompt of a reply)."""
         try:
-            text = chat.generation_prompt(tokenizer, [{"role": "user", "content": prompt}])
+            text = chat.generation_prompt(tokenizer, turns)
         except chat.BadRow as e:
             raise UserError(f"tokenizer.chat_template: {e}") from None
         return tokenizer(text, add_special_tokens=False)["input_ids"]
