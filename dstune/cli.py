@@ -88,7 +88,7 @@ evaluation.max_samples=100, training.precision=fp32).
     from dstune.rundir.load import load_run
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = load_run(args.run_dir, device, args.overrides)
+    run = load_run(args.run_dir, device, args.overrides, checkpoint=args.checkpoint)
     cfg, tokenizer, model, labels = run.cfg, run.tokenizer, run.model, run.labels
     path = args.data or cfg.data.eval
     if path:
@@ -101,7 +101,8 @@ evaluation.max_samples=100, training.precision=fp32).
     if args.json:
         print(json.dumps(result, indent=1), file=args.print_to)
     else:
-        print(f"{os.path.abspath(path) if path else 'the rows held out of data.train'} ({len(data.eval):,} rows):\n"
+        best = f"the best state (step {run.best_step()}) on " if run.best_step() is not None else ""
+        print(f"{best}{os.path.abspath(path) if path else 'the rows held out of data.train'} ({len(data.eval):,} rows):\n"
               f"{results_table({'score': result})}")
     return 0
 
@@ -132,7 +133,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         import torch.distributed as dist
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
-    run = load_run(args.run_dir, device)
+    run = load_run(args.run_dir, device, checkpoint=args.checkpoint)
     cfg, tokenizer, model, labels = run.cfg, run.tokenizer, run.model, run.labels
     check_strategy(cfg.task, args.strategy)
     if not os.path.exists(args.pool):
@@ -194,7 +195,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     decoding = _decoding(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = load_run(args.run_dir, device, check=None if args.system is None else needs_chat("--system", args.system))
+    run = load_run(args.run_dir, device, check=None if args.system is None else needs_chat("--system", args.system),
+                   checkpoint=args.checkpoint)
     cfg, tokenizer, model = run.cfg, run.tokenizer, run.model
     task = get_task(cfg.task)
     if not task.generative:
@@ -229,7 +231,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     decoding = _decoding(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = load_run(args.run_dir, device, check=needs_chat(args.run_dir, args.system))
+    run = load_run(args.run_dir, device, check=needs_chat(args.run_dir, args.system), checkpoint=args.checkpoint)
     torch.manual_seed(args.seed)
     return chat(run.model, run.tokenizer, args.system, decoding, args.run_dir)
 
@@ -265,7 +267,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """
     from dstune.rundir.export import export
 
-    out = export(args.run_dir, args.out, args.format)
+    out = export(args.run_dir, args.out, args.format, args.checkpoint)
     print(f"{args.format} export written to {out}")
     return 0
 
@@ -445,6 +447,12 @@ def _help(fn) -> tuple[str, str]:
     return doc.splitlines()[0], doc
 
 
+def _checkpoint_flag(sp: argparse.ArgumentParser) -> None:
+    from dstune.rundir.trainable import CHECKPOINTS
+    sp.add_argument("--checkpoint", choices=CHECKPOINTS, help="which trained state: the best-scoring one "
+                    "(evaluation.keep_best) or the last step's (default: best where the run kept it, else last)")
+
+
 SAMPLING = {"temperature": 0.8, "top_p": 0.95}  # --sample's defaults
 
 
@@ -495,12 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("eval", cmd_eval)
     sp.add_argument("run_dir")
+    _checkpoint_flag(sp)
     sp.add_argument("--data", help="evaluation file (default: the run's data.eval)")
     sp.add_argument("--json", action="store_true", help="the metrics as one JSON object, nothing else")
     sp.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
 
     sp = add("select", cmd_select)
     sp.add_argument("run_dir")
+    _checkpoint_flag(sp)
     sp.add_argument("--pool", required=True, help="rows to choose from (.jsonl/.csv/...; labels not needed)")
     sp.add_argument("--strategy", required=True, help="entropy, margin, least-confidence (classification); nll "
                                                        "(causal_lm, seq2seq); random (any)")
@@ -527,16 +537,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run_dir")
     sp.add_argument("--prompt", action="append", help="prompt text (repeatable; default: one per stdin line)")
     _decoding_flags(sp)
+    _checkpoint_flag(sp)
     sp.add_argument("--jsonl", action="store_true", help='one {"prompt": ..., "reply": ...} object per line')
 
     sp = add("chat", cmd_chat)
     sp.add_argument("run_dir", help="a finished causal_lm run (dstune train's output_dir) with a chat template")
     _decoding_flags(sp)
+    _checkpoint_flag(sp)
 
     sp = add("export", cmd_export)
     sp.add_argument("run_dir")
     sp.add_argument("--format", choices=["peft", "merged"], required=True)
     sp.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    _checkpoint_flag(sp)
 
     sp = add("estimate", cmd_estimate)
     sp.add_argument("recipe")

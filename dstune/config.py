@@ -284,12 +284,46 @@ class TrainingConfig(_Section):
                                  "an op before the job fails")
 
 
+LOWER_IS_BETTER = ("loss", "perplexity")  # every other metric (accuracy, f1, bleu, rouge*) is better higher
+
+
+class EarlyStoppingConfig(_Section):
+    metric: str = Field("loss", description="the held-out metric to watch (loss, perplexity, accuracy, f1, bleu, "
+                                            "rougeL, ... as the task reports them)")
+    mode: Literal["auto", "min", "max"] = Field(
+        "auto", description="whether lower or higher is better; auto: lower for loss and perplexity, else higher")
+    patience: int = Field(3, ge=1, description="evaluations in a row without improvement before training stops")
+    min_delta: float = Field(0.0, ge=0, description="the least change that counts as an improvement")
+
+    def lower_is_better(self) -> bool:
+        return self.mode == "min" or (self.mode == "auto" and self.metric in LOWER_IS_BETTER)
+
+
 class EvaluationConfig(_Section):
     every: int = Field(0, ge=0, description="steps between evaluations (0 = before and after training only)")
     batch_size: int = Field(16, gt=0, description="examples per rank per eval batch")
     max_samples: int | None = Field(None, gt=0, description="evaluate on at most this many examples")
     generate: bool | None = Field(None, description="score generations with BLEU/ROUGE; default: on for seq2seq")
     max_new_tokens: int = Field(32, gt=0, description="generation length for BLEU/ROUGE")
+    early_stopping: EarlyStoppingConfig | None = Field(
+        None, description="stop training when the held-out metric has not improved for `patience` evaluations "
+                          "(needs evaluation.every and held-out rows)")
+    keep_best: bool | None = Field(
+        None, description="keep the best-scoring trainable state (by early_stopping's metric, else the loss) as "
+                          "best.safetensors beside the last; eval, export, generate and chat load it by default. "
+                          "Default: on with early_stopping")
+
+    @model_validator(mode="after")
+    def _stops_on_evaluations(self) -> "EvaluationConfig":
+        if self.early_stopping is not None and not self.every:
+            raise ValueError("evaluation.early_stopping needs evaluation.every (steps between the evaluations it "
+                             "watches)")
+        return self
+
+    def watched(self) -> EarlyStoppingConfig | None:
+        """What the best state is chosen by (early_stopping's metric, else the loss), or None without keep_best."""
+        keep = self.keep_best if self.keep_best is not None else self.early_stopping is not None
+        return (self.early_stopping or EarlyStoppingConfig()) if keep else None
 
 
 TRACKERS = ("tensorboard", "jsonl", "wandb", "mlflow")

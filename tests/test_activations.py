@@ -6,7 +6,8 @@ import torch
 
 from dstune.config import load_config
 from dstune.models.loading import prepare_for_training
-from dstune.planning.activations import DTYPES, default_dtype, trace_step
+from dstune.models.loading import weights_dtype
+from dstune.planning.activations import default_dtype, trace_step
 from dstune.tasks import get_task
 from dstune.models.loading import recipe_config
 from dstune.planning.estimate import _with_methods, estimate, traced_activations
@@ -27,7 +28,7 @@ def recipe(tmp_path, family: str, method: str = "full", *overrides: str):
 def real_step(cfg, micro_batch: int, seq_len: int):
     """The same step on real CPU tensors: a real model, real ids, real autograd."""
     torch.manual_seed(0)
-    with default_dtype(DTYPES[cfg.training.precision]):
+    with default_dtype(weights_dtype(cfg.training.precision)):
         model, _ = _with_methods(cfg, recipe_config(cfg), None)
     prepare_for_training(model, cfg)
     return model, get_task(cfg.task).example_batch(model.config, micro_batch, seq_len, cfg.data.max_target_length)

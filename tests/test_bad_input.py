@@ -145,7 +145,7 @@ def test_output_dir_that_cannot_be_a_folder(ws, tmp_path, where, message):
 def test_max_length_beyond_the_models_positions_is_refused_before_the_run_dir(ws, tmp_path):
     path, out = write(tmp_path, ws, data__max_length=4096)
     assert_user_error(run_cli(["train", str(path)]),
-                      r"data\.max_length: 4096 tokens do not fit the model's 512 positions \(bert\); use at most 512",
+                      r"data\.max_length: 4,096 tokens do not fit the model's 512 positions \(bert\); use at most 512",
                       out)
 
 

@@ -275,3 +275,69 @@ def test_a_corrupt_sentencepiece_model_is_named(tmp_path, where):
     model.write_bytes(b"\x0a\x03not a model proto")
     with pytest.raises(UserError, match=rf"^tokenizer\.path: {model} is not a readable SentencePiece model \("):
         load_tokenizer(str(model.parent if where == "folder" else model))
+
+
+@pytest.mark.parametrize("declared, rows, found", [
+    ("sharegpt", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
+     r"messages \(turns of role and content, OpenAI's layout\)"),
+    ("messages", [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}],
+     r"sharegpt \(turns of from and value\)"),
+    ("prompt_response", [{"instruction": "add", "input": "1 2", "output": "3"}], "alpaca"),
+])
+def test_a_declared_format_the_rows_do_not_have_is_named_with_the_one_they_have(tmp_path, tok, declared, rows,
+                                                                                  found):
+    from dstune.prepare.pipeline import prepare_data
+    data = write_rows(tmp_path / "chat.jsonl", rows * 3)
+    with pytest.raises(UserError, match=rf"^data\.format: .*chat\.jsonl is read as {declared}, but its rows look like "
+                                        rf"{found}; set data\.format: \w+ \(or auto\)$"):
+        prepare_data(recipe(tmp_path, "causal_lm", data, format=declared), tok)
+
+
+def test_a_model_path_naming_a_gguf_file_says_what_to_set(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps({"task": "causal_lm", "model": {"path": "/models/smol/m.Q4.gguf"},
+                                "data": {"train": "d.jsonl"}, "output_dir": "o"}))
+    with pytest.raises(UserError, match=r"model\.path is a GGUF file; set model\.path to its folder \(/models/smol\) "
+                                        r"and model\.gguf_file to its name \(m\.Q4\.gguf\)"):
+        load_config(path)
+
+
+def test_a_missing_gguf_file_names_the_ones_the_folder_holds(tmp_path):
+    from dstune.models.tokenizers import recipe_tokenizer
+    (tmp_path / "smol").mkdir()
+    (tmp_path / "smol" / "m.Q8.gguf").write_bytes(b"GGUF")
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps({"task": "causal_lm", "model": {"path": str(tmp_path / "smol"), "gguf_file": "m.gguf"},
+                                "data": {"train": "d.jsonl"}, "output_dir": "o"}))
+    with pytest.raises(UserError, match=rf"^model\.gguf_file: no m\.gguf in {tmp_path / 'smol'}; it holds m\.Q8\.gguf$"):
+        recipe_tokenizer(load_config(path))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"name": "lora", "rank": 8}, r"methods\[0\] \(lora\)\.rank: unknown option; lora's options: r, alpha, dropout, "),
+    ({"name": "lora", "alpah": 8}, r"methods\[0\] \(lora\)\.alpah: unknown option \(did you mean 'alpha'\?\)$"),
+    ({"name": "LoRA"}, r"methods\[0\]\.name: unknown method 'LoRA' \(did you mean 'lora'\?\)"),
+])
+def test_method_mistakes_name_what_is_valid(spec, message):
+    from dstune.methods import build_methods
+    with pytest.raises(UserError, match=message):
+        build_methods([spec])
+
+
+def test_max_length_past_a_rotary_models_positions_is_refused(tmp_path):
+    from transformers import LlamaConfig
+
+    from dstune.models.loading import check_positions
+    cfg = recipe(tmp_path, "causal_lm", tmp_path / "d.jsonl", max_length=100_000)
+    with pytest.raises(UserError, match=r"data\.max_length: 100,000 tokens do not fit the model's 8,192 positions "
+                                        r"\(llama\); use at most 8,192 \(or extend its context"):
+        check_positions(cfg, LlamaConfig(max_position_embeddings=8192))
+
+
+def test_sampling_flags_without_sample_are_refused(tmp_path):
+    from helpers import run_cli
+    for flags in (["--temperature", "0.5"], ["--top-p", "0.5"]):
+        res = run_cli(["generate", str(tmp_path), "--prompt", "hi", *flags])
+        assert res.returncode == 2
+        assert res.stderr.strip() == (f"dstune: error: {flags[0]}: greedy decoding has no {flags[0]}; add --sample to "
+                                      "sample with it")

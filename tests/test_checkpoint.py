@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -217,3 +218,19 @@ def test_a_resume_on_other_held_out_rows_starts_a_new_table(ws, built_ops, tmp_p
     assert f"({results['held_out']['rows']:,} rows then, {now['held_out']['rows']:,} now)" in res.stdout
     assert "before" not in now and now["held_out"]["rows"] < results["held_out"]["rows"] and now["steps"] == 4
     assert "before" not in res.stdout.split("results (")[1]
+
+
+def test_rerunning_a_finished_run_says_where_its_results_are(ws, built_ops, tmp_path):
+    dora = [{"name": "lora", "r": 2, "use_dora": True}]
+    recipe = lm_recipe(ws, tmp_path, "run", methods=dora, max_steps=2, eval_fraction=0.3)
+    first = ok(run_cli(["train", recipe]))
+    assert "] lora (DoRA): " in first.stdout  # the start-up line names the variant
+    assert re.search(r"data: [\d,]+ packed blocks of up to 32 tokens from [\d,]+ examples", first.stdout)
+    trained = (tmp_path / "run" / "trainable.safetensors").stat().st_mtime_ns
+    again = ok(run_cli(["train", recipe]))
+    assert f"{tmp_path / 'run'} already holds this recipe's run, trained to its last step (2): nothing to do" \
+        in again.stdout
+    assert "after" in again.stdout and "resumed" not in again.stdout and "lora (DoRA): " not in again.stdout
+    assert (tmp_path / "run" / "trainable.safetensors").stat().st_mtime_ns == trained
+    longer = ok(run_cli(["train", recipe, "training.max_steps=3"]))
+    assert "resumed from step_00000002 (step 2)" in longer.stdout

@@ -70,3 +70,35 @@ def test_a_dora_run_prints_only_json_from_a_fresh_process(ws, built_ops, tmp_pat
     assert "loss" in json.loads(res.stdout)
     res = ok(run_cli(["generate", str(tmp_path / "dora"), "--jsonl", "--prompt", "a"], launcher="python"))
     assert json.loads(res.stdout)["prompt"] == "a"
+
+
+def test_early_stopping_stops_within_patience_of_the_best_step_and_keeps_its_state(ws, built_ops, tmp_path):
+    """Full fine-tuning of the tiny GPT-2 at a high rate overfits its few rows: the held-out loss turns up,
+    training stops `patience` evaluations after its lowest point, and `--checkpoint best` scores exactly what
+    that step scored."""
+    recipe = lm_recipe(ws, tmp_path, "run", eval_fraction=0.3, max_steps=200, lr=3e-2, warmup_steps=1)
+    res = ok(run_cli(["train", recipe, "evaluation.every=2", "evaluation.early_stopping={patience: 3}"]))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    best, stopped = results["best"], results["stopped_early"]
+    evals = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if r["split"] == "eval" and r["step"] > 0}
+    assert stopped < 200 and stopped == best["step"] + 3 * 2, (stopped, best, evals)
+    assert best["value"] == min(evals.values()) == evals[best["step"]]
+    assert f"early stopping at step {stopped} of 200: loss has not improved on step {best['step']}'s" in res.stdout
+    assert f"best (step {best['step']})" in res.stdout
+    run_dir = str(tmp_path / "run")
+    assert json.loads(ok(run_cli(["eval", run_dir, "--json"])).stdout) == best["scores"]  # best: the default
+    assert json.loads(ok(run_cli(["eval", run_dir, "--json", "--checkpoint", "last"])).stdout) == results["after"]
+    again = ok(run_cli(["train", recipe, "evaluation.every=2", "evaluation.early_stopping={patience: 3}"]))
+    assert "trained to its last step" in again.stdout and "stopped early" in again.stdout
+
+
+def test_keep_best_needs_held_out_rows_and_a_best_state_to_load(ws, built_ops, tmp_path):
+    recipe = lm_recipe(ws, tmp_path, "run", max_steps=2)
+    res = run_cli(["train", recipe, "evaluation.keep_best=true"])
+    assert res.returncode == 2 and "evaluation.keep_best: the best state is chosen on held-out rows" in res.stderr
+    res = run_cli(["train", recipe, "evaluation.early_stopping={patience: 2}"])
+    assert res.returncode == 2 and "evaluation.early_stopping needs evaluation.every" in res.stderr
+    ok(run_cli(["train", recipe]))
+    res = run_cli(["eval", str(tmp_path / "run"), "--checkpoint", "best", "--data", str(ws / "lm.jsonl")])
+    assert res.returncode == 2 and "--checkpoint: " in res.stderr and "kept no best state" in res.stderr

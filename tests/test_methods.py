@@ -272,7 +272,7 @@ def test_weight_decay_skips_biases_and_norms():
     ([{"name": "full"}, {"name": "freeze"}], r"methods: full and freeze cannot be combined"),
     ([{"name": "layerwise_lr"}], r"methods: layerwise_lr needs one of full, freeze"),
     ([{"name": "lora"}, {"name": "lora"}], r"methods: lora is listed twice"),
-    ([{"name": "lora", "rank": 4}], r"methods\[0\] \(lora\)\.rank: unknown option$"),
+    ([{"name": "lora", "rank": 4}], r"methods\[0\] \(lora\)\.rank: unknown option; lora's options: r, alpha, "),
     ([{"name": "lora", "alpah": 4}], r"methods\[0\] \(lora\)\.alpah: unknown option \(did you mean 'alpha'\?\)"),
     ([{"name": "lroa"}], r"methods\[0\]\.name: unknown method 'lroa' \(did you mean 'lora'\?\); known: adapter, "),
     ([{"name": "lora", "r": 0}], r"methods\[0\] \(lora\)\.r: Input should be greater than 0"),

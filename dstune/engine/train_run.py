@@ -19,12 +19,13 @@ import torch
 from dstune.config import RunConfig
 from dstune.data.batching import StepBatches, collate, to_device
 from dstune.engine import checkpoint as ckpt
-from dstune.engine.distributed import Dist, mean_over_ranks, shutdown
+from dstune.engine.best import Best
+from dstune.engine.distributed import Dist, gather_objects, mean_over_ranks, shutdown
 from dstune.engine.evaluate import evaluate, results_table
 from dstune.errors import Interrupted, UserError, signal_number
 from dstune.methods.base import base_model_only
 from dstune.rundir import pointer
-from dstune.rundir.trainable import TRAINABLE
+from dstune.rundir.trainable import BEST, TRAINABLE
 from dstune.tasks import get_task
 from dstune.telemetry.phases import NoMemory
 from dstune.telemetry.step_profile import StepProfile
@@ -103,6 +104,8 @@ class TrainRun:
         self.bad_in_a_row = 0
         self.log = RunLog(self.run_dir, job.cfg, job.dist.is_main, job.step)
         self.count_targets = self._target_counter()
+        self.last_eval: tuple[int, dict] | None = None  # (step, scores) of the newest evaluation
+        self.best = self._best_so_far()
 
     def run(self) -> dict:
         """Train to the last step; the results (results.json) with the before/after evaluations."""
@@ -121,11 +124,17 @@ class TrainRun:
                 self.check_finite(result)
                 self.log_step(result)
                 if self.due(self.cfg.evaluation.every) and job.data.eval is not None and self.step < job.total_steps:
-                    self.log.write(self.step, "eval", self.evaluate())
+                    self.evaluate_now()
                     self.engine.train()
+                    if self.best is not None and self.best.exhausted():
+                        break
                 if self.due(t.checkpoint_every) or (self.step == job.total_steps and t.save_final):
                     self.save()
             self.bar.close()
+            if self.best is not None and self.best.exhausted():
+                self.stop_early()
+                if t.save_final:  # the state it stopped in, as at the last step: a rerun finds the run complete
+                    self.save()
             self.evaluate_after()
             self.finish()
         except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (engine/distributed.py stop_signals)
@@ -237,6 +246,29 @@ class TrainRun:
         job = self.job
         return evaluate(self.engine, job.data, self.cfg, job.tokenizer, job.dist)
 
+    def evaluate_now(self) -> dict[str, float]:
+        """The held-out metrics at this step, logged; with keep_best, the trainable state kept when they are
+        the best yet (every rank takes part)."""
+        scores = self.evaluate()
+        self.log.write(self.step, "eval", scores)
+        self.last_eval = (self.step, scores)
+        if self.best is not None:
+            if self.best.improved(self.step, scores):
+                ckpt.save_trainable(self.engine.module, self.run_dir / BEST, self.job.dist.is_main,
+                                    {**self._trainable_meta(), "step": self.step})
+            self.results["best"] = self.best.as_dict()
+            self.results = write_results(self.job, self.results)
+        return scores
+
+    def stop_early(self) -> None:
+        """End training here: early stopping's patience is used up."""
+        best, watch = self.best, self.best.watch
+        self.results["stopped_early"] = self.step
+        if self.job.dist.is_main:
+            print(f"[dstune] early stopping at step {self.step} of {self.job.total_steps}: {watch.metric} has not "
+                  f"improved on step {best.step}'s {best.value:.4g} for {best.since} evaluations (patience "
+                  f"{watch.patience})", flush=True)
+
     def evaluate_before(self) -> None:
         """At step 0: the held-out metrics before training, and of the untouched base when the methods change
         the model before any step (prompt tuning, an ungated prefix)."""
@@ -271,9 +303,9 @@ class TrainRun:
         path.write_text(json.dumps({**kept, "held_out": held_out}, indent=1))
 
     def evaluate_after(self) -> None:
-        if self.job.data.eval is not None:
-            self.results["after"] = self.evaluate()
-            self.log.write(self.step, "eval", self.results["after"])
+        if self.job.data.eval is not None:  # the evaluation of this very step when there was one (early stopping)
+            done = self.last_eval is not None and self.last_eval[0] == self.step
+            self.results["after"] = self.last_eval[1] if done else self.evaluate_now()
         self.results["steps"] = self.step
         self.results = write_results(self.job, self.results)
 
@@ -290,13 +322,24 @@ class TrainRun:
         if job.dist.is_main and "after" in self.results:
             n = len(job.data.eval)
             where = f"data.eval, {n:,} rows" if self.cfg.data.eval else f"{n:,} held-out rows"
-            table = results_table({COLUMNS[k]: self.results[k] for k in COLUMNS if k in self.results})
-            print(f"[dstune] results ({where}):\n{table}", flush=True)
+            print(f"[dstune] results ({where}):\n{results_table(results_columns(self.results))}", flush=True)
         if self.cfg.training.save_final:
             ckpt.save_trainable(self.engine.module, self.run_dir / TRAINABLE, job.dist.is_main,
-                                {"task": self.cfg.task, "methods": ",".join(m["name"] for m in self.cfg.methods)})
+                                self._trainable_meta())
             if job.dist.is_main:
                 print(f"[dstune] run dir: {self.run_dir}", flush=True)
+
+    def _trainable_meta(self) -> dict:
+        return {"task": self.cfg.task, "methods": ",".join(m["name"] for m in self.cfg.methods)}
+
+    def _best_so_far(self) -> Best | None:
+        """With keep_best: the best score so far (an earlier start's, read by rank 0, on a resume)."""
+        ev = self.cfg.evaluation
+        if (watch := ev.watched()) is None or self.job.data.eval is None:
+            return None
+        path = self.run_dir / "results.json"
+        mine = json.loads(path.read_text()) if self.job.dist.is_main and self.step and path.exists() else {}
+        return Best.resumed(watch, ev.early_stopping is not None, gather_objects(mine)[0])
 
     def due(self, every: int) -> bool:
         """Whether an every-N-steps action (N > 0) falls on this step."""
@@ -377,6 +420,14 @@ def write_memory(job: Job, key: str, mine: dict) -> None:
         path = Path(job.cfg.output_dir) / "memory.json"
         current = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({**current, key: ranks}, indent=1))
+
+
+def results_columns(results: dict) -> dict[str, dict]:
+    """results.json as the results table's columns: base model, before, after, and the best step's."""
+    columns = {COLUMNS[k]: results[k] for k in COLUMNS if k in results}
+    if best := results.get("best"):
+        columns[f"best (step {best['step']})"] = best["scores"]
+    return columns
 
 
 def held_out_id(ds) -> dict:

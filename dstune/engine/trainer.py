@@ -26,7 +26,8 @@ from dstune.distill.teacher import load_teacher
 from dstune.engine.distributed import barrier, init_distributed, launcher_env, stop_signals
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.precision import on_cuda, resolve, slow_warning, unsupported
-from dstune.engine.train_run import Job, TrainRun
+from dstune.engine.evaluate import results_table
+from dstune.engine.train_run import Job, TrainRun, results_columns
 from dstune.errors import Interrupted, UserError, signal_number
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
 from dstune.models.loading import (base_fingerprint, check_buildable, check_positions, compile_layers, load_model,
@@ -35,6 +36,7 @@ from dstune.models.tokenizers import recipe_tokenizer
 from dstune.prepare.cache import keep_augmented, prepared_data, summary
 from dstune.prepare.pipeline import TaskData
 from dstune.rundir import pointer
+from dstune.rundir.trainable import TRAINABLE
 from dstune.rundir.lock import (check_output_dir, check_recipe_matches, forget_fresh_run_dir, fresh_run_dir,
                                 hold_run_dir)
 from dstune.telemetry.phases import NoMemory, PhaseMemory
@@ -74,7 +76,10 @@ def train(cfg: RunConfig, checkpointing: Checkpointing = recipe_checkpointing) -
     fresh = fresh_run_dir(run_dir)
     with launcher_env(), stop_signals():
         try:
-            job = start(check(cfg, checkpointing))
+            checked = check(cfg, checkpointing)
+            if checked.finished is not None:
+                return _say_finished(checked)
+            job = start(checked)
         except BaseException as failure:
             if fresh and _rank() == 0:
                 forget_fresh_run_dir(run_dir)
@@ -99,6 +104,7 @@ class Checked:
     base: str                 # the base model's fingerprint (run.json; checked on resume)
     precision_note: str       # e.g. "bf16 (the CPU has avx512_bf16)" for `auto`, else the precision
     checkpointing_note: str   # why `auto` turned activation checkpointing on or off ("" when not auto)
+    finished: dict | None = None  # the results of the run dir, when it already holds this recipe's last step
 
 
 def check(cfg: RunConfig, checkpointing: Checkpointing) -> Checked:
@@ -123,6 +129,10 @@ def check(cfg: RunConfig, checkpointing: Checkpointing) -> Checked:
     device = torch.device("cuda", local_rank) if on_cuda() else torch.device("cpu")
     on, ckpt_why = checkpointing(cfg, int(os.environ.get("WORLD_SIZE", "1")), device, tokenizer, data.labels)
     cfg = cfg.with_training(activation_checkpointing=on)
+    if cfg.evaluation.watched() and data.eval is None:
+        raise UserError("evaluation.keep_best: the best state is chosen on held-out rows; set data.eval or "
+                        "data.eval_fraction" if cfg.evaluation.early_stopping is None else
+                        "evaluation.early_stopping: it watches held-out rows; set data.eval or data.eval_fraction")
     check_output_dir(Path(cfg.output_dir))
     model_config = recipe_config(cfg, tokenizer, data.labels)
     check_positions(cfg, model_config)
@@ -132,7 +142,40 @@ def check(cfg: RunConfig, checkpointing: Checkpointing) -> Checked:
     if tags:
         check_recipe_matches(Path(cfg.output_dir), cfg.model_dump(mode="json"), base)
     return Checked(cfg, methods, tokenizer, data, entry, tags, base, f"{precision} ({why})" if auto else precision,
-                   f"activation checkpointing {'on' if on else 'off'} ({ckpt_why})" if ckpt_why else "")
+                   f"activation checkpointing {'on' if on else 'off'} ({ckpt_why})" if ckpt_why else "",
+                   _finished(cfg, len(data.train)) if tags else None)
+
+
+def planned_steps(cfg: RunConfig, batches: StepBatches) -> int:
+    """The run's last optimizer step: training.max_steps, else its epochs of global batches."""
+    return cfg.training.max_steps or math.ceil(cfg.training.epochs * batches.steps_per_epoch)
+
+
+def _finished(cfg: RunConfig, n_train: int) -> dict | None:
+    """The results of a run dir that already trained this recipe to its last step and wrote what it keeps
+    (results.json's step count, trainable.safetensors), else None."""
+    t, run_dir = cfg.training, Path(cfg.output_dir)
+    batches = StepBatches(n_train, t.micro_batch_size, t.gradient_accumulation_steps,
+                          int(os.environ.get("WORLD_SIZE", "1")), 0, t.seed)
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    done = "stopped_early" in results or (batches.steps_per_epoch and results.get("steps") == planned_steps(cfg, batches))
+    return results if done and (not t.save_final or (run_dir / TRAINABLE).is_file()) else None
+
+
+def _say_finished(c: Checked) -> dict:
+    """A rerun of a finished run: say so and where its results are, instead of loading and evaluating again."""
+    run_dir, results = Path(c.cfg.output_dir), c.finished
+    if _rank() == 0:
+        table = results_table(results_columns(results))
+        print(f"[dstune] {run_dir} already holds this recipe's run, trained to its last step ({results['steps']}"
+              f"{', stopped early' if 'stopped_early' in results else ''}): "
+              f"nothing to do. Its results ({run_dir / 'results.json'}):\n{table}\n"
+              "[dstune] train longer with a larger training.max_steps, or start over with training.resume=false",
+              flush=True)
+    return results
 
 
 def start(c: Checked) -> Job:
@@ -169,7 +212,7 @@ def build(c: Checked, job: Job) -> None:
     if job.batches.steps_per_epoch == 0:
         raise UserError(f"data.train: {len(c.data.train)} examples are fewer than one global batch "
                         f"(micro_batch_size × gradient_accumulation_steps × ranks = {job.batches.global_batch})")
-    job.total_steps = t.max_steps or math.ceil(t.epochs * job.batches.steps_per_epoch)
+    job.total_steps = planned_steps(cfg, job.batches)
     if t.profile_step > job.total_steps:
         raise UserError(f"training.profile_step: {t.profile_step} is past the run's last step ({job.total_steps})")
     job.stage = zero_stage(job.ds_config)

@@ -24,7 +24,7 @@ from dstune.prepare.pipeline import TaskData, check_sources, prepare_data, rando
 from dstune.errors import UserError
 from dstune.tasks import get_task
 
-VERSION = 1  # bump when the prepared rows change for the same inputs
+VERSION = 2  # bump when the prepared rows, or what meta.json records of them, change for the same inputs
 AUGMENTED = "augmented.jsonl"  # data.augment's copies, for inspection (copied into the run dir)
 POLL_S = 0.5
 MEMO_ENTRIES = 10_000  # file digests remembered (the newest), so unchanged files are not read again

@@ -38,10 +38,11 @@ def _check_format(run_dir: str, fmt: str) -> None:
                         f"this run used {', '.join(m.name for m in methods)}")
 
 
-def export(run_dir: str, out: str, fmt: str) -> Path:
+def export(run_dir: str, out: str, fmt: str, checkpoint: str | None = None) -> Path:
+    """Write the run (its `checkpoint` state: rundir/trainable.py `trainable_file`) to `out` as `fmt`."""
     path = _prepare_out(out)  # refused before the run is loaded
     _check_format(run_dir, fmt)
-    run = load_run(run_dir)
+    run = load_run(run_dir, checkpoint=checkpoint)
     cfg, tokenizer, model, labels, methods = run.cfg, run.tokenizer, run.model, run.labels, run.methods
     if fmt == "merged":
         plain = load_model(cfg, tokenizer, labels)

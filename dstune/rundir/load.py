@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from dstune.config import RunConfig, config_from_dict, merge, parse_overrides
-from dstune.rundir.trainable import load_trainable
+from dstune.rundir.trainable import BEST, load_trainable, trainable_file
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods
 from dstune.models.loading import load_model, weights_dtype
@@ -25,12 +25,20 @@ def is_run_dir(path: Path) -> bool:
 @dataclass
 class Run:
     """A finished run loaded back: its recipe, tokenizer, the model with what trained (in eval mode), the
-    classification labels (None for other tasks) and the tuning methods applied."""
+    classification labels (None for other tasks), the tuning methods applied, and the trainable state
+    loaded (trainable.safetensors: the last step's; best.safetensors: the best-scoring one's)."""
     cfg: RunConfig
     tokenizer: Any
     model: torch.nn.Module
     labels: list | None
     methods: list
+    state: Path
+
+    def best_step(self) -> int | None:
+        """The step whose state was loaded when it is the best-scoring one (results.json), else None."""
+        if self.state.name != BEST:
+            return None
+        return (json.loads((self.state.parent / "results.json").read_text()).get("best") or {}).get("step")
 
 
 def finished_recipe(run_dir: str, overrides: list[str] | None = None) -> RunConfig:
@@ -49,20 +57,21 @@ def finished_recipe(run_dir: str, overrides: list[str] | None = None) -> RunConf
 
 
 def load_run(run_dir: str, device: torch.device | None = None, overrides: list[str] | None = None,
-             check: Callable[[RunConfig, Any], None] | None = None) -> Run:
+             check: Callable[[RunConfig, Any], None] | None = None, checkpoint: str | None = None) -> Run:
     """Load a run dir written by `dstune train` (a one-line error when it is not a finished run), its weights
     in the dtype training held them in (training.precision, which `overrides` may change), so that its
     evaluation scores what training's did. `check(cfg, tokenizer)` may refuse the run (raise UserError)
-    before any weights load."""
+    before any weights load. `checkpoint`: which trainable state (rundir/trainable.py `trainable_file`)."""
     d = Path(run_dir)
     cfg = finished_recipe(run_dir, overrides)
     info = json.loads((d / "run.json").read_text())
+    state = trainable_file(d, checkpoint)
     tokenizer = load_tokenizer(str(d / "tokenizer"))
     if check is not None:
         check(cfg, tokenizer)
     model = load_model(cfg, tokenizer, info.get("labels"))
     methods = build_methods(cfg.methods)
     apply_methods(model, methods, cfg.task, tokenizer)
-    load_trainable(model, d / "trainable.safetensors")
+    load_trainable(model, state)
     model.to(device or torch.device("cpu"), dtype=weights_dtype(cfg.training.precision)).eval()
-    return Run(cfg, tokenizer, model, info.get("labels"), methods)
+    return Run(cfg, tokenizer, model, info.get("labels"), methods, state)

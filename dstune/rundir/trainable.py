@@ -10,6 +10,20 @@ import torch
 from dstune.errors import UserError
 
 TRAINABLE = "trainable.safetensors"
+BEST = "best.safetensors"  # the best-scoring trainable state (evaluation.keep_best)
+CHECKPOINTS = ("best", "last")
+
+
+def trainable_file(run_dir: str | os.PathLike, checkpoint: str | None = None) -> Path:
+    """The trainable state of a finished run to load: `last` (trainable.safetensors), `best` (best.safetensors,
+    kept with evaluation.keep_best), or None: the best where the run kept one, else the last."""
+    d = Path(run_dir)
+    if checkpoint == "best" and not (d / BEST).is_file():
+        raise UserError(f"--checkpoint: {d} kept no best state (train with evaluation.keep_best or "
+                        "evaluation.early_stopping); use --checkpoint last")
+    if checkpoint == "best" or (checkpoint is None and (d / BEST).is_file()):
+        return d / BEST
+    return d / TRAINABLE
 
 
 def file_mode() -> int:

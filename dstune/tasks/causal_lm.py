@@ -45,6 +45,11 @@ def auto_format(d, columns: list[str], first: Callable[[str], Any]) -> str | Non
     return None
 
 
+TURNS = ("messages", "sharegpt")  # a list of turns; their keys tell one from the other
+FORMAT_SHAPES = {"messages": " (turns of role and content, OpenAI's layout)",
+                 "sharegpt": " (turns of from and value)"}
+
+
 def with_system(system: str | None, turns: list[dict]) -> list[dict]:
     """`turns` after a system turn holding `system` (none when it is None)."""
     return ([{"role": "system", "content": system}] if system is not None else []) + turns
@@ -81,6 +86,11 @@ class CausalLM(Generative):
                  "messages": [("data.messages_column", chat.turns_column("messages", d.messages_column, columns))],
                  "sharegpt": [("data.messages_column", chat.turns_column("sharegpt", d.messages_column, columns))],
                  "alpaca": [("data.format", "instruction"), ("data.format", "output")]}[fmt]
+        found = auto_format(d, columns, lambda column: ds[0][column]) if len(ds) else None
+        if d.format != "auto" and found and (found != fmt) and (
+                fmt in TURNS and found in TURNS or any(c not in columns for _, c in needs)):
+            raise UserError(f"data.format: {path} is read as {fmt}, but its rows look like {found}"
+                            f"{FORMAT_SHAPES.get(found, '')}; set data.format: {found} (or auto)")
         require_present(columns, needs, path)  # a missing column first: it says what the data lacks
         if fmt in CHAT and not has_template(tokenizer):
             raise UserError(f"tokenizer.chat_template: {fmt} data ({path}) is rendered with a chat template and "
