@@ -70,9 +70,9 @@ LM_STEPS = 6
 
 
 def lm_recipe(ws, tmp_path, name: str, stage: int | None = None, methods: list | None = None,
-              eval_fraction: float = 0.0, **training) -> str:
-    """Tiny GPT-2 on packed text: every micro-batch has the same token count, so per-rank mean losses
-    average to exactly the global mean."""
+              eval_fraction: float = 0.0, model: str = "gpt2", **training) -> str:
+    """Tiny GPT-2 (or another of the workspace's tiny models) on packed text: every micro-batch has the same
+    token count, so per-rank mean losses average to exactly the global mean."""
     ds = "zero0"
     if stage is not None:
         # threshold 0: partition even the tiny model's parameters under ZeRO-3
@@ -84,7 +84,7 @@ def lm_recipe(ws, tmp_path, name: str, stage: int | None = None, methods: list |
          "seed": 7, **training}
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps({
-        "task": "causal_lm", "model": {"path": str(ws / "gpt2")},
+        "task": "causal_lm", "model": {"path": str(ws / model)},
         "data": {"train": str(ws / "lm.jsonl"), "max_length": 32, "packing": True, "eval_fraction": eval_fraction},
         "deepspeed": ds, "training": t, "output_dir": str(tmp_path / name),
         "methods": methods or [{"name": "full"}]}))

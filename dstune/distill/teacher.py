@@ -21,7 +21,7 @@ from dstune.config import RunConfig
 from dstune.data.batching import IGNORE
 from dstune.distill.divergence import distillation_loss
 from dstune.errors import UserError
-from dstune.models.loading import weights_dtype
+from dstune.models.loading import cast_as_deepspeed
 from dstune.tasks import get_task
 
 
@@ -121,5 +121,5 @@ def load_teacher(cfg: RunConfig, tokenizer, labels, ds_config: dict, stage: int,
         module = deepspeed.initialize(model=model, config=_teacher_ds(ds_config))[0]
         module.eval()
     else:
-        module = model.to(device=device, dtype=weights_dtype(cfg.training.precision))
+        module = cast_as_deepspeed(model.to(device), cfg.training.precision)
     return Teacher(cfg, module, vocab)

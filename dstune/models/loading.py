@@ -23,6 +23,17 @@ def weights_dtype(precision: str) -> torch.dtype:
     return DTYPES.get(precision, torch.float32)
 
 
+def cast_as_deepspeed(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """The model as a DeepSpeed engine holds it for `training.precision`: its parameters in the training dtype,
+    its buffers as they were (a rotary model's inv_freq stays fp32: casting it too moves bf16 losses in the
+    third decimal)."""
+    dtype = weights_dtype(precision)
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model
+
+
 def auto_class(task: str):
     """The transformers Auto class that builds a model for a dstune task."""
     import transformers

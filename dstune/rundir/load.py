@@ -13,7 +13,7 @@ from dstune.config import RunConfig, config_from_dict, merge, parse_overrides
 from dstune.rundir.trainable import BEST, load_trainable, trainable_file
 from dstune.errors import UserError
 from dstune.methods import apply_methods, build_methods
-from dstune.models.loading import load_model, weights_dtype
+from dstune.models.loading import cast_as_deepspeed, load_model
 from dstune.models.tokenizers import load_tokenizer
 
 
@@ -73,5 +73,5 @@ def load_run(run_dir: str, device: torch.device | None = None, overrides: list[s
     methods = build_methods(cfg.methods)
     apply_methods(model, methods, cfg.task, tokenizer)
     load_trainable(model, state)
-    model.to(device or torch.device("cpu"), dtype=weights_dtype(cfg.training.precision)).eval()
+    cast_as_deepspeed(model.to(device or torch.device("cpu")), cfg.training.precision).eval()
     return Run(cfg, tokenizer, model, info.get("labels"), methods, state)
