@@ -17,6 +17,8 @@ import pytest
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="dstune-ext-"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# precision `auto` is not measured in tests (engine/cpu_probe.py): bf16 where the CPU runs it natively, as before
+os.environ.setdefault("DSTUNE_CPU_PRECISION", "bf16")
 # GGUF bases dequantized once per session (models/gguf_cache.py), not into the user's ~/.cache
 os.environ.setdefault("DSTUNE_MODEL_CACHE", tempfile.mkdtemp(prefix="dstune-models-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
