@@ -116,10 +116,12 @@ def test_processes_of_one_machine_measure_once(machine, monkeypatch):
     assert answers == ["fp32"] * 3 and machine.runs == 1
 
 
-def test_the_probe_itself_times_both_precisions():
+def test_the_probe_itself_times_both_precisions_and_leaves_the_random_state_alone():
     shape = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}
+    state = torch.random.get_rng_state()
     timings = probe.measure(shape, tokens=(1, 16), repeats=1)
     assert timings.keys() == {"fp32_s", "bf16_s"} and all(0 < v < 5 for v in timings.values())
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_ranks_train_in_rank_0s_precision(monkeypatch, tmp_path):

@@ -35,6 +35,7 @@ FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_ti
 SHAPE = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536}
 TOKENS = (2, 256)  # batch, sequence
 REPEATS = 3
+BUDGET_S = 2.0  # a timed round after the first starts only this many seconds into the probe (a busy machine)
 _measured_here: set[str] = set()  # keys this process measured (`probe` measures once per process)
 
 
@@ -67,14 +68,16 @@ def measure(shape: dict = SHAPE, tokens: tuple[int, int] = TOKENS, repeats: int 
     from dstune.families import tiny_config
     from dstune.models.lean_activations import use_lean_activations
 
-    torch.manual_seed(0)
     config = tiny_config("llama", 256, {}, {**shape, "num_hidden_layers": 1, "max_position_embeddings": tokens[1]})
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.random.fork_rng():  # the run's own random state is left as it was
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     use_lean_activations(model)
     models = {"fp32": model.train(), "bf16": copy.deepcopy(model).to(torch.bfloat16)}
     ids = torch.randint(0, 256, tokens, generator=torch.Generator().manual_seed(0))
-    best = {name: float("inf") for name in models}
+    best, began = {name: float("inf") for name in models}, time.perf_counter()
     for i in range(repeats + 1):  # the first round warms up
+        if i > 1 and time.perf_counter() - began > BUDGET_S:
+            break
         for name, m in models.items():
             start = time.perf_counter()
             m(input_ids=ids).logits.float().square().mean().backward()
