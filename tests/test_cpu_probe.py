@@ -41,14 +41,14 @@ def test_bf16_is_taken_only_where_it_is_clearly_faster():
 
 
 def test_auto_is_measured_once_per_machine_and_kept(machine, monkeypatch):
-    assert P.resolve("auto", cuda=False) == ("fp32", "auto: measured bf16 at 0.80x the speed of fp32 on this CPU "
-                                             f"(avx512_bf16); measured now, kept in {machine.path}")
+    assert P.resolve("auto", cuda=False) == ("fp32", "auto: measured bf16 at 0.80x the speed of fp32 on this "
+                                             f"avx512_bf16 CPU; measured now, kept in {machine.path}")
     assert machine.runs == 1
     kept = json.loads(machine.path.read_text())
     assert list(kept) == [probe.machine_key()] and kept[probe.machine_key()]["bf16_s"] == 1.25
     monkeypatch.setattr(probe, "_measured_here", set())  # a later process
-    assert P.resolve("auto", cuda=False) == ("fp32", "auto: measured bf16 at 0.80x the speed of fp32 on this CPU "
-                                             f"(avx512_bf16); kept in {machine.path}")
+    assert P.resolve("auto", cuda=False) == ("fp32", "auto: measured bf16 at 0.80x the speed of fp32 on this "
+                                             f"avx512_bf16 CPU; kept in {machine.path}")
     assert machine.runs == 1
     # explicit choices, the GPU rule and a CPU without native bf16 measure nothing
     assert P.resolve("bf16", cuda=False) == ("bf16", "set in the recipe")
@@ -67,8 +67,8 @@ def test_probe_measures_again_and_a_pin_measures_nothing(machine, monkeypatch):
     assert P.resolve("auto", cuda=False)[0] == "bf16" and machine.runs == 2   # once per process
     monkeypatch.delenv(probe.PIN)
     monkeypatch.setattr(probe, "_measured_here", set())
-    assert P.resolve("auto", cuda=False) == ("bf16", "auto: measured bf16 at 1.67x the speed of fp32 on this CPU "
-                                             f"(avx512_bf16); kept in {machine.path}")   # the new answer is kept
+    assert P.resolve("auto", cuda=False) == ("bf16", "auto: measured bf16 at 1.67x the speed of fp32 on this "
+                                             f"avx512_bf16 CPU; kept in {machine.path}")   # the new answer is kept
     for pin in ("fp32", "bf16"):
         monkeypatch.setenv(probe.PIN, pin)
         assert P.resolve("auto", cuda=False) == (pin, f"auto: {probe.PIN}={pin}")

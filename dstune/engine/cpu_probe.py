@@ -132,5 +132,5 @@ def cpu_precision(feature: str) -> tuple[str, str]:
             with contextlib.suppress(OSError):  # an unwritable home: measured again next time
                 write_atomic(path, json.dumps({**read_memo(path), key: entry}, indent=1))
     precision, speed = decide(entry)
-    return precision, (f"auto: measured bf16 at {speed:.2f}x the speed of fp32 on this CPU ({feature}); "
+    return precision, (f"auto: measured bf16 at {speed:.2f}x the speed of fp32 on this {feature} CPU; "
                        f"{'measured now, kept' if fresh else 'kept'} in {path}")
