@@ -310,9 +310,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Compare methods side by side: dstune bench RECIPE --methods full,lora,prefix [--steps 10] [--out DIR]
 
-    Runs each method in its own process on the recipe's model, data and shapes, then writes
-    DIR/bench.md (table), DIR/bench.json (a list of objects with method, trainable_params, tokens_per_s,
-    step_s, mfu, peak_bytes, estimate_bytes) and DIR/bench.png (memory by part per method, estimate beside
+    Runs each method in its own process on the recipe's model, data and shapes: a name the recipe's methods
+    hold runs the recipe's own method with its options, other names the method's preset (each row says which,
+    e.g. `lora (recipe: r=8, target_modules=q_proj,v_proj)`). Then writes DIR/bench.md (table), DIR/bench.json
+    (a list of objects with method, ran, methods, trainable_params, tokens_per_s, step_s, mfu, peak_bytes,
+    estimate_bytes) and DIR/bench.png (memory by part per method, estimate beside
     the measured peak; tokens/s). Peak is the CUDA allocator's on a GPU, the process RSS on CPU.
     With --peer SCRIPT (the HF + PEFT + DeepSpeed baseline, e.g. recipes/bench_llama_1b.yaml with
     --peer benchmarks/peer_bench.py) the baseline runs first for each method on the same shapes, and the

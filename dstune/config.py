@@ -53,7 +53,9 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     path: str | None = Field(None, description="local Hugging Face model folder (or the folder holding gguf_file)")
-    gguf_file: str | None = Field(None, description="GGUF file name inside `path`, loaded through transformers")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path`, loaded through transformers; "
+                                                    "dequantized once and kept as safetensors in $DSTUNE_MODEL_CACHE "
+                                                    "(default ~/.cache/dstune/models; `off`: not kept)")
     tiny: str | None = Field(
         None, description="build a tiny random model of this family (dstune/families.py: gpt2, llama, mistral, "
                           "qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, qwen2_moe, mixtral, bert, t5) instead of "
@@ -241,8 +243,9 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0 = off)")
     seed: int = Field(42, ge=0, lt=2**63, description="seeds init, data order and dropout")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="training precision; auto (the default): bf16 where the device runs it natively (CUDA with bf16, "
-                            "CPUs with AVX512-BF16/AMX), else fp32 (fp16 on GPUs without bf16)")
+        "auto", description="training precision; auto (the default): on CUDA bf16 (fp16 on GPUs without bf16); on a CPU "
+                            "with AVX512-BF16/AMX whichever of bf16 and fp32 a short probe measures faster (once per "
+                            "machine; $DSTUNE_CPU_PRECISION=probe measures again), on other CPUs fp32")
     activation_checkpointing: bool | Literal["auto"] = Field(
         False, description="recompute activations in backward to save memory; auto: on only where `dstune "
                            "estimate` says the run does not fit the device (or this rank's share of RAM) without it")

@@ -17,6 +17,10 @@ import pytest
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="dstune-ext-"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# precision `auto` is not measured in tests (engine/cpu_probe.py): bf16 where the CPU runs it natively, as before
+os.environ.setdefault("DSTUNE_CPU_PRECISION", "bf16")
+# GGUF bases dequantized once per session (models/gguf_cache.py), not into the user's ~/.cache
+os.environ.setdefault("DSTUNE_MODEL_CACHE", tempfile.mkdtemp(prefix="dstune-models-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # launchers, ranks and op builds all find this venv's tools first (another `ninja` rebuilds every op)
@@ -83,6 +87,17 @@ def write_recipe(path: Path, text: str) -> Path:
 def tiny_gguf(ws) -> Path:
     """A folder holding tiny.gguf: the tiny Llama and the SentencePiece vocabulary written as an fp32 GGUF
     file with the `gguf` package (transformers loads it as it loads a real one)."""
+    return write_gguf(ws, ws / "gguf", "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_q8(ws) -> Path:
+    """A folder holding tiny-q8_0.gguf: the same, its matrices quantized to Q8_0 (dequantizing it changes
+    the weights, as a real quantized file does)."""
+    return write_gguf(ws, ws / "gguf-q8", "tiny-q8_0.gguf", quantized=True)
+
+
+def write_gguf(ws: Path, out: Path, file_name: str, quantized: bool = False) -> Path:
     import gguf
     import sentencepiece as spm
     import transformers as T
@@ -90,9 +105,8 @@ def tiny_gguf(ws) -> Path:
     model = T.AutoModelForCausalLM.from_pretrained(ws / "llama")
     c = model.config
     sp = spm.SentencePieceProcessor(model_file=str(ws / "tokenizer" / "tokenizer.model"))
-    out = ws / "gguf"
     out.mkdir(exist_ok=True)
-    w = gguf.GGUFWriter(str(out / "tiny.gguf"), "llama")
+    w = gguf.GGUFWriter(str(out / file_name), "llama")
     w.add_context_length(c.max_position_embeddings)
     w.add_block_count(c.num_hidden_layers)
     w.add_feed_forward_length(c.intermediate_size)
@@ -123,7 +137,11 @@ def tiny_gguf(ws) -> Path:
             key = f"blk.{i}.{layer[rest]}"
         else:
             key = top[module]
-        w.add_tensor(f"{key}.weight", t.float().numpy())
+        if quantized and t.dim() == 2:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(f"{key}.weight", gguf.quants.quantize(t.float().numpy(), q8), raw_dtype=q8)
+        else:
+            w.add_tensor(f"{key}.weight", t.float().numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

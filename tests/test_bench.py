@@ -30,7 +30,9 @@ def test_bench_compares_methods(ws, built_ops, tmp_path):
     # frozen weights carry no optimizer state: measured model states shrink with the method
     assert lora["model_state_bytes_measured"] < full["model_state_bytes_measured"]
     assert (out / "bench.png").stat().st_size > 10_000 and (out / "bench.md").read_text().startswith("| method |")
-    assert "| lora |" in res.stdout
+    assert "| lora (preset: r=16, alpha=32, target_modules=all-linear) |" in res.stdout  # the recipe has no LoRA
+    assert [r["ran"] for r in rows] == ["full (recipe: defaults)", "lora (preset: r=16, alpha=32, "
+                                        "target_modules=all-linear)", "prefix (preset: num_virtual_tokens=32, gate=false)"]
     # the report says what it measured, and can be drawn again from its JSON alone
     import os
     assert rows[0]["setup"] == {"model": "gpt2 (gpt2)", "params": json.loads((out / "full" / "run.json").read_text())[
@@ -42,6 +44,65 @@ def test_bench_compares_methods(ws, built_ops, tmp_path):
     again = ok(run_cli(["bench", "--replot", str(out / "bench.json")]))
     assert (out / "bench.md").read_text() == md and (out / "bench.png").stat().st_size > 10_000
     assert "bench report written again" in again.stdout
+
+
+def bench_recipe(tmp_path, methods: list) -> str:
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps({"task": "causal_lm", "model": {"tiny": "llama"}, "data": {"train": "random"},
+                                "methods": methods, "training": {"precision": "fp32"}, "output_dir": "unused"}))
+    return str(path)
+
+
+def test_bench_runs_the_recipes_own_method_as_written_and_presets_for_the_others(tmp_path):
+    from dstune.config import load_config
+    from dstune.methods import bench_presets
+    from dstune.planning.bench import what_runs
+
+    lora = {"name": "lora", "r": 8, "target_modules": ["q_proj", "v_proj"]}
+    cfg = load_config(bench_recipe(tmp_path, [lora, {"name": "bitfit"}]))
+    assert what_runs(cfg, "lora") == ([lora], "lora (recipe: r=8, target_modules=q_proj,v_proj)")
+    assert what_runs(cfg, "bitfit") == ([{"name": "bitfit"}], "bitfit (recipe: defaults)")
+    assert what_runs(cfg, "prefix") == (bench_presets()["prefix"], "prefix (preset: num_virtual_tokens=32, gate=false)")
+    assert what_runs(cfg, "prefix-split")[1] == \
+        "prefix-split (preset: prefix num_virtual_tokens=32, gate=false, attention=split)"  # not a method name
+    cfg = load_config(bench_recipe(tmp_path, [{"name": "full"}, {"name": "layerwise_lr", "decay": 0.5}]))
+    assert what_runs(cfg, "layerwise_lr") == ([{"name": "full"}, {"name": "layerwise_lr", "decay": 0.5}],
+                                              "layerwise_lr (recipe: full + layerwise_lr decay=0.5)")
+    assert what_runs(cfg, "lora")[1] == "lora (preset: r=16, alpha=32, target_modules=all-linear)"
+
+
+def test_bench_trains_and_labels_each_row_with_what_it_ran(tmp_path, monkeypatch):
+    """In-process, the children stood in for: each gets the methods it names on its command line, and the row
+    (bench.json, bench.md) and the estimate say what ran."""
+    import dstune.planning.bench as B
+
+    lora = {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj"]}
+    ran = {}
+
+    def child(recipe, overrides, method, specs, out, steps):
+        ran[method] = specs
+        out.mkdir(parents=True)
+        (out / "run.json").write_text(json.dumps({"base_params": 1000, "world_size": 1}))
+
+    def row(cfg, method, specs, run):  # the estimate of what ran: its trainable parameters say which it was
+        from dstune.planning.estimate import estimate
+        (est, *_), table, _ = estimate(cfg.model_copy(update={"methods": specs}), 1, cuda=False)
+        return {"method": method, "trainable_params": table.trainable, "tokens_per_s": 100.0, "step_s": 1.0, "mfu": None, "peak_bytes": 1 << 20, "peak_source": "peak RSS",
+                "estimate_bytes": est.total, "estimate": est.as_dict(), "model_state_bytes_measured": 1 << 10}
+
+    monkeypatch.setattr(B, "_run_one", child)
+    monkeypatch.setattr(B, "_row", row)
+    out = tmp_path / "bench"
+    rows = B.bench(bench_recipe(tmp_path, [lora]), [], ["lora", "prompt"], str(out), 3)
+    assert ran == {"lora": [lora], "prompt": [{"name": "prompt", "num_virtual_tokens": 32}]}
+    saved = json.loads((out / "bench.json").read_text())
+    assert [(r["method"], r["ran"], r["methods"]) for r in saved] == [
+        ("lora", "lora (recipe: r=4, alpha=8, target_modules=q_proj)", [lora]),
+        ("prompt", "prompt (preset: num_virtual_tokens=32)", [{"name": "prompt", "num_virtual_tokens": 32}])]
+    assert rows == saved
+    assert [r["trainable_params"] for r in rows] == [2 * (4 * 32 + 32 * 4), 32 * 32]  # r 4 on q_proj; 32 tokens
+    md = (out / "bench.md").read_text()
+    assert "| lora (recipe: r=4, alpha=8, target_modules=q_proj) |" in md and "| prompt (preset: " in md
 
 
 def test_bench_rejects_unknown_method(ws, tmp_path):
@@ -94,7 +155,7 @@ def test_bench_runs_the_peer_side_by_side(built_ops, tmp_path, monkeypatch):
         steps = [json.loads(x) for x in (out / r["method"] / "metrics.jsonl").read_text().splitlines()]
         assert {s["tokens"] for s in steps} == {2 * 32}  # random data: full blocks, no padding
     assert not list(out.glob("*/checkpoint*")) and not list(out.glob("*/trainable.safetensors"))  # bench saves none
-    assert "Against the peer baseline" in res.stdout and "| prefix |" in res.stdout
+    assert "Against the peer baseline" in res.stdout and "| prefix (preset: num_virtual_tokens=32, gate=false) |" in res.stdout
 
 
 @pytest.mark.slow

@@ -12,8 +12,9 @@ PYTHONPATH. The one change made to what the pages say: to keep the tier short, e
     training.max_steps=1 training.micro_batch_size=2 evaluation.max_samples=4 evaluation.max_new_tokens=8
 
 Left unmarked, to keep the tier near four minutes: the SmolLM2 commands other than the prefix tutorial's
-training (every SmolLM2 process spends about half a minute reading its GGUF file, so the chat tutorial's
-training, the soft-prompt run and the `dstune generate` calls would double the tier), and runs far too long
+training (the chat tutorial's training, the soft-prompt run and the `dstune generate` calls would double the
+tier; each SmolLM2 process after the session's first reads the GGUF file's dequantized copy from the session's
+model cache, conftest.py), and runs far too long
 for a test (paraphrasing with a language model, the full-length comparisons). These tests are marked `tutorial`. They need the real models and data
 of requirements/demo-data.txt and skip, naming the command that installs them, when one of those packages is
 missing.

@@ -9,7 +9,7 @@ import dstune
 
 PACKAGE = Path(dstune.__file__).parent
 ORDER = [  # lowest first: a package may import those before it (and itself), never one after it
-    ("errors", "families"),  # one-line errors; what dstune knows of each model family
+    ("errors", "families", "digests"),  # one-line errors; what dstune knows of each model family; file digests
     ("kernels",),     # CUDA extensions and their PyTorch references
     ("data",),        # data primitives: files, chat rendering, packing, batches
     ("tasks",),       # one module per task: how rows are encoded and scored (the task registry)

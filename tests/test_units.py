@@ -312,8 +312,9 @@ def test_precision_auto_takes_what_the_machine_runs_fast_and_slow_choices_are_wa
     assert P.resolve("auto", cuda=False) == ("fp32", "auto: the CPU has no native bf16")
     assert "AVX512-BF16 or AMX" in P.slow_warning("bf16", cuda=False)
     assert "emulated" in P.slow_warning("fp16", cuda=False) and P.slow_warning("fp32", cuda=False) is None
-    monkeypatch.setattr(P, "cpu_bf16", lambda: "amx_bf16")  # a CPU with AMX
-    assert P.resolve("auto", cuda=False) == ("bf16", "auto: the CPU has amx_bf16")
+    monkeypatch.setattr(P, "cpu_bf16", lambda: "amx_bf16")  # a CPU with AMX: measured (tests/test_cpu_probe.py)
+    monkeypatch.setenv("DSTUNE_CPU_PRECISION", "bf16")      # and here pinned
+    assert P.resolve("auto", cuda=False) == ("bf16", "auto: DSTUNE_CPU_PRECISION=bf16")
     assert P.slow_warning("bf16", cuda=False) is None
     assert P.resolve("auto", cuda=True)[0] == "bf16"         # what `dstune estimate` assumes for a GPU
     assert P.resolve("fp16", cuda=True) == ("fp16", "set in the recipe")

@@ -1,9 +1,10 @@
 """training.precision: auto picks what this machine runs fast; an explicit choice that will be slow here
 is warned about once.
 
-bf16 is fast on CUDA devices that support it and on CPUs with AVX512-BF16 or AMX (there a bf16 matmul
-ran 7.6x faster than fp32 on one core); on a CPU without them (AVX2 only) a bf16 LoRA step of SmolLM2
-took 53 s against 3 s in fp32. fp16 is for GPUs without bf16.
+On CUDA, auto is bf16 where the device supports it, else fp16. On a CPU without AVX512-BF16 or AMX it is
+fp32 (bf16 is emulated there: a bf16 LoRA step of SmolLM2 took 53 s against 3 s in fp32). On a CPU with
+them it is measured once per machine (engine/cpu_probe.py): such a CPU runs a bf16 matmul several times
+faster than fp32, but not every bf16 training step.
 """
 from __future__ import annotations
 
@@ -41,7 +42,10 @@ def resolve(precision: str, cuda: bool | None = None) -> tuple[str, str]:
             return "bf16", "auto: the GPU runs bf16"
         return "fp16", "auto: the GPU has no bf16"
     feature = cpu_bf16()
-    return ("bf16", f"auto: the CPU has {feature}") if feature else ("fp32", "auto: the CPU has no native bf16")
+    if not feature:
+        return "fp32", "auto: the CPU has no native bf16"
+    from dstune.engine.cpu_probe import cpu_precision
+    return cpu_precision(feature)
 
 
 def cpu_fp16() -> bool:

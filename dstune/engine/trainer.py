@@ -13,7 +13,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -102,7 +102,7 @@ class Checked:
     data_entry: Path | None   # the prepared cache entry (None: random data)
     resume_from: list[str]    # complete checkpoints to resume from, newest first
     base: str                 # the base model's fingerprint (run.json; checked on resume)
-    precision_note: str       # e.g. "bf16 (the CPU has avx512_bf16)" for `auto`, else the precision
+    precision_note: str       # e.g. "bf16 (auto: measured bf16 at 1.6x ...)" for `auto`, else the precision
     checkpointing_note: str   # why `auto` turned activation checkpointing on or off ("" when not auto)
     finished: dict | None = None  # the results of the run dir, when it already holds this recipe's last step
 
@@ -183,6 +183,7 @@ def start(c: Checked) -> Job:
     resumed from the newest checkpoint every rank can read. A single-process job that fails on the way
     leaves no process group, lock or engine behind."""
     dist_ = init_distributed(c.cfg.training.dist_timeout_s, c.cfg.training.build_timeout_s)
+    c = _agree_on_precision(c, dist_)
     job = Job(cfg=c.cfg, dist=dist_, methods=c.methods, tokenizer=c.tokenizer, data=c.data)
     try:
         tag = ckpt.first_readable(c.cfg.output_dir, c.resume_from, dist_.rank, dist_.world) if c.resume_from else None
@@ -199,6 +200,23 @@ def start(c: Checked) -> Job:
     except BaseException:
         job.release(failed=True)
         raise
+
+
+def _agree_on_precision(c: Checked, dist_) -> Checked:
+    """Every rank trains in rank 0's precision: on CPUs, `auto` is measured per machine (engine/cpu_probe.py),
+    and ranks on two machines may have measured differently."""
+    if dist_.world == 1 or on_cuda():
+        return c
+    import torch.distributed as dist
+
+    chosen = [c.cfg.training.precision]
+    dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] == c.cfg.training.precision:
+        return c
+    print(f"[dstune] rank {dist_.rank}: training.precision auto came out {c.cfg.training.precision} on this machine, "
+          f"{chosen[0]} on rank 0's; all ranks train in {chosen[0]}", file=sys.stderr, flush=True)
+    return replace(c, cfg=c.cfg.with_training(precision=chosen[0]),
+                               precision_note=f"{chosen[0]} (auto: rank 0's)")
 
 
 def build(c: Checked, job: Job) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from dstune.config import RunConfig
 from dstune.errors import UserError, first_line
 from dstune.families import tiny_config
+from dstune.models import gguf_cache
 from dstune.tasks import get_task
 
 
@@ -44,8 +46,6 @@ def recipe_config(cfg: RunConfig, tokenizer=None, labels: list | None = None) ->
     """The recipe's model config, nothing loaded (training and `dstune estimate` both start here): a tiny
     config, or the folder's config.json, with `model.config_overrides`; the classification head's labels
     (two when the estimate knows none); special token ids from the tokenizer, if there is one."""
-    from transformers import AutoConfig
-
     m = cfg.model
     task = get_task(cfg.task)
     task_kwargs = task.model_config_kwargs(labels)
@@ -60,20 +60,31 @@ def recipe_config(cfg: RunConfig, tokenizer=None, labels: list | None = None) ->
             raise UserError(f"model.path: not a folder: {m.path}")
         if m.gguf_file and not os.path.isfile(os.path.join(m.path, m.gguf_file)):
             raise UserError(f"model.gguf_file: not found: {os.path.join(m.path, m.gguf_file)}")
-        try:
-            config = AutoConfig.from_pretrained(m.path, gguf_file=m.gguf_file, local_files_only=True,
-                                                trust_remote_code=m.trust_remote_code, **task_kwargs)
-        except (OSError, ValueError) as e:
-            raise UserError(f"model.path: cannot read a model config in {m.path}: {first_line(e)}") from None
-        except ImportError as e:  # transformers reads GGUF files with the `gguf` package
-            raise UserError(f"model.gguf_file: reading {m.gguf_file} needs the gguf package "
-                            f"(pip install 'gguf>=0.10'): {first_line(e)}") from None
+        entry = gguf_cache.entry_for(m.path, m.gguf_file) if m.gguf_file else None
+        keep = lambda tmp: gguf_cache.keep_config(_read_config(m, m.path, m.gguf_file), tmp)  # noqa: E731
+        with (gguf_cache.sound_folder(entry / "config", keep) if entry else contextlib.nullcontext()) as kept:
+            # the config a GGUF file gave, read once and kept as config.json (models/gguf_cache.py)
+            config = _read_config(m, str(kept), None, **task_kwargs) if kept else \
+                _read_config(m, m.path, m.gguf_file, **task_kwargs)
         for k, v in m.config_overrides.items():
             setattr(config, k, v)
     if getattr(config, "pad_token_id", None) is None and (tokenizer is not None or not task.generative):
         # a classification head finds each row's last token by the pad id
         config.pad_token_id = tokenizer.pad_token_id if tokenizer is not None else 0
     return config
+
+
+def _read_config(m, folder: str, gguf_file: str | None, **kwargs):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, gguf_file=gguf_file, local_files_only=True,
+                                          trust_remote_code=m.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path: cannot read a model config in {folder}: {first_line(e)}") from None
+    except ImportError as e:  # transformers reads GGUF files with the `gguf` package
+        raise UserError(f"model.gguf_file: reading {gguf_file} needs the gguf package "
+                        f"(pip install 'gguf>=0.10'): {first_line(e)}") from None
 
 
 def check_positions(cfg: RunConfig, config) -> None:
@@ -117,10 +128,7 @@ def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.n
     from safetensors import SafetensorError
     try:
         with held_load_report():
-            model, info = auto.from_pretrained(m.path, config=config, gguf_file=m.gguf_file, local_files_only=True,
-                                               trust_remote_code=m.trust_remote_code, dtype=torch.float32,
-                                               use_safetensors=None if m.gguf_file else True,
-                                               output_loading_info=True)
+            model, info = _load_gguf(m, auto, config) if m.gguf_file else _load_folder(m, auto, config, m.path)
     except (OSError, SafetensorError) as e:  # no weights, only a .bin (pickles are not loaded), a cut-off file
         raise UserError(f"model.path: cannot load the weights in {m.path}: {first_line(e)}") from None
     except RuntimeError as e:
@@ -129,13 +137,53 @@ def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.n
         raise UserError(f"model.config_overrides: {m.config_overrides} change the shapes of the weights in "
                         f"{m.path} (transformers' report above lists them); override only what keeps them "
                         "(dropout, ...), or train a new model with model.tiny") from None
-    if m.gguf_file:
-        # GGUF weights arrive dequantized to fp32, but the model stays marked as quantized, which makes
-        # save_pretrained refuse it (merged export); they are plain tensors, so drop the mark
-        model.hf_quantizer = None
-        model.config.__dict__.pop("quantization_config", None)
     model.dstune_new_weights = sorted(info.get("missing_keys") or [])
     return model
+
+
+def _load_folder(m, auto, config, folder: str):
+    """(model, loading info) from a folder of safetensors weights (pickles are not loaded)."""
+    return auto.from_pretrained(folder, config=config, local_files_only=True, trust_remote_code=m.trust_remote_code,
+                                dtype=torch.float32, use_safetensors=True, output_loading_info=True)
+
+
+def _load_gguf(m, auto, config):
+    """(model, loading info) from the GGUF file's dequantized copy in the cache (models/gguf_cache.py): read
+    where it is sound, else dequantized from the file by transformers and kept there."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    entry = gguf_cache.entry_for(m.path, m.gguf_file)
+    if entry is None:
+        return _dequantize(m, auto, config)
+    loaded = []
+
+    def keep(tmp):
+        loaded.append(_dequantize(m, auto, config))
+        gguf_cache.keep_weights(loaded[0][0], sorted(loaded[0][1].get("missing_keys") or []), tmp)
+        print(f"[dstune] {m.gguf_file}: dequantized once, kept in {entry} for later loads "
+              "(DSTUNE_MODEL_CACHE=off keeps none)", file=sys.stderr, flush=True)
+
+    # under ZeRO-3 the weights load partitioned: such a model cannot be saved whole, only read from the cache
+    with gguf_cache.sound_folder(entry / auto.__name__, None if is_deepspeed_zero3_enabled() else keep) as kept:
+        if loaded:
+            return loaded[0]
+        if kept is None:
+            return _dequantize(m, auto, config)
+        model, info = _load_folder(m, auto, config, str(kept))
+    model.config.name_or_path = m.path  # as a load from the GGUF file names it
+    return model, info
+
+
+def _dequantize(m, auto, config):
+    """(model, loading info) from the GGUF file itself, through transformers."""
+    model, info = auto.from_pretrained(m.path, config=config, gguf_file=m.gguf_file, local_files_only=True,
+                                       trust_remote_code=m.trust_remote_code, dtype=torch.float32,
+                                       output_loading_info=True)
+    # GGUF weights arrive dequantized to fp32, but the model stays marked as quantized, which makes
+    # save_pretrained refuse it (merged export); they are plain tensors, so drop the mark
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    return model, info
 
 
 def new_weights_line(model: torch.nn.Module) -> str | None:

@@ -40,8 +40,38 @@ def _run_logged(cmd: list[str], log: Path, what: str) -> str:
     return res.stdout
 
 
-def _run_one(recipe: str, overrides: list[str], method: str, out: Path, steps: int) -> None:
-    cmd = [sys.executable, "-m", "dstune", "train", recipe, *overrides, f"methods={json.dumps(bench_presets()[method])}",
+def what_runs(cfg: RunConfig, method: str) -> tuple[list[dict], str]:
+    """(the `methods:` list `--methods METHOD` trains, a label saying what it is): the recipe's own method as
+    written, with its options, where the recipe's methods have that name (with the same preset's other
+    entries also taken from the recipe where it has them); the preset where they do not."""
+    preset = bench_presets()[method]
+    own = {spec["name"]: spec for spec in cfg.methods}
+    if method in own:
+        specs = [own.get(spec["name"], spec) for spec in preset]
+        specs = specs if own[method] in specs else [own[method]]
+        return specs, f"{method} (recipe: {_describe(specs, method)})"
+    return preset, f"{method} (preset: {_describe(preset, method)})"
+
+
+def _describe(specs: list[dict], method: str) -> str:
+    """`r=8, target_modules=q_proj,v_proj` for one method's options; `full + layerwise_lr decay=0.8` for
+    several; `defaults` when none is set."""
+    def options(spec: dict) -> str:
+        return ", ".join(f"{k}={_value(v)}" for k, v in spec.items() if k != "name")
+    if len(specs) == 1 and specs[0]["name"] == method:
+        return options(specs[0]) or "defaults"
+    return " + ".join(" ".join(filter(None, [spec["name"], options(spec)])) for spec in specs)
+
+
+def _value(v) -> str:
+    """An option's value in a label: a list joined by commas, other values as YAML would write them."""
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def _run_one(recipe: str, overrides: list[str], method: str, specs: list[dict], out: Path, steps: int) -> None:
+    cmd = [sys.executable, "-m", "dstune", "train", recipe, *overrides, f"methods={json.dumps(specs)}",
            f"training.max_steps={steps}", "training.resume=false", "training.checkpoint_every=0",
            "training.save_final=false", "data.eval=null", "data.eval_fraction=0", f"output_dir={out}",
            "logging.report_to=[jsonl]"]  # measurements, not experiments: no tracker time in the step
@@ -54,7 +84,7 @@ def peer_command(script: str, size: str, cfg: RunConfig, method: str, steps: int
     cmd = [sys.executable, script, "--method", peer_method(method), "--size", size, "--seq", str(cfg.data.max_length),
            "--bsz", str(t.micro_batch_size), "--zero", str(zero_stage(build_ds_config(cfg, 1))),
            "--steps", str(steps - WARMUP_STEPS)]
-    virtual = bench_presets()[method][0].get("num_virtual_tokens")
+    virtual = what_runs(cfg, method)[0][-1].get("num_virtual_tokens")
     if virtual:
         cmd += ["--vtokens", str(virtual)]
     return cmd + (["--ckpt"] if t.activation_checkpointing is True else [])
@@ -93,7 +123,7 @@ def compare_with_peer(row: dict, peer: dict, base_params: int) -> dict:
             "peak_vs_peer": row["peak_bytes"] / peer_peak if row["peak_source"] == "cuda allocator" else None}
 
 
-def _row(cfg: RunConfig, method: str, run: Path) -> dict:
+def _row(cfg: RunConfig, method: str, specs: list[dict], run: Path) -> dict:
     info = json.loads((run / "run.json").read_text())
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["split"] == "train"][WARMUP_STEPS:] or [x for x in lines if x["split"] == "train"]
@@ -104,7 +134,7 @@ def _row(cfg: RunConfig, method: str, run: Path) -> dict:
     cuda = "allocator_peak" in phases
     # peak over the whole run: the allocator's on a GPU, the process's peak RSS on CPU
     peak = max(phases["allocator_peak"].values()) if cuda else phases["peak_rss"]
-    est_cfg = cfg.model_copy(update={"methods": bench_presets()[method]})
+    est_cfg = cfg.model_copy(update={"methods": specs})
     (est, *_), _, info_est = estimate(est_cfg, info["world_size"], cuda=cuda)
     return {"method": method, "trainable_params": info["trainable_params"], "tokens_per_s": tokens_per_s,
             "step_s": step_s, "mfu": mfu(tokens_per_s, info_est["flops_per_token"], info["world_size"]), "peak_bytes": peak,
@@ -143,8 +173,9 @@ def bench(recipe: str, overrides: list[str], methods: list[str], out_dir: str, s
                                               out / f"{name}-peer.log")
             peer_result = peer_results[name]
         bar.set_postfix_str(f"{method}: dstune")
-        _run_one(recipe, overrides, method, out / method, steps)
-        row = _row(cfg, method, out / method)
+        specs, ran = what_runs(cfg, method)
+        _run_one(recipe, overrides, method, specs, out / method, steps)
+        row = {**_row(cfg, method, specs, out / method), "ran": ran, "methods": specs}
         info = json.loads((out / method / "run.json").read_text())
         row["setup"] = setup(cfg, info["base_params"], info["world_size"])
         if peer_result is not None:
@@ -161,7 +192,7 @@ def markdown(rows: list[dict]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         m = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {m} "
+        lines.append(f"| {r.get('ran', r['method'])} | {r['trainable_params']:,} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {m} "
                      f"| {human_bytes(r['peak_bytes'])} ({r['peak_source']}) | {human_bytes(r['estimate_bytes'])} "
                      f"| {human_bytes(r['model_state_bytes_measured'])} |")
     if any("peer" in r for r in rows):
@@ -171,7 +202,7 @@ def markdown(rows: list[dict]) -> str:
         for r in (r for r in rows if "peer" in r):
             p = r["peer"]
             peak_ratio = "n/a" if r["peak_vs_peer"] is None else f"{r['peak_vs_peer']:.2f}"
-            lines.append(f"| {r['method']} | {r['tokens_per_s']:,.0f} | {p['tok_s']:,.0f} "
+            lines.append(f"| {r.get('ran', r['method'])} | {r['tokens_per_s']:,.0f} | {p['tok_s']:,.0f} "
                          f"| {r['tokens_per_s_vs_peer']:.2f} | {human_bytes(r['peak_bytes'])} "
                          f"| {human_bytes(p['peak_gib'] * 2**30)} | {peak_ratio} |")
     return "\n".join(lines) + "\n"

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from dstune.config import RANDOM_DATA, RunConfig
+from dstune.digests import POLL_S, file_digest, read_memo, remember
 from dstune.prepare.augment import augment_models, save_copies
 from dstune.prepare.pipeline import TaskData, check_sources, prepare_data, random_data, token_count
 from dstune.errors import UserError
@@ -26,39 +27,11 @@ from dstune.tasks import get_task
 
 VERSION = 2  # bump when the prepared rows, or what meta.json records of them, change for the same inputs
 AUGMENTED = "augmented.jsonl"  # data.augment's copies, for inspection (copied into the run dir)
-POLL_S = 0.5
-MEMO_ENTRIES = 10_000  # file digests remembered (the newest), so unchanged files are not read again
 
 
 def cache_root(cfg: RunConfig) -> Path:
     return Path(cfg.data.cache_dir or os.environ.get("DSTUNE_DATA_CACHE") or
                 Path.home() / ".cache" / "dstune" / "data")
-
-
-def _file_digest(path: str, memo: dict, key: str, memo_file: Path | None = None, wait_s: float = 0) -> str:
-    """blake2b of a file's bytes (of every file, for a folder), remembered by (path, size, mtime) in `memo`.
-    With `wait_s`, first wait that long for another process (the node's local rank 0) to put it in
-    `memo_file`, so the ranks of a node do not all read the corpus to hash it."""
-    if not os.path.exists(path):
-        raise UserError(f"{key}: file not found: {path}")
-    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if os.path.isdir(path) else [Path(path)]
-    stamp = json.dumps([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
-    deadline = time.monotonic() + wait_s
-    while stamp not in memo and memo_file is not None and time.monotonic() < deadline:
-        time.sleep(POLL_S)
-        memo.update(_read_memo(memo_file))
-    if stamp not in memo:
-        h = hashlib.blake2b(digest_size=16)
-        for f in files:
-            h.update(str(f.relative_to(path) if os.path.isdir(path) else "").encode())
-            try:
-                with open(f, "rb") as fh:
-                    while chunk := fh.read(1 << 22):
-                        h.update(chunk)
-            except OSError as e:
-                raise UserError(f"{key}: cannot read {f}: {e.strerror}") from None
-        memo[stamp] = h.hexdigest()
-    return memo[stamp]
 
 
 def _tokenizer_digest(tokenizer) -> str:
@@ -72,21 +45,14 @@ def _tokenizer_digest(tokenizer) -> str:
     return h.hexdigest()
 
 
-def _read_memo(memo_file: Path) -> dict:
-    try:
-        return json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def fingerprint(cfg: RunConfig, tokenizer, wait_s: float = 0) -> str:
     """The cache entry's name for this recipe's data and tokenizer. `wait_s`: how long to wait for another
     process to hash data files this one has not seen (ranks other than a node's local rank 0)."""
     memo_file = cache_root(cfg) / "digests.json"
-    memo = _read_memo(memo_file)
+    memo = read_memo(memo_file)
     known = len(memo)
     d = cfg.data
-    digest = lambda path, key: _file_digest(path, memo, key, memo_file, wait_s)  # noqa: E731
+    digest = lambda path, key: file_digest(path, memo, key, memo_file, wait_s)  # noqa: E731
     settings = {"version": VERSION, "task": cfg.task,
                 "data": d.model_dump(mode="json", exclude={"train", "eval", "cache_dir", "num_proc"}),
                 "train": [[digest(s.path, f"data.train[{i}]" if isinstance(d.train, list) else "data.train"),
@@ -99,17 +65,8 @@ def fingerprint(cfg: RunConfig, tokenizer, wait_s: float = 0) -> str:
         a = d.augment
         settings["augment"] = {"seed": a.seed if a.seed is not None else cfg.training.seed,
                                "models": [digest(m, key) for m, key in augment_models(cfg)]}
-    if len(memo) != known:  # new digests: add them to what other processes may have written meanwhile
-        merged = {**_read_memo(memo_file), **memo}
-        _write_atomic(memo_file, json.dumps(dict(list(merged.items())[-MEMO_ENTRIES:])))
+    remember(memo_file, memo, known)
     return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=12).hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def build(cfg: RunConfig, tokenizer, entry: Path) -> None:
