@@ -124,7 +124,8 @@ def test_only_the_nodes_first_rank_reads_the_data_to_hash_it(ws, tmp_path, monke
         if str(path) == str(train):
             readers.append(threading.current_thread().name)
         return builtins.open(path, *args, **kwargs)
-    monkeypatch.setattr(prepare, "open", spying_open, raising=False)
+    import dstune.digests
+    monkeypatch.setattr(dstune.digests, "open", spying_open, raising=False)
 
     def rank0():
         time.sleep(1.5)  # the other rank starts first and finds no digest yet
