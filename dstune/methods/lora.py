@@ -112,7 +112,7 @@ class Lora(TuningMethod):
         o = self.options
         variants = [v for on, v in ((o.use_dora, "DoRA"), (o.use_rslora, "rsLoRA"), (o.loraplus_lr_ratio != 1, "LoRA+"))
                     if on]
-        return f"lora ({', '.join(variants)})" if variants else "lora"
+        return f"{self.name} ({', '.join(variants)})" if variants else self.name  # a subclass (a plugin): its name
 
     def apply(self, model: nn.Module, task: str) -> None:
         o = self.options
