@@ -92,7 +92,7 @@ def test_model_path_and_gguf_file_must_exist(tmp_path, tok):
         load_model(cfg, tok)
     (tmp_path / "m").mkdir()
     cfg.model.path, cfg.model.gguf_file = str(tmp_path / "m"), "x.gguf"
-    with pytest.raises(UserError, match=r"model\.gguf_file: not found: .*x\.gguf"):
+    with pytest.raises(UserError, match=r"model\.gguf_file: no x\.gguf in .*m; it holds no \.gguf file"):
         load_model(cfg, tok)
 
 

@@ -20,8 +20,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def weights_dtype(precision: str) -> torch.dtype:
-    """The dtype DeepSpeed holds a model's weights in for `training.precision` (bf16/fp16 modules are cast
-    whole; anything else, e.g. `auto` in a run dir written before it was resolved, is fp32)."""
+    """The dtype DeepSpeed holds a model's parameters in for `training.precision` (fp32 for anything else, e.g.
+    `auto` in a run dir written before it was resolved)."""
     return DTYPES.get(precision, torch.float32)
 
 
@@ -34,6 +34,14 @@ def cast_as_deepspeed(model: torch.nn.Module, precision: str) -> torch.nn.Module
         if p.is_floating_point():
             p.data = p.data.to(dtype)
     return model
+
+
+def require_gguf_file(folder: str, name: str) -> None:
+    """model.gguf_file must be a file in model.path: else a one-line error naming the GGUF files it holds."""
+    if not os.path.isfile(os.path.join(folder, name)):
+        present = sorted(f for f in os.listdir(folder) if f.endswith(".gguf")) if os.path.isdir(folder) else []
+        raise UserError(f"model.gguf_file: no {name} in {folder}" + (f"; it holds {', '.join(present)}" if present
+                                                                   else "; it holds no .gguf file"))
 
 
 def auto_class(task: str):
@@ -58,8 +66,8 @@ def recipe_config(cfg: RunConfig, tokenizer=None, labels: list | None = None) ->
     else:
         if not os.path.isdir(m.path):
             raise UserError(f"model.path: not a folder: {m.path}")
-        if m.gguf_file and not os.path.isfile(os.path.join(m.path, m.gguf_file)):
-            raise UserError(f"model.gguf_file: not found: {os.path.join(m.path, m.gguf_file)}")
+        if m.gguf_file:
+            require_gguf_file(m.path, m.gguf_file)
         entry = gguf_cache.entry_for(m.path, m.gguf_file) if m.gguf_file else None
         keep = lambda tmp: gguf_cache.keep_config(_read_config(m, m.path, m.gguf_file), tmp)  # noqa: E731
         with (gguf_cache.sound_folder(entry / "config", keep) if entry else contextlib.nullcontext()) as kept:

@@ -47,10 +47,9 @@ def recipe_tokenizer(cfg):
     if not os.path.exists(path):
         raise UserError(f"{'tokenizer' if cfg.tokenizer.path else 'model'}.path: not found: {path}")
     gguf = None if cfg.tokenizer.path else cfg.model.gguf_file
-    if gguf and not os.path.isfile(os.path.join(path, gguf)):
-        present = sorted(f for f in os.listdir(path) if f.endswith(".gguf")) if os.path.isdir(path) else []
-        raise UserError(f"model.gguf_file: no {gguf} in {path}" + (f"; it holds {', '.join(present)}" if present
-                                                                 else "; it holds no .gguf file"))
+    if gguf:
+        from dstune.models.loading import require_gguf_file
+        require_gguf_file(path, gguf)
     return load_tokenizer(path, gguf, cfg.model.trust_remote_code,
                           read_chat_template(cfg))
 
