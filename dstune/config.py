@@ -96,7 +96,7 @@ class TokenizerConfig(_Section):
         return self.chat_template is not None and "{{" not in self.chat_template and "{%" not in self.chat_template
 
 
-FORMATS = ("auto", "text", "prompt_response", "messages", "sharegpt", "alpaca")
+FORMATS = ("auto", "text", "prompt_response", "messages", "sharegpt", "alpaca", "pairs", "unpaired")
 
 
 class DataSource(_Section):
@@ -115,6 +115,9 @@ class DataSource(_Section):
     response_column: str | None = None
     source_column: str | None = None
     target_column: str | None = None
+    chosen_column: str | None = None
+    rejected_column: str | None = None
+    completion_column: str | None = None
     labeled: bool = Field(True, description="false: rows without labels, trained by a distill teacher's outputs "
                                             "alone (classification)")
 
@@ -185,7 +188,8 @@ class DataConfig(_Section):
     format: Literal[FORMATS] = Field(
         "auto", description="causal_lm row format; auto: text_column, else prompt_column+response_column, else a "
                             "messages/conversations column (OpenAI or ShareGPT turns), else instruction+output "
-                            "(Alpaca)")
+                            "(Alpaca). preference: pairs (chosen_column + rejected_column) or unpaired "
+                            "(completion_column + label_column, kto)")
     messages_column: str | None = Field(None, description="column of messages/sharegpt turns (default: messages / "
                                                           "conversations)")
     text_column: str = Field("text", description="input text (classification, plain causal_lm)")
@@ -194,6 +198,11 @@ class DataConfig(_Section):
     response_column: str = Field("response", description="response (causal_lm prompt/response)")
     source_column: str = Field("source", description="source text (seq2seq)")
     target_column: str = Field("target", description="target text (seq2seq)")
+    chosen_column: str = Field("chosen", description="preference pairs: the preferred reply (text, one assistant "
+                                                     "turn, or the whole conversation)")
+    rejected_column: str = Field("rejected", description="preference pairs: the dispreferred reply")
+    completion_column: str = Field("completion", description="preference, unpaired (kto): the reply, good or bad "
+                                                             "by label_column (true / false)")
     max_length: int = Field(128, gt=0, description="tokens per example (truncated); packed block size")
     max_target_length: int = Field(64, gt=0, description="target tokens (seq2seq)")
     num_proc: int | None = Field(None, gt=0, description="processes that tokenize (default: one per core from "
@@ -287,7 +296,7 @@ class TrainingConfig(_Section):
                                  "an op before the job fails")
 
 
-LOWER_IS_BETTER = ("loss", "perplexity")  # every other metric (accuracy, f1, bleu, rouge*) is better higher
+LOWER_IS_BETTER = ("loss", "perplexity", "nll_loss")  # every other metric (accuracy, f1, bleu, rouge*) is better higher
 
 
 class EarlyStoppingConfig(_Section):
@@ -370,6 +379,51 @@ class DistillConfig(_Section):
                                   "token (causal_lm, seq2seq)")
 
 
+PREFERENCE_LOSSES = ("dpo", "ipo", "simpo", "orpo", "kto")
+REFERENCES = ("auto", "base", "copy", "precompute")
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "kto": 0.1, "simpo": 2.0, "orpo": 0.1}
+
+
+class PreferenceConfig(_Section):
+    loss: Literal[PREFERENCE_LOSSES] = Field(
+        "dpo", description="dpo (Rafailov et al. 2023; label_smoothing > 0: cDPO), ipo (Azar et al. 2023), simpo "
+                           "(Meng et al. 2024: no reference), orpo (Hong et al. 2024: no reference), kto "
+                           "(Ethayarajh et al. 2024: unpaired rows labelled good or bad)")
+    beta: float | None = Field(None, gt=0, description="dpo, ipo, kto: how far from the reference the rewards may "
+                                                       "move (default 0.1); simpo: the reward scale (default 2.0); "
+                                                       "orpo: lambda, the odds-ratio term's weight (default 0.1)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo, simpo: the share of pairs assumed "
+                                                                  "mislabelled (cDPO)")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin gamma")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of rows labelled good")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of rows labelled bad")
+    sft_weight: float = Field(0.0, ge=0, description="adds sft_weight × the chosen reply's token-mean NLL (RPO; "
+                                                     "orpo always has it, with weight 1)")
+    reference: str = Field(
+        "auto", description="where the reference log-probabilities come from (dpo, ipo, kto): base (the model with "
+                            "its methods stepped aside: no second copy; methods that leave the base frozen), copy "
+                            "(a frozen copy of model.path, partitioned under ZeRO-3), precompute (computed once "
+                            "before the first step with the methods stepped aside, kept with the prepared data), "
+                            "or a model folder or dstune run dir (e.g. the SFT run); auto: base where the methods "
+                            "leave the base frozen, else precompute")
+
+    @model_validator(mode="after")
+    def _orpo_has_its_nll(self) -> "PreferenceConfig":
+        if self.loss == "orpo" and self.sft_weight:
+            raise ValueError("orpo has its NLL term built in (weight 1); leave sft_weight at 0")
+        return self
+
+    def beta_value(self) -> float:
+        return self.beta if self.beta is not None else DEFAULT_BETA[self.loss]
+
+    def uses_reference(self) -> bool:
+        return self.loss in ("dpo", "ipo", "kto")
+
+    def reference_path(self) -> str | None:
+        """The model folder or run dir `reference` names, or None for base, copy, precompute and auto."""
+        return None if self.reference in REFERENCES else self.reference
+
+
 class RunConfig(_Section):
     task: Literal[TASK_NAMES] = Field(description="what the model learns")
     model: ModelConfig = Field(description="the base model: a local folder (or a GGUF file in it), or a tiny "
@@ -390,7 +444,17 @@ class RunConfig(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="where metrics go")
     distill: DistillConfig | None = Field(None, description="train against a frozen teacher's outputs as well "
                                                             "(knowledge distillation); composes with any method")
+    preference: PreferenceConfig | None = Field(None, description="task preference: the objective and its "
+                                                                 "reference model (default: dpo)")
     output_dir: str = Field(description="run directory: checkpoints, metrics, trainable.safetensors")
+
+    @model_validator(mode="after")
+    def _preference_section(self) -> "RunConfig":
+        if self.preference is not None and self.task != "preference":
+            raise ValueError(f"preference: the preference section is for task preference (this run is {self.task})")
+        if self.task == "preference" and self.preference is None:
+            self.preference = PreferenceConfig()
+        return self
 
     def with_training(self, **changes) -> "RunConfig":
         """This config with some training settings changed (e.g. `auto` ones made concrete)."""
@@ -418,6 +482,8 @@ class RunConfig(_Section):
         self.output_dir = absolute(self.output_dir)
         if self.distill is not None:
             self.distill.teacher = absolute(self.distill.teacher)
+        if self.preference is not None and self.preference.reference_path():
+            self.preference.reference = absolute(self.preference.reference)
         if isinstance(self.deepspeed, str) and self.deepspeed.endswith(".json"):
             self.deepspeed = absolute(self.deepspeed)
         return self

@@ -20,6 +20,7 @@ ORDER = [  # lowest first: a package may import those before it (and itself), ne
     ("prepare",),     # data files -> the prepared, packed cache (uses tasks and tokenizers)
     ("rundir",),      # run dir files: lock, checkpoint pointer, trainable weights, load, export, chat
     ("distill",),     # a teacher and the divergence
+    ("preference",),  # preference objectives (DPO, IPO, SimPO, ORPO, KTO) and their reference
     ("engine",),      # the training runtime
     ("planning",),    # before a run: a first recipe (init), costs: estimate, bench, fit
     ("active",),      # active learning: select and the loop

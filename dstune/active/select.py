@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dstune.data.batching import IGNORE, collate, to_device
+from dstune.data.batching import IGNORE, to_device
 from dstune.data.files import ROW
 from dstune.engine.distributed import gather_objects, shard_batches
 from dstune.errors import UserError
@@ -87,7 +87,7 @@ def score_rows(model, rows, task_name: str, tokenizer, device, batch_size: int, 
                                 max_new_tokens)
             mine += [(i, float(s)) for (i, keep), s in zip(batch_ix, scores.tolist()) if keep]
             continue
-        batch = to_device(collate([rows[i] for i, _ in batch_ix], tokenizer.pad_token_id, task), device, task)
+        batch = to_device(task.collate([rows[i] for i, _ in batch_ix], tokenizer.pad_token_id), device, task)
         labels = batch["labels"] if task.forward_takes_labels else batch.pop("labels")
         logits = model(**batch).logits
         scores = token_nll(logits, labels, task.shifts_labels) if task.generative else uncertainty(logits, strategy)

@@ -55,6 +55,15 @@ def _turns(raw: Any, role_key: str, content_key: str, roles: dict[str, str]) -> 
     return turns
 
 
+def read_turns(raw: Any) -> list[dict[str, str]]:
+    """Turns in either layout, told apart by their keys: OpenAI's role/content or ShareGPT's from/value (one
+    turn object is a list of one). Raises BadRow."""
+    raw = [raw] if isinstance(raw, dict) else raw
+    if isinstance(raw, list) and raw and isinstance(raw[0], dict) and "from" in raw[0]:
+        return _turns(raw, "from", "value", _SHAREGPT_ROLES)
+    return _turns(raw, "role", "content", {r: r for r in _ROLES})
+
+
 def conversation(row: dict, fmt: str, column: str | None, prompt_column: str = "prompt",
                  response_column: str = "response") -> list[dict[str, str]]:
     """One row of `fmt` as checked turns. Raises BadRow."""

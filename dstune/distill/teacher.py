@@ -52,7 +52,7 @@ class Teacher:
                                  self.d.temperature, self.d.divergence)
 
 
-def _teacher_ds(ds_config: dict) -> dict:
+def frozen_ds_config(ds_config: dict) -> dict:
     """The student's DeepSpeed config without what training needs: ZeRO-3 partitions, no optimizer."""
     ds = copy.deepcopy(ds_config)
     for key in ("optimizer", "scheduler"):
@@ -62,64 +62,81 @@ def _teacher_ds(ds_config: dict) -> dict:
     return ds
 
 
-def _check_matches(cfg: RunConfig, path: Path, teacher_task: str, teacher_tok, tokenizer) -> int | None:
-    """Same task; same labels in the same order (classification), else the same vocabulary (the vocabulary
-    size the divergence runs over)."""
-    if teacher_task != cfg.task:
-        raise UserError(f"distill.teacher: {path} is a {teacher_task} model and this run is {cfg.task}")
+def _check_matches(cfg: RunConfig, path: Path, other_task: str, other_tok, tokenizer, key: str) -> int | None:
+    """Same kind of model; same labels in the same order (classification), else the same vocabulary (the
+    vocabulary size the divergence runs over)."""
     task = get_task(cfg.task)
+    if get_task(other_task).model_task != task.model_task:
+        raise UserError(f"{key}: {path} is a {other_task} model and this run is {cfg.task}")
     if not task.generative:
         return None
-    if teacher_tok is None or tokenizer is None or teacher_tok.get_vocab() != tokenizer.get_vocab():
-        size = len(teacher_tok) if teacher_tok is not None else "an unknown"
-        raise UserError(f"distill.teacher: {path} has another vocabulary ({size} tokens, the student's "
-                        f"{len(tokenizer) if tokenizer is not None else 'unknown'}); the divergence compares "
-                        "next-token distributions, so both models need the same tokenizer")
+    if other_tok is None or tokenizer is None or other_tok.get_vocab() != tokenizer.get_vocab():
+        size = len(other_tok) if other_tok is not None else "an unknown"
+        raise UserError(f"{key}: {path} has another vocabulary ({size} tokens, this run's "
+                        f"{len(tokenizer) if tokenizer is not None else 'unknown'}); both models must score the same "
+                        "tokens, so they need the same tokenizer")
     return len(tokenizer)
 
 
-def _labels_of_folder(path: Path, labels) -> None:
+def _labels_of_folder(path: Path, labels, key: str) -> None:
     """A classification folder must name its classes as the data does, in the same order."""
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     names = [str(v) for _, v in sorted(((int(k), v) for k, v in (config.get("id2label") or {}).items()))]
     if names != [str(x) for x in labels or []]:
-        raise UserError(f"distill.teacher: {path}'s classes {names or '(none named)'} are not the data's labels "
+        raise UserError(f"{key}: {path}'s classes {names or '(none named)'} are not the data's labels "
                         f"{[str(x) for x in labels or []]} in that order; use a dstune run dir trained on these "
                         "labels, or a folder whose config.json id2label names them")
 
 
-def load_teacher(cfg: RunConfig, tokenizer, labels, ds_config: dict, stage: int, device: torch.device) -> Teacher:
-    """The recipe's teacher, frozen, in eval mode and the training precision; under ZeRO-3 partitioned."""
-    import deepspeed
+def load_frozen(cfg: RunConfig, path_: str, key: str, tokenizer, labels, ds_config: dict, stage: int,
+                device: torch.device):
+    """(a frozen model, in eval mode and the training precision, partitioned under ZeRO-3; the vocabulary
+    size both models share, None for classification) from a dstune run dir (its base, methods and trained
+    weights) or a Hugging Face model folder: a distillation teacher, a preference reference. `key` names
+    the recipe key in errors."""
     from transformers.integrations import HfDeepSpeedConfig
 
     from dstune.models.loading import load_model
     from dstune.models.tokenizers import load_tokenizer
     from dstune.rundir.load import is_run_dir, load_run
 
-    path = Path(cfg.distill.teacher)
+    path = Path(path_)
     if not path.is_dir():
-        raise UserError(f"distill.teacher: not a folder: {path}")
+        raise UserError(f"{key}: not a folder: {path}")
     if is_run_dir(path):
         run = load_run(str(path))
-        tcfg, ttok, model, tlabels = run.cfg, run.tokenizer, run.model, run.labels
-        vocab = _check_matches(cfg, path, tcfg.task, ttok, tokenizer)  # the task first: then its labels
-        if not get_task(cfg.task).generative and [str(x) for x in tlabels or []] != [str(x) for x in labels or []]:
-            raise UserError(f"distill.teacher: {path} was trained on labels {tlabels}, the data has {labels}")
+        vocab = _check_matches(cfg, path, run.cfg.task, run.tokenizer, tokenizer, key)  # the task first: then labels
+        if not get_task(cfg.task).generative and [str(x) for x in run.labels or []] != [str(x) for x in labels or []]:
+            raise UserError(f"{key}: {path} was trained on labels {run.labels}, the data has {labels}")
+        model = run.model
     else:
         if not get_task(cfg.task).generative:
-            _labels_of_folder(path, labels)
-        tcfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
+            _labels_of_folder(path, labels, key)
+        other = cfg.model_copy(update={"model": cfg.model.model_copy(update={
             "path": str(path), "tiny": None, "gguf_file": None, "config_overrides": {}})})
-        ttok = load_tokenizer(str(path)) if any(path.glob("tokenizer*")) else None
-        vocab = _check_matches(cfg, path, cfg.task, ttok, tokenizer)
-        keep = HfDeepSpeedConfig(_teacher_ds(ds_config)) if stage == 3 else None  # noqa: F841 (loads partitioned)
-        model = load_model(tcfg, tokenizer, labels)
+        vocab = _check_matches(cfg, path, cfg.task, load_tokenizer(str(path)) if any(path.glob("tokenizer*")) else None,
+                               tokenizer, key)
+        keep = HfDeepSpeedConfig(frozen_ds_config(ds_config)) if stage == 3 else None  # noqa: F841 (loads partitioned)
+        model = load_model(other, tokenizer, labels)
+    return frozen(model, cfg, ds_config, stage, device), vocab
+
+
+def frozen(model, cfg: RunConfig, ds_config: dict, stage: int, device: torch.device):
+    """`model` frozen, in eval mode and the training precision; under ZeRO-3 partitioned by DeepSpeed (an engine
+    without an optimizer), so no rank holds it whole."""
+    import deepspeed
+
     model.requires_grad_(False)
     model.eval()
     if stage == 3:
-        module = deepspeed.initialize(model=model, config=_teacher_ds(ds_config))[0]
+        module = deepspeed.initialize(model=model, config=frozen_ds_config(ds_config))[0]
         module.eval()
-    else:
-        module = cast_as_deepspeed(model.to(device), cfg.training.precision)
+        return module
+    return cast_as_deepspeed(model.to(device), cfg.training.precision)
+
+
+def load_teacher(cfg: RunConfig, tokenizer, labels, ds_config: dict, stage: int, device: torch.device) -> Teacher:
+    """The recipe's teacher, frozen, in eval mode and the training precision; under ZeRO-3 partitioned."""
+    module, vocab = load_frozen(cfg, cfg.distill.teacher, "distill.teacher", tokenizer, labels, ds_config, stage,
+                                device)
     return Teacher(cfg, module, vocab)

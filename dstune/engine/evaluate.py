@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from dstune.data.batching import collate, collate_prompts, to_device
+from dstune.data.batching import collate_prompts, to_device
 from dstune.config import RunConfig
 from dstune.engine.distributed import Dist, gather_objects, shard_batches
 from dstune.prepare.pipeline import TaskData
+from dstune.preference.objective import Tally
 from dstune.tasks import get_task
 from dstune.tasks.metrics import generation_metrics
 
@@ -23,28 +24,36 @@ def _bar(batches: list, desc: str, show: bool):
 
 @torch.no_grad()
 def evaluate(model, data: TaskData, cfg: RunConfig, tokenizer, where: Dist | None = None,
-             progress: bool = True) -> dict[str, float]:
-    """Metrics of `model` (a bare model, or a DeepSpeed engine) on `data.eval`: the task's loss and metrics,
-    and BLEU/ROUGE of greedy replies where `evaluation.generate` (or the task's default) asks for them;
-    identical on every rank of `where` (one process when None). `progress`: a progress bar on rank 0."""
+             progress: bool = True, objective=None) -> dict[str, float]:
+    """Metrics of `model` (a bare model, or a DeepSpeed engine) on `data.eval`: the task's loss and metrics
+    (a preference `objective`'s, with its reference), and BLEU/ROUGE of greedy replies where
+    `evaluation.generate` (or the task's default) asks for them; identical on every rank of `where` (one
+    process when None). `progress`: a progress bar on rank 0."""
     where = where or Dist(0, 1, 0, next(model.parameters()).device)
     ds, task, batch_size = data.eval, get_task(cfg.task), cfg.evaluation.batch_size
     show = progress and where.is_main
     was_training = model.training
     model.eval()
-    loss_sum, items, preds, golds = 0.0, 0, [], []
+    loss_sum, items, preds, golds, tally = 0.0, 0, [], [], Tally()
     for batch_ix in _bar(shard_batches(len(ds), where.rank, where.world, batch_size), "eval", show):
         rows = [ds[i] for i, _ in batch_ix]
         keep = torch.tensor([k for _, k in batch_ix], device=where.device)
-        batch = to_device(collate(rows, tokenizer.pad_token_id, task), where.device, task)
+        batch = to_device(task.collate(rows, tokenizer.pad_token_id), where.device, task)
+        if objective is not None:  # kto: the KL estimate of each evaluation batch on its own
+            objective.start_step(model, [batch], len(rows), over_ranks=False)
+            objective.loss(model, batch, 0.0, tally, keep)
+            continue
         labels = batch["labels"] if task.forward_takes_labels else batch.pop("labels")
         logits = model(**batch).logits.float()
         batch_loss, batch_items, batch_preds, batch_golds = task.score(logits, labels, keep)
         loss_sum, items = loss_sum + batch_loss, items + batch_items
         preds, golds = preds + batch_preds, golds + batch_golds
-    parts = gather_objects((loss_sum, items, preds, golds))
-    result = task.metrics(sum(p[0] for p in parts), sum(p[1] for p in parts), [x for p in parts for x in p[2]],
-                          [x for p in parts for x in p[3]])
+    if objective is not None:
+        result = objective.metrics(tally.reduced(where.device))
+    else:
+        parts = gather_objects((loss_sum, items, preds, golds))
+        result = task.metrics(sum(p[0] for p in parts), sum(p[1] for p in parts), [x for p in parts for x in p[2]],
+                              [x for p in parts for x in p[3]])
     if task.scores_generations(cfg.evaluation) and "ref" in ds.column_names:
         result.update(_generation_scores(model, ds, cfg, tokenizer, where, show))
     model.train(was_training)

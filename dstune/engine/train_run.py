@@ -17,13 +17,14 @@ from typing import Any
 import torch
 
 from dstune.config import RunConfig
-from dstune.data.batching import StepBatches, collate, to_device
+from dstune.data.batching import StepBatches, to_device
 from dstune.engine import checkpoint as ckpt
 from dstune.engine.best import Best
 from dstune.engine.distributed import Dist, gather_objects, mean_over_ranks, shutdown
 from dstune.engine.evaluate import evaluate, results_table
 from dstune.errors import Interrupted, UserError, signal_number
 from dstune.methods.base import base_model_only
+from dstune.preference.objective import Tally
 from dstune.rundir import pointer
 from dstune.rundir.trainable import BEST, TRAINABLE
 from dstune.tasks import get_task
@@ -54,6 +55,7 @@ class Job:
     total_steps: int = 0
     stage: int = 0                 # ZeRO stage
     teacher: Any = None            # distill.teacher.Teacher
+    objective: Any = None          # preference.objective.Objective (task preference)
     base_params: int = 0           # the model's parameters before methods added any
     compiled: int = 0              # layers torch.compile'd
     step: int = 0                  # the optimizer step to continue from
@@ -90,6 +92,7 @@ class StepResult:
     tokens: float                  # input tokens of the global batch
     seconds: float
     skipped: bool                  # the optimizer dropped the update (non-finite gradients)
+    metrics: dict = field(default_factory=dict)  # what the objective logs besides the loss (preference)
 
 
 class TrainRun:
@@ -158,14 +161,19 @@ class TrainRun:
         seed_step(t.seed, self.step, job.dist.rank)
         lr = job.scheduler.get_last_lr()[0]
         started = time.perf_counter()
-        loss_sum, kd_sum, tokens = 0.0, 0.0, 0
-        global_targets = self.count_targets([job.data.train[i]["labels"] for i in job.batches.global_step(self.step)]) \
+        loss_sum, kd_sum, tokens, tally = 0.0, 0.0, 0, Tally()
+        global_rows = [job.data.train[i] for i in job.batches.global_step(self.step)]
+        # the supervised loss (and a preference objective's NLL term) is the token mean over the global
+        # batch's targets: of a kto batch, the rows labelled good
+        global_targets = self.count_targets([r["labels"] for r in global_rows if r.get("desirable", 1)]) \
             if self.count_targets else 0
+        micro_rows = [[job.data.train[i] for i in micro] for micro in job.batches.for_step(self.step)]
         with self.profiler.around(self.step + 1):
-            for micro in job.batches.for_step(self.step):
-                rows = [job.data.train[i] for i in micro]
+            if job.objective is not None:
+                job.objective.start_step(self.engine, [self.batch(rows) for rows in micro_rows], len(global_rows))
+            for rows in micro_rows:
                 tokens += sum(len(r["input_ids"]) for r in rows)  # no padding; no wait for the device
-                loss, kd = self.forward(rows, global_targets)
+                loss, kd = self.forward(rows, global_targets, tally)
                 with self.profiler.phase("backward"):
                     self.engine.backward(loss)
                 job.memory.mark("backward")
@@ -178,19 +186,31 @@ class TrainRun:
         if self.step == job.step + 1 and t.measure_memory != "off":
             write_memory(job, "after_first_step", engine_bytes(self.engine))
         accum, device = t.gradient_accumulation_steps, job.dist.device
+        metrics = job.objective.metrics(tally.reduced(device)) if job.objective is not None else {}
         return StepResult(loss=mean_over_ranks(loss_sum / accum, device), lr=lr,
                           distill=mean_over_ranks(kd_sum / accum, device) if job.teacher else None,
                           tokens=mean_over_ranks(tokens, device) * job.dist.world,
                           seconds=time.perf_counter() - started,
-                          skipped=self.engine.skipped_steps > skipped_before)  # the optimizer's: same on every rank
+                          skipped=self.engine.skipped_steps > skipped_before,  # the optimizer's: same on every rank
+                          metrics={k: v for k, v in metrics.items() if k != "loss"})
 
-    def forward(self, rows: list[dict], global_targets: int) -> tuple[torch.Tensor, float]:
+    def batch(self, rows: list[dict]) -> dict:
+        """Rows as forward() inputs on this rank's device."""
+        return to_device(self.task.collate(rows, self.pad_id), self.job.dist.device, self.task)
+
+    def forward(self, rows: list[dict], global_targets: int, tally: Tally) -> tuple[torch.Tensor, float]:
         """One micro-batch's loss, weighted so that the step's gradient is that of the global batch's mean
-        (and mixed with the teacher's divergence); (loss, divergence)."""
+        (and mixed with the teacher's divergence); (loss, divergence). A preference objective logs into
+        `tally`."""
         job = self.job
-        batch = to_device(collate(rows, self.pad_id, self.task), job.dist.device, self.task)
+        batch = self.batch(rows)
         kd = 0.0
         with self.profiler.phase("forward"):
+            if job.objective is not None:  # its pair mean is right as it is; its NLL term is a token mean
+                scale = job.batches.accum * job.batches.world / max(global_targets, 1)
+                loss = job.objective.loss(self.engine, batch, scale, tally)
+                job.memory.mark("forward")
+                return loss, kd
             out = self.engine(**batch)
             loss, weight = out.loss, 1.0
             if self.count_targets:
@@ -235,7 +255,7 @@ class TrainRun:
         elif self.due(self.cfg.training.log_every) or self.step == self.job.total_steps:
             # with a teacher, `loss` is the mixed loss that trains; `distill` its divergence term alone
             kd = {"distill": result.distill} if result.distill is not None else {}
-            self.log.write(self.step, "train", {"loss": result.loss, **kd, "lr": result.lr,
+            self.log.write(self.step, "train", {"loss": result.loss, **kd, **result.metrics, "lr": result.lr,
                                                 "step_s": result.seconds, "tokens": result.tokens,
                                                 "tokens_per_s": result.tokens / result.seconds})
         self.bar.update(1)
@@ -244,7 +264,7 @@ class TrainRun:
     def evaluate(self) -> dict[str, float]:
         """The held-out metrics now (every rank takes part)."""
         job = self.job
-        return evaluate(self.engine, job.data, self.cfg, job.tokenizer, job.dist)
+        return evaluate(self.engine, job.data, self.cfg, job.tokenizer, job.dist, objective=job.objective)
 
     def evaluate_now(self) -> dict[str, float]:
         """The held-out metrics at this step, logged; with keep_best, the trainable state kept when they are

@@ -23,6 +23,8 @@ from dstune.config import RunConfig, dump_config
 from dstune.data.batching import StepBatches
 from dstune.engine import checkpoint as ckpt
 from dstune.distill.teacher import load_teacher
+from dstune.engine.reference_logps import precompute_reference
+from dstune.preference.objective import Objective, Precomputed, load_reference, preference_line, reference_choice
 from dstune.engine.distributed import barrier, init_distributed, launcher_env, stop_signals
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.precision import on_cuda, resolve, slow_warning, unsupported
@@ -134,6 +136,8 @@ def check(cfg: RunConfig, checkpointing: Checkpointing) -> Checked:
                         "data.eval_fraction" if cfg.evaluation.early_stopping is None else
                         "evaluation.early_stopping: it watches held-out rows; set data.eval or data.eval_fraction")
     check_output_dir(Path(cfg.output_dir))
+    if cfg.preference:
+        reference_choice(cfg, methods)
     model_config = recipe_config(cfg, tokenizer, data.labels)
     check_positions(cfg, model_config)
     check_buildable(cfg, model_config)
@@ -192,6 +196,8 @@ def start(c: Checked) -> Job:
         build(c, job)
         job.lock = _write_run_header(c, job)
         job.engine, job.scheduler = _initialize(c, job)
+        if job.objective is not None and isinstance(job.objective.reference, Precomputed):
+            precompute_reference(job, c.data_entry, c.base)  # with the model as built: before a resume loads
         if tag:
             job.step = ckpt.load_checkpoint(job.engine, c.cfg.output_dir, tag)
             if dist_.is_main:
@@ -237,6 +243,9 @@ def build(c: Checked, job: Job) -> None:
     # the teacher first: a run-dir teacher is built whole before ZeRO-3's partitioned loading is switched on
     if cfg.distill:
         job.teacher = load_teacher(cfg, c.tokenizer, c.data.labels, job.ds_config, job.stage, dist_.device)
+    if cfg.preference:  # a reference of its own (copy, a folder) is loaded like the teacher
+        job.objective = Objective(cfg.preference, load_reference(cfg, reference_choice(cfg, c.methods), c.tokenizer,
+                                                                 job.ds_config, job.stage, dist_.device))
     # ZeRO-3 creates loaded weights partitioned (transformers sees the config object while it is alive: the job
     # keeps it). A random model.tiny is built whole instead and partitioned by deepspeed.initialize: zero.Init
     # draws random weights in another order, and the run dir must rebuild the base that trained (models/loading.py)
@@ -288,6 +297,8 @@ def _start_lines(c: Checked, job: Job, n_train: int, n_total: int) -> list[str]:
         lines.append(c.checkpointing_note)
     if d := c.cfg.distill:
         lines.append(f"distilling from {d.teacher} ({d.divergence}, T {d.temperature:g}, alpha {d.alpha:g})")
+    if p := c.cfg.preference:
+        lines.append(preference_line(p, reference_choice(c.cfg, c.methods), names))
     return lines
 
 

@@ -104,6 +104,8 @@ def apply_methods(model: torch.nn.Module, methods: list[TuningMethod], task: str
     training input tokens, which a prefix may start from). The names of the parameters methods add are kept
     in `model.dstune_added`: they are saved with the trained ones even when frozen (a fixed random projection
     must come back as it was)."""
+    from dstune.tasks import TASKS, get_task
+    task = get_task(task).model_task if task in TASKS else task  # what the model is (preference: a causal LM)
     base = {n for n, _ in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)

@@ -9,7 +9,7 @@ from torch import nn
 
 from dstune.errors import UserError
 from dstune.families import Family, family_of
-from dstune.methods.base import TuningMethod
+from dstune.methods.base import TuningMethod, bypassed
 from dstune.methods.targets import matches, train_task_head
 
 
@@ -36,7 +36,7 @@ class Bottleneck(nn.Module):
 
 
 def _after(module, args, output):
-    return module.adapter(output)
+    return output if bypassed(module) else module.adapter(output)
 
 
 def _sublayer(name: str, family: Family) -> str | None:
@@ -52,6 +52,10 @@ class Adapter(TuningMethod):
     description = "bottleneck adapters h + W_u σ(W_d h) (Houlsby: after attention and MLP; Pfeiffer: after MLP)"
     Options = AdapterOptions
     mergeable = False  # a non-linear bottleneck cannot fold into a weight matrix
+
+    @property
+    def steps_aside(self) -> bool:  # trained layer norms are the base's own weights
+        return not self.options.train_norms
 
     def apply(self, model: nn.Module, task: str) -> None:
         o = self.options

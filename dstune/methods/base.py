@@ -12,12 +12,22 @@ from dstune.errors import UserError
 
 @contextlib.contextmanager
 def base_model_only(model: torch.nn.Module):
-    """Within it, methods that add inputs (virtual tokens, prefixes) leave the model's forward as the base's."""
-    model.dstune_bypass = True
+    """Within it, the methods that leave the base frozen (`steps_aside`: added inputs, virtual tokens and
+    prefixes, and added modules, LoRA, IA3, adapters) step aside: the model computes what its base does.
+    Every module is flagged, since each method's hook looks at the module it sits on."""
+    modules = list(model.modules())
+    for m in modules:
+        m.dstune_bypass = True
     try:
         yield model
     finally:
-        model.dstune_bypass = False
+        for m in modules:
+            m.dstune_bypass = False
+
+
+def bypassed(module: torch.nn.Module) -> bool:
+    """Whether `module` is inside `base_model_only` (a method's hook then leaves its output alone)."""
+    return module.__dict__.get("dstune_bypass", False)
 
 
 @contextlib.contextmanager
@@ -70,6 +80,8 @@ class TuningMethod:
     needs_one_of: ClassVar[tuple[str, ...]] = ()   # methods this one only makes sense with
     mergeable: ClassVar[bool] = True               # can `dstune export --format merged` fold it into the base
     generate_kwargs: ClassVar[dict] = {}           # what `model.generate` needs with this method applied
+    steps_aside: ClassVar[bool] = False            # leaves the base's weights as they are and can step aside
+                                                   # (`base_model_only`): the base is a free reference model
     first_label_is_target: ClassVar[bool] = False  # virtual tokens precede the input, so a causal LM predicts
                                                    # its first token too (the loss counts one more target)
     changes_output_at_init: bool = False           # the model differs from its base before any step (virtual

@@ -5,7 +5,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from dstune.methods.base import TuningMethod
+from dstune.methods.base import TuningMethod, bypassed
 from dstune.methods.peft_format import PeftAdapter, fan_in_fan_out, layer_tensors
 from dstune.methods.targets import default_targets, find_linears, linear_shape, matches, train_task_head
 
@@ -29,11 +29,11 @@ class Scale(nn.Module):
 
 
 def _scale_output(module, args, output):
-    return module.ia3_l(output)
+    return output if bypassed(module) else module.ia3_l(output)
 
 
 def _scale_input(module, args):
-    return (module.ia3_l(args[0]), *args[1:])
+    return args if bypassed(module) else (module.ia3_l(args[0]), *args[1:])
 
 
 # default targets per model family, and of those the feed-forward ones (their input is scaled, not their
@@ -55,6 +55,7 @@ class IA3(TuningMethod):
     name = "ia3"
     description = "IA3: rescale keys, values and feed-forward inputs by learned vectors (mergeable)"
     Options = IA3Options
+    steps_aside = True
 
     def apply(self, model: nn.Module, task: str) -> None:
         o = self.options

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from dstune.methods.base import TuningMethod, has_values
+from dstune.methods.base import TuningMethod, bypassed, has_values
 from dstune.methods.peft_format import PeftAdapter, fan_in_fan_out, layer_tensors
 from dstune.methods.targets import default_targets, find_linears, linear_shape, train_task_head
 
@@ -50,6 +50,8 @@ class LoraUp(nn.Linear):
 
 def _lora_forward(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     # submodules are called (not their weights read) so ZeRO-3 gathers them like any layer
+    if bypassed(module):
+        return output
     x = module.lora_dropout(args[0])
     return module.lora_B(module.lora_A(x.to(module.lora_A.weight.dtype)), output, module.lora_scaling)
 
@@ -80,6 +82,8 @@ def _delta(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 def _dora_forward(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     """PEFT's DoRA: m / ‖W + sBA‖ (per row, held constant in the backward, as the paper suggests) times
     (W + sBA) x, plus the bias: `output + (scale - 1) · W x + scale · sBA x`."""
+    if bypassed(module):
+        return output
     x = module.lora_dropout(args[0])
     w = _rows(module).to(output.dtype)
     norm = (w + _delta(module, output.dtype).detach()).norm(dim=1).detach()
@@ -106,6 +110,7 @@ class Lora(TuningMethod):
     name = "lora"
     description = "LoRA: low-rank updates B·A on chosen linear layers (PEFT-compatible, mergeable)"
     Options = LoraOptions
+    steps_aside = True
 
     @property
     def label(self) -> str:

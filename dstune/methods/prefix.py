@@ -25,7 +25,7 @@ from torch import nn
 from dstune.errors import UserError
 from dstune.families import family_of
 from dstune.kernels import prefix_attention
-from dstune.methods.base import TuningMethod, base_model_only, gathered_module_by_module, has_values
+from dstune.methods.base import TuningMethod, base_model_only, bypassed, gathered_module_by_module, has_values
 from dstune.methods.peft_format import PeftAdapter, prompt_learning
 from dstune.methods.targets import train_task_head
 
@@ -156,7 +156,7 @@ def register_attention() -> None:
 def _distribute(model: nn.Module, args, kwargs):
     """Forward pre-hook: compute all layers' prefixes once, hand each attention module its slice, and
     number the real tokens after the prefix (positions P, P+1, ...), as when the prefix is a past cache."""
-    if getattr(model, "dstune_bypass", False):  # scoring the untouched base (base_model_only)
+    if bypassed(model):  # scoring the untouched base (base_model_only)
         for attn in model._dstune_attention:
             attn._dstune_prefix = None
         return args, kwargs
@@ -185,6 +185,7 @@ class Prefix(TuningMethod):
     name = "prefix"
     description = "prefix tuning: learned per-layer key/value prefixes (optional MLP reparameterisation)"
     Options = PrefixOptions
+    steps_aside = True
     mergeable = False  # extra keys/values are not a weight change
 
     def __init__(self, options: PrefixOptions):

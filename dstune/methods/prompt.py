@@ -11,7 +11,7 @@ from torch import nn
 from dstune.data.batching import IGNORE
 from dstune.errors import UserError
 from dstune.families import family_of
-from dstune.methods.base import TuningMethod, has_values
+from dstune.methods.base import TuningMethod, bypassed, has_values
 from dstune.methods.peft_format import PeftAdapter, prompt_learning
 from dstune.methods.targets import train_task_head
 
@@ -45,7 +45,7 @@ def _prepend(model: nn.Module, args, kwargs):
     """Forward pre-hook: input_ids → [prompt; token embeddings]; masks and labels grow to match.
 
     Every call gets the prompt, so generation runs without a KV cache (the cache would hold it once)."""
-    if getattr(model, "dstune_bypass", False):  # scoring the untouched base (base_model_only)
+    if bypassed(model):  # scoring the untouched base (base_model_only)
         return args, kwargs
     ids = kwargs.pop("input_ids", None)
     if ids is None and args:
@@ -89,7 +89,7 @@ def _packed_mask(positions: torch.Tensor, P: int, dtype: torch.dtype) -> torch.T
 
 def _drop_virtual_positions(model: nn.Module, args, kwargs, output):
     """Forward hook: logits only for the real tokens (the loss was already computed over all of them)."""
-    if getattr(model, "dstune_bypass", False):
+    if bypassed(model):
         return output
     real = model._dstune_real_len  # logits may cover fewer positions (generate keeps only the last)
     if getattr(output, "logits", None) is not None and output.logits.dim() == 3 and output.logits.shape[1] > real:
@@ -101,6 +101,7 @@ class Prompt(TuningMethod):
     name = "prompt"
     description = "soft prompt tuning: P learned input embeddings, from vocabulary tokens, a text or random"
     Options = PromptOptions
+    steps_aside = True
     mergeable = False
     generate_kwargs = {"use_cache": False}
     first_label_is_target = True

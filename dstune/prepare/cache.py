@@ -86,7 +86,8 @@ def build(cfg: RunConfig, tokenizer, entry: Path) -> None:
         meta = {"labels": data.labels, "style": data.style, "train_rows": len(data.train), "augmented": copies,
                 "packed_blocks_of": cfg.data.max_length if packed else None,
                 "train_tokens": token_count(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0,
-                "sources": data.sources, "eval_dropped": data.eval_dropped, "train": _keep(data.train, tmp, "train"),
+                "sources": data.sources, "eval_dropped": data.eval_dropped,
+                "eval_too_long": data.eval_too_long, "max_length": cfg.data.max_length, "train": _keep(data.train, tmp, "train"),
                 "eval": _keep(data.eval, tmp, "eval") if data.eval is not None else []}
         del data
         shutil.rmtree(tmp / "work")
@@ -182,7 +183,8 @@ def open_prepared(entry: Path) -> TaskData:
     split = lambda names: datasets.concatenate_datasets(  # noqa: E731
         [datasets.Dataset.from_file(str(entry / n)) for n in names]) if names else None
     return TaskData(train=split(meta["train"]), eval=split(meta["eval"]), labels=meta["labels"], style=meta["style"],
-                    sources=meta["sources"], eval_dropped=meta.get("eval_dropped", 0))
+                    sources=meta["sources"], eval_dropped=meta.get("eval_dropped", 0),
+                    eval_too_long=meta.get("eval_too_long", 0))
 
 
 def prepared_data(cfg: RunConfig, tokenizer, local_rank: int = 0, timeout_s: float = 600) -> tuple[TaskData, Path | None]:
@@ -231,6 +233,10 @@ def summary(data: TaskData, entry: Path | None) -> str:
     if meta.get("augmented"):
         line += (f"; {meta['augmented']:,} of them augmented copies (data.augment: "
                  f"{entry / AUGMENTED})")
+    too_long = [(s["path"], s.get("too_long", 0)) for s in meta["sources"]] + [("data.eval", meta.get("eval_too_long", 0))]
+    if any(n for _, n in too_long):
+        line += f"; left out, the prompt alone filling data.max_length ({meta.get('max_length', '?')} tokens): " + \
+            ", ".join(f"{n:,} rows of {Path(where).name}" for where, n in too_long if n)
     dropped = [(s["path"], s.get("dropped", 0)) for s in meta["sources"]] + [("data.eval", meta.get("eval_dropped", 0))]
     if any(n for _, n in dropped):
         line += "; left out for a missing value (data.drop_invalid_rows): " + ", ".join(

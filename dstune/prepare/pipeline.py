@@ -28,6 +28,7 @@ class TaskData:
     sources: list[dict] | None = None  # per source of data.train: path, format, rows, examples in the mixture,
     #                                    rows dropped (data.drop_invalid_rows)
     eval_dropped: int = 0       # evaluation rows dropped (data.drop_invalid_rows)
+    eval_too_long: int = 0      # evaluation rows the task left out: a prompt that fills data.max_length (preference)
     augmented: list | None = None  # data.augment: (source path, its rows with their copies) per source
 
     def leading_inputs(self, n_tokens: int) -> list[int]:
@@ -151,8 +152,8 @@ def prepare_eval(cfg: RunConfig, tokenizer, path: str, labels: list[str] | None,
     raw, style, dropped = _load(cfg, path, key, tokenizer, work)
     if cfg.evaluation.max_samples:
         raw = raw.select(range(min(len(raw), cfg.evaluation.max_samples)))
-    return TaskData(None, _tokenize(cfg, tokenizer, raw, style, labels, True, path, key, work), labels, style,
-                    eval_dropped=dropped)
+    rows = _tokenize(cfg, tokenizer, raw, style, labels, True, path, key, work)
+    return TaskData(None, rows, labels, style, eval_dropped=dropped, eval_too_long=len(raw) - len(rows))
 
 
 def prepare_pool(cfg: RunConfig, tokenizer, labels: list[str] | None, path: str, key: str = "--pool"):
@@ -272,14 +273,15 @@ def prepare_data(cfg: RunConfig, tokenizer, work: str | None = None) -> TaskData
         if single and evald.style != style:
             raise UserError(f"data.eval: {d.eval} is {evald.style} data and data.train is {style}")
     elif d.eval_fraction > 0:
-        held = []
+        held, too_long = [], 0
         for i, s in enumerate(sources):
             if not s.labeled:  # nothing to score held-out rows against
                 continue
             s.raw, held_out = _hold_out(s.cfg, s.raw, f"{work}/source{i}" if work else None)
             held.append(_tokenize(s.cfg, tokenizer, held_out, s.style, labels, True, s.path, s.key, work, f"{i}-",
                                   pack_rows=single))
-        evald = TaskData(None, _concatenate(held), labels, style)
+            too_long += len(held_out) - len(held[-1]) if not get_task(cfg.task).packs(s.cfg, s.style, True) else 0
+        evald = TaskData(None, _concatenate(held), labels, style, eval_too_long=too_long)
     if d.augment:  # after the held-out split: no evaluation row, nor a copy of one, is augmented
         for i, s in enumerate(sources):
             columns = input_columns(s.cfg, s.needs, s.style, get_task(cfg.task).label_key)
@@ -294,14 +296,21 @@ def prepare_data(cfg: RunConfig, tokenizer, work: str | None = None) -> TaskData
         if get_task(cfg.task).packs(cfg, style, False):
             train = pack(train, d.max_length, work=work, name="mixture-packed")
     else:
-        train, counts = parts[0], [len(sources[0].raw)]
+        train, counts = parts[0], [len(sources[0].raw) - too_long_rows(cfg, sources[0], parts[0])]
     return TaskData(train=train, eval=evald.eval if evald else None, labels=labels,
                     style=style if len({s.style for s in sources}) == 1 else "mixture",
                     sources=[{"path": s.path, "format": s.style, "rows": len(s.raw) - s.copies, "examples": n,
                               "tokens": token_count(p), "dropped": s.dropped, "labeled": s.labeled,
-                              "augmented": s.copies} for s, p, n in zip(sources, parts, counts)],
-                    eval_dropped=evald.eval_dropped if evald else 0,
+                              "augmented": s.copies, "too_long": too_long_rows(cfg, s, p)}
+                             for s, p, n in zip(sources, parts, counts)],
+                    eval_dropped=evald.eval_dropped if evald else 0, eval_too_long=evald.eval_too_long if evald else 0,
                     augmented=[(s.path, s.raw) for s in sources] if d.augment else None)
+
+
+def too_long_rows(cfg: RunConfig, source: _Source, tokenized) -> int:
+    """Rows of a source the task left out for a prompt that fills data.max_length (preference pairs); the
+    other tasks keep every row (packed rows are counted in blocks, not rows)."""
+    return 0 if get_task(cfg.task).packs(source.cfg, source.style, False) else len(source.raw) - len(tokenized)
 
 
 def token_count(ds) -> int:

@@ -31,7 +31,7 @@ def needs_chat(key: str, system: str | None = None) -> Callable[[Any, Any], None
     """A `load_run` check: the run is a causal_lm run whose tokenizer has a chat template (that takes the
     `system` message, if one is given), else a one-line error naming `key`, before any weights load."""
     def check(cfg, tokenizer) -> None:
-        if cfg.task != "causal_lm":
+        if get_task(cfg.task).model_task != "causal_lm":
             raise UserError(f"{key}: this is a {cfg.task} run; a conversation needs a causal_lm run with a chat "
                             "template")
         require_template(tokenizer, key)

@@ -52,7 +52,7 @@ def export(run_dir: str, out: str, fmt: str, checkpoint: str | None = None) -> P
         plain.load_state_dict(state, strict=True)
         _save_plain(plain, tokenizer, path)
         return path
-    adapter = methods[0].peft_adapter(model, cfg.task)
+    adapter = methods[0].peft_adapter(model, get_task(cfg.task).model_task)
     write_peft_folder(path, {**_peft_common(cfg, _peft_base(cfg, tokenizer, labels, path)), **adapter.config},
                       adapter.tensors)
     tokenizer.save_pretrained(path)

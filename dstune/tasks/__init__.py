@@ -13,6 +13,7 @@ TASKS: dict[str, str] = {  # name -> "module:class" in dstune/tasks/
     "classification": "classification:Classification",
     "causal_lm": "causal_lm:CausalLM",
     "seq2seq": "seq2seq:Seq2Seq",
+    "preference": "preference:Preference",
 }
 _made: dict[str, Task] = {}
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from dstune.data.batching import IGNORE, pad, target_tokens
+from dstune.data.batching import IGNORE, collate, pad, target_tokens
 
 Encoder = Callable[[dict[str, list]], dict[str, list]]  # a batched `datasets.map` function
 
@@ -35,6 +35,12 @@ class Task:
     left_pad_prompts = False  # decoder-only generation: every row must end at its last prompt token
     label_key: str | None = None  # config key of a label column that is not part of the input (classification)
     headline_metric = "perplexity"  # the held-out number a learning curve follows
+    model_task: str = ""      # the task whose model this one trains (methods, generation, chat): default its own
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__ and "model_task" not in cls.__dict__:
+            cls.model_task = cls.name
 
     # data
     def check(self, cfg, ds, path: str, key: str, tokenizer) -> tuple[str, list[tuple[str, str]]]:
@@ -64,6 +70,10 @@ class Task:
         return False
 
     # batches
+    def collate(self, rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+        """A micro-batch of encoded rows as forward() inputs (padded to the longest row)."""
+        return collate(rows, pad_id, self)
+
     def collate_labels(self, rows: list[dict]) -> torch.Tensor:
         return pad([r["labels"] for r in rows], IGNORE)
 

@@ -1,0 +1,1 @@
+"""Preference tuning: the objectives (DPO, IPO, SimPO, ORPO, KTO) and where their reference comes from."""
