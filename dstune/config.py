@@ -407,11 +407,12 @@ class PreferenceConfig(_Section):
                             "or a model folder or dstune run dir (e.g. the SFT run); auto: base where the methods "
                             "leave the base frozen, else precompute")
 
-    @model_validator(mode="after")
-    def _orpo_has_its_nll(self) -> "PreferenceConfig":
-        if self.loss == "orpo" and self.sft_weight:
+    @field_validator("sft_weight")
+    @classmethod
+    def _orpo_has_its_nll(cls, v: float, info) -> float:
+        if v and info.data.get("loss") == "orpo":
             raise ValueError("orpo has its NLL term built in (weight 1); leave sft_weight at 0")
-        return self
+        return v
 
     def beta_value(self) -> float:
         return self.beta if self.beta is not None else DEFAULT_BETA[self.loss]

@@ -46,3 +46,202 @@ def test_dpo_with_lora_trains_from_text_pairs(ws, tmp_path):
     assert before["rewards/margins"] == pytest.approx(0, abs=1e-6)  # policy == reference at step 0
     assert before["loss"] == pytest.approx(0.6931, abs=1e-3)
     assert after["rewards/margins"] > 0 and after["loss"] < before["loss"]
+
+
+# --- rows as users have them ---------------------------------------------------------------------------
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+HISTORY = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the movie was good"},
+           {"role": "assistant", "content": "a clever plot"}, {"role": "user", "content": "and the cast"}]
+GOOD, BAD = "the actors were great", "it was boring"
+SHAREGPT = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def _sharegpt(turns):
+    return [{"from": SHAREGPT[t["role"]], "value": t["content"]} for t in turns]
+
+
+LAYOUTS = {  # one pair, as each kind of file holds it
+    "conversations": {"chosen": HISTORY + [{"role": "assistant", "content": GOOD}],
+                      "rejected": HISTORY + [{"role": "assistant", "content": BAD}]},
+    "prompt_turns": {"prompt": HISTORY, "chosen": [{"role": "assistant", "content": GOOD}],
+                     "rejected": [{"role": "assistant", "content": BAD}]},
+    "sharegpt": {"conversations": _sharegpt(HISTORY), "chosen": {"from": "gpt", "value": GOOD},
+                 "rejected": {"from": "gpt", "value": BAD}},
+}
+
+
+def _prepare(tmp_path, ws, rows, template=CHATML, **extra):
+    from dstune.config import load_config
+    from dstune.models.tokenizers import load_tokenizer
+    from dstune.prepare.pipeline import prepare_data
+
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"task": "preference", "model": {"tiny": "llama"},
+                                  "tokenizer": {"path": str(ws / "tokenizer"), "chat_template": template},
+                                  "data": {"train": str(data), "max_length": extra.pop("max_length", 512)},
+                                  "output_dir": str(tmp_path / "run"), **extra}))
+    cfg = load_config(recipe)
+    return prepare_data(cfg, load_tokenizer(str(ws / "tokenizer"), chat_template=template)), cfg
+
+
+def _reply(tok, ids, labels) -> str:
+    return tok.decode([i for i, lab in zip(ids, labels) if lab != -100])
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_pair_layout_renders_as_supervised_chat_data(ws, tmp_path, layout):
+    """UltraFeedback/HH conversations, TRL's prompt turns + one reply, ShareGPT: the same tokens; only the last
+    reply is scored, its end-of-turn marker included, rendered exactly as the chat template renders it."""
+    from dstune.models.tokenizers import load_tokenizer
+
+    data, _ = _prepare(tmp_path, ws, [LAYOUTS[layout]] * 2)
+    tok = load_tokenizer(str(ws / "tokenizer"), chat_template=CHATML)
+    row = data.train[0]
+    whole = tok.apply_chat_template(HISTORY + [{"role": "assistant", "content": GOOD}], tokenize=False)
+    assert row["input_ids"] == tok(whole, add_special_tokens=False)["input_ids"]
+    said = lambda text: tok.decode(tok(f"{text}<|im_end|>", add_special_tokens=False)["input_ids"]).replace(" ", "")  # noqa: E731
+    assert _reply(tok, row["input_ids"], row["labels"]).replace(" ", "") == said(GOOD)
+    assert _reply(tok, row["rejected_ids"], row["rejected_labels"]).replace(" ", "") == said(BAD)
+    (tmp_path / "ref").mkdir()
+    reference, _ = _prepare(tmp_path / "ref", ws, [LAYOUTS["conversations"]] * 2)
+    assert data.train[0] == reference.train[0]
+
+
+def test_text_pairs_with_a_template_render_the_prompt_as_a_user_turn(ws, tmp_path):
+    from dstune.models.tokenizers import load_tokenizer
+
+    data, _ = _prepare(tmp_path, ws, [{"prompt": "and the cast", "chosen": GOOD, "rejected": BAD}] * 2)
+    tok = load_tokenizer(str(ws / "tokenizer"), chat_template=CHATML)
+    whole = tok.apply_chat_template([{"role": "user", "content": "and the cast"},
+                                     {"role": "assistant", "content": GOOD}], tokenize=False)
+    assert data.train[0]["input_ids"] == tok(whole, add_special_tokens=False)["input_ids"]
+
+
+def test_unpaired_rows_and_their_mismatched_kl_rows(ws, tmp_path):
+    from dstune.models.tokenizers import load_tokenizer
+
+    rows = [{"prompt": f"say {w}", "completion": f"{w} it is", "label": i % 2 == 0} for i, w in enumerate(POS[:4])]
+    data, _ = _prepare(tmp_path, ws, rows, preference={"loss": "kto"})
+    tok = load_tokenizer(str(ws / "tokenizer"), chat_template=CHATML)
+    assert data.train["desirable"] == [1, 0, 1, 0]
+    # row 1's KL row: its own prompt, row 0's reply
+    kl = data.train[1]
+    assert _reply(tok, kl["kl_input_ids"], kl["kl_labels"]) == _reply(tok, data.train[0]["input_ids"],
+                                                                       data.train[0]["labels"])
+    assert tok.decode(kl["kl_input_ids"]).startswith(tok.decode(data.train[1]["input_ids"][:5]))
+
+
+def test_a_prompt_that_fills_max_length_is_left_out_and_counted(ws, tmp_path):
+    long = {"prompt": " ".join(["the movie was good"] * 40), "chosen": GOOD, "rejected": BAD}
+    short = {"prompt": "and the cast", "chosen": GOOD + " " + " ".join(["and great"] * 60), "rejected": BAD}
+    data, _ = _prepare(tmp_path, ws, [long, short, short], max_length=96)
+    assert len(data.train) == 2 and data.sources[0]["too_long"] == 1
+    assert len(data.train[0]["input_ids"]) == 96  # the long reply is cut at its end
+    assert data.train[0]["labels"][-1] != -100
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"chosen": HISTORY + [{"role": "assistant", "content": GOOD}],
+      "rejected": HISTORY[:2] + [{"role": "assistant", "content": BAD}]},
+     r"rows.jsonl:2: data.train: chosen and rejected: the conversations differ before their last turn"),
+    ({"chosen": GOOD, "rejected": BAD},
+     r"rows.jsonl:2: data.train: prompt: missing \(the replies are text"),
+    ({"prompt": HISTORY, "chosen": [{"role": "user", "content": GOOD}], "rejected": BAD},
+     r"rows.jsonl:2: data.train: chosen: expected one assistant reply after the prompt, got user"),
+    ({"prompt": "hi", "chosen": 3, "rejected": BAD},
+     r"rows.jsonl:2: data.train: chosen: expected text or turns, got int"),
+])
+def test_bad_pair_rows_name_their_line(ws, tmp_path, row, message):
+    from dstune.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        _prepare(tmp_path, ws, [LAYOUTS["prompt_turns"], row])
+
+
+def test_bad_unpaired_label_and_the_wrong_rows_for_the_loss(ws, tmp_path):
+    from dstune.errors import UserError
+
+    with pytest.raises(UserError, match=r"rows.jsonl:1: data.train: label: expected true \(a good reply\) or false"):
+        _prepare(tmp_path, ws, [{"prompt": "a", "completion": "b", "label": "yes"}], preference={"loss": "kto"})
+    with pytest.raises(UserError, match=r"preference.loss: dpo trains on pairs \(prompt, chosen, rejected\), and "
+                                        r".*rows.jsonl holds unpaired rows"):
+        _prepare(tmp_path, ws, [{"prompt": "a", "completion": "b", "label": True}])
+    with pytest.raises(UserError, match=r"preference.loss: kto trains on unpaired rows .* holds pairs rows"):
+        _prepare(tmp_path, ws, [LAYOUTS["prompt_turns"]], preference={"loss": "kto"})
+
+
+# --- where the reference comes from ---------------------------------------------------------------------
+
+def _train_curve(tmp_path, ws, name, data, **kw) -> tuple[dict, dict]:
+    res = ok(run_cli(["train", recipe(tmp_path, ws, name, data, **kw)]))
+    memory = json.loads((tmp_path / name / "memory.json").read_text())["after_first_step"][0]
+    return {s: (m["loss"], m["rewards/margins"]) for s, m in read_metrics(tmp_path / name).items()}, \
+        {"stdout": res.stdout, "reference_bytes": memory.get("reference_bytes")}
+
+
+def test_the_reference_is_the_same_whether_stepped_aside_copied_or_precomputed(ws, tmp_path):
+    """LoRA: the base with the adapter stepped aside, a frozen copy and log-probabilities precomputed before the
+    first step are the same reference: the same losses and rewards at every step. Only the copy holds a
+    second model (memory.json: the bytes of reference weights each rank holds)."""
+    data = str(write_jsonl(tmp_path / "pairs.jsonl", pair_rows()))
+    base, b = _train_curve(tmp_path, ws, "base", data)
+    copy, c = _train_curve(tmp_path, ws, "copy", data, preference={"reference": "copy"})
+    pre, p = _train_curve(tmp_path, ws, "pre", data, preference={"reference": "precompute"})
+    for other in (copy, pre):
+        assert other.keys() == base.keys()
+        for step in base:
+            assert other[step] == pytest.approx(base[step], abs=1e-5), step
+    assert base[6][1] != 0  # the rewards moved
+    assert b["reference_bytes"] == 0 and p["reference_bytes"] == 0
+    assert c["reference_bytes"] == 4 * sum(  # every weight of the tiny Llama, fp32
+        t.numel() for t in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+            str(ws / "llama" / "model.safetensors")).values())
+    assert "reference: computed once before the first step with the base model" in p["stdout"]
+    assert "reference log-probabilities (preference.reference: precompute): " in p["stdout"]
+
+
+def test_full_fine_tuning_precomputes_its_reference_and_refuses_base(ws, tmp_path):
+    data = str(write_jsonl(tmp_path / "pairs.jsonl", pair_rows()))
+    res = ok(run_cli(["train", recipe(tmp_path, ws, "full", data, methods=[{"name": "full"}], lr=1e-3, max_steps=3)]))
+    assert "reference: computed once before the first step with the base model" in res.stdout
+    after = json.loads((tmp_path / "full" / "results.json").read_text())["after"]
+    assert after["rewards/margins"] > 0
+    res = run_cli(["train", recipe(tmp_path, ws, "refused", data, methods=[{"name": "full"}],
+                                   preference={"reference": "base"})])
+    assert_user_error(res, r"preference.reference: base is the model with its methods stepped aside, and full "
+                           r"trains the base's own weights; use copy, precompute or a model folder / run dir",
+                      tmp_path / "refused")
+
+
+@pytest.mark.parametrize("preference, message", [
+    ({"loss": "simpo", "reference": "copy"}, r"preference.reference: simpo needs no reference model"),
+    ({"loss": "orpo", "sft_weight": 0.5}, r"preference.sft_weight: orpo has its NLL term built in"),
+])
+def test_settings_that_cannot_work_are_refused(ws, tmp_path, preference, message):
+    data = str(write_jsonl(tmp_path / "pairs.jsonl", pair_rows(8)))
+    assert_user_error(run_cli(["train", recipe(tmp_path, ws, "r", data, preference=preference)]), message,
+                      tmp_path / "r")
+
+
+@pytest.mark.parametrize("loss", ["ipo", "simpo", "orpo"])
+def test_each_pair_objective_trains_and_logs(ws, tmp_path, loss):
+    data = str(write_jsonl(tmp_path / "pairs.jsonl", pair_rows()))
+    ok(run_cli(["train", recipe(tmp_path, ws, loss, data, preference={"loss": loss}, max_steps=4)]))
+    results = json.loads((tmp_path / loss / "results.json").read_text())
+    assert results["after"]["rewards/margins"] > results["before"]["rewards/margins"]
+    if loss == "orpo":
+        assert {"log_odds_ratio", "log_odds_chosen", "nll_loss"} <= set(read_metrics(tmp_path / loss)[4])
+
+
+def test_kto_trains_on_unpaired_rows(ws, tmp_path):
+    rows = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for r in pair_rows(32)
+            for k in ("chosen", "rejected")]
+    data = str(write_jsonl(tmp_path / "kto.jsonl", rows))
+    ok(run_cli(["train", recipe(tmp_path, ws, "kto", data, preference={"loss": "kto"}, max_steps=4)]))
+    step = read_metrics(tmp_path / "kto")[4]
+    assert {"kl", "rewards/chosen", "rewards/rejected", "rewards/margins"} <= set(step)
+    results = json.loads((tmp_path / "kto" / "results.json").read_text())
+    assert results["after"]["rewards/margins"] > results["before"]["rewards/margins"]

@@ -184,7 +184,9 @@ class TrainRun:
                 job.memory.mark("step")
         self.step += 1
         if self.step == job.step + 1 and t.measure_memory != "off":
-            write_memory(job, "after_first_step", engine_bytes(self.engine))
+            reference = {"reference_bytes": job.objective.reference.held_bytes()} \
+                if job.objective is not None and job.objective.reference is not None else {}
+            write_memory(job, "after_first_step", {**engine_bytes(self.engine), **reference})
         accum, device = t.gradient_accumulation_steps, job.dist.device
         metrics = job.objective.metrics(tally.reduced(device)) if job.objective is not None else {}
         return StepResult(loss=mean_over_ranks(loss_sum / accum, device), lr=lr,

@@ -41,12 +41,13 @@ class MemoryEstimate:
     step_temporaries: int   # alive only inside the optimizer step, when the activations are gone
     teacher_weights: int = 0      # distill: the frozen teacher's weights (ZeRO-3: this rank's partitions)
     teacher_activations: int = 0  # distill: its logits for a micro-batch, alive beside the student's activations
+    reference_weights: int = 0    # preference.reference copy or a model: its frozen weights (ZeRO-3: partitions)
 
     @property
     def total(self) -> int:
         """The peak: model states and buffers, plus the larger of the activations and the step's temporaries."""
         return (self.weights + self.gradients + self.optimizer_states + self.buffers + self.teacher_weights
-                + max(self.activations + self.teacher_activations, self.step_temporaries))
+                + self.reference_weights + max(self.activations + self.teacher_activations, self.step_temporaries))
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
@@ -191,8 +192,32 @@ def _with_methods(cfg: RunConfig, config, tokenizer):
 def teacher_bytes(cfg: RunConfig, stage: int, world: int, micro_batch: int, seq_len: int,
                   labels: list | None = None) -> tuple[int, int]:
     """(weights on one rank, logits of one micro-batch) of the recipe's distillation teacher, from its config
-    alone: a run dir's recipe with its methods, or a folder's config.json. Its forward runs without
-    gradients, so beyond the logits it keeps nothing for the backward."""
+    alone. Its forward runs without gradients, so beyond the logits it keeps nothing for the backward."""
+    if cfg.distill is None:
+        return 0, 0
+    weights, model = _frozen_bytes(cfg, _config_of(cfg, cfg.distill.teacher), stage, world, labels)
+    outputs = model.config.num_labels if not get_task(cfg.task).generative else model.config.vocab_size
+    per_example = outputs * (1 if not get_task(cfg.task).generative else seq_len)
+    return weights, bytes_per_element(cfg.training.precision) * micro_batch * per_example
+
+
+def reference_bytes(cfg: RunConfig, stage: int, world: int) -> tuple[int, str]:
+    """(weights on one rank, the choice) of a preference run's reference model: a copy of the base or another
+    model holds its own; the base with the methods stepped aside and precomputed log-probabilities none.
+    Its forward runs without gradients and is done before the policy's begins: no activations beside."""
+    from dstune.preference.objective import reference_choice
+
+    if cfg.preference is None:
+        return 0, ""
+    choice = reference_choice(cfg, build_methods(cfg.methods))
+    if choice in ("", "base", "precompute"):
+        return 0, choice
+    source = cfg.model_copy(update={"methods": [{"name": "full"}]}) if choice == "copy" else _config_of(cfg, choice)
+    return _frozen_bytes(cfg, source, stage, world, None)[0], choice
+
+
+def _config_of(cfg: RunConfig, path_: str) -> RunConfig:
+    """The recipe of a frozen model beside the run: a run dir's own (with its methods), or a folder's model."""
     from pathlib import Path
 
     import yaml
@@ -200,20 +225,19 @@ def teacher_bytes(cfg: RunConfig, stage: int, world: int, micro_batch: int, seq_
     from dstune.config import config_from_dict
     from dstune.rundir.load import is_run_dir
 
-    if cfg.distill is None:
-        return 0, 0
-    path = Path(cfg.distill.teacher)
+    path = Path(path_)
     if is_run_dir(path):
-        tcfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()), str(path / "config.yaml"))
-    else:
-        tcfg = cfg.model_copy(update={"methods": [{"name": "full"}], "model": cfg.model.model_copy(update={
-            "path": str(path), "tiny": None, "gguf_file": None, "config_overrides": {}})})
-    model, _ = meta_model(tcfg, None, labels)
-    b = bytes_per_element(cfg.training.precision)
+        return config_from_dict(yaml.safe_load((path / "config.yaml").read_text()), str(path / "config.yaml"))
+    return cfg.model_copy(update={"methods": [{"name": "full"}], "model": cfg.model.model_copy(update={
+        "path": str(path), "tiny": None, "gguf_file": None, "config_overrides": {}})})
+
+
+def _frozen_bytes(cfg: RunConfig, source: RunConfig, stage: int, world: int, labels) -> tuple[int, torch.nn.Module]:
+    """(weights on one rank, the meta model) of a frozen model built as `source` says, in cfg's precision,
+    partitioned over the ranks under ZeRO-3."""
+    model, _ = meta_model(source, None, labels)
     shares = [math.ceil(p.numel() / world) if stage == 3 else p.numel() for p in model.parameters()]
-    outputs = model.config.num_labels if not get_task(cfg.task).generative else model.config.vocab_size
-    per_example = outputs * (1 if not get_task(cfg.task).generative else seq_len)
-    return b * sum(shares), b * micro_batch * per_example
+    return bytes_per_element(cfg.training.precision) * sum(shares), model
 
 
 def meta_model(cfg: RunConfig, tokenizer=None, labels: list | None = None):
@@ -279,7 +303,8 @@ def estimate(cfg: RunConfig, world_size: int, seq_len: int | None = None, cuda: 
     buffers = buffer_bytes(ds, stage, t.precision, table, cuda)
     step = step_temporary_bytes(table, stage, world_size, t.precision, ds)
     t_weights, t_logits = teacher_bytes(cfg, stage, world_size, t.micro_batch_size, seq, labels)
-    per_rank = [MemoryEstimate(r, weights, grads, optim, activations, buffers, step, t_weights, t_logits)
+    r_weights, r_choice = reference_bytes(cfg, stage, world_size)
+    per_rank = [MemoryEstimate(r, weights, grads, optim, activations, buffers, step, t_weights, t_logits, r_weights)
                 for r in range(world_size)]
     c = model.config
     body = table.total - model.get_input_embeddings().weight.numel() - idle_expert_params(model)
@@ -289,7 +314,7 @@ def estimate(cfg: RunConfig, world_size: int, seq_len: int | None = None, cuda: 
                              "largest_param": max([n for g in table.groups for n in g] + table.frozen),
                              "flops_per_token": per_token, "activations_after_forward": after_forward,
                              "checkpoint_bytes": checkpoint_bytes(table, stage, world_size, t.precision),
-                             "activations_source": source}
+                             "activations_source": source, "reference": r_choice}
 
 
 def idle_expert_params(model: torch.nn.Module) -> int:

@@ -37,6 +37,10 @@ def estimate_table(cfg: RunConfig, est, table, info: dict, world: int, deepspeed
     if cfg.distill:
         rows += [("teacher weights (frozen; ZeRO-3: partitioned)", est.teacher_weights),
                  ("teacher logits (one micro-batch, beside the activations)", est.teacher_activations)]
+    if cfg.preference and info.get("reference"):
+        rows += [(f"reference model (preference.reference: {info['reference']}"
+                  f"{'; frozen, ZeRO-3: partitioned' if est.reference_weights else ': no second model'})",
+                  est.reference_weights)]
     rows += [("**peak per rank**", est.total)]
     lines = [head, "", "| part | bytes | |", "|---|---:|---:|"]
     lines += [f"| {name} | {n:,} | {human_bytes(n)} |" for name, n in rows]

@@ -59,6 +59,10 @@ class Reference:
     def logps(self, engine, batch: dict, prefix: str = "") -> Logps:
         raise NotImplementedError
 
+    def held_bytes(self) -> int:
+        """The bytes of weights this reference holds on this rank beside the policy's (memory.json)."""
+        return 0
+
 
 class SteppedAside(Reference):
     """The policy itself with its methods stepped aside (`base_model_only`): the frozen base, no second copy."""
@@ -81,6 +85,11 @@ class Frozen(Reference):
     @torch.no_grad()
     def logps(self, engine, batch, prefix=""):
         return forward_logps(self.module, batch, prefix)
+
+    def held_bytes(self) -> int:
+        """This rank's share: under ZeRO-3 the partition DeepSpeed keeps (`ds_tensor`), else every weight."""
+        return sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size()
+                   for p in self.module.parameters())
 
 
 class Precomputed(Reference):

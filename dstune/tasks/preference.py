@@ -181,7 +181,8 @@ def read_row(row: dict, d, style: str) -> tuple[str | list[dict], list[str | dic
         if prompt is None:
             raise chat.BadRow(f"{d.prompt_column}: missing (the replies are text, so the prompt is a column of its own)")
         return (prompt if isinstance(prompt, str) else _user_turns(_as_turns(prompt, d.prompt_column))), values
-    turns = [_as_turns(v, n) for v, n in zip(values, names)]
+    turns = [[{"role": "assistant", "content": v}] if isinstance(v, str) else _as_turns(v, n)
+             for v, n in zip(values, names)]
     if prompt is None:  # whole conversations sharing every turn but the last
         shared = turns[0][:-1]
         if any(t[:-1] != shared for t in turns[1:]):
