@@ -62,8 +62,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from dstune.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
-    from dstune.prepare.cache import prepared_data, summary
     from dstune.models.tokenizers import recipe_tokenizer
+    from dstune.prepare.cache import prepared_data, summary
+    from dstune.rundir.as_base import base_from_run
+    cfg = base_from_run(cfg)
     data, entry = prepared_data(cfg, recipe_tokenizer(cfg))
     if entry is None:
         raise UserError("data.train: `random` data is made on the fly; there is nothing to prepare")
@@ -97,7 +99,11 @@ evaluation.max_samples=100, training.precision=fp32).
         data = prepare_held_out(cfg, tokenizer, labels)
     else:
         raise UserError("--data: the run has no data.eval or data.eval_fraction; name an evaluation file")
-    result = evaluate(model, data, cfg, tokenizer, progress=not args.json)
+    objective = None
+    if cfg.preference:  # scored against its reference, as training scored it
+        from dstune.preference.objective import objective_for_run
+        objective = objective_for_run(cfg, run.methods, tokenizer, device)
+    result = evaluate(model, data, cfg, tokenizer, progress=not args.json, objective=objective)
     if args.json:
         print(json.dumps(result, indent=1), file=args.print_to)
     else:
@@ -289,7 +295,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from dstune.planning.estimate import deepspeed_estimate, estimate
     from dstune.planning.report import estimate_table
 
-    cfg = cfg.with_training(precision=resolve(cfg.training.precision, cuda=not args.cpu)[0])  # auto: bf16 on a GPU
+    from dstune.rundir.as_base import base_model_of_run
+    cfg = base_model_of_run(cfg.with_training(precision=resolve(cfg.training.precision, cuda=not args.cpu)[0]))
     tokenizer = None
     if cfg.model.tiny and cfg.tokenizer.path:
         from dstune.models.tokenizers import load_tokenizer

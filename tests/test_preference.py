@@ -245,3 +245,43 @@ def test_kto_trains_on_unpaired_rows(ws, tmp_path):
     assert {"kl", "rewards/chosen", "rewards/rejected", "rewards/margins"} <= set(step)
     results = json.loads((tmp_path / "kto" / "results.json").read_text())
     assert results["after"]["rewards/margins"] > results["before"]["rewards/margins"]
+
+
+# --- SFT -> DPO, and what a preference run gives back ---------------------------------------------------
+
+def test_sft_then_dpo_in_two_commands_then_eval_and_export(ws, tmp_path):
+    """An SFT run dir is a model.path (its merged weights) and a reference; at step 0 the policy is the SFT
+    model and so is the reference (rewards 0). `dstune eval` scores the DPO run as its last evaluation did;
+    `dstune export` gives a PEFT adapter and merged weights as for any run."""
+    sft = tmp_path / "sft.yaml"
+    sft.write_text(json.dumps({"task": "causal_lm", "model": {"path": str(ws / "llama")},
+                               "data": {"train": str(ws / "chat.jsonl"), "max_length": 24},
+                               "training": {"precision": "fp32", "max_steps": 3, "micro_batch_size": 4, "lr": 3e-3},
+                               "output_dir": str(tmp_path / "sft")}))
+    ok(run_cli(["train", str(sft)]))
+    data = str(write_jsonl(tmp_path / "pairs.jsonl", pair_rows()))
+    path = recipe(tmp_path, ws, "dpo", data)
+    spec = json.loads(open(path).read())
+    spec["model"]["path"] = str(tmp_path / "sft")
+    open(path, "w").write(json.dumps(spec))
+    res = ok(run_cli(["train", path]))
+    assert f"model.path: {tmp_path / 'sft'} is a dstune run dir: training on its merged weights" in res.stdout
+    results = json.loads((tmp_path / "dpo" / "results.json").read_text())
+    assert results["before"]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    assert results["after"]["rewards/margins"] > 0
+
+    spec.update(methods=[{"name": "full"}], output_dir=str(tmp_path / "dpo-full"),
+                preference={"reference": str(tmp_path / "sft")})
+    spec["training"].update(max_steps=2, lr=1e-3)
+    open(path, "w").write(json.dumps(spec))
+    ok(run_cli(["train", path]))
+    full = json.loads((tmp_path / "dpo-full" / "results.json").read_text())
+    assert full["before"]["rewards/margins"] == pytest.approx(0, abs=1e-6)  # the reference is the SFT model
+
+    scored = json.loads(ok(run_cli(["eval", str(tmp_path / "dpo"), "--json"])).stdout)
+    for k in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+        assert scored[k] == pytest.approx(results["after"][k], abs=1e-5), k
+    ok(run_cli(["export", str(tmp_path / "dpo"), "--format", "peft", "--out", str(tmp_path / "peft")]))
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    ok(run_cli(["export", str(tmp_path / "dpo"), "--format", "merged", "--out", str(tmp_path / "merged")]))
+    assert (tmp_path / "merged" / "config.json").is_file()

@@ -38,6 +38,7 @@ from dstune.models.tokenizers import recipe_tokenizer
 from dstune.prepare.cache import keep_augmented, prepared_data, summary
 from dstune.prepare.pipeline import TaskData
 from dstune.rundir import pointer
+from dstune.rundir.as_base import base_from_run
 from dstune.rundir.trainable import TRAINABLE
 from dstune.rundir.lock import (check_output_dir, check_recipe_matches, forget_fresh_run_dir, fresh_run_dir,
                                 hold_run_dir)
@@ -114,6 +115,8 @@ def check(cfg: RunConfig, checkpointing: Checkpointing) -> Checked:
     what ran), read the tokenizer and the prepared data, and check the DeepSpeed config, the run dir, the
     model's config and a resume's checkpoints and recipe: each can refuse the job with one line before the
     process group starts or anything is written."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cfg = base_from_run(cfg, local_rank, cfg.training.dist_timeout_s)  # model.path: a run dir (SFT -> DPO)
     precision, why = resolve(cfg.training.precision)
     auto = cfg.training.precision == "auto"
     if refused := unsupported(precision):
@@ -125,7 +128,6 @@ def check(cfg: RunConfig, checkpointing: Checkpointing) -> Checked:
     if _rank() != 0:
         _mute_progress_bars()  # one rank's bars are enough: no tokenize/load bars in the others' logs
     tokenizer = recipe_tokenizer(cfg)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     data, entry = prepared_data(cfg, tokenizer, local_rank, cfg.training.dist_timeout_s)
     build_ds_config(cfg, 1)  # a bad DeepSpeed config is refused before the process group starts
     device = torch.device("cuda", local_rank) if on_cuda() else torch.device("cpu")

@@ -267,3 +267,11 @@ def preference_line(p: PreferenceConfig, choice: str, methods: str) -> str:
         f"reference: {REFERENCE_WORDS[choice].format(methods=methods)}" if choice in REFERENCE_WORDS else \
         f"reference: {choice}"
     return f"preference: {p.loss} ({settings[p.loss]}{sft}); {where}"
+
+
+def objective_for_run(cfg, methods: list, tokenizer, device) -> Objective:
+    """A finished preference run's objective, to score it again (`dstune eval`): its reference as training had
+    it; precomputed log-probabilities are those of the base, loaded once more."""
+    choice = reference_choice(cfg, methods)
+    return Objective(cfg.preference, load_reference(cfg, "copy" if choice == "precompute" else choice, tokenizer,
+                                                    {}, 0, device))
