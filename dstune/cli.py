@@ -103,7 +103,7 @@ evaluation.max_samples=100, training.precision=fp32).
     if cfg.preference:  # scored against its reference, as training scored it
         from dstune.preference.objective import objective_for_run
         objective = objective_for_run(cfg, run.methods, tokenizer, device)
-    result = evaluate(model, data, cfg, tokenizer, progress=not args.json, objective=objective)
+    result = evaluate(model, data, cfg, tokenizer, objective=objective)
     if args.json:
         print(json.dumps(result, indent=1), file=args.print_to)
     else:

@@ -285,3 +285,36 @@ def test_sft_then_dpo_in_two_commands_then_eval_and_export(ws, tmp_path):
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
     ok(run_cli(["export", str(tmp_path / "dpo"), "--format", "merged", "--out", str(tmp_path / "merged")]))
     assert (tmp_path / "merged" / "config.json").is_file()
+
+
+# --- many ranks -----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["dpo-lora-sft", "kto-lora", "dpo-full-precompute"])
+def test_two_zero3_ranks_with_accumulation_equal_one_rank(ws, built_ops, tmp_path, case):
+    """The loss is the mean over the global batch's pairs (rows, kto; the KL estimate too), and the NLL term
+    the token mean over its chosen replies: 2 ranks × accumulation 2 under ZeRO-3 step as 1 rank × 4 does,
+    whether the reference is the base stepped aside (gathered layer by layer) or precomputed."""
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    loss = case.split("-")[0]
+    if loss == "kto":
+        rows = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for r in pair_rows(40)
+                for k in ("chosen", "rejected")]
+    else:
+        rows = pair_rows(80)
+    data = str(write_jsonl(tmp_path / "rows.jsonl", rows))
+    methods = [{"name": "full"}] if "full" in case else None
+    preference = {"loss": loss, **({"sft_weight": 0.5} if "sft" in case else {})}
+    common = dict(methods=methods, preference=preference, micro_batch_size=2, max_steps=4,
+                  lr=1e-3 if "full" in case else 5e-3)
+    ok(run_cli(["train", recipe(tmp_path, ws, "one", data, gradient_accumulation_steps=4, **common)]))
+    ok(run_cli(["train", recipe(tmp_path, ws, "two", data, gradient_accumulation_steps=2, **common),
+                f"deepspeed={zero3}"], nproc=2))
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        for k in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen") + (("kl",) if loss == "kto" else ()):
+            assert two[step][k] == pytest.approx(one[step][k], abs=2e-5), (step, k)
+    r1, r2 = (json.loads((tmp_path / r / "results.json").read_text())["after"] for r in ("one", "two"))
+    assert r2["loss"] == pytest.approx(r1["loss"], abs=2e-5)

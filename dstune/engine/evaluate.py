@@ -24,23 +24,26 @@ def _bar(batches: list, desc: str, show: bool):
 
 @torch.no_grad()
 def evaluate(model, data: TaskData, cfg: RunConfig, tokenizer, where: Dist | None = None,
-             progress: bool = True, objective=None) -> dict[str, float]:
+             objective=None) -> dict[str, float]:
     """Metrics of `model` (a bare model, or a DeepSpeed engine) on `data.eval`: the task's loss and metrics
     (a preference `objective`'s, with its reference), and BLEU/ROUGE of greedy replies where
     `evaluation.generate` (or the task's default) asks for them; identical on every rank of `where` (one
-    process when None). `progress`: a progress bar on rank 0."""
+    process when None). A progress bar on rank 0 (stderr)."""
     where = where or Dist(0, 1, 0, next(model.parameters()).device)
     ds, task, batch_size = data.eval, get_task(cfg.task), cfg.evaluation.batch_size
-    show = progress and where.is_main
+    show = where.is_main
     was_training = model.training
     model.eval()
     loss_sum, items, preds, golds, tally = 0.0, 0, [], [], Tally()
-    for batch_ix in _bar(shard_batches(len(ds), where.rank, where.world, batch_size), "eval", show):
-        rows = [ds[i] for i, _ in batch_ix]
-        keep = torch.tensor([k for _, k in batch_ix], device=where.device)
-        batch = to_device(task.collate(rows, tokenizer.pad_token_id), where.device, task)
-        if objective is not None:  # kto: the KL estimate of each evaluation batch on its own
-            objective.start_step(model, [batch], len(rows), over_ranks=False)
+    shards = shard_batches(len(ds), where.rank, where.world, batch_size)
+    batch_of = lambda ix: (to_device(task.collate([ds[i] for i, _ in ix], tokenizer.pad_token_id), where.device,  # noqa: E731
+                                     task), torch.tensor([k for _, k in ix], device=where.device))
+    if objective is not None and objective.estimates_kl:  # kto: one KL estimate over the whole held-out set
+        batches, keeps = zip(*[batch_of(ix) for ix in shards])
+        objective.start_step(model, list(batches), len(ds), list(keeps))
+    for batch_ix in _bar(shards, "eval", show):
+        batch, keep = batch_of(batch_ix)
+        if objective is not None:
             objective.loss(model, batch, 0.0, tally, keep)
             continue
         labels = batch["labels"] if task.forward_takes_labels else batch.pop("labels")

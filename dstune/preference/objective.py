@@ -130,20 +130,26 @@ class Objective:
         self.nll_weight = 1.0 if cfg.loss == "orpo" else cfg.sft_weight
         self.kl: torch.Tensor | None = None
 
-    def start_step(self, engine, micro_batches: list[dict], rows: int, over_ranks: bool = True) -> None:
-        """kto: the KL estimate of the global batch (of `rows` rows) from this rank's micro-batches: the mean
-        over every rank's mismatched rows (`over_ranks`) of the policy's minus the reference's log-probability,
-        detached and clamped at 0."""
+    def start_step(self, engine, micro_batches: list[dict], rows: int, keeps: list | None = None) -> None:
+        """kto: the KL estimate of a global batch (or a whole held-out set) of `rows` rows from this rank's
+        micro-batches (`keeps`: per batch, the rows that count; evaluation's filler does not): the mean over
+        every rank's mismatched rows of the policy's minus the reference's log-probability, detached and
+        clamped at 0."""
         if self.cfg.loss != "kto":
             return
         import torch.distributed as dist
         total = torch.zeros((), dtype=torch.float64, device=micro_batches[0]["input_ids"].device)
         with torch.no_grad():
-            for batch in micro_batches:
-                total += (forward_logps(engine, batch, "kl_").sum - self.reference.logps(engine, batch, "kl_").sum).sum()
-        if over_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for i, batch in enumerate(micro_batches):
+                gap = forward_logps(engine, batch, "kl_").sum - self.reference.logps(engine, batch, "kl_").sum
+                total += (gap if keeps is None else gap[keeps[i]]).sum()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total)
         self.kl = (total / rows).clamp(min=0).float()
+
+    @property
+    def estimates_kl(self) -> bool:
+        return self.cfg.loss == "kto"
 
     def loss(self, engine, batch: dict, nll_scale: float, tally: Tally, keep: torch.Tensor | None = None
              ) -> torch.Tensor:
