@@ -137,7 +137,7 @@ def test_a_teacher_that_cannot_teach_is_refused(ws, tmp_path):
     train_sentencepiece([str(corpus)], str(other), vocab_size=60)
     recipe = with_teacher(lm_recipe(ws, tmp_path, "run", methods=LORA), teacher=str(other))
     assert_user_error(run_cli(["train", recipe]), r"distill\.teacher: .*other-vocab has another vocabulary "
-                                                   r"\(\d+ tokens, the student's \d+\)", tmp_path / "run")
+                                                   r"\(\d+ tokens, this run's \d+\)", tmp_path / "run")
     recipe = with_teacher(lm_recipe(ws, tmp_path, "run", methods=LORA), teacher=str(tmp_path / "missing"))
     assert_user_error(run_cli(["train", recipe]), r"distill\.teacher: not a folder: .*missing", tmp_path / "run")
 
