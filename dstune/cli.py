@@ -18,12 +18,13 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     Reads the model folder's files, no weights (a Hugging Face folder; a folder holding one .gguf file, or
     the file, sets model.gguf_file), and the data file, whose columns give the task unless --task names
-    it: a label column is classification; source and target, seq2seq; plain text, prompt/response pairs
-    or chat data (OpenAI messages, ShareGPT, Alpaca), causal_lm. Writes a recipe (default recipe.yaml;
+    it: chosen and rejected replies (or a completion with a true/false label) are preference (dpo, or kto);
+    a label column is classification; source and target, seq2seq; plain text, prompt/response pairs or chat
+    data (OpenAI messages, ShareGPT, Alpaca), causal_lm. Writes a recipe (default recipe.yaml;
     an existing file only with --force) whose every key is commented with its description from the
     recipe schema; --method (default lora; comma-separated to combine) is written with every option at
     its default. Packing, batch sizes and the held-out share follow the data's size, the learning rate
-    is the method's usual start. At a terminal it asks for a missing --model or --data. Prints what it
+    is the method's usual start (a tenth of it for preference tuning). At a terminal it asks for a missing --model or --data. Prints what it
     found and the command that trains.
     """
     from dstune.planning.recipe_init import init

@@ -36,6 +36,12 @@ FORMATS = {  # name: (model, rows, file suffix, what init says, task, data keys 
                       {"text_column": "sentence", "label_column": "sentiment"}),
     "source_target": ("t5", [{"source": "copy good", "target": "good"}], "parquet", "source/target pairs", "seq2seq",
                       {}),
+    "pairs": ("llama", [{"prompt": "say good", "chosen": "good", "rejected": "bad"}], "jsonl",
+              "preference pairs (text)", "preference", {"format": "pairs"}),
+    "pair_conversations": ("llama", [{"chosen": TURNS, "rejected": TURNS[:1] + [{"role": "assistant", "content": "no"}]}],
+                           "jsonl", "preference pairs (conversations)", "preference", {"format": "pairs"}),
+    "unpaired": ("llama", [{"prompt": "say good", "completion": "good", "label": True}], "jsonl",
+                 "replies labelled good or bad (unpaired, KTO)", "preference", {"format": "unpaired"}),
 }
 
 
@@ -71,7 +77,10 @@ def test_each_data_format_is_found_and_the_recipe_loads(ws, tmp_path, name):
     assert {k: getattr(cfg.data, k) for k in keys} == keys
     assert [m["name"] for m in cfg.methods] == ["lora"]
     # the chat formats get a template where the model has none (the workspace's tokenizer has none)
-    assert (cfg.tokenizer.chat_template is not None) == (name in ("messages", "sharegpt", "alpaca"))
+    assert (cfg.tokenizer.chat_template is not None) == (name in ("messages", "sharegpt", "alpaca",
+                                                                  "pair_conversations"))
+    if task == "preference":  # dpo for pairs, kto for unpaired rows, at a tenth of the supervised learning rate
+        assert cfg.preference.loss == ("kto" if name == "unpaired" else "dpo") and cfg.training.lr == pytest.approx(2e-5)
 
 
 def test_every_key_is_commented_with_the_schemas_description(ws, tmp_path):

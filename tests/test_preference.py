@@ -175,6 +175,11 @@ def test_bad_unpaired_label_and_the_wrong_rows_for_the_loss(ws, tmp_path):
 
 # --- where the reference comes from ---------------------------------------------------------------------
 
+def _base_params(ws) -> int:
+    from safetensors.torch import load_file
+    return sum(t.numel() for t in load_file(str(ws / "llama" / "model.safetensors")).values())
+
+
 def _train_curve(tmp_path, ws, name, data, **kw) -> tuple[dict, dict]:
     res = ok(run_cli(["train", recipe(tmp_path, ws, name, data, **kw)]))
     memory = json.loads((tmp_path / name / "memory.json").read_text())["after_first_step"][0]
@@ -196,9 +201,7 @@ def test_the_reference_is_the_same_whether_stepped_aside_copied_or_precomputed(w
             assert other[step] == pytest.approx(base[step], abs=1e-5), step
     assert base[6][1] != 0  # the rewards moved
     assert b["reference_bytes"] == 0 and p["reference_bytes"] == 0
-    assert c["reference_bytes"] == 4 * sum(  # every weight of the tiny Llama, fp32
-        t.numel() for t in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
-            str(ws / "llama" / "model.safetensors")).values())
+    assert c["reference_bytes"] == 4 * _base_params(ws)  # every weight of the tiny Llama, fp32
     assert "reference: computed once before the first step with the base model" in p["stdout"]
     assert "reference log-probabilities (preference.reference: precompute): " in p["stdout"]
 
@@ -318,3 +321,19 @@ def test_two_zero3_ranks_with_accumulation_equal_one_rank(ws, built_ops, tmp_pat
             assert two[step][k] == pytest.approx(one[step][k], abs=2e-5), (step, k)
     r1, r2 = (json.loads((tmp_path / r / "results.json").read_text())["after"] for r in ("one", "two"))
     assert r2["loss"] == pytest.approx(r1["loss"], abs=2e-5)
+
+
+def test_the_estimate_counts_the_reference_it_holds(ws, tmp_path):
+    """A copy holds the base's weights again (partitioned under ZeRO-3); the base stepped aside and
+    precomputed log-probabilities hold nothing."""
+    data = str(write_jsonl(tmp_path / "pairs.jsonl", pair_rows(8)))
+    path = recipe(tmp_path, ws, "e", data)
+    est = lambda *o: json.loads(ok(run_cli(["estimate", path, "--json", *o])).stdout)[0]  # noqa: E731
+    base, copy = est(), est("preference.reference=copy")
+    assert base["reference_weights"] == 0 and est("preference.reference=precompute")["reference_weights"] == 0
+    assert copy["reference_weights"] == 4 * _base_params(ws)  # fp32, every weight of the base (no LoRA)
+    assert copy["total"] == base["total"] + copy["reference_weights"]
+    zero3 = est("preference.reference=copy", "deepspeed=zero3", "--world-size", "2")
+    assert 0 < zero3["reference_weights"] < copy["reference_weights"]
+    table = ok(run_cli(["estimate", path, "preference.reference=copy"])).stdout
+    assert "reference model (preference.reference: copy; frozen, ZeRO-3: partitioned)" in table

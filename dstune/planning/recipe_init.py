@@ -22,22 +22,25 @@ from dstune.errors import UserError, did_you_mean
 from dstune.methods import available, build_methods, check_composition
 from dstune.tasks.causal_lm import CHAT, auto_format
 
-TASK_ORDER = ("classification", "seq2seq", "causal_lm")  # a label column decides first; plain text last
+TASK_ORDER = ("preference", "classification", "seq2seq", "causal_lm")  # pairs first, a label column next;
+#                                                                         plain text last
 LABEL_COLUMNS = ("label", "labels", "class", "category", "sentiment", "intent")
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "utterance")
 PAIR_COLUMNS = (("prompt", "response"), ("prompt", "completion"), ("question", "answer"), ("query", "response"),
                 ("input", "output"))  # prompt/response rows under other usual names
 FORMAT_NAMES = {"text": "plain text", "prompt_response": "prompt/response pairs", "messages": "OpenAI messages",
                 "sharegpt": "ShareGPT conversations", "alpaca": "Alpaca instructions"}
-READS = {"classification": f"a label column ({', '.join(LABEL_COLUMNS)}) and a text column",
+READS = {"preference": "prompt, chosen and rejected columns (pairs), or prompt, completion and a true/false label "
+                       "(unpaired, KTO)",
+         "classification": f"a label column ({', '.join(LABEL_COLUMNS)}) and a text column",
          "seq2seq": "source and target columns",
          "causal_lm": "text, prompt/response, messages, conversations (ShareGPT) or instruction/output (Alpaca) "
                       "columns"}
 # usual starting learning rates with AdamW (a method not listed starts from the schema's default)
 START_LR = {"full": 2e-5, "freeze": 2e-5, "layerwise_lr": 5e-5, "bitfit": 1e-3, "lora": 2e-4, "ia3": 3e-3,
             "adapter": 1e-3, "prompt": 3e-2, "prefix": 1e-2}
-MAX_LENGTH = {"classification": 256, "causal_lm": 1024, "seq2seq": 512}  # at most the model's positions
-BATCH = {"classification": (16, 1), "causal_lm": (4, 4), "seq2seq": (8, 2)}  # micro-batch, accumulation
+MAX_LENGTH = {"classification": 256, "causal_lm": 1024, "seq2seq": 512, "preference": 1024}  # at most the model's positions
+BATCH = {"classification": (16, 1), "causal_lm": (4, 4), "seq2seq": (8, 2), "preference": (2, 8)}  # micro-batch, accumulation
 EPOCHS = 3
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -193,7 +196,20 @@ def _causal_lm(ds, columns: list[str], first: dict):
     return None
 
 
-DETECTORS = {"classification": _classification, "seq2seq": _seq2seq, "causal_lm": _causal_lm}
+CONVERSATION_PAIRS = "preference pairs (conversations)"
+PREFERENCE_LR = 0.1  # preference tuning starts from a tenth of the method's supervised learning rate
+
+
+def _preference(ds, columns: list[str], first: dict):
+    if "chosen" in columns and "rejected" in columns:
+        return (CONVERSATION_PAIRS if not isinstance(first["chosen"], str) else "preference pairs (text)",
+                {"format": "pairs"})
+    if "completion" in columns and "label" in columns and isinstance(first["label"], bool):
+        return "replies labelled good or bad (unpaired, KTO)", {"format": "unpaired"}
+    return None
+
+
+DETECTORS = {"preference": _preference, "classification": _classification, "seq2seq": _seq2seq, "causal_lm": _causal_lm}
 
 
 def check_methods(given: str) -> list[str]:
@@ -225,7 +241,7 @@ def recipe(model: Model, data_path: str, found: Detected, methods: list[str], na
     packing = found.task == "causal_lm" and blocks >= 4 * micro * accumulation
     examples = blocks if packing else train_rows
     steps = EPOCHS * math.ceil(examples / (micro * accumulation))
-    chat = found.task == "causal_lm" and found.data.get("format") in CHAT
+    chat = found.task == "causal_lm" and found.data.get("format") in CHAT or found.what == CONVERSATION_PAIRS
     data = {"train": os.path.abspath(data_path), **found.data, "eval_fraction": eval_fraction,
             "max_length": max_length}
     if found.task == "causal_lm":
@@ -237,12 +253,16 @@ def recipe(model: Model, data_path: str, found: Detected, methods: list[str], na
         out["tokenizer"] = {"chat_template": CHATML}
     out["data"] = data
     out["methods"] = [{"name": m} for m in methods]
+    lr = START_LR.get(methods[0], TrainingConfig.model_fields["lr"].default)
+    if found.task == "preference":
+        out["preference"] = {"loss": "kto" if found.data.get("format") == "unpaired" else "dpo"}
+        lr *= PREFERENCE_LR
     out["deepspeed"] = "zero2"
     out["training"] = {"epochs": EPOCHS, "micro_batch_size": micro, "gradient_accumulation_steps": accumulation,
-                       "lr": START_LR.get(methods[0], TrainingConfig.model_fields["lr"].default),
+                       "lr": lr,
                        "lr_schedule": "cosine", "warmup_steps": math.ceil(0.03 * steps), "precision": "auto"}
     out["evaluation"] = {"every": 0}
-    if chat:
+    if chat and found.task == "causal_lm":
         out["evaluation"].update(max_samples=64, generate=True, max_new_tokens=64)
     out["output_dir"] = f"runs/{name}"
     return out
