@@ -337,3 +337,14 @@ def test_the_estimate_counts_the_reference_it_holds(ws, tmp_path):
     assert 0 < zero3["reference_weights"] < copy["reference_weights"]
     table = ok(run_cli(["estimate", path, "preference.reference=copy"])).stdout
     assert "reference model (preference.reference: copy; frozen, ZeRO-3: partitioned)" in table
+
+
+def test_prompt_tuning_scores_the_untouched_base_too(ws, tmp_path):
+    """A soft prompt changes the model before any step: the results table gets the base model's column
+    (policy and reference both the base: rewards 0), and the prompt-tuned policy's own 'before'."""
+    data = str(write_jsonl(tmp_path / "pairs.jsonl", pair_rows()))
+    ok(run_cli(["train", recipe(tmp_path, ws, "prompt", data, methods=[{"name": "prompt", "num_virtual_tokens": 4}],
+                                max_steps=3, lr=3e-2)]))
+    results = json.loads((tmp_path / "prompt" / "results.json").read_text())
+    assert results["base"]["rewards/chosen"] == 0 and results["base"]["rewards/rejected"] == 0
+    assert results["before"]["rewards/chosen"] != 0

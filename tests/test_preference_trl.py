@@ -339,3 +339,31 @@ def test_logps_are_the_reply_tokens_only(ws):
     reply = [len(tok(c, add_special_tokens=False)["input_ids"]) + 1 for c in CHOSEN + REJECTED]
     assert logps.count.tolist() == reply
     assert isinstance(logps, Logps) and bool((logps.sum < 0).all())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("spec", [LORA, {**LORA, "use_dora": True}, {"name": "ia3"}, {"name": "adapter"},
+                                  {"name": "prompt", "num_virtual_tokens": 3},
+                                  {"name": "prefix", "num_virtual_tokens": 3, "gate": False},
+                                  {"name": "prefix", "num_virtual_tokens": 3}],
+                         ids=["lora", "dora", "ia3", "adapter", "prompt", "prefix", "gated-prefix"])
+def test_every_method_that_leaves_the_base_frozen_steps_aside_to_the_base(ws, family, spec):
+    """The reference `base` is the untouched base model's log-probabilities, whatever the method added (its
+    weights moved away from their no-op start here), and the policy is not."""
+    tok = _tokenizer(ws)
+    batch = _pair_batch(tok)
+    base = forward_logps(_model(ws, family).eval(), batch)
+    model = _model(ws, family)
+    methods = build_methods([spec])
+    apply_methods(model, methods, "preference", tok)
+    assert all(m.steps_aside for m in methods)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    model.eval()
+    stepped = SteppedAside(base_model_only).logps(model, batch)
+    torch.testing.assert_close(stepped.sum, base.sum, atol=1e-5, rtol=1e-5)
+    assert stepped.count.tolist() == base.count.tolist()
+    assert (forward_logps(model, batch).sum - base.sum).abs().max() > 1e-3

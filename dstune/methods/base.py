@@ -16,13 +16,14 @@ def base_model_only(model: torch.nn.Module):
     prefixes, and added modules, LoRA, IA3, adapters) step aside: the model computes what its base does.
     Every module is flagged, since each method's hook looks at the module it sits on."""
     modules = list(model.modules())
+    was = [bypassed(m) for m in modules]  # nested (a reference scored while the base is): restore, not clear
     for m in modules:
         m.dstune_bypass = True
     try:
         yield model
     finally:
-        for m in modules:
-            m.dstune_bypass = False
+        for m, before in zip(modules, was):
+            m.dstune_bypass = before
 
 
 def bypassed(module: torch.nn.Module) -> bool:

@@ -117,8 +117,9 @@ def _counts(labels: torch.Tensor) -> torch.Tensor:
 
 def forward_logps(model, batch: dict, prefix: str = "") -> Logps:
     """`model`'s log-probabilities of the replies in `batch` (`prefix`: "kl_" for kto's mismatched rows)."""
+    labels = batch[f"{prefix}labels"]
     out = model(**{k: batch[f"{prefix}{k}"] for k in FORWARD_KEYS}, use_cache=False)
-    return reply_logps(out.logits, batch[f"{prefix}labels"])
+    return reply_logps(out.logits[:, -labels.shape[1]:], labels)  # a soft prompt's positions come first
 
 
 class Objective:
