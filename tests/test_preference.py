@@ -81,7 +81,8 @@ def _prepare(tmp_path, ws, rows, template=CHATML, **extra):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({"task": "preference", "model": {"tiny": "llama"},
                                   "tokenizer": {"path": str(ws / "tokenizer"), "chat_template": template},
-                                  "data": {"train": str(data), "max_length": extra.pop("max_length", 512)},
+                                  "data": {"train": str(data), "max_length": extra.pop("max_length", 512),
+                                           "packing": extra.pop("packing", False)},
                                   "output_dir": str(tmp_path / "run"), **extra}))
     cfg = load_config(recipe)
     return prepare_data(cfg, load_tokenizer(str(ws / "tokenizer"), chat_template=template)), cfg
@@ -171,6 +172,8 @@ def test_bad_unpaired_label_and_the_wrong_rows_for_the_loss(ws, tmp_path):
         _prepare(tmp_path, ws, [{"prompt": "a", "completion": "b", "label": True}])
     with pytest.raises(UserError, match=r"preference.loss: kto trains on unpaired rows .* holds pairs rows"):
         _prepare(tmp_path, ws, [LAYOUTS["prompt_turns"]], preference={"loss": "kto"})
+    with pytest.raises(UserError, match=r"data.packing: preference rows are scored pair by pair"):
+        _prepare(tmp_path, ws, [LAYOUTS["prompt_turns"]], packing=True)
 
 
 # --- where the reference comes from ---------------------------------------------------------------------

@@ -40,6 +40,11 @@ class Preference(CausalLM):
     def check(self, cfg, ds, path, key, tokenizer):
         """data.format pairs or unpaired (auto: from the columns)."""
         d, columns = cfg.data, ds.column_names
+        if d.packing:
+            raise UserError("data.packing: preference rows are scored pair by pair and are not packed; unset it")
+        if cfg.evaluation.generate:
+            raise UserError("evaluation.generate: preference runs are scored by their rewards; unset it (dstune "
+                            "generate and chat work on the finished run)")
         fmt = d.format
         if fmt == "auto":
             fmt = PAIRED if d.chosen_column in columns and d.rejected_column in columns else \
