@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo import REPO  # noqa: E402
 from distill_chat import pairs_split, plain_model  # noqa: E402
+from prefix_chat import replies  # noqa: E402
 
 LORA = [{"name": "lora", "r": 16, "alpha": 32}]
 
@@ -52,16 +53,6 @@ def train(run: Path, recipe: dict) -> dict:
         if res.returncode != 0:
             sys.exit(f"{run.name} failed:\n{res.stderr[-3000:]}")
     return json.loads(done.read_text())
-
-
-def replies(run: Path, prompts: list[str]) -> list[str]:
-    """The run's greedy replies (`dstune generate`), one per prompt."""
-    cmd = [sys.executable, "-m", "dstune", "generate", str(run), "--jsonl", "--max-new-tokens", "32",
-           *(arg for p in prompts for arg in ("--prompt", p))]
-    res = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
-    if res.returncode != 0:
-        sys.exit(f"generate {run.name} failed:\n{res.stderr[-2000:]}")
-    return [json.loads(line)["reply"] for line in res.stdout.splitlines() if line.startswith("{")]
 
 
 def closer_to_chosen(said: list[str], pairs: list[dict]) -> tuple[float, float]:
@@ -104,7 +95,7 @@ def main() -> None:
 
     held = [json.loads(line) for line in held_prefs.read_text(encoding="utf-8").splitlines()]
     picked = list({p["prompt"]: p for p in held}.values())[:a.prompts]  # one pair per prompt
-    closer = {name: closer_to_chosen(replies(out / name, [p["prompt"] for p in picked]), picked)
+    closer = {name: closer_to_chosen(replies(out / name, [p["prompt"] for p in picked], 32), picked)
               for name in ("sft", "dpo", "sft-dpo")}
 
     n_train = len(train_prefs.read_text(encoding="utf-8").splitlines())

@@ -40,8 +40,9 @@ def variants(tokens: int) -> dict[str, tuple[str, list[dict], float]]:
     }
 
 
-def replies(run: Path, prompts: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "dstune", "generate", str(run), "--jsonl", "--max-new-tokens", "24",
+def replies(run: Path, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
+    """The run's greedy replies (`dstune generate`), one per prompt."""
+    cmd = [sys.executable, "-m", "dstune", "generate", str(run), "--jsonl", "--max-new-tokens", str(max_new_tokens),
            *(arg for p in prompts for arg in ("--prompt", p))]
     res = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
     if res.returncode != 0:

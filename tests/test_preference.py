@@ -186,7 +186,7 @@ def _base_params(ws) -> int:
 def _train_curve(tmp_path, ws, name, data, **kw) -> tuple[dict, dict]:
     res = ok(run_cli(["train", recipe(tmp_path, ws, name, data, **kw)]))
     memory = json.loads((tmp_path / name / "memory.json").read_text())["after_first_step"][0]
-    return {s: (m["loss"], m["rewards/margins"]) for s, m in read_metrics(tmp_path / name).items()}, \
+    return {s: (m["loss"], m.get("rewards/margins")) for s, m in read_metrics(tmp_path / name).items()}, \
         {"stdout": res.stdout, "reference_bytes": memory.get("reference_bytes")}
 
 
@@ -351,3 +351,18 @@ def test_prompt_tuning_scores_the_untouched_base_too(ws, tmp_path):
     results = json.loads((tmp_path / "prompt" / "results.json").read_text())
     assert results["base"]["rewards/chosen"] == 0 and results["base"]["rewards/rejected"] == 0
     assert results["before"]["rewards/chosen"] != 0
+
+
+def test_kto_with_full_fine_tuning_precomputed_equals_a_copy(ws, tmp_path):
+    """kto's reference for its rows and for its mismatched KL rows, precomputed, is the frozen copy's."""
+    rows = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for r in pair_rows(16)
+            for k in ("chosen", "rejected")]
+    data = str(write_jsonl(tmp_path / "kto.jsonl", rows))
+    kw = dict(methods=[{"name": "full"}], max_steps=3, lr=1e-3)
+    copy, _ = _train_curve(tmp_path, ws, "copy", data, preference={"loss": "kto", "reference": "copy"}, **kw)
+    pre, p = _train_curve(tmp_path, ws, "pre", data, preference={"loss": "kto"}, **kw)
+    assert "reference: computed once before the first step" in p["stdout"]
+    for step in copy:
+        assert pre[step] == pytest.approx(copy[step], abs=1e-5), step
+    kl = [[m["kl"] for m in read_metrics(tmp_path / r).values()] for r in ("copy", "pre")]
+    assert kl[1] == pytest.approx(kl[0], abs=1e-6)

@@ -162,15 +162,15 @@ class TrainRun:
         lr = job.scheduler.get_last_lr()[0]
         started = time.perf_counter()
         loss_sum, kd_sum, tokens, tally = 0.0, 0.0, 0, Tally()
-        global_rows = [job.data.train[i] for i in job.batches.global_step(self.step)]
+        global_ix = job.batches.global_step(self.step)
         # the supervised loss (and a preference objective's NLL term) is the token mean over the global
         # batch's targets: of a kto batch, the rows labelled good
-        global_targets = self.count_targets([r["labels"] for r in global_rows if r.get("desirable", 1)]) \
-            if self.count_targets else 0
+        global_targets = self.count_targets([r["labels"] for r in map(job.data.train.__getitem__, global_ix)
+                                             if r.get("desirable", 1)]) if self.count_targets else 0
         micro_rows = [[job.data.train[i] for i in micro] for micro in job.batches.for_step(self.step)]
         with self.profiler.around(self.step + 1):
             if job.objective is not None:
-                job.objective.start_step(self.engine, [self.batch(rows) for rows in micro_rows], len(global_rows))
+                job.objective.start_step(self.engine, [self.batch(rows) for rows in micro_rows], len(global_ix))
             for rows in micro_rows:
                 tokens += sum(len(r["input_ids"]) for r in rows)  # no padding; no wait for the device
                 loss, kd = self.forward(rows, global_targets, tally)
