@@ -138,10 +138,15 @@ def test_unpaired_rows_and_their_mismatched_kl_rows(ws, tmp_path):
 def test_a_prompt_that_fills_max_length_is_left_out_and_counted(ws, tmp_path):
     long = {"prompt": " ".join(["the movie was good"] * 40), "chosen": GOOD, "rejected": BAD}
     short = {"prompt": "and the cast", "chosen": GOOD + " " + " ".join(["and great"] * 60), "rejected": BAD}
-    data, _ = _prepare(tmp_path, ws, [long, short, short], max_length=96)
+    data, cfg = _prepare(tmp_path, ws, [long, short, short], max_length=96)
     assert len(data.train) == 2 and data.sources[0]["too_long"] == 1
     assert len(data.train[0]["input_ids"]) == 96  # the long reply is cut at its end
     assert data.train[0]["labels"][-1] != -100
+    from dstune.models.tokenizers import load_tokenizer
+    from dstune.prepare.cache import prepared_data, summary
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    line = summary(*prepared_data(cfg, load_tokenizer(str(ws / "tokenizer"), chat_template=CHATML)))
+    assert line.endswith("; left out, the prompt alone filling data.max_length (96 tokens): 1 rows of rows.jsonl")
 
 
 @pytest.mark.parametrize("row, message", [
