@@ -173,9 +173,9 @@ def test_bad_unpaired_label_and_the_wrong_rows_for_the_loss(ws, tmp_path):
     with pytest.raises(UserError, match=r"rows.jsonl:1: data.train: label: expected true \(a good reply\) or false"):
         _prepare(tmp_path, ws, [{"prompt": "a", "completion": "b", "label": "yes"}], preference={"loss": "kto"})
     with pytest.raises(UserError, match=r"preference.loss: dpo trains on pairs \(prompt, chosen, rejected\), and "
-                                        r".*rows.jsonl holds unpaired rows"):
+                                        r".*rows.jsonl holds unpaired rows$"):
         _prepare(tmp_path, ws, [{"prompt": "a", "completion": "b", "label": True}])
-    with pytest.raises(UserError, match=r"preference.loss: kto trains on unpaired rows .* holds pairs rows"):
+    with pytest.raises(UserError, match=r"preference.loss: kto trains on unpaired rows .* holds pairs$"):
         _prepare(tmp_path, ws, [LAYOUTS["prompt_turns"]], preference={"loss": "kto"})
     with pytest.raises(UserError, match=r"data.packing: preference rows are scored pair by pair"):
         _prepare(tmp_path, ws, [LAYOUTS["prompt_turns"]], packing=True)

@@ -14,7 +14,6 @@ import torch
 from dstune.config import PreferenceConfig
 from dstune.data.batching import IGNORE
 from dstune.methods import apply_methods, build_methods
-from dstune.methods.base import base_model_only
 from dstune.preference.losses import Logps
 from dstune.preference.objective import Frozen, Objective, SteppedAside, Tally, forward_logps
 from dstune.tasks.preference import Preference, encode_replies, mismatched
@@ -64,7 +63,7 @@ def _dstune(model, cfg: PreferenceConfig, batch: dict, lora: bool):
     if lora:
         apply_methods(model, build_methods([LORA]), "preference")
         _randomise_lora(model)
-        reference = SteppedAside(base_model_only)
+        reference = SteppedAside()
     else:
         reference = Frozen(copy.deepcopy(model).requires_grad_(False).eval())
         _perturb(model)
@@ -208,7 +207,7 @@ def test_cdpo_equals_trl_smoothed_sigmoid(ws, tmp_path, family, lora):
     cfg = PreferenceConfig(loss="dpo", beta=0.3, label_smoothing=0.2)
     model = _model(ws, family)
     ours_loss, ours, ours_grads = _dstune(model, cfg, batch, lora)
-    reference = SteppedAside(base_model_only) if lora else None
+    reference = SteppedAside() if lora else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cpo = CPOTrainer(model=_model(ws, family), args=_args(CPOConfig, tmp_path, beta=0.3, loss_type="sigmoid",
@@ -363,7 +362,7 @@ def test_every_method_that_leaves_the_base_frozen_steps_aside_to_the_base(ws, fa
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.2)
     model.eval()
-    stepped = SteppedAside(base_model_only).logps(model, batch)
+    stepped = SteppedAside().logps(model, batch)
     torch.testing.assert_close(stepped.sum, base.sum, atol=1e-5, rtol=1e-5)
     assert stepped.count.tolist() == base.count.tolist()
     assert (forward_logps(model, batch).sum - base.sum).abs().max() > 1e-3

@@ -13,7 +13,6 @@ import torch
 
 from dstune.data.batching import to_device
 from dstune.engine.distributed import barrier, gather_objects, shard_batches
-from dstune.methods.base import base_model_only
 from dstune.preference.objective import SteppedAside
 from dstune.tasks import get_task
 
@@ -59,7 +58,7 @@ def _logps_of(job, ds, split: str) -> dict[str, np.ndarray]:
     gathered on every rank."""
     from tqdm.auto import tqdm
 
-    reference, task = SteppedAside(base_model_only), get_task(job.cfg.task)
+    reference, task = SteppedAside(), get_task(job.cfg.task)
     first, second = COLUMNS[_kind(job)]
     mine: list[tuple[int, float, float]] = []
     batches = shard_batches(len(ds), job.dist.rank, job.dist.world, job.cfg.evaluation.batch_size)

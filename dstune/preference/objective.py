@@ -10,15 +10,14 @@ is the same on every rank and for any split of the batch into micro-batches.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
 
 import torch
 
 from dstune.config import PreferenceConfig
 from dstune.errors import UserError
+from dstune.methods.base import base_model_only
 from dstune.preference.losses import Logps, kto_losses, pair_losses, reply_logps
 
-REFERENCE_FREE = ("simpo", "orpo")
 FORWARD_KEYS = ("input_ids", "attention_mask")
 
 
@@ -67,12 +66,9 @@ class Reference:
 class SteppedAside(Reference):
     """The policy itself with its methods stepped aside (`base_model_only`): the frozen base, no second copy."""
 
-    def __init__(self, base_model_only: Callable):
-        self.base_model_only = base_model_only
-
     @torch.no_grad()
     def logps(self, engine, batch, prefix=""):
-        with self.base_model_only(getattr(engine, "module", engine)), eval_mode(engine):
+        with base_model_only(getattr(engine, "module", engine)), eval_mode(engine):
             return forward_logps(engine, batch, prefix)
 
 
@@ -232,12 +228,11 @@ def reference_choice(cfg, methods: list) -> str:
 def load_reference(cfg, choice: str, tokenizer, ds_config: dict, stage: int, device) -> Reference | None:
     """The reference `choice` names (reference_choice), loaded where it is a model of its own."""
     from dstune.distill.teacher import load_frozen
-    from dstune.methods.base import base_model_only
 
     if not choice:
         return None
     if choice == "base":
-        return SteppedAside(base_model_only)
+        return SteppedAside()
     if choice == "precompute":
         return Precomputed()
     if choice == "copy":

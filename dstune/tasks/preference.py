@@ -30,6 +30,7 @@ from dstune.tasks.seq2seq import with_eos
 
 PAIRED, UNPAIRED = "pairs", "unpaired"
 REJECTED = ("rejected_ids", "rejected_labels")
+ROWS = {PAIRED: "pairs (prompt, chosen, rejected)", UNPAIRED: "unpaired rows (prompt, completion, label)"}
 
 
 class Preference(CausalLM):
@@ -54,12 +55,12 @@ class Preference(CausalLM):
                                 f"{d.rejected_column!r}) nor unpaired replies ({d.completion_column!r} and "
                                 f"{d.label_column!r}) (columns: {', '.join(columns)})")
         if fmt not in (PAIRED, UNPAIRED):
-            raise UserError(f"data.format: {fmt} is not a preference format; task preference reads pairs "
-                            "(prompt, chosen, rejected) or unpaired (prompt, completion, label)")
+            raise UserError(f"data.format: {fmt} is not a preference format; task preference reads {ROWS[PAIRED]} "
+                            f"or {ROWS[UNPAIRED]}")
         if (fmt == UNPAIRED) != (cfg.preference.loss == "kto"):
-            raise UserError(f"preference.loss: {cfg.preference.loss} trains on "
-                            f"{'unpaired rows (prompt, completion, label)' if cfg.preference.loss == 'kto' else 'pairs (prompt, chosen, rejected)'}"
-                            f", and {path} holds {fmt} rows")
+            wants = UNPAIRED if cfg.preference.loss == "kto" else PAIRED
+            raise UserError(f"preference.loss: {cfg.preference.loss} trains on {ROWS[wants]}, and {path} holds "
+                            f"{ROWS[fmt].split(' (')[0]}")
         replies = [("data.chosen_column", d.chosen_column), ("data.rejected_column", d.rejected_column)] \
             if fmt == PAIRED else [("data.completion_column", d.completion_column), ("data.label_column", d.label_column)]
         prompt = [c for c in (d.prompt_column, d.messages_column, "conversations") if c and c in columns]
