@@ -3,8 +3,9 @@ pairs (chosen: the corpus's reply; rejected: the reply to another prompt, drawn 
 no held-out prompt is trained on. Three LoRA runs at the same budget: DPO from the base model, SFT on the
 chosen replies alone, and SFT -> DPO (DPO whose model.path is the SFT run dir: its merged weights, and its
 reference). Held-out: DPO's reward accuracy and margin before and after, the chosen replies' loss, and how
-often each model's greedy reply is closer (ROUGE-L F1) to the chosen reply than to the rejected one.
-Prints markdown (docs/results/preference.md).
+often each model's greedy reply is closer (ROUGE-L F1) to the chosen reply than to the rejected one; and
+what one rank holds with each reference (base stepped aside, a copy, precomputed). Prints markdown
+(docs/results/preference.md).
 
 Usage: python examples/preference_chat.py [--steps 60] [--sft-steps 60] [--prompts 100] [--out DIR]
 """
@@ -44,7 +45,7 @@ def preference_pairs(pairs: Path, out: Path, seed: int = 0) -> Path:
 def train(run: Path, recipe: dict) -> dict:
     """Train unless `run` already finished; its results.json."""
     done = run / "results.json"
-    if not (done.exists() and "after" in json.loads(done.read_text())):
+    if not (done.exists() and "steps" in json.loads(done.read_text())):
         path = run.with_suffix(".yaml")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**recipe, "output_dir": str(run)}))
@@ -98,6 +99,14 @@ def main() -> None:
     closer = {name: closer_to_chosen(replies(out / name, [p["prompt"] for p in picked], 32), picked)
               for name in ("sft", "dpo", "sft-dpo")}
 
+    memory = {}  # one short run per reference, LoRA, no held-out rows: what each holds beside the policy
+    for ref in ("base", "copy", "precompute"):
+        run = out / f"memory-{ref}"
+        train(run, {**dpo_recipe, "preference": {"loss": "dpo", "beta": a.beta, "reference": ref},
+                    "data": {"train": str(train_prefs), "max_length": 128},
+                    "training": {**dpo_recipe["training"], "max_steps": 2}})
+        memory[ref] = reference_memory(run)
+
     n_train = len(train_prefs.read_text(encoding="utf-8").splitlines())
     print(f"SmolLM2-135M-Instruct, LoRA r 16 (q_proj, v_proj), fp32, micro-batch 8, max_length 128, seed 1; "
           f"{n_train:,} training pairs, {len(held):,} held-out pairs (prompts never trained on). DPO: beta "
@@ -114,6 +123,19 @@ def main() -> None:
         print(f"| {label} | {r['before']['rewards/accuracies']:.2f} -> {x['rewards/accuracies']:.2f} | "
               f"{r['before']['rewards/margins']:.3f} -> {x['rewards/margins']:.3f} | {x['nll_loss']:.4f} | "
               f"{closer[name][0]:.2f} / {closer[name][1]:.2f} |")
+
+
+    print("\nWhat one rank holds after the first step (memory.json), DPO with each reference:\n")
+    print("| preference.reference | reference weights held | process RSS |")
+    print("|---|---:|---:|")
+    for ref, (held, rss) in memory.items():
+        print(f"| {ref} | {held / 2**20:,.0f} MiB | {rss / 2**20:,.0f} MiB |")
+
+
+def reference_memory(run: Path) -> tuple[int, int]:
+    """(the reference weights held, the process RSS) after the run's first step, from its memory.json."""
+    first = json.loads((run / "memory.json").read_text())["after_first_step"][0]
+    return first.get("reference_bytes", 0), first["process_rss"]
 
 
 if __name__ == "__main__":
