@@ -1,8 +1,8 @@
 """Preference tuning on dialogue: SmolLM2-135M-Instruct and the chatterbot prompt/reply pairs made preference
 pairs (chosen: the corpus's reply; rejected: the reply to another prompt, drawn once), split by prompt so
-no held-out prompt is trained on. Three LoRA runs at the same budget: DPO from the base model, SFT on the
-chosen replies alone, and SFT -> DPO (DPO whose model.path is the SFT run dir: its merged weights, and its
-reference). Held-out: DPO's reward accuracy and margin before and after, the chosen replies' loss, and how
+no held-out prompt is trained on. LoRA runs at the same budget: DPO from the base model, SFT on the
+chosen replies alone, SFT -> DPO (DPO whose model.path is the SFT run dir: its merged weights, and its
+reference), and SFT -> DPO with the chosen replies' NLL added (preference.sft_weight, RPO). Held-out: DPO's reward accuracy and margin before and after, the chosen replies' loss, and how
 often each model's greedy reply is closer (ROUGE-L F1) to the chosen reply than to the rejected one; and
 what one rank holds with each reference (base stepped aside, a copy, precomputed). Prints markdown
 (docs/results/preference.md).
@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=60)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=5e-4, help="DPO's learning rate (SFT: 1e-3)")
+    ap.add_argument("--sft-weight", type=float, default=1.0, help="the NLL term's weight of the last run (RPO)")
     ap.add_argument("--prompts", type=int, default=100, help="held-out prompts whose greedy replies are compared")
     ap.add_argument("--out", default=str(REPO / "runs" / "preference_chat"), help="run dirs (finished ones reused)")
     a = ap.parse_args()
@@ -93,11 +94,13 @@ def main() -> None:
                   "training": {**common["training"], "max_steps": a.steps, "lr": a.lr}}
     dpo = train(out / "dpo", dpo_recipe)
     sft_dpo = train(out / "sft-dpo", {**dpo_recipe, "model": {"path": str(out / "sft")}})
+    sft_rpo = train(out / "sft-rpo", {**dpo_recipe, "model": {"path": str(out / "sft")},
+                                      "preference": {"loss": "dpo", "beta": a.beta, "sft_weight": a.sft_weight}})
 
     held = [json.loads(line) for line in held_prefs.read_text(encoding="utf-8").splitlines()]
     picked = list({p["prompt"]: p for p in held}.values())[:a.prompts]  # one pair per prompt
     closer = {name: closer_to_chosen(replies(out / name, [p["prompt"] for p in picked], 32), picked)
-              for name in ("sft", "dpo", "sft-dpo")}
+              for name in ("sft", "dpo", "sft-dpo", "sft-rpo")}
 
     memory = {}  # one short run per reference, LoRA, no held-out rows: what each holds beside the policy
     for ref in ("base", "copy", "precompute"):
@@ -118,7 +121,8 @@ def main() -> None:
     b = dpo["before"]
     print(f"| base model (untouched) | - | - | {b['nll_loss']:.4f} | - |")
     print(f"| SFT alone | - | - | {sft['after']['loss']:.4f} | {closer['sft'][0]:.2f} / {closer['sft'][1]:.2f} |")
-    for label, name, r in (("DPO from the base", "dpo", dpo), ("SFT -> DPO", "sft-dpo", sft_dpo)):
+    for label, name, r in (("DPO from the base", "dpo", dpo), ("SFT -> DPO", "sft-dpo", sft_dpo),
+                           (f"SFT -> DPO + NLL (sft_weight {a.sft_weight:g})", "sft-rpo", sft_rpo)):
         x = r["after"]
         print(f"| {label} | {r['before']['rewards/accuracies']:.2f} -> {x['rewards/accuracies']:.2f} | "
               f"{r['before']['rewards/margins']:.3f} -> {x['rewards/margins']:.3f} | {x['nll_loss']:.4f} | "

@@ -301,11 +301,12 @@ def test_sft_then_dpo_in_two_commands_then_eval_and_export(ws, tmp_path):
 # --- many ranks -----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["dpo-lora-sft", "kto-lora", "dpo-full-precompute"])
+@pytest.mark.parametrize("case", ["dpo-lora-sft", "kto-lora", "dpo-full-precompute", "ipo-full-copy"])
 def test_two_zero3_ranks_with_accumulation_equal_one_rank(ws, built_ops, tmp_path, case):
     """The loss is the mean over the global batch's pairs (rows, kto; the KL estimate too), and the NLL term
     the token mean over its chosen replies: 2 ranks × accumulation 2 under ZeRO-3 step as 1 rank × 4 does,
-    whether the reference is the base stepped aside (gathered layer by layer) or precomputed."""
+    whether the reference is the base stepped aside (gathered layer by layer), precomputed, or a frozen copy
+    (partitioned by DeepSpeed)."""
     zero3 = tmp_path / "zero3.json"
     zero3.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
     loss = case.split("-")[0]
@@ -316,7 +317,8 @@ def test_two_zero3_ranks_with_accumulation_equal_one_rank(ws, built_ops, tmp_pat
         rows = pair_rows(80)
     data = str(write_jsonl(tmp_path / "rows.jsonl", rows))
     methods = [{"name": "full"}] if "full" in case else None
-    preference = {"loss": loss, **({"sft_weight": 0.5} if "sft" in case else {})}
+    preference = {"loss": loss, **({"sft_weight": 0.5} if "sft" in case else {}),
+                  **({"reference": "copy"} if "copy" in case else {})}
     common = dict(methods=methods, preference=preference, micro_batch_size=2, max_steps=4,
                   lr=1e-3 if "full" in case else 5e-3)
     ok(run_cli(["train", recipe(tmp_path, ws, "one", data, gradient_accumulation_steps=4, **common)]))
