@@ -129,17 +129,17 @@ def main() -> None:
               f"{closer[name][0]:.2f} / {closer[name][1]:.2f} |")
 
 
-    print("\nWhat one rank holds after the first step (memory.json), DPO with each reference:\n")
-    print("| preference.reference | reference weights held | process RSS |")
+    print("\nWhat one rank holds (memory.json), DPO with LoRA and each reference, 2 steps:\n")
+    print("| preference.reference | reference weights held | peak process RSS |")
     print("|---|---:|---:|")
     for ref, (held, rss) in memory.items():
         print(f"| {ref} | {held / 2**20:,.0f} MiB | {rss / 2**20:,.0f} MiB |")
 
 
 def reference_memory(run: Path) -> tuple[int, int]:
-    """(the reference weights held, the process RSS) after the run's first step, from its memory.json."""
-    first = json.loads((run / "memory.json").read_text())["after_first_step"][0]
-    return first.get("reference_bytes", 0), first["process_rss"]
+    """(the reference weights rank 0 held after the first step, its peak RSS over the run) from memory.json."""
+    memory = json.loads((run / "memory.json").read_text())
+    return memory["after_first_step"][0].get("reference_bytes", 0), memory["phase_peaks"][0]["peak_rss"]
 
 
 if __name__ == "__main__":
