@@ -373,3 +373,11 @@ def test_kto_with_full_fine_tuning_precomputed_equals_a_copy(ws, tmp_path):
         assert pre[step] == pytest.approx(copy[step], abs=1e-5), step
     kl = [[m["kl"] for m in read_metrics(tmp_path / r).values()] for r in ("copy", "pre")]
     assert kl[1] == pytest.approx(kl[0], abs=1e-6)
+
+
+def test_active_learning_refuses_a_preference_run():
+    from dstune.active.select import check_strategy
+    from dstune.errors import UserError
+
+    with pytest.raises(UserError, match=r"--strategy: active learning picks rows to label .* a preference run's"):
+        check_strategy("preference", "nll")

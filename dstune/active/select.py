@@ -27,6 +27,9 @@ GENERATIVE_STRATEGIES = ("nll",)
 
 
 def check_strategy(task: str, strategy: str) -> None:
+    if get_task(task).model_task != task:  # e.g. preference pairs: judged already, nothing to label
+        raise UserError(f"--strategy: active learning picks rows to label for classification, causal_lm and seq2seq "
+                        f"runs; a {task} run's rows are not scored one by one")
     generative = get_task(task).generative
     fits = ("random", *(GENERATIVE_STRATEGIES if generative else CLASSIFICATION_STRATEGIES))
     if strategy not in fits:
