@@ -54,18 +54,21 @@ def launcher_env() -> Iterator[None]:
 def stop_signals() -> Iterator[None]:
     """For a job's lifetime: SIGTERM (what torchrun, DeepSpeed's launcher and Slurm send to stop a rank) raises
     StopSignal in the main thread, as Ctrl-C raises KeyboardInterrupt, so the job ends through the same
-    path: its run dir released, one line said. The previous handler is put back afterwards."""
+    path: its run dir released, one line said. Ctrl-C does so even in a process that inherited SIGINT
+    ignored (a background job of a non-interactive shell, some cluster wrappers). The previous handlers are
+    put back afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum, frame):
         raise StopSignal(signum)
-    before = signal.signal(signal.SIGTERM, stop)
+    before = signal.signal(signal.SIGTERM, stop), signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
 
 
 def prepare_env() -> None:
