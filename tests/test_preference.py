@@ -381,3 +381,26 @@ def test_active_learning_refuses_a_preference_run():
 
     with pytest.raises(UserError, match=r"--strategy: active learning picks rows to label .* a preference run's"):
         check_strategy("preference", "nll")
+
+
+def test_generation_scoring_and_unusable_run_dirs_are_refused_in_one_line(ws, tmp_path):
+    from dstune.config import RunConfig
+    from dstune.errors import UserError
+    from dstune.rundir.as_base import base_from_run
+
+    with pytest.raises(UserError, match=r"evaluation.generate: preference runs are scored by their rewards"):
+        _prepare(tmp_path, ws, [LAYOUTS["prompt_turns"]], evaluation={"generate": True})
+    run = tmp_path / "unfinished"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}")
+    (run / "run.json").write_text("{}")
+    cfg = RunConfig.model_validate({"task": "preference", "model": {"path": str(run)}, "data": {"train": "x"},
+                                    "output_dir": str(tmp_path / "out")})
+    with pytest.raises(UserError, match=r"model.path: .*unfinished is a dstune run dir that has not finished"):
+        base_from_run(cfg)
+    data = str(write_jsonl(tmp_path / "pairs.jsonl", pair_rows(8)))
+    ok(run_cli(["train", recipe(tmp_path, ws, "prompt", data, methods=[{"name": "prompt", "num_virtual_tokens": 2}],
+                                max_steps=1)]))
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": str(tmp_path / "prompt")})})
+    with pytest.raises(UserError, match=r"model.path: .*prompt trained prompt, which cannot be folded into the base"):
+        base_from_run(cfg)
