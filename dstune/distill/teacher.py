@@ -88,6 +88,12 @@ def _labels_of_folder(path: Path, labels, key: str) -> None:
                         "labels, or a folder whose config.json id2label names them")
 
 
+def with_model_folder(cfg: RunConfig, path: str) -> RunConfig:
+    """`cfg` with another Hugging Face model folder as its model, trained whole (a teacher's, a reference's)."""
+    return cfg.model_copy(update={"methods": [{"name": "full"}], "model": cfg.model.model_copy(update={
+        "path": path, "tiny": None, "gguf_file": None, "config_overrides": {}})})
+
+
 def load_frozen(cfg: RunConfig, path_: str, key: str, tokenizer, labels, ds_config: dict, stage: int,
                 device: torch.device):
     """(a frozen model, in eval mode and the training precision, partitioned under ZeRO-3; the vocabulary
@@ -112,8 +118,7 @@ def load_frozen(cfg: RunConfig, path_: str, key: str, tokenizer, labels, ds_conf
     else:
         if not get_task(cfg.task).generative:
             _labels_of_folder(path, labels, key)
-        other = cfg.model_copy(update={"model": cfg.model.model_copy(update={
-            "path": str(path), "tiny": None, "gguf_file": None, "config_overrides": {}})})
+        other = with_model_folder(cfg, str(path))
         vocab = _check_matches(cfg, path, cfg.task, load_tokenizer(str(path)) if any(path.glob("tokenizer*")) else None,
                                tokenizer, key)
         keep = HfDeepSpeedConfig(frozen_ds_config(ds_config)) if stage == 3 else None  # noqa: F841 (loads partitioned)

@@ -216,20 +216,14 @@ def reference_bytes(cfg: RunConfig, stage: int, world: int) -> tuple[int, str]:
     return _frozen_bytes(cfg, source, stage, world, None)[0], choice
 
 
-def _config_of(cfg: RunConfig, path_: str) -> RunConfig:
+def _config_of(cfg: RunConfig, path: str) -> RunConfig:
     """The recipe of a frozen model beside the run: a run dir's own (with its methods), or a folder's model."""
     from pathlib import Path
 
-    import yaml
+    from dstune.distill.teacher import with_model_folder
+    from dstune.rundir.load import finished_recipe, is_run_dir
 
-    from dstune.config import config_from_dict
-    from dstune.rundir.load import is_run_dir
-
-    path = Path(path_)
-    if is_run_dir(path):
-        return config_from_dict(yaml.safe_load((path / "config.yaml").read_text()), str(path / "config.yaml"))
-    return cfg.model_copy(update={"methods": [{"name": "full"}], "model": cfg.model.model_copy(update={
-        "path": str(path), "tiny": None, "gguf_file": None, "config_overrides": {}})})
+    return finished_recipe(path) if is_run_dir(Path(path)) else with_model_folder(cfg, path)
 
 
 def _frozen_bytes(cfg: RunConfig, source: RunConfig, stage: int, world: int, labels) -> tuple[int, torch.nn.Module]:
