@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import logging
 import multiprocessing
 import os
 import socket
@@ -77,10 +78,18 @@ def _captured_output():
     try:
         yield text
     finally:
-        for stream in (sys.stdout, sys.stderr):
+        captured = (sys.stdout, sys.stderr)
+        for stream in captured:
             stream.flush()
             stream.close()
         sys.stdout, sys.stderr, sys.stdin = saved_streams
+        # a library that set up its log handler during the run (datasets, transformers) holds the closed
+        # stream: point it back at the real stderr, or its next message is a logging error in a later run
+        loggers = [logging.getLogger(), *(x for x in logging.root.manager.loggerDict.values()
+                                         if isinstance(x, logging.Logger))]
+        for handler in (h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)):
+            if handler.stream in captured:
+                handler.stream = sys.stderr  # setStream would flush the closed one
         os.dup2(saved_fds[0], 1)
         os.dup2(saved_fds[1], 2)
         for fd in saved_fds:

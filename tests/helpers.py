@@ -133,7 +133,7 @@ def write(tmp_path, ws, text: str | None = None, **changes) -> tuple:
 def assert_user_error(res: CliResult, pattern: str, out) -> None:
     """Exit 2, one `dstune: error:` line matching `pattern`, no traceback, and no output_dir left behind."""
     assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
-    assert "Traceback" not in res.stderr
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("dstune: error:")]
     assert len(errors) == 1, res.stderr
     assert re.search(pattern, errors[0]), errors[0]
