@@ -313,7 +313,9 @@ def methods_page() -> str:
             notes.append(f"- Needs one of {', '.join(f'`{n}`' for n in cls.needs_one_of)} in the same list.")
         presets = {k: v for k, v in cls.bench_presets().items() if v != [{"name": name}]}
         for preset, spec in sorted(presets.items()):
-            notes.append(f"- `dstune bench --methods {preset}` trains {code(yaml_value(spec))}.")
+            extra = cls.bench_overrides().get(preset, [])
+            notes.append(f"- `dstune bench --methods {preset}` trains {code(yaml_value(spec))}"
+                         + (f" with {', '.join(code(o) for o in extra)}" if extra else "") + ".")
         if notes:
             lines += [*notes, ""]
         if cls.Options.model_fields:

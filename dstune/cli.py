@@ -293,8 +293,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.recipe, args.overrides)
     from dstune.engine.precision import resolve
-    from dstune.planning.estimate import deepspeed_estimate, estimate
-    from dstune.planning.report import estimate_table
+    from dstune.planning.estimate import base_alternatives, deepspeed_estimate, estimate
+    from dstune.planning.report import base_table, estimate_table
 
     from dstune.rundir.as_base import base_model_of_run
     cfg = base_model_of_run(cfg.with_training(precision=resolve(cfg.training.precision, cuda=not args.cpu)[0]))
@@ -312,6 +312,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     theirs = deepspeed_estimate(table, info["zero_stage"], args.world_size, info["offload_optimizer"],
                                 info["largest_param"])
     print(estimate_table(cfg, per_rank[0], table, info, args.world_size, theirs))
+    if rows := base_alternatives(cfg, per_rank[0], table, args.world_size, args.seq_len, not args.cpu, tokenizer):
+        from dstune.planning.fit import MARGIN
+        print("\n" + base_table(rows, MARGIN))
     return 0
 
 

@@ -61,6 +61,11 @@ class ModelConfig(_Section):
                           "qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, qwen2_moe, mixtral, bert, t5) instead of "
                           "loading weights")
     config_overrides: dict[str, Any] = Field(default_factory=dict, description="fields set on the model config")
+    quantize: Literal["nf4", "fp4", "int8"] | None = Field(
+        None, description="hold the frozen base's linear layers quantized (bitsandbytes): nf4 (QLoRA: 4-bit "
+                          "NormalFloat, double quantization), fp4, or int8; computes in training.precision; only "
+                          "methods that leave the base frozen train on it. A checkpoint saved quantized "
+                          "(bitsandbytes) is read as such without it")
     trust_remote_code: bool = Field(False, description="allow model code shipped inside the model folder")
 
     @field_validator("tiny")

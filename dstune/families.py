@@ -14,6 +14,10 @@ from typing import Any
 
 from dstune.errors import UserError
 
+# heads created for the task (not in the pretrained weights): they always train under PEFT methods, as PEFT's
+# `modules_to_save` does for sequence classification, and stay in full precision on a quantized base
+TASK_HEADS = ("classifier", "score")
+
 
 @dataclass(frozen=True)
 class Family:

@@ -56,6 +56,16 @@ def plain_model(out: Path) -> Path:
     return out
 
 
+def chat_overrides(base: Path, train_file: Path, held: Path) -> list[str]:
+    """What every run of these dialogue examples shares: the model, the split, 128 tokens, one CPU rank in fp32,
+    micro-batches of 8, no checkpoints, held-out loss only at the start and the end."""
+    return [f"model.path={base}", "model.gguf_file=null", f"data.train={train_file}", f"data.eval={held}",
+            "data.eval_fraction=0", "data.max_length=128", "deepspeed=zero0", "training.precision=fp32",
+            "training.activation_checkpointing=false", "training.micro_batch_size=8",
+            "training.gradient_accumulation_steps=1", "training.checkpoint_every=0", "evaluation.every=0",
+            "evaluation.generate=false"]
+
+
 def train(run: Path, overrides: list[str]) -> dict:
     """Train unless `run` already finished; its results.json."""
     done = run / "results.json"
@@ -81,11 +91,7 @@ def main() -> None:
     out = REPO / "runs" / "distill_chat"
     train_file, held = pairs_split(out / "data")
     base = plain_model(out / "smollm2")
-    common = [f"model.path={base}", "model.gguf_file=null", f"data.train={train_file}", f"data.eval={held}",
-              "data.eval_fraction=0", "data.max_length=128", "deepspeed=zero0", "training.precision=fp32",
-              "training.activation_checkpointing=false", "training.micro_batch_size=8",
-              "training.gradient_accumulation_steps=1", "training.checkpoint_every=0", "evaluation.every=0",
-              "evaluation.generate=false", "methods=[{name: full}]", "training.warmup_steps=10"]
+    common = [*chat_overrides(base, train_file, held), "methods=[{name: full}]", "training.warmup_steps=10"]
     teacher = train(out / "teacher", [*common, f"training.max_steps={a.teacher_steps}", "training.lr=5e-5"])
     print(f"teacher: {teacher['before']['loss']:.3f} -> {teacher['after']['loss']:.3f}", file=sys.stderr, flush=True)
     student = [*common, f"model.config_overrides={{num_hidden_layers: {a.layers}}}", f"training.max_steps={a.steps}",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo import REPO  # noqa: E402
-from distill_chat import pairs_split, plain_model, train  # noqa: E402
+from distill_chat import chat_overrides, pairs_split, plain_model, train  # noqa: E402
 
 # what a chatbot prefix could say before every message (about 20 tokens)
 TASK = "You are a friendly assistant. Reply to the user's message with one short, polite answer."
@@ -67,12 +67,8 @@ def main() -> None:
     data = REPO / "runs" / "distill_chat"
     train_file, held = pairs_split(data / "data")
     base = plain_model(data / "smollm2")
-    common = [f"model.path={base}", "model.gguf_file=null", f"data.train={train_file}", f"data.eval={held}",
-              "data.eval_fraction=0", "data.max_length=128", "deepspeed=zero0", "training.precision=fp32",
-              "training.activation_checkpointing=false", "training.micro_batch_size=8", "training.seed=1",
-              "training.gradient_accumulation_steps=1", "training.checkpoint_every=0", "evaluation.every=0",
-              "evaluation.generate=false", f"evaluation.max_samples={a.heldout}", f"training.max_steps={a.steps}",
-              "training.warmup_steps=5"]
+    common = [*chat_overrides(base, train_file, held), "training.seed=1", f"evaluation.max_samples={a.heldout}",
+              f"training.max_steps={a.steps}", "training.warmup_steps=5"]
     prompts = list(dict.fromkeys(json.loads(line)["prompt"] for line in held.read_text().splitlines()))[:a.replies]
     rows, shown, base_score = [], {}, None
     for label, (name, methods, lr) in variants(a.tokens).items():

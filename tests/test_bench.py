@@ -62,6 +62,7 @@ def test_bench_runs_the_recipes_own_method_as_written_and_presets_for_the_others
     cfg = load_config(bench_recipe(tmp_path, [lora, {"name": "bitfit"}]))
     assert what_runs(cfg, "lora") == ([lora], "lora (recipe: r=8, target_modules=q_proj,v_proj)")
     assert what_runs(cfg, "bitfit") == ([{"name": "bitfit"}], "bitfit (recipe: defaults)")
+    assert what_runs(cfg, "qlora") == ([lora], "qlora (recipe: r=8, target_modules=q_proj,v_proj)")  # on nf4
     assert what_runs(cfg, "prefix") == (bench_presets()["prefix"], "prefix (preset: num_virtual_tokens=32, gate=false)")
     assert what_runs(cfg, "prefix-split")[1] == \
         "prefix-split (preset: prefix num_virtual_tokens=32, gate=false, attention=split)"  # not a method name
@@ -69,6 +70,7 @@ def test_bench_runs_the_recipes_own_method_as_written_and_presets_for_the_others
     assert what_runs(cfg, "layerwise_lr") == ([{"name": "full"}, {"name": "layerwise_lr", "decay": 0.5}],
                                               "layerwise_lr (recipe: full + layerwise_lr decay=0.5)")
     assert what_runs(cfg, "lora")[1] == "lora (preset: r=16, alpha=32, target_modules=all-linear)"
+    assert what_runs(cfg, "qlora")[1] == "qlora (preset: lora r=16, alpha=32, target_modules=all-linear)"
 
 
 def test_bench_trains_and_labels_each_row_with_what_it_ran(tmp_path, monkeypatch):

@@ -39,16 +39,19 @@ def module_state(ckpt_dir) -> dict:
     return safe_load(str(ckpt_dir / "mp_rank_00_model_states.pt"), map_location="cpu")["module"]
 
 
-@pytest.mark.parametrize("stage, nproc", [(0, 1), pytest.param(2, 2, marks=pytest.mark.slow),
-                                          pytest.param(3, 2, marks=pytest.mark.slow)])
-def test_a_step_with_a_nan_loss_is_skipped_and_training_goes_on(ws, built_ops, tmp_path, stage, nproc):
+@pytest.mark.parametrize("stage, nproc, quantize", [(0, 1, None), (0, 1, "nf4"),
+                                                    pytest.param(2, 2, None, marks=pytest.mark.slow),
+                                                    pytest.param(3, 2, None, marks=pytest.mark.slow)])
+def test_a_step_with_a_nan_loss_is_skipped_and_training_goes_on(ws, built_ops, tmp_path, stage, nproc, quantize):
+    """(nf4: the same on a 4-bit base, whose LoRA alone trains.)"""
     model, data = poisoned(ws, tmp_path)
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}))
     out = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({
-        "task": "classification", "model": {"path": str(model)}, "tokenizer": {"path": str(ws / "tokenizer")},
+        "task": "classification", "model": {"path": str(model), "quantize": quantize},
+        "tokenizer": {"path": str(ws / "tokenizer")},
         "data": {"train": str(data)}, "deepspeed": str(ds), "methods": [{"name": "lora"}], "output_dir": str(out),
         "training": {"precision": "fp32", "micro_batch_size": 4 // nproc, "epochs": 1, "lr": 1e-2, "checkpoint_every": 1,
                      "keep_checkpoints": 8, "nan_policy": "skip"}}))

@@ -14,6 +14,7 @@ import torch
 
 from dstune.engine.distributed import barrier
 from dstune.errors import UserError
+from dstune.models.quantize import quantized_names
 from dstune.rundir import pointer
 from dstune.rundir.pointer import checkpoint_dir
 from dstune.rundir.trainable import save_safetensors
@@ -40,6 +41,20 @@ def _frozen_names(module: torch.nn.Module) -> set[str]:
     return {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
+def _of_quantized_layers(module: torch.nn.Module, state: dict) -> list[str]:
+    """The state-dict entries quantized layers hold themselves (packed weights, and the constants bitsandbytes
+    adds beside them; not those of a method's modules inside them): frozen base, never in a checkpoint."""
+    layers = set(quantized_names(module))
+    if not layers:
+        return []
+    modules = {n for n, _ in module.named_modules()}
+
+    def owner(key: str) -> str:
+        parts = key.split(".")
+        return next((p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if p in modules), "")
+    return [k for k in state if owner(k) in layers]
+
+
 def _leave_out_tied_frozen(engine) -> None:
     """DeepSpeed's exclude_frozen_parameters drops frozen parameters by their first name only; drop their
     tied aliases too, or the embedding matrix would be in every checkpoint of a PEFT run."""
@@ -51,6 +66,8 @@ def _leave_out_tied_frozen(engine) -> None:
         sd = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
         if exclude_frozen_parameters:
             for name in _frozen_names(engine.module) & set(sd):
+                del sd[name]
+            for name in _of_quantized_layers(engine.module, sd):
                 del sd[name]
         return sd
 

@@ -33,7 +33,9 @@ from dstune.engine.train_run import Job, TrainRun, results_columns
 from dstune.errors import Interrupted, UserError, signal_number
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
 from dstune.models.loading import (base_fingerprint, check_buildable, check_positions, compile_layers, load_model,
-                                   new_weights_line, prepare_for_training, recipe_config)
+                                   new_weights_line, prepare_for_training, quantize_mode, recipe_config,
+                                   weights_dtype)
+from dstune.models.quantize import check_quantized_base
 from dstune.models.tokenizers import recipe_tokenizer
 from dstune.prepare.cache import keep_augmented, prepared_data, summary
 from dstune.prepare.pipeline import TaskData
@@ -108,6 +110,7 @@ class Checked:
     precision_note: str       # e.g. "bf16 (auto: measured bf16 at 1.6x ...)" for `auto`, else the precision
     checkpointing_note: str   # why `auto` turned activation checkpointing on or off ("" when not auto)
     finished: dict | None = None  # the results of the run dir, when it already holds this recipe's last step
+    quantize: str | None = None   # how the base is held quantized (model.quantize, or its checkpoint's)
 
 
 def check(cfg: RunConfig, checkpointing: Checkpointing) -> Checked:
@@ -141,6 +144,8 @@ def check(cfg: RunConfig, checkpointing: Checkpointing) -> Checked:
     if cfg.preference:
         reference_choice(cfg, methods)
     model_config = recipe_config(cfg, tokenizer, data.labels)
+    if quantized := quantize_mode(cfg, model_config):
+        check_quantized_base(quantized, methods, weights_dtype(precision), device)
     check_positions(cfg, model_config)
     check_buildable(cfg, model_config)
     tags = pointer.complete_checkpoints(cfg.output_dir) if cfg.training.resume else []  # and a bad pointer
@@ -149,7 +154,7 @@ def check(cfg: RunConfig, checkpointing: Checkpointing) -> Checked:
         check_recipe_matches(Path(cfg.output_dir), cfg.model_dump(mode="json"), base)
     return Checked(cfg, methods, tokenizer, data, entry, tags, base, f"{precision} ({why})" if auto else precision,
                    f"activation checkpointing {'on' if on else 'off'} ({ckpt_why})" if ckpt_why else "",
-                   _finished(cfg, len(data.train)) if tags else None)
+                   _finished(cfg, len(data.train)) if tags else None, quantized)
 
 
 def planned_steps(cfg: RunConfig, batches: StepBatches) -> int:
@@ -250,12 +255,13 @@ def build(c: Checked, job: Job) -> None:
                                                                  job.ds_config, job.stage, dist_.device))
     # ZeRO-3 creates loaded weights partitioned (transformers sees the config object while it is alive: the job
     # keeps it). A random model.tiny is built whole instead and partitioned by deepspeed.initialize: zero.Init
-    # draws random weights in another order, and the run dir must rebuild the base that trained (models/loading.py)
-    if job.stage == 3 and not cfg.model.tiny:
+    # draws random weights in another order, and the run dir must rebuild the base that trained (models/loading.py);
+    # so is a quantized base: each rank quantizes the layers as they load, deepspeed.initialize partitions them
+    if job.stage == 3 and not cfg.model.tiny and not c.quantize:
         job.hf_ds_config = HfDeepSpeedConfig(job.ds_config)
     torch.manual_seed(t.seed)
-    job.model = load_model(cfg, c.tokenizer, c.data.labels)
-    job.base_params = sum(p.numel() for p in job.model.parameters())  # the model before methods add any
+    job.model = load_model(cfg, c.tokenizer, c.data.labels, dist_.device)
+    job.base_params = count_trainable(job.model)[1]  # the model before methods add any
     apply_methods(job.model, c.methods, cfg.task, c.tokenizer, c.data.leading_inputs)
     prepare_for_training(job.model, cfg)
     job.compiled = compile_layers(job.model, job.stage) if t.compile else 0

@@ -18,6 +18,7 @@ from dstune.methods.layerwise_lr import LayerwiseLR
 from dstune.methods.lora import Lora
 from dstune.methods.prefix import Prefix
 from dstune.methods.prompt import Prompt
+from dstune.models.quantize import param_count, refuse_trained_quantized
 
 METHODS: dict[str, type[TuningMethod]] = {}
 
@@ -49,6 +50,11 @@ def available() -> dict[str, type[TuningMethod]]:
 def bench_presets() -> dict[str, list[dict]]:
     """What each name on `dstune bench --methods` trains, from every method's own presets (plugins too)."""
     return {name: spec for cls in available().values() for name, spec in cls.bench_presets().items()}
+
+
+def bench_overrides() -> dict[str, list[str]]:
+    """The recipe overrides each bench preset runs with (most have none)."""
+    return {name: o for cls in available().values() for name, o in cls.bench_overrides().items()}
 
 
 def build_methods(specs: list[dict[str, Any]]) -> list[TuningMethod]:
@@ -112,6 +118,7 @@ def apply_methods(model: torch.nn.Module, methods: list[TuningMethod], task: str
     for m in methods:
         m.tokenizer, m.example_inputs = tokenizer, example_inputs
         m.apply(model, task)
+    refuse_trained_quantized(model)
     model.dstune_added = frozenset(n for n, _ in model.named_parameters() if n not in base)
     model.dstune_generate_kwargs = {k: v for m in methods for k, v in m.generate_kwargs.items()}
     if not any(p.requires_grad for p in model.parameters()):
@@ -142,9 +149,7 @@ def param_groups(model: torch.nn.Module, methods: list[TuningMethod], lr: float,
 
 
 def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; uses ds_numel for ZeRO-3 partitioned parameters."""
-    def numel(p: torch.nn.Parameter) -> int:
-        return getattr(p, "ds_numel", p.numel())
-    total = sum(numel(p) for p in model.parameters())
-    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    """(trainable, total) parameter counts (ZeRO-3 partitioned and 4-bit packed parameters counted whole)."""
+    total = sum(param_count(p) for p in model.parameters())
+    trainable = sum(param_count(p) for p in model.parameters() if p.requires_grad)
     return trainable, total

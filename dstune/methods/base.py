@@ -83,6 +83,7 @@ class TuningMethod:
     generate_kwargs: ClassVar[dict] = {}           # what `model.generate` needs with this method applied
     steps_aside: ClassVar[bool] = False            # leaves the base's weights as they are and can step aside
                                                    # (`base_model_only`): the base is a free reference model
+    trains_base_weights: ClassVar[bool] = False    # trains weights the base holds (so not a quantized base)
     first_label_is_target: ClassVar[bool] = False  # virtual tokens precede the input, so a causal LM predicts
                                                    # its first token too (the loss counts one more target)
     changes_output_at_init: bool = False           # the model differs from its base before any step (virtual
@@ -139,6 +140,11 @@ class TuningMethod:
     def bench_presets(cls) -> dict[str, list[dict]]:
         """What names on `dstune bench --methods` train: name → the recipe's `methods:` list for it."""
         return {cls.name: [{"name": cls.name}]}
+
+    @classmethod
+    def bench_overrides(cls) -> dict[str, list[str]]:
+        """Recipe overrides a preset of `bench_presets` runs with (`key=value`, e.g. a quantized base)."""
+        return {}
 
     @classmethod
     def exports_to_peft(cls) -> bool:

@@ -22,6 +22,7 @@ class Freeze(TuningMethod):
     description = "partial fine-tuning: train all but the bottom N layers / regex-matched parameters"
     Options = FreezeOptions
     order = 0
+    trains_base_weights = True
 
     @classmethod
     def bench_presets(cls) -> dict[str, list[dict]]:

@@ -8,6 +8,7 @@ class Full(TuningMethod):
     name = "full"
     description = "full fine-tuning: every parameter of the model trains"
     order = 0
+    trains_base_weights = True
     conflicts = {"freeze": "freeze already trains everything it does not freeze"}
 
     def apply(self, model: torch.nn.Module, task: str) -> None:

@@ -8,6 +8,7 @@ from torch import nn
 from dstune.methods.base import TuningMethod, bypassed
 from dstune.methods.peft_format import PeftAdapter, fan_in_fan_out, layer_tensors
 from dstune.methods.targets import default_targets, find_linears, linear_shape, matches, train_task_head
+from dstune.models.quantize import dequantized
 
 
 class IA3Options(BaseModel):
@@ -85,9 +86,9 @@ class IA3(TuningMethod):
             v = m.ia3_l.weight.detach().flatten()
             linear = isinstance(m, nn.Linear)  # Conv1D stores W transposed: [in, out]
             if ff:
-                out[f"{name}.weight"] = m.weight.detach() * (v[None, :] if linear else v[:, None])
+                out[f"{name}.weight"] = dequantized(m).detach() * (v[None, :] if linear else v[:, None])
             else:
-                out[f"{name}.weight"] = m.weight.detach() * (v[:, None] if linear else v[None, :])
+                out[f"{name}.weight"] = dequantized(m).detach() * (v[:, None] if linear else v[None, :])
                 if m.bias is not None:
                     out[f"{name}.bias"] = m.bias.detach() * v
         return out

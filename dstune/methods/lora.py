@@ -17,6 +17,7 @@ from torch import nn
 from dstune.methods.base import TuningMethod, bypassed, has_values
 from dstune.methods.peft_format import PeftAdapter, fan_in_fan_out, layer_tensors
 from dstune.methods.targets import default_targets, find_linears, linear_shape, train_task_head
+from dstune.models.quantize import dequantized
 
 
 class LoraOptions(BaseModel):
@@ -68,8 +69,8 @@ class Magnitude(nn.Module):
 
 
 def _rows(module: nn.Module) -> torch.Tensor:
-    """The base weight as [out, in] (GPT-2's Conv1D stores it transposed)."""
-    return module.weight if isinstance(module, nn.Linear) else module.weight.T
+    """The base weight as [out, in] (GPT-2's Conv1D stores it transposed; a quantized layer's, dequantized)."""
+    return dequantized(module) if isinstance(module, nn.Linear) else module.weight.T
 
 
 def _delta(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -168,4 +169,9 @@ class Lora(TuningMethod):
 
     @classmethod
     def bench_presets(cls) -> dict[str, list[dict]]:
-        return {"lora": [{"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"}]}
+        spec = {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"}
+        return {"lora": [spec], "qlora": [spec]}
+
+    @classmethod
+    def bench_overrides(cls) -> dict[str, list[str]]:
+        return {"qlora": ["model.quantize=nf4"]}  # QLoRA: the same LoRA on a 4-bit NormalFloat base

@@ -10,9 +10,7 @@ from dstune.errors import UserError
 
 _LAYER = re.compile(r"\.(?:layers|layer|h|block)\.(\d+)\.")
 
-# heads created for the task (not in the pretrained weights): they always train under PEFT methods,
-# as PEFT's `modules_to_save` does for sequence classification
-TASK_HEADS = ("classifier", "score")
+from dstune.families import TASK_HEADS  # noqa: F401 (methods and exports find the heads here)
 
 
 def layer_index(param_name: str) -> int | None:
@@ -27,7 +25,9 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or GPT-2's transposed Conv1D."""
+    """(in_features, out_features) of an nn.Linear (quantized too) or GPT-2's transposed Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
     w = module.weight
     shape = getattr(w, "ds_shape", w.shape)  # ZeRO-3 partitioned weights keep their real shape here
     return (shape[1], shape[0]) if isinstance(module, nn.Linear) else (shape[0], shape[1])

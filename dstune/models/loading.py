@@ -12,7 +12,7 @@ import torch
 from dstune.config import RunConfig
 from dstune.errors import UserError, first_line
 from dstune.families import tiny_config
-from dstune.models import gguf_cache
+from dstune.models import gguf_cache, quantize
 from dstune.tasks import get_task
 
 
@@ -122,40 +122,65 @@ def check_buildable(cfg: RunConfig, config) -> None:
                         f"{first_line(e)}") from None
 
 
-def load_model(cfg: RunConfig, tokenizer, labels: list | None = None) -> torch.nn.Module:
-    """Instantiate the task model in fp32 (DeepSpeed casts for bf16/fp16 and keeps fp32 master weights).
+def load_model(cfg: RunConfig, tokenizer, labels: list | None = None, device=None) -> torch.nn.Module:
+    """Instantiate the task model in fp32 (DeepSpeed casts for bf16/fp16 and keeps fp32 master weights), its
+    linear layers quantized on `device` (default: the CPU) when the recipe or the checkpoint says so.
 
-    Under ZeRO-3 the caller must hold a `HfDeepSpeedConfig` first, so weights are created partitioned.
+    Under ZeRO-3 the caller must hold a `HfDeepSpeedConfig` first, so weights are created partitioned (a
+    quantized base loads whole and deepspeed.initialize partitions it).
     """
     config = recipe_config(cfg, tokenizer, labels)
     auto = auto_class(cfg.task)
     m = cfg.model
+    mode = quantize_mode(cfg, config)
+    quant = (mode, weights_dtype(cfg.training.precision), device or "cpu") if mode else None
     if m.tiny:
         torch.manual_seed(cfg.training.seed)  # the random weights are the recipe's: a run dir rebuilds the same base
-        return auto.from_config(config, dtype=torch.float32)
-    from safetensors import SafetensorError
-    try:
-        with held_load_report():
-            model, info = _load_gguf(m, auto, config) if m.gguf_file else _load_folder(m, auto, config, m.path)
-    except (OSError, SafetensorError) as e:  # no weights, only a .bin (pickles are not loaded), a cut-off file
-        raise UserError(f"model.path: cannot load the weights in {m.path}: {first_line(e)}") from None
-    except RuntimeError as e:
-        if "mismatched_sizes" not in str(e):
-            raise
-        raise UserError(f"model.config_overrides: {m.config_overrides} change the shapes of the weights in "
-                        f"{m.path} (transformers' report above lists them); override only what keeps them "
-                        "(dropout, ...), or train a new model with model.tiny") from None
+        model, info = auto.from_config(config, dtype=torch.float32), {}
+    else:
+        from safetensors import SafetensorError
+        try:
+            with held_load_report():
+                model, info = (_load_gguf(m, auto, config, quant) if m.gguf_file
+                               else _load_folder(m, auto, config, m.path, quant))
+        except (OSError, SafetensorError) as e:  # no weights, only a .bin (pickles are not loaded), a cut-off file
+            raise UserError(f"model.path: cannot load the weights in {m.path}: {first_line(e)}") from None
+        except RuntimeError as e:
+            if "mismatched_sizes" not in str(e):
+                raise
+            raise UserError(f"model.config_overrides: {m.config_overrides} change the shapes of the weights in "
+                            f"{m.path} (transformers' report above lists them); override only what keeps them "
+                            "(dropout, ...), or train a new model with model.tiny") from None
+    if quant and not quantize.quantized_names(model):  # built or dequantized in full precision: one more pass
+        config = model.config
+        with quantize.saved_for_loading(model) as folder:
+            del model  # freed before the quantized copy loads
+            model, _ = _load_folder(m, auto, config, folder, quant)
     model.dstune_new_weights = sorted(info.get("missing_keys") or [])
     return model
 
 
-def _load_folder(m, auto, config, folder: str):
-    """(model, loading info) from a folder of safetensors weights (pickles are not loaded)."""
+def quantize_mode(cfg: RunConfig, config) -> str | None:
+    """How the base is quantized: `model.quantize`, or what a checkpoint saved quantized declares (the two
+    must agree); None for a full-precision base."""
+    saved = quantize.checkpoint_mode(config)
+    asked = cfg.model.quantize
+    if saved and asked and saved != asked:
+        raise UserError(f"model.quantize: {asked}, but {cfg.model.path} holds weights saved quantized as "
+                        f"{saved}; set model.quantize: {saved} (or leave it out)")
+    return asked or saved
+
+
+def _load_folder(m, auto, config, folder: str, quant: tuple | None = None):
+    """(model, loading info) from a folder of safetensors weights (pickles are not loaded); `quant`: (mode,
+    dtype, device) to quantize the linear layers as they load."""
+    if quant:
+        return quantize.load_quantized(auto, folder, config, *quant, trust_remote_code=m.trust_remote_code)
     return auto.from_pretrained(folder, config=config, local_files_only=True, trust_remote_code=m.trust_remote_code,
                                 dtype=torch.float32, use_safetensors=True, output_loading_info=True)
 
 
-def _load_gguf(m, auto, config):
+def _load_gguf(m, auto, config, quant: tuple | None = None):
     """(model, loading info) from the GGUF file's dequantized copy in the cache (models/gguf_cache.py): read
     where it is sound, else dequantized from the file by transformers and kept there."""
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -177,7 +202,7 @@ def _load_gguf(m, auto, config):
             return loaded[0]
         if kept is None:
             return _dequantize(m, auto, config)
-        model, info = _load_folder(m, auto, config, str(kept))
+        model, info = _load_folder(m, auto, config, str(kept), quant)
     model.config.name_or_path = m.path  # as a load from the GGUF file names it
     return model, info
 

@@ -12,7 +12,7 @@ from dstune.config import RunConfig, load_config
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.precision import resolve
 from dstune.errors import UserError
-from dstune.methods import bench_presets
+from dstune.methods import bench_overrides, bench_presets
 from dstune.planning.estimate import estimate
 from dstune.planning.flops import mfu
 from dstune.planning.report import human_bytes
@@ -50,6 +50,9 @@ def what_runs(cfg: RunConfig, method: str) -> tuple[list[dict], str]:
         specs = [own.get(spec["name"], spec) for spec in preset]
         specs = specs if own[method] in specs else [own[method]]
         return specs, f"{method} (recipe: {_describe(specs, method)})"
+    if method in bench_overrides() and len(preset) == 1 and preset[0]["name"] in own:  # qlora: the recipe's lora
+        specs = [own[preset[0]["name"]]]
+        return specs, f"{method} (recipe: {_describe(specs, preset[0]['name'])})"
     return preset, f"{method} (preset: {_describe(preset, method)})"
 
 
@@ -98,7 +101,7 @@ def check_peer(script: str, cfg: RunConfig, methods: list[str]) -> None:
         raise UserError(f"training.precision: the peer baseline runs bf16, the recipe {cfg.training.precision}")
     if cfg.training.gradient_accumulation_steps != 1:
         raise UserError("training.gradient_accumulation_steps: the peer baseline takes one micro-batch per step; set 1")
-    other = [m for m in methods if peer_method(m) not in PEER_METHODS]
+    other = [m for m in methods if peer_method(m) not in PEER_METHODS or m in bench_overrides()]
     if other:
         raise UserError(f"--methods: the peer baseline runs only {', '.join(PEER_METHODS)}, not {', '.join(other)}")
 
@@ -174,8 +177,10 @@ def bench(recipe: str, overrides: list[str], methods: list[str], out_dir: str, s
             peer_result = peer_results[name]
         bar.set_postfix_str(f"{method}: dstune")
         specs, ran = what_runs(cfg, method)
-        _run_one(recipe, overrides, method, specs, out / method, steps)
-        row = {**_row(cfg, method, specs, out / method), "ran": ran, "methods": specs}
+        extra = bench_overrides().get(method, [])
+        _run_one(recipe, overrides + extra, method, specs, out / method, steps)
+        row = {**_row(load_config(recipe, overrides + extra), method, specs, out / method),
+               "ran": ran + "".join(f", {o}" for o in extra), "methods": specs}
         info = json.loads((out / method / "run.json").read_text())
         row["setup"] = setup(cfg, info["base_params"], info["world_size"])
         if peer_result is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -22,7 +22,8 @@ from dstune.engine.precision import resolve
 from dstune.errors import UserError, first_line
 from dstune.families import config_family, num_layers
 from dstune.methods import apply_methods, build_methods, param_groups
-from dstune.models.loading import auto_class, prepare_for_training, recipe_config, weights_dtype
+from dstune.models import quantize
+from dstune.models.loading import auto_class, prepare_for_training, quantize_mode, recipe_config, weights_dtype
 from dstune.planning.activations import ActivationTrace, default_dtype, trace_step
 from dstune.planning.flops import flops_per_token
 from dstune.tasks import get_task
@@ -56,8 +57,10 @@ class MemoryEstimate:
 @dataclass
 class ParamTable:
     """What the estimate needs to know about the parameters: sizes, which train, in which optimizer group."""
-    frozen: list[int]                 # numel of each frozen parameter
+    frozen: list[int]                 # numel of each frozen parameter (quantized layers' weights aside)
     groups: list[list[int]]           # numel of each trainable parameter, per optimizer param group
+    quantized: list[tuple[int, int]] = field(default_factory=list)  # (weights, rows) of each quantized layer
+    mode: str | None = None           # model.quantize (or the checkpoint's)
 
     @property
     def trainable(self) -> int:
@@ -65,7 +68,12 @@ class ParamTable:
 
     @property
     def total(self) -> int:
-        return self.trainable + sum(self.frozen)
+        return self.trainable + sum(self.frozen) + sum(n for n, _ in self.quantized)
+
+    def quantized_bytes(self, precision: str, shards: int) -> int:
+        """What the quantized layers hold on one rank (models/quantize.py `held_bytes`)."""
+        b = bytes_per_element(precision)
+        return sum(quantize.held_bytes(self.mode, n, rows, b, shards) for n, rows in self.quantized)
 
 
 def bytes_per_element(precision: str) -> int:
@@ -109,6 +117,8 @@ def model_state_bytes(table: ParamTable, stage: int, world: int, precision: str,
         raise UserError(f"deepspeed: zero_optimization.stage must be 0-3, got {stage}")
     if offload_optimizer:
         optim = 0
+    # a quantized base is partitioned by ZeRO-3 like any frozen weight, replicated by ZeRO 0-2
+    weights += table.quantized_bytes(precision, world if stage == 3 else 1)
     return weights, grads, optim
 
 
@@ -179,12 +189,17 @@ def buffer_bytes(ds_config: dict, stage: int, precision: str, table: ParamTable,
     else:
         buckets = 0
     cuda_context = 600 * 2**20 if cuda else 0  # context + cuBLAS workspace, typical on an H100 (unmeasured)
-    return buckets + cuda_context
+    dequantized = b * max((n for n, _ in table.quantized), default=0)  # a quantized layer's weight, while it runs
+    return buckets + cuda_context + dequantized
 
 
-def _with_methods(cfg: RunConfig, config, tokenizer):
+def _with_methods(cfg: RunConfig, config, tokenizer, quantized: bool = False):
     model = auto_class(cfg.task).from_config(config)
     methods = build_methods(cfg.methods)
+    if quantized and (mode := quantize_mode(cfg, config)):
+        quantize.refuse_base_training(mode, methods)
+        quantize.quantized_shell(model, mode, weights_dtype(cfg.training.precision))
+        model.dstune_quantize = mode
     apply_methods(model, methods, cfg.task, tokenizer)
     return model, methods
 
@@ -229,16 +244,22 @@ def _config_of(cfg: RunConfig, path: str) -> RunConfig:
 def _frozen_bytes(cfg: RunConfig, source: RunConfig, stage: int, world: int, labels) -> tuple[int, torch.nn.Module]:
     """(weights on one rank, the meta model) of a frozen model built as `source` says, in cfg's precision,
     partitioned over the ranks under ZeRO-3."""
-    model, _ = meta_model(source, None, labels)
-    shares = [math.ceil(p.numel() / world) if stage == 3 else p.numel() for p in model.parameters()]
-    return bytes_per_element(cfg.training.precision) * sum(shares), model
+    source = source.model_copy(update={"training": source.training.model_copy(
+        update={"precision": cfg.training.precision})})
+    with torch.device("meta"):
+        model = auto_class(source.task).from_config(recipe_config(source, None, labels))
+        if mode := quantize_mode(source, model.config):
+            quantize.quantized_shell(model, mode, weights_dtype(cfg.training.precision))
+            model.dstune_quantize = mode
+    table = parameter_table(model.requires_grad_(False), [], source)
+    return model_state_bytes(table, stage, world, cfg.training.precision)[0], model
 
 
 def meta_model(cfg: RunConfig, tokenizer=None, labels: list | None = None):
     """The recipe's model with its methods applied, on the meta device: shapes only, no memory, no weights."""
     config = recipe_config(cfg, tokenizer, labels)
     with torch.device("meta"):
-        return _with_methods(cfg, config, tokenizer)
+        return _with_methods(cfg, config, tokenizer, quantized=True)
 
 
 @contextlib.contextmanager
@@ -267,8 +288,12 @@ def traced_activations(cfg: RunConfig, micro_batch: int, seq_len: int, tokenizer
 def parameter_table(model: torch.nn.Module, methods, cfg: RunConfig) -> ParamTable:
     groups = param_groups(model, methods, cfg.training.lr, cfg.training.weight_decay)
     trainable = {id(p) for g in groups for p in g["params"]}
-    frozen = [p.numel() for p in model.parameters() if id(p) not in trainable]
-    return ParamTable(frozen=frozen, groups=[[p.numel() for p in g["params"]] for g in groups])
+    layers = [m for m in model.modules() if quantize.is_quantized(m)]
+    packed = {id(m.weight) for m in layers}
+    frozen = [p.numel() for p in model.parameters() if id(p) not in trainable and id(p) not in packed]
+    return ParamTable(frozen=frozen, groups=[[p.numel() for p in g["params"]] for g in groups],
+                      quantized=[(m.in_features * m.out_features, m.out_features) for m in layers],
+                      mode=getattr(model, "dstune_quantize", None))
 
 
 def estimate(cfg: RunConfig, world_size: int, seq_len: int | None = None, cuda: bool = True,
@@ -309,6 +334,21 @@ def estimate(cfg: RunConfig, world_size: int, seq_len: int | None = None, cuda: 
                              "flops_per_token": per_token, "activations_after_forward": after_forward,
                              "checkpoint_bytes": checkpoint_bytes(table, stage, world_size, t.precision),
                              "activations_source": source, "reference": r_choice}
+
+
+def base_alternatives(cfg: RunConfig, est: MemoryEstimate, table: ParamTable, world: int, seq_len: int | None,
+                      cuda: bool, tokenizer=None) -> list[tuple[str, int, int]]:
+    """(base, weights, peak) per rank for this recipe's base and the other one: full precision beside a
+    quantized base, nf4 beside a full-precision one. Empty where a method trains the base's own weights (it
+    cannot train on a quantized base) or the checkpoint was saved quantized (it has no other form)."""
+    methods = build_methods(cfg.methods)
+    if any(m.trains_base_weights for m in methods) or (table.mode and not cfg.model.quantize):
+        return []
+    other = None if table.mode else "nf4"
+    alt = cfg.model_copy(update={"model": cfg.model.model_copy(update={"quantize": other})})
+    [theirs, *_], _, _ = estimate(alt, world, seq_len, cuda, tokenizer)
+    ours = (f"{table.mode} (this recipe)" if table.mode else "full precision (this recipe)", est.weights, est.total)
+    return [ours, (f"model.quantize={other}" if other else "full precision", theirs.weights, theirs.total)]
 
 
 def idle_expert_params(model: torch.nn.Module) -> int:

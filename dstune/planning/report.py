@@ -57,3 +57,18 @@ def estimate_table(cfg: RunConfig, est, table, info: dict, world: int, deepspeed
                       f"(it counts all {table.total:,} parameters as trainable); "
                       f"dstune's model states: {human_bytes(est.weights + est.gradients + est.optimizer_states)}"]
     return "\n".join(lines)
+
+
+GPUS = ((16, "T4, V100"), (24, "L4, A10, RTX 4090"), (40, "A100 40GB"), (48, "L40S, A6000"),
+        (80, "A100 80GB, H100"), (141, "H200"))  # GiB of memory a GPU has: the sizes users rent
+
+
+def base_table(rows: list[tuple[str, int, int]], margin: float) -> str:
+    """A quantized base beside the full-precision one: weights and peak per rank, and the smallest GPU size
+    each fits in (its peak within `margin` of the GPU's memory, as activation checkpointing `auto` judges)."""
+    lines = ["| base | weights per rank | peak per rank | smallest GPU it fits |", "|---|---:|---:|---|"]
+    for name, weights, peak in rows:
+        fits = next((f"{gib} GiB ({names})" for gib, names in GPUS if peak <= margin * gib * 2**30),
+                    f"none of {GPUS[-1][0]} GiB or less")
+        lines.append(f"| {name} | {human_bytes(weights)} | {human_bytes(peak)} | {fits} |")
+    return "\n".join(lines)

@@ -54,7 +54,9 @@ def base_model_of_run(cfg: RunConfig) -> RunConfig:
     run_dir = Path(cfg.model.path) if cfg.model.path else None
     if run_dir is None or not is_run_dir(run_dir):
         return cfg
-    return cfg.model_copy(update={"model": finished_recipe(str(run_dir)).model})
+    # the run's model, held as this recipe says (its merged weights are full precision)
+    model = finished_recipe(str(run_dir)).model.model_copy(update={"quantize": cfg.model.quantize})
+    return cfg.model_copy(update={"model": model})
 
 
 def _holds(folder: Path, want: dict) -> bool:

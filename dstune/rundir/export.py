@@ -1,6 +1,7 @@
 """Export a run dir as a PEFT adapter folder or as a plain Hugging Face model with what trained merged in."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from dstune.rundir.trainable import file_mode, save_safetensors
 from dstune.rundir.load import finished_recipe, load_run
 from dstune.errors import UserError
 from dstune.methods import available, build_methods
+from dstune.models import quantize
 from dstune.models.loading import base_is_loadable, load_model
 from dstune.methods.targets import TASK_HEADS
 from dstune.tasks import get_task
@@ -44,21 +46,65 @@ def export(run_dir: str, out: str, fmt: str, checkpoint: str | None = None) -> P
     _check_format(run_dir, fmt)
     run = load_run(run_dir, checkpoint=checkpoint)
     cfg, tokenizer, model, labels, methods = run.cfg, run.tokenizer, run.model, run.labels, run.methods
+    mode = quantize.checkpoint_mode(model.config)  # the base trained quantized (model.quantize or its checkpoint)
     if fmt == "merged":
-        plain = load_model(cfg, tokenizer, labels)
-        state = {k: v for k, v in model.state_dict().items() if k in plain.state_dict()}
+        plain = _plain_base(cfg, tokenizer, labels, model, mode)
+        keys = plain.state_dict()
+        state = {k: v for k, v in model.state_dict().items() if k in keys and v.shape == keys[k].shape}
+        state.update(quantize.dequantized_state(model))
         for m in methods:
             state.update(m.merged_state(model))
         plain.load_state_dict(state, strict=True)
+        if mode:
+            print(f"merged into the dequantized {mode} base: max |Δ logit| against the quantized run "
+                  f"{max_logit_shift(model, plain):.3g} on a probe batch")
         _save_plain(plain, tokenizer, path)
-        return path
-    adapter = methods[0].peft_adapter(model, get_task(cfg.task).model_task)
-    write_peft_folder(path, {**_peft_common(cfg, _peft_base(cfg, tokenizer, labels, path)), **adapter.config},
-                      adapter.tensors)
-    tokenizer.save_pretrained(path)
-    if adapter.note:
-        print(f"note: {adapter.note}")
+    else:
+        adapter = methods[0].peft_adapter(model, get_task(cfg.task).model_task)
+        write_peft_folder(path, {**_peft_common(cfg, _peft_base(cfg, tokenizer, labels, path)), **adapter.config},
+                          adapter.tensors)
+        tokenizer.save_pretrained(path)
+        if adapter.note:
+            print(f"note: {adapter.note}")
+    if mode:
+        print(_full_precision_note(run_dir, cfg, model, mode, fmt, checkpoint))
     return path
+
+
+def _plain_base(cfg, tokenizer, labels, model, mode: str | None):
+    """The model to merge into: the base as loaded, or for a quantized base its full-precision shape (the
+    dequantized weights fill it)."""
+    if not mode:
+        return load_model(cfg, tokenizer, labels)
+    from dstune.models.loading import auto_class
+
+    config = copy.deepcopy(model.config)
+    config.__dict__.pop("quantization_config", None)
+    return auto_class(cfg.task).from_config(config, dtype=torch.float32)
+
+
+def max_logit_shift(a: torch.nn.Module, b: torch.nn.Module, rows: int = 4, length: int = 64) -> float:
+    """max |Δ logit| between two models of one vocabulary on a probe batch of random tokens (seed 0)."""
+    config = a.config
+    length = min(length, getattr(config, "max_position_embeddings", length) or length)
+    ids = torch.randint(0, config.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outs = [m(input_ids=ids.to(next(m.parameters()).device)).logits.float().cpu() for m in (a, b)]
+    return (outs[0] - outs[1]).abs().max().item()
+
+
+def _full_precision_note(run_dir: str, cfg, model, mode: str, fmt: str, checkpoint: str | None) -> str:
+    """How far the logits move when what trained is put on the full-precision base instead of the quantized
+    one (measured, where the run's base has full-precision weights), and how to load the base as it trained."""
+    how = ("BitsAndBytesConfig(load_in_8bit=True)" if mode == "int8" else
+           f"BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='{mode}', bnb_4bit_use_double_quant=True)")
+    line = f"the base trained quantized ({mode}); load it with {how} to get the logits training saw"
+    if not cfg.model.quantize:  # a checkpoint saved quantized: there are no full-precision weights to compare
+        return line
+    full = load_run(run_dir, overrides=["model.quantize=null"], checkpoint=checkpoint).model
+    shift = max_logit_shift(model, full)
+    return (f"{line}; on the full-precision base the same {'update' if fmt == 'merged' else 'adapter'} moves them "
+            f"by up to {shift:.3g} (max |Δ logit|, probe batch)")
 
 
 def _save_plain(model, tokenizer, path: Path) -> None:
@@ -75,7 +121,9 @@ def _peft_base(cfg, tokenizer, labels, out: Path) -> str:
     if base_is_loadable(cfg):
         return cfg.model.path
     base = out / "base"
-    _save_plain(load_model(cfg, tokenizer, labels), tokenizer, base)
+    # a quantized base is saved in full precision: PEFT users quantize it as they load it
+    _save_plain(load_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"quantize": None})}),
+                           tokenizer, labels), tokenizer, base)
     why = "dequantized from " + cfg.model.gguf_file if cfg.model.gguf_file else f"random, seed {cfg.training.seed}"
     print(f"the base model ({why}) is saved in {base}; adapter_config.json points at it")
     return str(base.resolve())

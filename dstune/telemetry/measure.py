@@ -22,17 +22,32 @@ class _Storages:
         return total
 
 
+def _constants(p: torch.Tensor) -> list[torch.Tensor]:
+    """The quantization constants a bitsandbytes weight carries (4-bit: absmax and code tables, with double
+    quantization their own; int8: a scale per row): held whole on every rank, beside the weight."""
+    state = getattr(p, "quant_state", None)
+    if state is not None:
+        nested = getattr(state, "state2", None)
+        return [state.absmax, state.code] + ([nested.absmax, nested.code] if nested is not None else [])
+    scale = getattr(p, "SCB", None)
+    return [scale] if isinstance(scale, torch.Tensor) else []
+
+
 def engine_model_state_bytes(engine) -> dict[str, int]:
     """weights / gradients / optimizer_states bytes held by this rank's engine right now.
 
-    weights: the module's parameters (ZeRO-3: this rank's partitions); optimizer_states: fp32 master
-    partitions plus the optimizer's state tensors (Adam m, v); gradients: gradient tensors alive now
+    weights: the module's parameters (ZeRO-3: this rank's partitions) and a quantized base's constants;
+    optimizer_states: fp32 master partitions plus the optimizer's state tensors (Adam m, v); gradients: gradient
+    tensors alive now
     (ZeRO-3 keeps a persistent flat partition buffer; ZeRO-1/2 gradients live only between backward and step).
     """
     count = _Storages()
     opt = engine.optimizer
     params = list(engine.module.parameters())
-    weights = count([getattr(p, "ds_tensor", p.data) for p in params])
+    scales = [m.state.SCB for m in engine.module.modules()  # 8-bit layers move their row scales here once run
+              if isinstance(getattr(getattr(m, "state", None), "SCB", None), torch.Tensor)]
+    weights = count([getattr(p, "ds_tensor", p.data) for p in params] + [t for p in params for t in _constants(p)]
+                    + scales)
     masters = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_partitioned_groups_flat", [])
     inner = getattr(opt, "optimizer", opt)
     states = [t for st in inner.state.values() for t in st.values() if isinstance(t, torch.Tensor) and t.dim() > 0]
