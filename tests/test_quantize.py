@@ -294,3 +294,25 @@ def test_the_estimate_equals_what_a_run_holds_after_its_first_step(ws, tmp_path,
     [measured] = json.loads((tmp_path / "run" / "memory.json").read_text())["after_first_step"]
     [predicted] = json.loads(ok(run_cli(["estimate", recipe, f"model.quantize={mode}", "--cpu", "--json"])).stdout)
     assert measured["weights"] == predicted["weights"]
+
+
+def test_dpo_on_a_quantized_base_steps_the_lora_aside_for_its_reference(ws, tmp_path):
+    """Preference tuning on an nf4 base: the reference is the quantized base itself (LoRA stepped aside), so
+    the policy equals it before the first step, and DPO moves the held-out margins."""
+    words = ["good", "great", "fine", "bad", "awful", "dull"]
+    rows = [{"prompt": f"say {w}", "chosen": f"{w} {w} it is", "rejected": f"{words[(i + 3) % 6]} it is not"}
+            for i, w in enumerate(words * 8)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(json.dumps({
+        "task": "preference", "model": {"path": str(ws / "llama"), "quantize": "nf4"},
+        "data": {"train": str(data), "max_length": 24, "eval_fraction": 0.25},
+        "methods": [{"name": "lora", "r": 4, "alpha": 8}], "preference": {"loss": "dpo"},
+        "training": {"precision": "fp32", "max_steps": 6, "micro_batch_size": 4, "lr": 5e-3, "seed": 3},
+        "evaluation": {"batch_size": 8}, "output_dir": str(tmp_path / "dpo")}))
+    res = ok(run_cli(["train", str(recipe)]))
+    assert "reference: the model with lora stepped aside, no second copy" in res.stdout
+    results = json.loads((tmp_path / "dpo" / "results.json").read_text())
+    assert results["before"]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    assert results["after"]["rewards/margins"] > 0
