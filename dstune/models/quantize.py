@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from dstune.errors import UserError
+from dstune.errors import UserError, first_line
 from dstune.families import TASK_HEADS
 
 MODES = ("nf4", "fp4", "int8")
 BYTES_PER_PARAM = {"nf4": 0.5, "fp4": 0.5, "int8": 1.0}
+PACKED = ("Params4bit", "Int8Params")  # bitsandbytes' weight types: 4-bit packed, 8-bit
 BLOCK = 64  # 4-bit: one absmax per 64 weights (QLoRA), itself quantized to 8 bits per 256 absmaxes (double)
 
 
@@ -81,7 +82,7 @@ def checkpoint_mode(config) -> str | None:
 
 def is_quantized(module: nn.Module) -> bool:
     """Whether a layer holds bitsandbytes weights (4- or 8-bit)."""
-    return type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params")
+    return type(getattr(module, "weight", None)).__name__ in PACKED
 
 
 def param_count(p: torch.Tensor) -> int:
@@ -135,8 +136,9 @@ def load_quantized(auto, folder: str, config, mode: str, dtype: torch.dtype, dev
         with torch.device("meta"):
             shell = auto.from_config(config, trust_remote_code=kwargs.get("trust_remote_code", False))
         kwargs["quantization_config"] = bnb_config(mode, dtype, skip=kept_full_precision(shell))
-    model, info = auto.from_pretrained(folder, config=config, dtype=torch.float32, device_map={"": device}, local_files_only=True,
-                                       use_safetensors=True, output_loading_info=True, **kwargs)
+    model, info = auto.from_pretrained(folder, config=config, dtype=torch.float32, device_map={"": device},
+                                       local_files_only=True, use_safetensors=True, output_loading_info=True,
+                                       **kwargs)
     for module in model.modules():
         if hasattr(module, "compute_dtype"):
             module.compute_dtype = dtype
@@ -144,7 +146,7 @@ def load_quantized(auto, folder: str, config, mode: str, dtype: torch.dtype, dev
         # what stays full precision may still be views of the memory-mapped file, which keeps every page the
         # quantizer read resident (the whole fp32 file): copied, the mapping is released
         for t in [*model.parameters(), *model.buffers()]:
-            if t.is_floating_point() and type(t).__name__ not in ("Params4bit", "Int8Params"):
+            if t.is_floating_point() and type(t).__name__ not in PACKED:
                 t.data = t.data.clone()
     return model, info
 
@@ -178,19 +180,18 @@ def check_quantized_base(mode: str, methods: list, dtype: torch.dtype, device) -
     refuse_base_training(mode, methods)
     bnb = require_bitsandbytes(mode)
     try:
-        layer = nn.Linear(64, 64, bias=False)
+        w = torch.randn(64, 64) / 8
         if mode == "int8":
             q = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
-            q.weight = bnb.nn.Int8Params(layer.weight.data, requires_grad=False, has_fp16_weights=False)
+            q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
         else:
             q = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=dtype, compress_statistics=True,
                                   quant_type=mode, quant_storage=dtype)
-            q.weight = bnb.nn.Params4bit(layer.weight.data, requires_grad=False, compress_statistics=True,
-                                         quant_type=mode, quant_storage=dtype)
+            q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type=mode,
+                                         quant_storage=dtype)
         x = torch.randn(2, 64, dtype=dtype, device=device, requires_grad=True)
         q.to(device)(x).float().sum().backward()
     except Exception as e:  # noqa: BLE001 - whatever the backend refuses: said in one line
-        from dstune.errors import first_line
         raise UserError(f"model.quantize {mode}: bitsandbytes {bnb.__version__} cannot run it here "
                         f"({device}, {str(dtype).removeprefix('torch.')}): {first_line(e)}") from None
 

@@ -193,13 +193,21 @@ def buffer_bytes(ds_config: dict, stage: int, precision: str, table: ParamTable,
     return buckets + cuda_context + dequantized
 
 
+def _as_loaded(cfg: RunConfig, model: torch.nn.Module, precision: str, methods: list) -> torch.nn.Module:
+    """A meta model with the layers a load quantizes (model.quantize, or the checkpoint's) replaced by empty
+    bitsandbytes layers, the mode kept in `dstune_quantize` for the parameter table."""
+    if mode := quantize_mode(cfg, model.config):
+        quantize.refuse_base_training(mode, methods)
+        quantize.quantized_shell(model, mode, weights_dtype(precision))
+        model.dstune_quantize = mode
+    return model
+
+
 def _with_methods(cfg: RunConfig, config, tokenizer, quantized: bool = False):
     model = auto_class(cfg.task).from_config(config)
     methods = build_methods(cfg.methods)
-    if quantized and (mode := quantize_mode(cfg, config)):
-        quantize.refuse_base_training(mode, methods)
-        quantize.quantized_shell(model, mode, weights_dtype(cfg.training.precision))
-        model.dstune_quantize = mode
+    if quantized:
+        _as_loaded(cfg, model, cfg.training.precision, methods)
     apply_methods(model, methods, cfg.task, tokenizer)
     return model, methods
 
@@ -244,13 +252,9 @@ def _config_of(cfg: RunConfig, path: str) -> RunConfig:
 def _frozen_bytes(cfg: RunConfig, source: RunConfig, stage: int, world: int, labels) -> tuple[int, torch.nn.Module]:
     """(weights on one rank, the meta model) of a frozen model built as `source` says, in cfg's precision,
     partitioned over the ranks under ZeRO-3."""
-    source = source.model_copy(update={"training": source.training.model_copy(
-        update={"precision": cfg.training.precision})})
     with torch.device("meta"):
-        model = auto_class(source.task).from_config(recipe_config(source, None, labels))
-        if mode := quantize_mode(source, model.config):
-            quantize.quantized_shell(model, mode, weights_dtype(cfg.training.precision))
-            model.dstune_quantize = mode
+        model = _as_loaded(source, auto_class(source.task).from_config(recipe_config(source, None, labels)),
+                           cfg.training.precision, [])
     table = parameter_table(model.requires_grad_(False), [], source)
     return model_state_bytes(table, stage, world, cfg.training.precision)[0], model
 
