@@ -430,6 +430,44 @@ class PreferenceConfig(_Section):
         return None if self.reference in REFERENCES else self.reference
 
 
+PER_ADAPTER_TRAINING = ("lr", "weight_decay", "betas", "eps", "lr_schedule", "warmup_steps", "max_steps", "epochs",
+                        "micro_batch_size", "max_grad_norm", "nan_policy")  # what each adapter of a job may set
+
+
+class AdapterConfig(_Section):
+    """One named adapter of a job that trains several over one shared base (`adapters:`)."""
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="the adapter's name: its run dir is output_dir/adapters/NAME")
+    methods: list[dict[str, Any]] | None = Field(
+        None, description="its tuning methods (only those that leave the base frozen); default: the job's methods")
+    data: dict[str, Any] | None = Field(None, description="its data: keys of `data` over the job's (default: the "
+                                                          "job's data)")
+    training: dict[str, Any] | None = Field(
+        None, description=f"its own values of training.{{{', '.join(PER_ADAPTER_TRAINING)}}} over the job's "
+                          "(micro_batch_size: its rows in each micro-batch)")
+    evaluation: dict[str, Any] | None = Field(None, description="keys of `evaluation` over the job's")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_keys(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            for key in raw:
+                if key not in cls.model_fields and key in RunConfig.model_fields:
+                    raise ValueError(f"{key}: shared by every adapter of the job; set it at the top level")
+        return raw
+
+    @field_validator("training")
+    @classmethod
+    def _own_training(cls, training: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key in training or {}:
+            if key in TrainingConfig.model_fields and key not in PER_ADAPTER_TRAINING:
+                raise ValueError(f"training.{key}: shared by every adapter of the job (one base, one engine); "
+                                 f"an adapter sets only {', '.join(PER_ADAPTER_TRAINING)}")
+            if key not in TrainingConfig.model_fields:
+                raise ValueError(f"training.{key}: unknown key" + did_you_mean(key, PER_ADAPTER_TRAINING))
+        return training
+
+
 class RunConfig(_Section):
     task: Literal[TASK_NAMES] = Field(description="what the model learns")
     model: ModelConfig = Field(description="the base model: a local folder (or a GGUF file in it), or a tiny "
@@ -453,6 +491,10 @@ class RunConfig(_Section):
     preference: PreferenceConfig | None = Field(None, description="task preference: the objective and its "
                                                                  "reference model (default: dpo)")
     output_dir: str = Field(description="run directory: checkpoints, metrics, trainable.safetensors")
+    adapters: list[AdapterConfig] | None = Field(
+        None, description="train several named adapters over this one base in one job: each its own methods, data, "
+                          "learning rate, schedule, steps and evaluation; each ends as a run dir "
+                          "output_dir/adapters/NAME (see docs/how-to/many-adapters.md)")
 
     @model_validator(mode="after")
     def _preference_section(self) -> "RunConfig":
@@ -461,6 +503,43 @@ class RunConfig(_Section):
         if self.task == "preference" and self.preference is None:
             self.preference = PreferenceConfig()
         return self
+
+    @model_validator(mode="after")
+    def _adapters(self) -> "RunConfig":
+        if self.adapters is None:
+            return self
+        if not self.adapters:
+            raise ValueError("adapters: list at least one adapter (or leave the key out for one)")
+        names = [a.name for a in self.adapters]
+        if twice := next((n for i, n in enumerate(names) if n in names[:i]), None):
+            raise ValueError(f"adapters: the name {twice!r} is given twice; each adapter's run dir is named after it")
+        for section in ("distill", "preference"):
+            if getattr(self, section) is not None:
+                raise ValueError(f"{section}: not with adapters yet; train it as a job of its own")
+        self.adapter_runs()  # each adapter's own recipe must be valid
+        return self
+
+    def adapter_runs(self) -> list[tuple[str, "RunConfig"]]:
+        """Each adapter of the job as the recipe of a run of its own (its run dir: output_dir/adapters/NAME):
+        the job's model, tokenizer, DeepSpeed config and shared settings, its own methods, data, training
+        values and evaluation. A recipe without `adapters` is one adapter (itself)."""
+        if not self.adapters:
+            return [("", self)]
+        job = self.model_dump(mode="json", exclude={"adapters"})
+        runs = []
+        for i, a in enumerate(self.adapters):
+            own = {"methods": a.methods if a.methods is not None else job["methods"],
+                   "data": merge(job["data"], a.data or {}), "training": merge(job["training"], a.training or {}),
+                   "evaluation": merge(job["evaluation"], a.evaluation or {}),
+                   "output_dir": str(Path(self.output_dir) / "adapters" / a.name)}
+            try:
+                runs.append((a.name, RunConfig.model_validate({**job, **own})))
+            except ValidationError as e:
+                err = e.errors()[0]
+                key = ".".join(str(p) for p in err["loc"])
+                raise ValueError(f"adapters[{i}] ({a.name}).{key}: {err['msg'].removeprefix('Value error, ')}") \
+                    from None
+        return runs
 
     def with_training(self, **changes) -> "RunConfig":
         """This config with some training settings changed (e.g. `auto` ones made concrete)."""
@@ -492,6 +571,16 @@ class RunConfig(_Section):
             self.preference.reference = absolute(self.preference.reference)
         if isinstance(self.deepspeed, str) and self.deepspeed.endswith(".json"):
             self.deepspeed = absolute(self.deepspeed)
+        for a in self.adapters or []:
+            data = a.data or {}
+            for key in ("eval", "unlabeled", "cache_dir"):
+                if isinstance(data.get(key), str):
+                    data[key] = absolute(data[key])
+            if isinstance(data.get("train"), str) and data["train"] != RANDOM_DATA:
+                data["train"] = absolute(data["train"])
+            for source in data.get("train") if isinstance(data.get("train"), list) else []:
+                if isinstance(source, dict) and isinstance(source.get("path"), str):
+                    source["path"] = absolute(source["path"])
         return self
 
 

@@ -234,3 +234,16 @@ def test_rerunning_a_finished_run_says_where_its_results_are(ws, built_ops, tmp_
     assert (tmp_path / "run" / "trainable.safetensors").stat().st_mtime_ns == trained
     longer = ok(run_cli(["train", recipe, "training.max_steps=3"]))
     assert "resumed from step_00000002 (step 2)" in longer.stdout
+
+
+def test_a_run_resumed_to_train_longer_follows_the_new_schedule(ws, built_ops, tmp_path):
+    """Trained to step 2 of a linear schedule that ends there (its rate reaches 0), then resumed with
+    max_steps 4: step 3 updates at the rate the 4-step plan gives step 3, not at the saved 0."""
+    recipe = lm_recipe(ws, tmp_path, "longer", methods=[{"name": "lora", "r": 4}], max_steps=2, warmup_steps=1,
+                       lr=3e-3)
+    ok(run_cli(["train", recipe]))
+    ok(run_cli(["train", recipe, "training.max_steps=4"]))
+    train = read_metrics(tmp_path / "longer")
+    assert train[2]["lr"] == pytest.approx(3e-3)  # the 2-step plan: warm-up to step 1, 0 at step 2
+    assert train[3]["lr"] == pytest.approx(3e-3 * (1 - (2 - 1) / (4 - 1)))
+    assert train[4]["lr"] == pytest.approx(3e-3 * (1 - (3 - 1) / (4 - 1)))

@@ -144,7 +144,19 @@ def load_checkpoint(engine, run_dir: str, tag: str) -> int:
                                           load_lr_scheduler_states=True, custom_load_fn=_load_trained)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {checkpoint_dir(run_dir)}")
+    _replan(engine.lr_scheduler)
     return int(client["global_step"])
+
+
+def _replan(scheduler) -> None:
+    """The learning rates the next step uses, from the schedule as the recipe plans it now (a resumed run
+    may train longer: training.max_steps may change), not as the checkpoint saved them."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def _load_trained(src: dict, dst: torch.nn.Module) -> None:
@@ -162,13 +174,16 @@ def _load_trained(src: dict, dst: torch.nn.Module) -> None:
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full (gathered) copies of the trainable parameters and of every parameter a method added (see
     `apply_methods`); a collective under ZeRO-3, so call it on every rank."""
+    added = getattr(model, "dstune_added", frozenset())
+    return trainable_state_of({n: p for n, p in model.named_parameters() if p.requires_grad or n in added})
+
+
+def trainable_state_of(named: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Full fp32 CPU copies of these parameters (gathered under ZeRO-3: a collective, call it on every rank)."""
     import deepspeed
 
-    added = getattr(model, "dstune_added", frozenset())
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or n in added]
-    params = [p for _, p in named]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        return {n: p.detach().to("cpu", torch.float32).clone().contiguous() for n, p in named}
+    with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=None):
+        return {n: p.detach().to("cpu", torch.float32).clone().contiguous() for n, p in named.items()}
 
 
 def save_trainable(model: torch.nn.Module, path: str | os.PathLike, is_main: bool, metadata: dict) -> None:

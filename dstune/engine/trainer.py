@@ -77,6 +77,9 @@ def train(cfg: RunConfig, checkpointing: Checkpointing = recipe_checkpointing) -
     alone); returns the run's results (results.json). A job that fails before its engine has started leaves
     no run dir behind (nor the files `dstune launch` put in a new one). `checkpointing` decides activation
     checkpointing `auto` (the CLI hands in the estimate-based one: the engine does not import planning)."""
+    if cfg.adapters:  # several adapters over one base: engine/adapters.py
+        from dstune.engine.adapters import train_adapters
+        return train_adapters(cfg, checkpointing)
     run_dir = Path(cfg.output_dir)
     fresh = fresh_run_dir(run_dir)
     with launcher_env(), stop_signals():
@@ -197,22 +200,34 @@ def start(c: Checked) -> Job:
     c = _agree_on_precision(c, dist_)
     job = Job(cfg=c.cfg, dist=dist_, methods=c.methods, tokenizer=c.tokenizer, data=c.data)
     try:
-        tag = ckpt.first_readable(c.cfg.output_dir, c.resume_from, dist_.rank, dist_.world) if c.resume_from else None
-        measure = c.cfg.training.measure_memory
-        job.memory = PhaseMemory(dist_.device, device_sampler=measure == "device") if measure != "off" else NoMemory()
+        tag = first_checkpoint_and_memory(c.cfg, c.resume_from, job)
         build(c, job)
         job.lock = _write_run_header(c, job)
         job.engine, job.scheduler = _initialize(c, job)
         if job.objective is not None and isinstance(job.objective.reference, Precomputed):
             precompute_reference(job, c.data_entry, c.base)  # with the model as built: before a resume loads
-        if tag:
-            job.step = ckpt.load_checkpoint(job.engine, c.cfg.output_dir, tag)
-            if dist_.is_main:
-                print(f"[dstune] resumed from {tag} (step {job.step})", flush=True)
+        resume(job, c.cfg.output_dir, tag)
         return job
     except BaseException:
         job.release(failed=True)
         raise
+
+
+def first_checkpoint_and_memory(cfg: RunConfig, resume_from: list[str], job: Job) -> str | None:
+    """The newest of the complete checkpoints every rank can read (None: a fresh start), and the job's
+    memory recorder as training.measure_memory asks."""
+    dist_ = job.dist
+    measure = cfg.training.measure_memory
+    job.memory = PhaseMemory(dist_.device, device_sampler=measure == "device") if measure != "off" else NoMemory()
+    return ckpt.first_readable(cfg.output_dir, resume_from, dist_.rank, dist_.world) if resume_from else None
+
+
+def resume(job: Job, run_dir: str, tag: str | None) -> None:
+    """Load checkpoint `tag` into the started engine (none: a fresh start) and say so."""
+    if tag:
+        job.step = ckpt.load_checkpoint(job.engine, run_dir, tag)
+        if job.dist.is_main:
+            print(f"[dstune] resumed from {tag} (step {job.step})", flush=True)
 
 
 def _agree_on_precision(c: Checked, dist_) -> Checked:

@@ -110,14 +110,10 @@ def apply_methods(model: torch.nn.Module, methods: list[TuningMethod], task: str
     training input tokens, which a prefix may start from). The names of the parameters methods add are kept
     in `model.dstune_added`: they are saved with the trained ones even when frozen (a fixed random projection
     must come back as it was)."""
-    from dstune.tasks import TASKS, get_task
-    task = get_task(task).model_task if task in TASKS else task  # what the model is (preference: a causal LM)
     base = {n for n, _ in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    for m in methods:
-        m.tokenizer, m.example_inputs = tokenizer, example_inputs
-        m.apply(model, task)
+    _apply_each(model, methods, task, tokenizer, example_inputs)
     refuse_trained_quantized(model)
     model.dstune_added = frozenset(n for n, _ in model.named_parameters() if n not in base)
     model.dstune_generate_kwargs = {k: v for m in methods for k, v in m.generate_kwargs.items()}
@@ -125,17 +121,54 @@ def apply_methods(model: torch.nn.Module, methods: list[TuningMethod], task: str
         raise UserError("methods: nothing trains with these methods and options")
 
 
+def _apply_each(model: torch.nn.Module, methods: list[TuningMethod], task: str, tokenizer,
+                example_inputs: Callable[[int], list[int]] | None) -> None:
+    from dstune.tasks import TASKS, get_task
+    task = get_task(task).model_task if task in TASKS else task  # what the model is (preference: a causal LM)
+    for m in methods:
+        m.tokenizer, m.example_inputs = tokenizer, example_inputs
+        m.apply(model, task)
+
+
+def apply_adapter_methods(model: torch.nn.Module, adapters: dict[str, tuple[list[TuningMethod], Any]], task: str,
+                          tokenizer=None) -> None:
+    """Apply each named adapter's methods (name → (methods, its example_inputs)) over one frozen base, each
+    from the random state a run of its own would start from, and route them (methods/routing.py). Only
+    methods that leave the base frozen can share it."""
+    from dstune.methods.routing import SLOTS, apply_adapters, rng_state, set_rng_state
+
+    for name, (methods, _) in adapters.items():
+        if changer := next((m for m in methods if not m.steps_aside), None):
+            raise UserError(f"adapters ({name}): {changer.label} changes the base's own weights, which every adapter "
+                            "shares; adapters train methods that leave the base frozen (lora, ia3, adapter, prompt, "
+                            "prefix)")
+    start = rng_state()
+
+    def applying(name: str, methods: list[TuningMethod], inputs) -> Callable[[], None]:
+        def apply() -> None:
+            set_rng_state(start)
+            trained = {id(p) for p in model.parameters() if p.requires_grad}
+            _apply_each(model, methods, task, tokenizer, inputs)
+            if not any(p.requires_grad and id(p) not in trained for p in model.parameters()):
+                raise UserError(f"adapters ({name}): nothing trains with these methods and options")
+        return apply
+    apply_adapters(model, {name: applying(name, *spec) for name, spec in adapters.items()})
+    refuse_trained_quantized(model)
+    model.dstune_added = frozenset(n for n, _ in model.named_parameters() if SLOTS in n)
+
+
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
     # biases and norm weights (1-D) are not decayed, as in BERT/GPT training recipes
     return p.ndim < 2 or "norm" in name.lower()
 
 
-def param_groups(model: torch.nn.Module, methods: list[TuningMethod], lr: float,
-                 weight_decay: float) -> list[dict[str, Any]]:
-    """Optimizer param groups keyed by (LR scale, decay): one group per distinct pair."""
+def param_groups(model: torch.nn.Module, methods: list[TuningMethod], lr: float, weight_decay: float,
+                 only: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
+    """Optimizer param groups keyed by (LR scale, decay): one group per distinct pair (of the parameters
+    whose names `only` accepts, when given)."""
     groups: dict[tuple[float, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or (only is not None and not only(name)):
             continue
         scale = 1.0
         for m in methods:

@@ -299,7 +299,8 @@ def prepare_for_training(model: torch.nn.Module, cfg: RunConfig) -> None:
     if t.lean_activations:
         use_lean_activations(model)
     if t.activation_checkpointing is True:  # "auto" is decided before (planning/fit.py)
-        kwargs = {"use_reentrant": False}
+        # a model with several adapters (methods/routing.py) recomputes each layer as the adapter it ran for
+        kwargs = {"use_reentrant": False, **getattr(model, "dstune_checkpoint_kwargs", {})}
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
                                                   every_n_layers=t.activation_checkpointing_every)

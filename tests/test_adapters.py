@@ -1,0 +1,135 @@
+"""Many adapters, one base: each adapter of a job trains exactly as a run of its own on the same data and seed
+(its losses and its trained weights), whatever else shares the base, the batch and the optimizer."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from helpers import assert_user_error, ok, read_metrics, run_cli, write
+
+TOL = 1e-5
+
+# every method that leaves the base frozen, with settings that differ per adapter: lr, schedule, steps, rows
+# per micro-batch, clipping (small enough to clip), a held-out split
+LM_ADAPTERS = [
+    {"name": "lora", "methods": [{"name": "lora", "r": 4}], "training": {"lr": 3e-3, "max_grad_norm": 0.05}},
+    {"name": "dora-prompt", "methods": [{"name": "prompt", "num_virtual_tokens": 3},
+                                        {"name": "lora", "r": 2, "use_dora": True}],
+     "training": {"lr": 1e-2, "micro_batch_size": 1, "lr_schedule": "cosine"}},
+    {"name": "ia3", "methods": [{"name": "ia3"}], "training": {"lr": 3e-2, "max_steps": 3, "weight_decay": 0.1}},
+    {"name": "adapter", "methods": [{"name": "adapter", "bottleneck": 8}], "data": {"eval_fraction": 0.2},
+     "evaluation": {"every": 2}},
+    {"name": "prefix", "methods": [{"name": "prefix", "num_virtual_tokens": 2}], "training": {"lr": 1e-2}},
+]
+
+
+def lm_job(ws, tmp_path, adapters: list[dict], stage: int | None = None, **training) -> tuple:
+    ds = "zero0"
+    if stage is not None:
+        ds_path = tmp_path / f"zero{stage}.json"
+        ds_path.write_text(json.dumps({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}))
+        ds = str(ds_path)
+    out = tmp_path / "job"
+    recipe = tmp_path / "job.yaml"
+    recipe.write_text(json.dumps({
+        "task": "causal_lm", "model": {"path": str(ws / "gpt2")},
+        "data": {"train": str(ws / "lm.jsonl"), "max_length": 32, "packing": True},
+        "deepspeed": ds, "output_dir": str(out), "methods": [{"name": "lora"}], "adapters": adapters,
+        "training": {"precision": "fp32", "max_steps": 4, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 1,
+                     "seed": 7, **training}}))
+    return recipe, out
+
+
+def solo(run_dir, tmp_path, nproc: int = 1):
+    """The adapter's own recipe (its run dir's config.yaml) trained as a job of its own."""
+    out = tmp_path / f"solo-{run_dir.name}"
+    ok(run_cli(["train", str(run_dir / "config.yaml"), f"output_dir={out}"], nproc=nproc))
+    return out
+
+
+def assert_same_run(adapter_dir, solo_dir) -> None:
+    mine, alone = read_metrics(adapter_dir), read_metrics(solo_dir)
+    assert sorted(mine) == sorted(alone), (adapter_dir.name, sorted(mine), sorted(alone))
+    for step in alone:
+        assert abs(mine[step]["loss"] - alone[step]["loss"]) < TOL, (adapter_dir.name, step, mine[step], alone[step])
+        assert mine[step]["lr"] == pytest.approx(alone[step]["lr"], rel=1e-9), (adapter_dir.name, step)
+    a, b = load_file(adapter_dir / "trainable.safetensors"), load_file(solo_dir / "trainable.safetensors")
+    assert a.keys() == b.keys(), (adapter_dir.name, sorted(a.keys() ^ b.keys())[:4])
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < TOL, (adapter_dir.name, k)
+    if (solo_dir / "metrics.jsonl").read_text().count('"eval"'):
+        ev, ev_alone = read_metrics(adapter_dir, "eval"), read_metrics(solo_dir, "eval")
+        assert sorted(ev) == sorted(ev_alone)
+        for step in ev:
+            assert ev[step]["loss"] == pytest.approx(ev_alone[step]["loss"], abs=TOL)
+
+
+def test_each_adapter_of_a_job_trains_as_a_run_of_its_own(ws, built_ops, tmp_path):
+    recipe, out = lm_job(ws, tmp_path, LM_ADAPTERS)
+    res = ok(run_cli(["train", str(recipe)]))
+    assert "5 adapters over one base" in res.stdout
+    for spec in LM_ADAPTERS:
+        assert_same_run(out / "adapters" / spec["name"], solo(out / "adapters" / spec["name"], tmp_path))
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["steps"] == 4 and summary["adapters"]["ia3"]["steps"] == 3
+    assert "after" in summary["adapters"]["adapter"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_adapters_on_two_ranks_train_as_their_own_runs_through_a_resume(ws, built_ops, tmp_path, stage):
+    """2 ranks, ZeRO-2/3: the job stops at step 2 and resumes; each adapter's steps equal its own 2-rank run."""
+    adapters = [LM_ADAPTERS[0], {**LM_ADAPTERS[2], "training": {"lr": 3e-2, "weight_decay": 0.1}},
+                {**LM_ADAPTERS[4], "training": {"lr": 1e-2, "micro_batch_size": 1}}]
+    recipe, out = lm_job(ws, tmp_path, adapters, stage, checkpoint_every=2)
+    ok(run_cli(["train", str(recipe), "training.max_steps=2"], nproc=2))
+    res = ok(run_cli(["train", str(recipe)], nproc=2))
+    assert "resumed from step_00000002 (step 2)" in res.stdout
+    for spec in adapters:
+        run_dir = out / "adapters" / spec["name"]
+        assert_same_run(run_dir, solo(run_dir, tmp_path, nproc=2))
+
+
+def test_classification_adapters_each_train_their_own_head(ws, built_ops, tmp_path):
+    """Two adapters of a BERT classifier: each has its own copy of the head, saved under the head's names."""
+    adapters = [{"name": "r4", "methods": [{"name": "lora", "r": 4}], "training": {"lr": 1e-2}},
+                {"name": "ia3", "methods": [{"name": "ia3"}], "training": {"lr": 3e-2, "micro_batch_size": 2}}]
+    path, out = write(tmp_path, ws, training={"precision": "fp32", "max_steps": 3, "micro_batch_size": 4},
+                      adapters=adapters, data={"train": "DATA", "eval_fraction": 0.25})
+    ok(run_cli(["train", str(path)]))
+    for spec in adapters:
+        run_dir = out / "adapters" / spec["name"]
+        assert "classifier.weight" in load_file(run_dir / "trainable.safetensors")
+        assert_same_run(run_dir, solo(run_dir, tmp_path))
+        res = ok(run_cli(["eval", str(run_dir)]))  # a complete run dir: every command takes it
+        assert "accuracy" in res.stdout
+
+
+@pytest.mark.parametrize("adapters, pattern", [
+    ([{"name": "a"}, {"name": "a"}], r"adapters: the name 'a' is given twice"),
+    ([{"name": "a", "methods": [{"name": "full"}]}], r"adapters \(a\): full changes the base's own weights"),
+    ([{"name": "a", "methods": [{"name": "bitfit"}]}], r"adapters \(a\): bitfit changes the base's own weights"),
+    ([{"name": "a", "deepspeed": "zero2"}], r"adapters.0: deepspeed: shared by every adapter"),
+    ([{"name": "a", "training": {"precision": "bf16"}}], r"training.precision: shared by every adapter"),
+    ([{"name": "a", "training": {"lrr": 1}}], r"training.lrr: unknown key \(did you mean 'lr'\?\)"),
+    ([{"name": "a", "methods": [{"name": "lora", "rr": 2}]}], r"adapters\[0\] \(a\)\.methods\[0\] \(lora\)\.rr"),
+    ([{"name": "a/b"}], r"adapters.0.name"),
+])
+def test_bad_adapters_are_refused_in_one_line(ws, tmp_path, adapters, pattern):
+    path, out = write(tmp_path, ws, adapters=adapters, methods=[{"name": "lora"}])
+    assert_user_error(run_cli(["train", str(path)]), pattern, out)
+
+
+def test_adapter_run_dirs_hold_the_recipe_of_a_run_of_their_own(ws, tmp_path):
+    path, _ = write(tmp_path, ws, methods=[{"name": "lora"}], training={"lr": 1e-3, "max_steps": 2},
+                    adapters=[{"name": "x", "training": {"lr": 5e-3}}, {"name": "y", "methods": [{"name": "ia3"}]}])
+    from dstune.config import load_config
+
+    runs = dict(load_config(path).adapter_runs())
+    assert runs["x"].training.lr == 5e-3 and runs["x"].methods == [{"name": "lora"}]
+    assert runs["y"].training.lr == 1e-3 and runs["y"].methods == [{"name": "ia3"}]
+    assert runs["y"].output_dir.endswith("out/adapters/y") and runs["y"].adapters is None
+    assert yaml.safe_dump(runs["x"].model_dump(mode="json"))  # writable as a run dir's config.yaml
