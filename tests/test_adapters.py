@@ -133,3 +133,43 @@ def test_adapter_run_dirs_hold_the_recipe_of_a_run_of_their_own(ws, tmp_path):
     assert runs["y"].training.lr == 1e-3 and runs["y"].methods == [{"name": "ia3"}]
     assert runs["y"].output_dir.endswith("out/adapters/y") and runs["y"].adapters is None
     assert yaml.safe_dump(runs["x"].model_dump(mode="json"))  # writable as a run dir's config.yaml
+
+
+def test_rows_of_several_adapters_in_one_forward_compute_as_each_alone():
+    """Row-local adapters (LoRA, DoRA, IA3, bottleneck adapters) share one forward, each over its own rows,
+    with one call of each base layer; soft prompts and prefixes are routed one adapter per forward."""
+    import torch
+
+    from dstune.config import config_from_dict
+    from dstune.methods import apply_adapter_methods, build_methods
+    from dstune.methods.routing import route, route_rows, row_local
+    from dstune.models.loading import load_model
+
+    cfg = config_from_dict({"task": "causal_lm", "model": {"tiny": "llama", "config_overrides": {"vocab_size": 64}},
+                            "data": {"train": "random", "max_length": 16}, "output_dir": "unused"})
+    torch.manual_seed(0)
+    model = load_model(cfg, None, None, torch.device("cpu"))
+    specs = {"lora": [{"name": "lora", "r": 4}], "dora": [{"name": "lora", "r": 2, "use_dora": True}],
+             "ia3": [{"name": "ia3"}], "adapter": [{"name": "adapter", "bottleneck": 8}],
+             "prompt": [{"name": "prompt", "num_virtual_tokens": 2}]}
+    apply_adapter_methods(model, {k: (build_methods(v), None) for k, v in specs.items()}, "causal_lm")
+    with torch.no_grad():  # trained-looking weights: no adapter is the identity
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
+    assert [row_local(model, k) for k in specs] == [True, True, True, True, False]
+    ids = torch.randint(0, 64, (7, 5), generator=torch.Generator().manual_seed(1))
+    segments = [("lora", 0, 2), ("dora", 2, 3), ("ia3", 3, 5), ("adapter", 5, 7)]
+    calls = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    with route_rows(model, segments):
+        shared = model(input_ids=ids).logits
+    assert calls == [7]  # the base layer ran once, over every adapter's rows
+    hook.remove()
+    for name, s, e in segments:
+        with route(model, name):
+            alone = model(input_ids=ids[s:e]).logits
+        assert (shared[s:e] - alone).abs().max() < 1e-5, name
+    with route(model, "lora"):  # the rows of another adapter are not what LoRA computes for them
+        other = model(input_ids=ids[2:3]).logits
+    assert (other - shared[2:3]).abs().max() > 1e-3

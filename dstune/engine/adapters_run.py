@@ -24,7 +24,7 @@ from dstune.engine.train_run import (MAX_SKIPPED_IN_A_ROW, Job, engine_bytes, he
                                      seed_step, write_memory)
 from dstune.errors import Interrupted, UserError, signal_number
 from dstune.methods.base import base_model_only
-from dstune.methods.routing import rng_state, route, set_rng_state
+from dstune.methods.routing import rng_state, route, route_rows, row_local, set_rng_state
 from dstune.rundir import pointer
 from dstune.rundir.trainable import BEST, TRAINABLE, save_safetensors
 from dstune.tasks import get_task
@@ -129,15 +129,14 @@ class AdaptersRun:
         micro = {r.a.name: [[r.a.data.train[i] for i in m] for m in r.a.batches.for_step(self.step)] for r in training}
         sums = dict.fromkeys(micro, 0.0)
         started = time.perf_counter()
+        groups = self.forward_groups(training)
         for j in range(t.gradient_accumulation_steps):
             total = 0
-            for r in training:
-                with route(self.engine.module, r.a.name):
-                    set_rng_state(rng[r.a.name])
-                    loss = self.forward(r, micro[r.a.name][j], targets[r.a.name])
-                    rng[r.a.name] = rng_state()
-                sums[r.a.name] += loss.item()
-                total = total + loss
+            for group in groups:
+                for name, loss in self.forward_group(group, {r.a.name: micro[r.a.name][j] for r in group}, targets,
+                                                     rng):
+                    sums[name] += loss.item()
+                    total = total + loss
             job.memory.mark("forward")
             self.engine.backward(total)
             job.memory.mark("backward")
@@ -157,15 +156,55 @@ class AdaptersRun:
             return 0
         return r.count_targets([r.a.data.train[i]["labels"] for i in r.a.batches.global_step(self.step)])
 
-    def forward(self, r: AdapterRun, rows: list[dict], global_targets: int) -> torch.Tensor:
-        """The adapter's micro-batch loss, weighted as a run of its own weights it (engine/train_run.py)."""
-        batch = to_device(r.task.collate(rows, self.pad_id), self.job.dist.device, r.task)
-        out = self.engine(**batch)
+    def forward_groups(self, training: list[AdapterRun]) -> list[list[AdapterRun]]:
+        """Adapters whose rows share one forward: the row-local ones (routing.row_local) whose rows batch
+        alike (packed or not); each other adapter (a soft prompt, a prefix) runs forwards of its own."""
+        shared: dict[bool, list[AdapterRun]] = {}
+        alone = []
+        for r in training:
+            if row_local(self.engine.module, r.a.name):
+                shared.setdefault("position_ids" in r.a.data.train.column_names, []).append(r)
+            else:
+                alone.append([r])
+        return list(shared.values()) + alone
+
+    def forward_group(self, group: list[AdapterRun], rows: dict[str, list[dict]], targets: dict[str, int],
+                      rng: dict) -> list[tuple[str, torch.Tensor]]:
+        """One forward over the group's micro-batches, each adapter over its own rows: (name, its loss,
+        weighted as a run of its own weights it) per adapter. Alone, an adapter draws its dropout as its own
+        run would; sharing a forward, the batch draws it."""
+        model, task = self.engine.module, group[0].task
+        if len(group) == 1:
+            r = group[0]
+            with route(model, r.a.name):
+                set_rng_state(rng[r.a.name])
+                batch = self.batch(r, rows[r.a.name])
+                out = self.engine(**batch)
+                rng[r.a.name] = rng_state()
+            return [(r.a.name, self.weighted(r, rows[r.a.name], out.loss, out.logits, targets[r.a.name]))]
+        segments, start = [], 0
+        for r in group:
+            segments.append((r.a.name, start, start + len(rows[r.a.name])))
+            start = segments[-1][2]
+        batch = self.batch(group[0], [row for r in group for row in rows[r.a.name]])
+        labels = batch["labels"] if task.forward_takes_labels else batch.pop("labels")
+        with route_rows(model, segments):
+            logits = self.engine(**batch).logits
+        return [(r.a.name, self.weighted(r, rows[r.a.name], task.loss(model, logits[s:e], labels[s:e]), logits[s:e],
+                                         targets[r.a.name])) for r, (_, s, e) in zip(group, segments)]
+
+    def batch(self, r: AdapterRun, rows: list[dict]) -> dict:
+        return to_device(r.task.collate(rows, self.pad_id), self.job.dist.device, r.task)
+
+    def weighted(self, r: AdapterRun, rows: list[dict], loss: torch.Tensor, logits: torch.Tensor,
+                 global_targets: int) -> torch.Tensor:
+        """An adapter's micro-batch loss (the mean over its targets), weighted as a run of its own weights it
+        (engine/train_run.py): its share of its global batch's targets."""
         if r.count_targets is None:
-            return out.loss
+            return loss
         mine = r.count_targets([row["labels"] for row in rows])
         b = r.a.batches
-        return out.loss * (mine / max(global_targets, 1) * b.accum * b.world) if mine else out.logits.sum() * 0.0
+        return loss * (mine / max(global_targets, 1) * b.accum * b.world) if mine else logits.sum() * 0.0
 
     def clip_and_hold(self, training: list[AdapterRun], sums: dict[str, float]) -> None:
         """Per adapter: its gradient norm over its own parameters (the shares every rank holds, one all-reduce

@@ -36,10 +36,13 @@ class Slot(nn.Module):
 
 
 class Router:
-    """Which adapter the model computes now (None: the base), shared by the routing hooks of every module."""
+    """Which adapter the model computes now (None: the base), or which rows each adapter computes
+    (`segments`: (adapter, first row, end row) over the whole batch, in order), shared by the routing hooks
+    of every module."""
 
     def __init__(self):
         self.active: str | None = None
+        self.segments: list[tuple[str, int, int]] | None = None
 
 
 def apply_adapters(model: nn.Module, adapters: dict[str, Callable[[], None]]) -> Router:
@@ -129,6 +132,8 @@ def _active_slot(module: nn.Module, router: Router) -> Slot | None:
 
 def _routed_pre_hook(router: Router):
     def hook(module: nn.Module, args: tuple, kwargs: dict):
+        if router.segments is not None:
+            return _segments_pre_hook(module, args, kwargs, router.segments)
         slot = _active_slot(module, router)
         if slot is None:
             return None
@@ -145,6 +150,8 @@ def _routed_pre_hook(router: Router):
 
 def _routed_hook(router: Router):
     def hook(module: nn.Module, args: tuple, kwargs: dict, output):
+        if router.segments is not None:
+            return _segments_hook(module, args, kwargs, output, router.segments)
         slot = _active_slot(module, router)
         if slot is None:
             return None
@@ -153,6 +160,86 @@ def _routed_hook(router: Router):
             output = output if out is None else out
         return output
     return hook
+
+
+def _rows(t, segment: tuple[str, int, int], batch_rows: int):
+    """A segment's rows of a tensor whose first dimension is the batch's rows (or rows × tokens, where a
+    layer flattens them); anything else as it is."""
+    if not torch.is_tensor(t) or not t.dim() or t.shape[0] % batch_rows:
+        return t
+    per_row = t.shape[0] // batch_rows
+    return t[segment[1] * per_row:segment[2] * per_row]
+
+
+def _segments_pre_hook(module: nn.Module, args: tuple, kwargs: dict, segments: list[tuple[str, int, int]]):
+    slots = module._modules[SLOTS]
+    if not any(name in slots and slots[name].pre_hooks for name, _, _ in segments):
+        return None
+    rows, pieces = segments[-1][2], []
+    for segment in segments:
+        mine = tuple(_rows(a, segment, rows) for a in args)
+        slot = slots[segment[0]] if segment[0] in slots else None
+        if slot is not None and slot.pre_hooks:
+            with _bound(module, slot):
+                for fn, with_kwargs in slot.pre_hooks:
+                    out = fn(module, mine, kwargs) if with_kwargs else fn(module, mine)
+                    if out is not None:
+                        mine = out[0] if with_kwargs else out if isinstance(out, tuple) else (out,)
+        pieces.append(mine[0])
+    return (torch.cat(pieces), *args[1:]), kwargs
+
+
+def _segments_hook(module: nn.Module, args: tuple, kwargs: dict, output, segments: list[tuple[str, int, int]]):
+    """Each segment's rows of the module's output through its adapter's hooks (one small computation per
+    adapter over its rows beside the base's one over all rows: the punica / S-LoRA layout)."""
+    slots = module._modules[SLOTS]
+    if not any(name in slots and slots[name].hooks for name, _, _ in segments):
+        return None
+    rows, pieces = segments[-1][2], []
+    for segment in segments:
+        piece = _rows(output, segment, rows)
+        slot = slots[segment[0]] if segment[0] in slots else None
+        if slot is not None and slot.hooks:
+            mine = tuple(_rows(a, segment, rows) for a in args)
+            with _bound(module, slot):
+                for fn, with_kwargs in slot.hooks:
+                    out = fn(module, mine, kwargs, piece) if with_kwargs else fn(module, mine, piece)
+                    piece = piece if out is None else out
+        pieces.append(piece)
+    return torch.cat(pieces)
+
+
+@contextlib.contextmanager
+def _bound(module: nn.Module, slot: Slot) -> Iterator[None]:
+    own = {**dict(slot.named_children()), **slot.attrs}
+    for key, value in own.items():
+        object.__setattr__(module, key, value)
+    try:
+        yield
+    finally:
+        for key in own:
+            module.__dict__.pop(key, None)
+
+
+def row_local(model: nn.Module, adapter: str) -> bool:
+    """Whether the adapter's methods act on each row's activations alone, inside the model's layers (LoRA,
+    IA3, bottleneck adapters, a task head): its rows can share a forward with other adapters' rows. Soft
+    prompts and prefixes change the input and the attention: their adapter runs forwards of its own."""
+    return adapter not in model._modules.get(SLOTS, {})
+
+
+@contextlib.contextmanager
+def route_rows(model: nn.Module, segments: list[tuple[str, int, int]]) -> Iterator[None]:
+    """Within it one forward computes several row-local adapters, each over its own rows of the batch
+    (`segments`: (adapter, first row, end row), covering the batch in order)."""
+    router: Router = model.dstune_router
+    if router.active is not None or router.segments is not None:
+        raise RuntimeError("an adapter is routed already")
+    router.segments = segments
+    try:
+        yield
+    finally:
+        router.segments = None
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -172,8 +259,8 @@ def route(model: nn.Module, adapter: str | None) -> Iterator[None]:
     prefix's keys and values) is kept with the adapter when it leaves and put back when it returns (a recomputed checkpointed
     layer sees it as the forward did)."""
     router: Router = model.dstune_router
-    if router.active is not None:
-        raise RuntimeError(f"adapter {router.active!r} is routed already")
+    if router.active is not None or router.segments is not None:
+        raise RuntimeError("an adapter is routed already")
     bound = []
     for module in model.modules():
         if SLOTS in module._modules and adapter in module._modules[SLOTS]:
@@ -201,19 +288,22 @@ def routed_checkpointing(model: nn.Module):
     from torch.utils.checkpoint import noop_context_fn
 
     def context_fn():
-        adapter = model.dstune_router.active
-        if adapter is None:
+        router = model.dstune_router
+        if router.segments is not None:
+            return contextlib.nullcontext(), _rerouted(model, None, router.segments)
+        if router.active is None:
             return noop_context_fn()
-        return contextlib.nullcontext(), _rerouted(model, adapter)
+        return contextlib.nullcontext(), _rerouted(model, router.active, None)
     return context_fn
 
 
 @contextlib.contextmanager
-def _rerouted(model: nn.Module, adapter: str) -> Iterator[None]:
-    if model.dstune_router.active == adapter:
+def _rerouted(model: nn.Module, adapter: str | None, segments: list | None) -> Iterator[None]:
+    router = model.dstune_router
+    if router.active == adapter and router.segments == segments:
         yield
         return
-    with route(model, adapter):
+    with route(model, adapter) if adapter is not None else route_rows(model, segments):
         yield
 
 

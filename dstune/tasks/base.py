@@ -81,6 +81,12 @@ class Task:
         """Tokens a step's loss is the mean over (None: the model's plain mean is already right)."""
         return None
 
+    def loss(self, model, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss the model computes for these rows from their logits (the mean over their
+        targets): the loss of some rows of a batch the model ran without labels."""
+        import torch.nn.functional as F
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+
     def example_batch(self, config, micro_batch: int, seq_len: int, target_len: int) -> dict[str, torch.Tensor]:
         """Random token ids of a training batch's shapes (for the memory estimate's trace)."""
         raise NotImplementedError
@@ -131,6 +137,11 @@ class Generative(Task):
 
     def target_tokens(self, label_rows: list[list[int]], first_label_is_target: bool) -> int | None:
         return target_tokens(label_rows, skip_first=self.shifts_labels and not first_label_is_target)
+
+    def loss(self, model, logits, labels):
+        if self.shifts_labels:  # the model's own loss function (dstune's chunked one, models/losses.py)
+            return model.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1])
+        return super().loss(model, logits, labels)
 
     def score(self, logits, labels, keep):
         import torch.nn.functional as F
