@@ -51,6 +51,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Train a grid of settings in one job and rank them: dstune sweep RECIPE --grid KEY=V1,V2 [KEY=...] [key=value ...]
+
+    Every combination of the --grid values becomes one adapter of a job over the recipe's base and data
+    (docs/how-to/many-adapters.md), named after its values (lr1e-4_r8): the base is loaded once and every
+    setting trains as a run of its own would. A grid key is one an adapter may set: training.{lr,
+    weight_decay, betas, eps, lr_schedule, warmup_steps, max_steps, epochs, micro_batch_size, max_grad_norm,
+    nan_policy}, evaluation.*, data.*, or methods[i].OPTION (an option of the recipe's i-th method, e.g.
+    methods[0].r). The recipe needs held-out rows (data.eval or data.eval_fraction). Prints the settings
+    ranked by the held-out metric (early stopping's when the recipe has it, else the task's: accuracy,
+    perplexity), the best marked, with each one's run dir (output_dir/adapters/NAME), and writes sweep.md and
+    sweep.png (every setting's held-out curve; set evaluation.every for more than two points).
+    """
+    from dstune.config import load_config
+    from dstune.sweep.grid import sweep_recipe
+
+    cfg = sweep_recipe(load_config(args.recipe, args.overrides), args.grid)
+    from dstune.engine.trainer import train
+    from dstune.planning.fit import resolve_checkpointing
+    from dstune.sweep.report import write_report
+
+    summary = train(cfg, resolve_checkpointing)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[dstune] sweep of {len(cfg.adapters)} settings ({Path(cfg.output_dir) / 'sweep.md'}, sweep.png):\n"
+              + write_report(cfg, summary["adapters"]), flush=True)
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Tokenize (and pack) a recipe's data ahead of the job: dstune prepare RECIPE.yaml [key=value ...]
 
@@ -67,10 +95,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from dstune.prepare.cache import prepared_data, summary
     from dstune.rundir.as_base import base_from_run
     cfg = base_from_run(cfg)
-    data, entry = prepared_data(cfg, recipe_tokenizer(cfg))
-    if entry is None:
-        raise UserError("data.train: `random` data is made on the fly; there is nothing to prepare")
-    print(summary(data, entry), flush=True)
+    tokenizer = recipe_tokenizer(cfg)
+    for name, run in cfg.adapter_runs():  # with adapters: each one's data (those that share it, once)
+        data, entry = prepared_data(run, tokenizer)
+        if entry is None:
+            raise UserError("data.train: `random` data is made on the fly; there is nothing to prepare")
+        print(f"{name}: " * bool(name) + summary(data, entry), flush=True)
     return 0
 
 
@@ -333,8 +363,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     count; the peer runs once per tuning method (prefix-split, prefix tuning on the split attention path,
     shares prefix's). Each child's whole output is kept in DIR/METHOD.log (and DIR/METHOD-peer.log).
     --replot DIR/bench.json writes bench.md and bench.png again from a finished bench's JSON.
+    --adapters N[,N...] (instead of --methods) measures N adapters of the recipe's methods in one job against
+    the same N trained as jobs one after another, each adapter on its own share of the training rows:
+    wall-clock, training-loop time, peak memory summed over --ranks ranks, and the job's tokens/s against
+    one adapter on as many rows (DIR/adapters.md, DIR/adapters.json).
     """
     from dstune.planning.bench import bench, replot
+
+    if args.adapters:
+        from dstune.planning.bench_adapters import bench_adapters
+        if args.recipe is None:
+            raise UserError("bench: name a recipe")
+        counts = [int(n) for n in args.adapters.split(",") if n.strip().isdigit() and int(n) > 0]
+        if len(counts) != len(args.adapters.split(",")):
+            raise UserError(f"--adapters: counts of adapters, e.g. 4,8 (got {args.adapters!r})")
+        bench_adapters(args.recipe, args.overrides, counts, args.out, args.steps, args.ranks)
+        print((Path(args.out) / "adapters.md").read_text())
+        return 0
 
     if args.replot:
         where = replot(args.replot)
@@ -510,6 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("recipe", help="YAML recipe (see recipes/)")
     sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.lr=1e-4")
 
+    sp = add("sweep", cmd_sweep)
+    sp.add_argument("recipe", help="YAML recipe (see recipes/)")
+    sp.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
+                    help="the values each key takes, e.g. training.lr=1e-4,3e-4 methods[0].r=8,16")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides of the recipe, e.g. training.max_steps=200")
+
     sp = add("prepare", cmd_prepare)
     sp.add_argument("recipe", help="YAML recipe (see recipes/)")
     sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.max_length=2048")
@@ -583,6 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--peer-size", default="1b", help="the peer's model size name (its --size)")
     sp.add_argument("--replot", metavar="BENCH_JSON", help="only write bench.md and bench.png again from this "
                                                          "bench.json (no recipe, nothing runs)")
+    sp.add_argument("--adapters", metavar="N[,N]", help="instead of --methods: N adapters of the recipe's methods "
+                                                        "in one job against N jobs (e.g. 4,8)")
+    sp.add_argument("--ranks", type=int, default=1, help="--adapters: processes per run (torch.distributed.run)")
 
     sp = add("launch", cmd_launch)
     sp.add_argument("recipe")

@@ -46,6 +46,14 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
+def read_value(text: str) -> Any:
+    """A value given on the command line, read as a recipe reads it (1e-4 is a number; bad YAML: the text)."""
+    try:
+        return _yaml(text)
+    except yaml.YAMLError:
+        return text
+
+
 class _Section(BaseModel):
     # infinities and NaN are no learning rate, epoch count or weight decay
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
@@ -436,8 +444,9 @@ PER_ADAPTER_TRAINING = ("lr", "weight_decay", "betas", "eps", "lr_schedule", "wa
 
 class AdapterConfig(_Section):
     """One named adapter of a job that trains several over one shared base (`adapters:`)."""
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                      description="the adapter's name: its run dir is output_dir/adapters/NAME")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+                      description="the adapter's name (letters, digits, _ and -): its run dir is "
+                                  "output_dir/adapters/NAME")
     methods: list[dict[str, Any]] | None = Field(
         None, description="its tuning methods (only those that leave the base frozen); default: the job's methods")
     data: dict[str, Any] | None = Field(None, description="its data: keys of `data` over the job's (default: the "

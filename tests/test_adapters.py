@@ -117,6 +117,7 @@ def test_classification_adapters_each_train_their_own_head(ws, built_ops, tmp_pa
     ([{"name": "a", "training": {"lrr": 1}}], r"training.lrr: unknown key \(did you mean 'lr'\?\)"),
     ([{"name": "a", "methods": [{"name": "lora", "rr": 2}]}], r"adapters\[0\] \(a\)\.methods\[0\] \(lora\)\.rr"),
     ([{"name": "a/b"}], r"adapters.0.name"),
+    ([{"name": "a.b"}], r"adapters.0.name"),
 ])
 def test_bad_adapters_are_refused_in_one_line(ws, tmp_path, adapters, pattern):
     path, out = write(tmp_path, ws, adapters=adapters, methods=[{"name": "lora"}])
@@ -142,7 +143,7 @@ def test_rows_of_several_adapters_in_one_forward_compute_as_each_alone():
 
     from dstune.config import config_from_dict
     from dstune.methods import apply_adapter_methods, build_methods
-    from dstune.methods.routing import route, route_rows, row_local
+    from dstune.methods.routing import draws_dropout, route, route_rows, row_local
     from dstune.models.loading import load_model
 
     cfg = config_from_dict({"task": "causal_lm", "model": {"tiny": "llama", "config_overrides": {"vocab_size": 64}},
@@ -170,6 +171,84 @@ def test_rows_of_several_adapters_in_one_forward_compute_as_each_alone():
         with route(model, name):
             alone = model(input_ids=ids[s:e]).logits
         assert (shared[s:e] - alone).abs().max() < 1e-5, name
+    assert not draws_dropout(model)  # so row-local adapters may share a forward
+    model.config.attention_dropout = 0.1
+    assert draws_dropout(model)  # then each adapter draws its masks in a forward of its own
     with route(model, "lora"):  # the rows of another adapter are not what LoRA computes for them
         other = model(input_ids=ids[2:3]).logits
     assert (other - shared[2:3]).abs().max() > 1e-3
+
+
+def test_a_sweep_trains_its_grid_in_one_job_and_ranks_it(ws, built_ops, tmp_path):
+    path, out = write(tmp_path, ws, methods=[{"name": "lora", "r": 4}], data={"train": "DATA", "eval_fraction": 0.25},
+                      training={"precision": "fp32", "max_steps": 4, "micro_batch_size": 4, "lr": 1e-3},
+                      evaluation={"every": 2})
+    res = ok(run_cli(["sweep", str(path), "--grid", "training.lr=1e-3,3e-2", "methods[0].r=2,4"]))
+    names = ["lr1e-3_r2", "lr1e-3_r4", "lr3e-2_r2", "lr3e-2_r4"]
+    assert "4 adapters over one base" in res.stdout and "sweep of 4 settings" in res.stdout
+    table = (out / "sweep.md").read_text()
+    rows = table.splitlines()[2:]
+    assert sorted(r.split("|")[2].strip() for r in rows) == names and "(best)" in rows[0]
+    scores = [float(r.split("|")[3]) for r in rows]
+    assert scores == sorted(scores, reverse=True)  # accuracy: higher first
+    for name, score in zip((r.split("|")[2].strip() for r in rows), scores):
+        results = json.loads((out / "adapters" / name / "results.json").read_text())
+        assert results["after"]["accuracy"] == pytest.approx(score, abs=1e-4)
+        cfg = yaml.safe_load((out / "adapters" / name / "config.yaml").read_text())
+        assert cfg["training"]["lr"] == float(name[2:].split("_")[0].replace("p", "."))
+        assert cfg["methods"] == [{"name": "lora", "r": int(name.rsplit("_r", 1)[1])}]
+    assert (out / "sweep.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("grid, pattern", [
+    (["training.lrr=1,2"], r"--grid training.lrr: unknown key \(did you mean 'lr'\?\)"),
+    (["training.seed=1,2"], r"--grid training.seed: shared by every adapter"),
+    (["methods[0].rank=2,4"], r"--grid methods\[0\].rank: lora has no option 'rank'"),
+    (["methods[1].r=2,4"], r"--grid methods\[1\].r: the recipe lists 1 method"),
+    (["model.path=a,b"], r"--grid model.path: a sweep varies training"),
+    (["training.lr=1,1"], r"a value is listed twice"),
+    (["training.lr"], r"expected key=value,value"),
+])
+def test_bad_grids_are_refused_in_one_line(ws, tmp_path, grid, pattern):
+    path, out = write(tmp_path, ws, methods=[{"name": "lora"}], data={"train": "DATA", "eval_fraction": 0.25})
+    assert_user_error(run_cli(["sweep", str(path), "--grid", *grid]), pattern, out)
+
+
+def test_a_sweep_needs_held_out_rows(ws, tmp_path):
+    path, out = write(tmp_path, ws, methods=[{"name": "lora"}])
+    res = run_cli(["sweep", str(path), "--grid", "training.lr=1e-3,1e-2"])
+    assert_user_error(res, r"data.eval: a sweep ranks", out)
+
+
+@pytest.mark.parametrize("stage, world", [(None, 1), pytest.param(3, 2, marks=pytest.mark.slow)])
+def test_estimate_counts_one_base_and_every_adapter(ws, built_ops, tmp_path, stage, world):
+    """`dstune estimate` of a job: the base once and each adapter's parameters and optimizer state (its own
+    param groups), equal to what the engine holds after the first step."""
+    adapters = [{**LM_ADAPTERS[0], "training": {"lr": 3e-3, "weight_decay": 0.1}}, LM_ADAPTERS[2], LM_ADAPTERS[4]]
+    recipe, out = lm_job(ws, tmp_path, adapters, stage, max_steps=1)
+    ok(run_cli(["train", str(recipe)], nproc=world))
+    measured = json.loads((out / "memory.json").read_text())["after_first_step"]
+    predicted = json.loads(ok(run_cli(["estimate", str(recipe), "--world-size", str(world), "--cpu", "--json"])).stdout)
+    for m, p in zip(measured, predicted, strict=True):
+        assert m["weights"] == p["weights"] and m["optimizer_states"] == p["optimizer_states"], (m, p)
+    solo = json.loads(ok(run_cli(["estimate", str(out / "adapters" / "lora" / "config.yaml"), "--world-size",
+                                  str(world), "--cpu", "--json"])).stdout)[0]
+    assert solo["optimizer_states"] < predicted[0]["optimizer_states"]
+    assert predicted[0]["weights"] - solo["weights"] < solo["weights"] / 10  # one base, not three
+
+
+@pytest.mark.slow
+def test_bench_compares_adapters_in_one_job_with_as_many_jobs(ws, built_ops, tmp_path):
+    recipe, _ = lm_job(ws, tmp_path, [{"name": "unused"}])
+    raw = json.loads(recipe.read_text())
+    del raw["adapters"]
+    recipe.write_text(json.dumps(raw))
+    res = ok(run_cli(["bench", str(recipe), "--adapters", "2", "--steps", "3", "--out", str(tmp_path / "b")]))
+    [row] = json.loads((tmp_path / "b" / "adapters.json").read_text())
+    assert row["adapters"] == 2 and row["timed_steps"] == 2 and row["job_wall_s"] > 0 and row["jobs_wall_s"] > 0
+    assert row["job_peak_bytes"] < row["jobs_peak_sum_bytes"]  # one base held, not two
+    assert "| 2 |" in res.stdout
+    def rows(path):
+        return [json.dumps(json.loads(line), sort_keys=True) for line in path.read_text().splitlines()]
+    shares = [rows(tmp_path / "b" / f"share2-{i}.jsonl") for i in range(2)]
+    assert shares[0] and shares[1] and sorted(shares[0] + shares[1]) == sorted(rows(ws / "lm.jsonl"))

@@ -24,6 +24,7 @@ ORDER = [  # lowest first: a package may import those before it (and itself), ne
     ("engine",),      # the training runtime
     ("planning",),    # before a run: a first recipe (init), costs: estimate, bench, fit
     ("active",),      # active learning: select and the loop
+    ("sweep",),       # a grid of settings as the adapters of one job, and their ranking
     ("launch",),      # the real launchers
     ("cli", "__main__"),
 ]

@@ -185,7 +185,11 @@ def start_adapters(c: CheckedAdapters) -> tuple[Job, list[Adapter]]:
     """Join the process group, build the model with every adapter, write the run headers and start the
     engine, resumed from the newest checkpoint every rank can read."""
     dist_ = init_distributed(c.cfg.training.dist_timeout_s, c.cfg.training.build_timeout_s)
-    c = _agree_on_precision(c, dist_)
+    agreed = _agree_on_precision(c, dist_)
+    if (precision := agreed.cfg.training.precision) != c.cfg.training.precision:  # every rank trains in rank 0's
+        agreed = replace(agreed, engine_cfg=agreed.engine_cfg.with_training(precision=precision),
+                         adapters=[replace(a, cfg=a.cfg.with_training(precision=precision)) for a in agreed.adapters])
+    c = agreed
     job = Job(cfg=c.engine_cfg, dist=dist_, methods=[m for a in c.adapters for m in a.methods],
               tokenizer=c.tokenizer, data=None)
     try:
@@ -296,7 +300,8 @@ def _write_headers(c: CheckedAdapters, job: Job) -> int | None:
         (a.run_dir / "run.json").write_text(json.dumps(
             {"task": a.cfg.task, "labels": labels, "methods": [m.name for m in a.methods], "trainable_params": n_train,
              "total_params": total + n_train, "base_params": job.base_params, "base_fingerprint": c.base,
-             "world_size": dist_.world, "zero_stage": job.stage, "trained_in": str(run_dir)}, indent=1))
+             "world_size": dist_.world, "zero_stage": job.stage, "trained_in": str(run_dir),
+             "planned_steps": a.total_steps}, indent=1))
         keep_augmented(a.entry, a.run_dir)
         names = ", ".join(m.label for m in a.methods)
         print(f"[dstune] {a.name}: {names}: {n_train:,} parameters train; {a.total_steps} steps of "

@@ -24,7 +24,7 @@ from dstune.engine.train_run import (MAX_SKIPPED_IN_A_ROW, Job, engine_bytes, he
                                      seed_step, write_memory)
 from dstune.errors import Interrupted, UserError, signal_number
 from dstune.methods.base import base_model_only
-from dstune.methods.routing import rng_state, route, route_rows, row_local, set_rng_state
+from dstune.methods.routing import draws_dropout, rng_state, route, route_rows, row_local, set_rng_state
 from dstune.rundir import pointer
 from dstune.rundir.trainable import BEST, TRAINABLE, save_safetensors
 from dstune.tasks import get_task
@@ -77,6 +77,7 @@ class AdaptersRun:
         self.run_dir = Path(job.cfg.output_dir)
         self.step = job.step
         self.runs = [AdapterRun(a, job) for a in adapters]
+        self.dropout = draws_dropout(job.engine.module)
 
     def run(self) -> dict:
         """Train every adapter to its last step; {"steps", "adapters": {name: its results}}."""
@@ -158,11 +159,13 @@ class AdaptersRun:
 
     def forward_groups(self, training: list[AdapterRun]) -> list[list[AdapterRun]]:
         """Adapters whose rows share one forward: the row-local ones (routing.row_local) whose rows batch
-        alike (packed or not); each other adapter (a soft prompt, a prefix) runs forwards of its own."""
+        alike (packed or not); each other adapter (a soft prompt, a prefix), and every adapter of a model
+        that draws dropout (routing.draws_dropout), runs forwards of its own."""
         shared: dict[bool, list[AdapterRun]] = {}
         alone = []
+        sharing = not self.dropout
         for r in training:
-            if row_local(self.engine.module, r.a.name):
+            if sharing and row_local(self.engine.module, r.a.name):
                 shared.setdefault("position_ids" in r.a.data.train.column_names, []).append(r)
             else:
                 alone.append([r])
@@ -172,7 +175,7 @@ class AdaptersRun:
                       rng: dict) -> list[tuple[str, torch.Tensor]]:
         """One forward over the group's micro-batches, each adapter over its own rows: (name, its loss,
         weighted as a run of its own weights it) per adapter. Alone, an adapter draws its dropout as its own
-        run would; sharing a forward, the batch draws it."""
+        run would (a shared forward draws none)."""
         model, task = self.engine.module, group[0].task
         if len(group) == 1:
             r = group[0]

@@ -85,7 +85,8 @@ def _stash(module: nn.Module, module_name: str, adapter: str, before: tuple[set,
     for key in [k for k in module.__dict__ if k not in attrs and k != "dstune_bypass"]:  # base_model_only's flag
         slot.attrs[key] = module.__dict__.pop(key)
     for key in [k for k in module._forward_pre_hooks if k not in pre]:
-        slot.pre_hooks.append((module._forward_pre_hooks.pop(key), module._forward_pre_hooks_with_kwargs.pop(key, False)))
+        hook = module._forward_pre_hooks.pop(key)
+        slot.pre_hooks.append((hook, module._forward_pre_hooks_with_kwargs.pop(key, False)))
     for key in [k for k in module._forward_hooks if k not in post]:
         slot.hooks.append((module._forward_hooks.pop(key), module._forward_hooks_with_kwargs.pop(key, False)))
         module._forward_hooks_always_called.pop(key, None)
@@ -221,6 +222,18 @@ def _bound(module: nn.Module, slot: Slot) -> Iterator[None]:
             module.__dict__.pop(key, None)
 
 
+def draws_dropout(model: nn.Module) -> bool:
+    """Whether a training forward draws dropout masks (a Dropout module or a config's dropout rate above 0).
+    Adapters then keep forwards of their own: masks drawn for a shared batch would differ from those each
+    adapter's own run draws."""
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    values = config.to_dict().items() if config is not None else ()
+    return any(("dropout" in k or k.endswith("pdrop")) and isinstance(v, (int, float)) and not isinstance(v, bool)
+               and v > 0 for k, v in values)
+
+
 def row_local(model: nn.Module, adapter: str) -> bool:
     """Whether the adapter's methods act on each row's activations alone, inside the model's layers (LoRA,
     IA3, bottleneck adapters, a task head): its rows can share a forward with other adapters' rows. Soft
@@ -242,22 +255,12 @@ def route_rows(model: nn.Module, segments: list[tuple[str, int, int]]) -> Iterat
         router.segments = None
 
 
-def adapter_names(model: nn.Module) -> list[str]:
-    """The adapters the model holds, in the order they were applied."""
-    names: list[str] = []
-    for module in model.modules():
-        for name in module._modules.get(SLOTS, {}) if SLOTS in module._modules else ():
-            if name not in names:
-                names.append(name)
-    return names
-
-
 @contextlib.contextmanager
 def route(model: nn.Module, adapter: str | None) -> Iterator[None]:
     """Within it `model` computes `adapter` (None: the base): its modules and attributes are where its
     methods put them and its hooks run. What its hooks set on modules during a forward (`_dstune_*`: a
-    prefix's keys and values) is kept with the adapter when it leaves and put back when it returns (a recomputed checkpointed
-    layer sees it as the forward did)."""
+    prefix's keys and values) is kept with the adapter when it leaves and put back when it returns (a
+    recomputed checkpointed layer sees it as the forward did)."""
     router: Router = model.dstune_router
     if router.active is not None or router.segments is not None:
         raise RuntimeError("an adapter is routed already")

@@ -21,7 +21,8 @@ from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.precision import resolve
 from dstune.errors import UserError, first_line
 from dstune.families import config_family, num_layers
-from dstune.methods import apply_methods, build_methods, param_groups
+from dstune.methods import apply_adapter_methods, apply_methods, build_methods, param_groups
+from dstune.methods.routing import adapter_state_names, route_rows, row_local
 from dstune.models import quantize
 from dstune.models.loading import auto_class, prepare_for_training, quantize_mode, recipe_config, weights_dtype
 from dstune.planning.activations import ActivationTrace, default_dtype, trace_step
@@ -204,11 +205,16 @@ def _as_loaded(cfg: RunConfig, model: torch.nn.Module, precision: str, methods: 
 
 
 def _with_methods(cfg: RunConfig, config, tokenizer, quantized: bool = False):
+    """The recipe's model with its methods applied (with `adapters`: every adapter's, routed)."""
     model = auto_class(cfg.task).from_config(config)
-    methods = build_methods(cfg.methods)
+    runs = {name: build_methods(run.methods) for name, run in cfg.adapter_runs()}
+    methods = [m for ms in runs.values() for m in ms]
     if quantized:
         _as_loaded(cfg, model, cfg.training.precision, methods)
-    apply_methods(model, methods, cfg.task, tokenizer)
+    if cfg.adapters:
+        apply_adapter_methods(model, {name: (ms, None) for name, ms in runs.items()}, cfg.task, tokenizer)
+    else:
+        apply_methods(model, methods, cfg.task, tokenizer)
     return model, methods
 
 
@@ -286,11 +292,12 @@ def traced_activations(cfg: RunConfig, micro_batch: int, seq_len: int, tokenizer
                        labels: list | None = None) -> ActivationTrace:
     """Trace one training step of the recipe's model on fake tensors."""
     with fake_training_model(cfg, micro_batch, seq_len, tokenizer, labels) as (model, batch):
-        return trace_step(model, batch)
+        with _routed(model, cfg, micro_batch):
+            return trace_step(model, batch)
 
 
 def parameter_table(model: torch.nn.Module, methods, cfg: RunConfig) -> ParamTable:
-    groups = param_groups(model, methods, cfg.training.lr, cfg.training.weight_decay)
+    groups = _groups(model, methods, cfg)
     trainable = {id(p) for g in groups for p in g["params"]}
     layers = [m for m in model.modules() if quantize.is_quantized(m)]
     packed = {id(m.weight) for m in layers}
@@ -298,6 +305,37 @@ def parameter_table(model: torch.nn.Module, methods, cfg: RunConfig) -> ParamTab
     return ParamTable(frozen=frozen, groups=[[p.numel() for p in g["params"]] for g in groups],
                       quantized=[(m.in_features * m.out_features, m.out_features) for m in layers],
                       mode=getattr(model, "dstune_quantize", None))
+
+
+def _groups(model: torch.nn.Module, methods, cfg: RunConfig) -> list[dict]:
+    """The optimizer's param groups as the run makes them: with adapters, each adapter's own."""
+    if not cfg.adapters:
+        return param_groups(model, methods, cfg.training.lr, cfg.training.weight_decay)
+    groups = []
+    for name, run in cfg.adapter_runs():
+        own = adapter_state_names(model, name)
+        groups += param_groups(model, build_methods(run.methods), run.training.lr, run.training.weight_decay,
+                               only=own.__contains__)
+    return groups
+
+
+def micro_batch_rows(cfg: RunConfig) -> int:
+    """Rows per rank in one micro-batch: with adapters, every adapter's."""
+    return sum(run.training.micro_batch_size for _, run in cfg.adapter_runs())
+
+
+def _routed(model: torch.nn.Module, cfg: RunConfig, rows: int):
+    """Around the traced step of a model with adapters: every adapter over its rows of the micro-batch in one
+    forward (those with a forward of their own, soft prompts and prefixes, counted as the base's rows: their
+    activations are alive at the same time until the backward, the few virtual tokens aside)."""
+    if not cfg.adapters:
+        return contextlib.nullcontext()
+    segments, start = [], 0
+    for name, run in cfg.adapter_runs():
+        n = run.training.micro_batch_size
+        segments.append((name if row_local(model, name) else "", start, start + n))
+        start += n
+    return route_rows(model, segments)
 
 
 def estimate(cfg: RunConfig, world_size: int, seq_len: int | None = None, cuda: bool = True,
@@ -316,11 +354,12 @@ def estimate(cfg: RunConfig, world_size: int, seq_len: int | None = None, cuda: 
     t = cfg.training
     weights, grads, optim = model_state_bytes(table, stage, world_size, t.precision, offload_opt, offload_par)
     seq = seq_len or cfg.data.max_length
+    rows = micro_batch_rows(cfg)
     try:
-        trace = traced_activations(cfg, t.micro_batch_size, seq, tokenizer, labels)
+        trace = traced_activations(cfg, rows, seq, tokenizer, labels)
         activations, after_forward, source = trace.peak, trace.after_forward, "traced"
     except Exception as e:  # an op without a fake-tensor implementation, data-dependent control flow, ...
-        activations = rule_of_thumb_activation_bytes(model.config, t.micro_batch_size, seq, t.precision,
+        activations = rule_of_thumb_activation_bytes(model.config, rows, seq, t.precision,
                                                      t.activation_checkpointing is True)
         after_forward, source = None, f"rule of thumb: the trace failed ({first_line(e)})"
     buffers = buffer_bytes(ds, stage, t.precision, table, cuda)

@@ -41,10 +41,23 @@ class Run:
         return (json.loads((self.state.parent / "results.json").read_text()).get("best") or {}).get("step")
 
 
+def job_of_adapters(d: Path) -> None:
+    """A job of several adapters is no run of one: name its adapters' run dirs instead."""
+    try:
+        adapters = json.loads((d / "run.json").read_text()).get("adapters")
+    except (OSError, ValueError):
+        return
+    if adapters:
+        raise UserError(f"{d}: a job of {len(adapters)} adapters; each is a run dir of its own: "
+                        + ", ".join(str(d / "adapters" / a) for a in adapters[:4]) + (", ..." if len(adapters) > 4
+                                                                                       else ""))
+
+
 def finished_recipe(run_dir: str, overrides: list[str] | None = None) -> RunConfig:
     """The recipe a finished run trained with, `overrides` (key=value) applied; read before any weights: a
     one-line error when `run_dir` is not a finished run, or holds no tokenizer."""
     d = Path(run_dir)
+    job_of_adapters(d)
     for name in ("config.yaml", "run.json", "trainable.safetensors"):
         if not (d / name).is_file():
             raise UserError(f"{d}: not a finished dstune run (missing {name})")
