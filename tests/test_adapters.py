@@ -95,8 +95,10 @@ def test_adapters_on_two_ranks_train_as_their_own_runs_through_a_resume(ws, buil
 
 def test_classification_adapters_each_train_their_own_head(ws, built_ops, tmp_path):
     """Two adapters of a BERT classifier: each has its own copy of the head, saved under the head's names."""
-    adapters = [{"name": "r4", "methods": [{"name": "lora", "r": 4}], "training": {"lr": 1e-2}},
-                {"name": "ia3", "methods": [{"name": "ia3"}], "training": {"lr": 3e-2, "micro_batch_size": 2}}]
+    adapters = [{"name": "r4", "methods": [{"name": "lora", "r": 4, "target_modules": "all-linear"}],
+                 "training": {"lr": 1e-2}},
+                {"name": "ia3", "methods": [{"name": "ia3"}], "training": {"lr": 3e-2, "micro_batch_size": 2}},
+                {"name": "r2", "methods": [{"name": "lora", "r": 2, "target_modules": "all-linear"}]}]
     path, out = write(tmp_path, ws, training={"precision": "fp32", "max_steps": 3, "micro_batch_size": 4},
                       adapters=adapters, data={"train": "DATA", "eval_fraction": 0.25})
     ok(run_cli(["train", str(path)]))

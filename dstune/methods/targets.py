@@ -46,9 +46,11 @@ def matches(name: str, targets: list[str]) -> bool:
 
 def find_linears(model: nn.Module, targets: list[str] | str) -> Iterator[tuple[str, nn.Module]]:
     """Linear layers named by `targets` ("all-linear": every linear except output and task heads)."""
+    from dstune.methods.routing import SLOTS
+
     found = False
     for name, module in model.named_modules():
-        if not is_linear(module):
+        if not is_linear(module) or SLOTS in name.split("."):  # another adapter's modules are no target
             continue
         hit = not _is_output_head(model, name) if targets == "all-linear" else matches(name, list(targets))
         if hit:
