@@ -444,8 +444,7 @@ PER_ADAPTER_TRAINING = ("lr", "weight_decay", "betas", "eps", "lr_schedule", "wa
 
 class AdapterConfig(_Section):
     """One named adapter of a job that trains several over one shared base (`adapters:`)."""
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
-                      description="the adapter's name (letters, digits, _ and -): its run dir is "
+    name: str = Field(description="the adapter's name (letters, digits, _ and -): its run dir is "
                                   "output_dir/adapters/NAME")
     methods: list[dict[str, Any]] | None = Field(
         None, description="its tuning methods (only those that leave the base frozen); default: the job's methods")
@@ -463,7 +462,21 @@ class AdapterConfig(_Section):
             for key in raw:
                 if key not in cls.model_fields and key in RunConfig.model_fields:
                     raise ValueError(f"{key}: shared by every adapter of the job; set it at the top level")
+                if key not in cls.model_fields:
+                    raise ValueError(f"{key}: unknown key" + (did_you_mean(str(key), cls.model_fields) or
+                                                              f"; an adapter sets {', '.join(cls.model_fields)}"))
+            for section, fields in (("data", DataConfig.model_fields), ("evaluation", EvaluationConfig.model_fields)):
+                for key in raw.get(section) or {} if isinstance(raw.get(section), dict) else {}:
+                    if key not in fields:
+                        raise ValueError(f"{section}.{key}: unknown key{did_you_mean(str(key), fields)}")
         return raw
+
+    @field_validator("name")
+    @classmethod
+    def _run_dir_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+            raise ValueError(f"{name!r}: an adapter's name is its run dir's: letters, digits, _ and - (not first)")
+        return name
 
     @field_validator("training")
     @classmethod

@@ -1,7 +1,7 @@
 """A learning-rate × rank sweep of all-MiniLM-L6-v2 on Rotten Tomatoes reviews: one `dstune sweep` job against
 the same settings trained as runs of their own, then the sweep again with early stopping.
 
-    python examples/sweep_reviews.py [--out DIR] [--lr 1e-4,1e-3,1e-2] [--r 4,16] [--epochs 2]
+    python examples/sweep_reviews.py [--out DIR] [--lr 1e-4,1e-3,1e-2] [--r 4,16] [--epochs 2] [--stop-epochs 4]
 
 The demo's data (1,200 training reviews, 400 held out) and recipe (LoRA on every linear layer, fp32, one
 CPU rank). Prints: each setting's held-out accuracy from the sweep and from its own run (the same numbers:
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--lr", default="1e-4,1e-3,1e-2")
     parser.add_argument("--r", default="4,16")
     parser.add_argument("--epochs", default="2")
+    parser.add_argument("--stop-epochs", default="4", help="the epochs planned for the early-stopping sweep")
     a = parser.parse_args()
     out = Path(a.out).resolve()
     data, model = demo_inputs(out)
@@ -71,9 +72,9 @@ def main() -> None:
           f"{alone_s:.0f} s ({alone_s / sweep_s:.2f}×)\n")
 
     stopping = out / "sweep_early_stopping"
-    stop_s = dstune("sweep", str(RECIPE), *common, f"output_dir={stopping}", "training.epochs=4",
+    stop_s = dstune("sweep", str(RECIPE), *common, f"output_dir={stopping}", f"training.epochs={a.stop_epochs}",
                     "evaluation.early_stopping={metric: accuracy, patience: 2}", *grid)
-    print(f"with early stopping (accuracy, patience 2, every 15 steps), 4 epochs planned: {stop_s:.0f} s")
+    print(f"with early stopping (accuracy, patience 2, every 15 steps), {a.stop_epochs} epochs planned: {stop_s:.0f} s")
     print("| setting | steps trained / planned | best accuracy (step) | last accuracy |")
     print("|---|---:|---:|---:|")
     for name in names:

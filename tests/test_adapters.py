@@ -119,7 +119,12 @@ def test_classification_adapters_each_train_their_own_head(ws, built_ops, tmp_pa
     ([{"name": "a", "training": {"lrr": 1}}], r"training.lrr: unknown key \(did you mean 'lr'\?\)"),
     ([{"name": "a", "methods": [{"name": "lora", "rr": 2}]}], r"adapters\[0\] \(a\)\.methods\[0\] \(lora\)\.rr"),
     ([{"name": "a/b"}], r"adapters.0.name"),
-    ([{"name": "a.b"}], r"adapters.0.name"),
+    ([{"name": "a.b"}], r"adapters.0.name: 'a.b': an adapter's name is its run dir's: letters, digits, _ and -"),
+    ([{"nmae": "a"}], r"adapters.0: nmae: unknown key \(did you mean 'name'\?\)"),
+    ([{"name": "a", "data": {"trian": "x"}}], r"data.trian: unknown key \(did you mean 'train'\?\)"),
+    ([{"name": "a", "methods": [{"name": "adapter", "train_norms": True}]}],
+     r"adapter changes the base's own weights with these options"),
+    ([{"name": "a", "data": {"train": "/nonexistent.jsonl"}}], r"adapters\[0\] \(a\): data.train: .*not found"),
 ])
 def test_bad_adapters_are_refused_in_one_line(ws, tmp_path, adapters, pattern):
     path, out = write(tmp_path, ws, adapters=adapters, methods=[{"name": "lora"}])
@@ -254,3 +259,30 @@ def test_bench_compares_adapters_in_one_job_with_as_many_jobs(ws, built_ops, tmp
         return [json.dumps(json.loads(line), sort_keys=True) for line in path.read_text().splitlines()]
     shares = [rows(tmp_path / "b" / f"share2-{i}.jsonl") for i in range(2)]
     assert shares[0] and shares[1] and sorted(shares[0] + shares[1]) == sorted(rows(ws / "lm.jsonl"))
+
+
+def test_bench_of_methods_refuses_a_recipe_with_adapters(ws, tmp_path):
+    path, out = write(tmp_path, ws, adapters=[{"name": "a"}], methods=[{"name": "lora"}])
+    assert_user_error(run_cli(["bench", str(path), "--methods", "lora", "--out", str(out)]),
+                      r"bench --methods compares methods on a recipe of one adapter", out)
+
+
+
+def test_a_resume_names_what_changed_in_an_adapter_and_allows_its_steps(tmp_path):
+    from dstune.errors import UserError
+    from dstune.rundir.lock import check_recipe_matches
+
+    saved = {"training": {"lr": 1e-3}, "adapters": [{"name": "a", "training": {"lr": 1e-3, "max_steps": 4}},
+                                                     {"name": "b", "methods": [{"name": "ia3"}]}]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    longer = json.loads(json.dumps(saved))
+    longer["adapters"][0]["training"]["max_steps"] = 8
+    check_recipe_matches(tmp_path, longer, "base")  # an adapter trains longer: allowed, as for one run
+    other = json.loads(json.dumps(saved))
+    other["adapters"][1]["methods"] = [{"name": "lora"}]
+    with pytest.raises(UserError, match=r"differs in adapters\[b\]\.methods \(\[\{'name': 'ia3'\}\] -> "):
+        check_recipe_matches(tmp_path, other, "base")
+    more = json.loads(json.dumps(saved))
+    more["adapters"].append({"name": "c"})
+    with pytest.raises(UserError, match=r"adapters\[c\]\.name \(None -> 'c'\)"):
+        check_recipe_matches(tmp_path, more, "base")

@@ -163,7 +163,10 @@ def _checked_adapter(i: int, name: str, run: RunConfig, tokenizer, local_rank: i
         methods = build_methods(run.methods)
     except UserError as e:
         raise UserError(f"{where}.{e}") from None
-    data, entry = prepared_data(run, tokenizer, local_rank, run.training.dist_timeout_s)
+    try:
+        data, entry = prepared_data(run, tokenizer, local_rank, run.training.dist_timeout_s)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
     if run.evaluation.watched() and data.eval is None:
         raise UserError(f"{where}.evaluation: keep_best and early_stopping choose on held-out rows; set its "
                         "data.eval or data.eval_fraction")

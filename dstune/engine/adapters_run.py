@@ -41,7 +41,7 @@ class AdapterRun:
         self.results = self._earlier_results()
         self.stopped = self.results.get("stopped_early")  # the step its early stopping ended it at
         self.bad_in_a_row = 0
-        self.lr = 0.0
+        self.lr, self.tokens = 0.0, 0.0
         self.skipped = self.results.get("skipped_steps", 0)  # steps whose update it skipped (nan_policy skip)
         self.skipped_now = False
         self.last_eval: tuple[int, dict] | None = None
@@ -99,6 +99,7 @@ class AdaptersRun:
                     if r.a.name in losses:
                         self.after_step(r, losses[r.a.name])
                 self.bar.update(1)
+                self.bar.set_postfix_str(" ".join(f"{n}={v:.3f}" for n, v in losses.items()), refresh=False)
                 if self.due(t.checkpoint_every) or not any(r.trains_at(self.step) for r in self.runs) and t.save_final:
                     ckpt.save_checkpoint(self.engine, str(self.run_dir), self.step, job.dist.is_main,
                                          t.keep_checkpoints)
@@ -128,6 +129,9 @@ class AdaptersRun:
         rng = {r.a.name: rng_state() for r in training}  # dropout: each adapter draws as its own run would
         targets = {r.a.name: self.global_targets(r) for r in training}
         micro = {r.a.name: [[r.a.data.train[i] for i in m] for m in r.a.batches.for_step(self.step)] for r in training}
+        for r in training:  # input tokens of its global batch: this rank's, times the ranks (as a run of its own logs)
+            r.tokens = mean_over_ranks(sum(len(row["input_ids"]) for rows in micro[r.a.name] for row in rows),
+                                       job.dist.device) * job.dist.world
         sums = dict.fromkeys(micro, 0.0)
         started = time.perf_counter()
         groups = self.forward_groups(training)
@@ -265,7 +269,9 @@ class AdaptersRun:
         if r.skipped_now:  # strict JSON: a loss that is not finite is left out
             r.log.write(self.step, "train", {"skipped": True, **({"loss": loss} if math.isfinite(loss) else {})})
         elif self.step % t.log_every == 0 or self.step == r.last_step():
-            r.log.write(self.step, "train", {"loss": loss, "lr": r.lr, "step_s": self.seconds})
+            # tokens: the adapter's own in its global batch; tokens_per_s: over the job's step (all adapters')
+            r.log.write(self.step, "train", {"loss": loss, "lr": r.lr, "step_s": self.seconds, "tokens": r.tokens,
+                                             "tokens_per_s": r.tokens / self.seconds})
         if ev.every and self.step % ev.every == 0 and r.a.data.eval is not None and self.step < r.last_step():
             self.evaluate_now(r)
             if r.best is not None and r.best.exhausted():
@@ -276,7 +282,6 @@ class AdaptersRun:
                           flush=True)
         if self.step == r.last_step():
             self.end(r)
-        self.bar.set_postfix({r.a.name: f"{loss:.3f}"}, refresh=False)
 
     def evaluate(self, r: AdapterRun) -> dict[str, float]:
         with route(self.engine.module, r.a.name):

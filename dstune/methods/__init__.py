@@ -130,6 +130,9 @@ def _apply_each(model: torch.nn.Module, methods: list[TuningMethod], task: str, 
         m.apply(model, task)
 
 
+SHARES_BASE = ("lora", "ia3", "adapter", "prompt", "prefix")  # built-ins that can leave the base frozen
+
+
 def apply_adapter_methods(model: torch.nn.Module, adapters: dict[str, tuple[list[TuningMethod], Any]], task: str,
                           tokenizer=None) -> None:
     """Apply each named adapter's methods (name → (methods, its example_inputs)) over one frozen base, each
@@ -139,9 +142,10 @@ def apply_adapter_methods(model: torch.nn.Module, adapters: dict[str, tuple[list
 
     for name, (methods, _) in adapters.items():
         if changer := next((m for m in methods if not m.steps_aside), None):
-            raise UserError(f"adapters ({name}): {changer.label} changes the base's own weights, which every adapter "
-                            "shares; adapters train methods that leave the base frozen (lora, ia3, adapter, prompt, "
-                            "prefix)")
+            raise UserError(f"adapters ({name}): {changer.label} changes the base's own weights"
+                            f"{' with these options' if changer.name in SHARES_BASE else ''}, which every adapter "
+                            f"shares; adapters train methods that leave the base frozen ({', '.join(SHARES_BASE)}; "
+                            "adapter without train_norms)")
     start = rng_state()
 
     def applying(name: str, methods: list[TuningMethod], inputs) -> Callable[[], None]:

@@ -161,6 +161,9 @@ def bench(recipe: str, overrides: list[str], methods: list[str], out_dir: str, s
     if steps <= WARMUP_STEPS:
         raise UserError(f"--steps: must be more than the {WARMUP_STEPS} warm-up steps")
     cfg = load_config(recipe, overrides)
+    if cfg.adapters:
+        raise UserError("adapters: bench --methods compares methods on a recipe of one adapter; leave `adapters` "
+                        "out, or measure the job against as many jobs with --adapters N")
     if peer:
         check_peer(peer, cfg, methods)
     out = Path(out_dir)

@@ -24,11 +24,16 @@ def human_bytes(n: int | float) -> str:
 def estimate_table(cfg: RunConfig, est, table, info: dict, world: int, deepspeed_says: int | None) -> str:
     """Markdown table of one rank's estimate, parts and total, with DeepSpeed's own number for contrast."""
     t = cfg.training
-    head = (f"{', '.join(m['name'] for m in cfg.methods)} — {table.trainable:,} of {table.total:,} parameters train "
+    runs = cfg.adapter_runs()
+    names = ", ".join(m["name"] for m in cfg.methods) if not cfg.adapters else \
+        f"{len(runs)} adapters ({'; '.join(f'{n}: ' + ', '.join(m['name'] for m in r.methods) for n, r in runs)})"
+    rows_per_micro = sum(r.training.micro_batch_size for _, r in runs)
+    head = (f"{names} — {table.trainable:,} of {table.total:,} parameters train "
             f"({100 * table.trainable / max(table.total, 1):.2f}%); ZeRO-{info['zero_stage']}"
             f"{' + optimizer offload' if info['offload_optimizer'] else ''}"
             f"{' + parameter offload' if info['offload_params'] else ''}, {t.precision}, {world} rank(s), "
-            f"micro-batch {t.micro_batch_size}, activation checkpointing "
+            f"micro-batch {rows_per_micro}{' (every adapter’s rows)' if cfg.adapters else ''}, "
+            "activation checkpointing "
             f"{'auto (estimated off: on at run time where this does not fit)' if t.activation_checkpointing == 'auto' else 'on' if t.activation_checkpointing else 'off'}")
     rows = [("weights", est.weights), ("gradients", est.gradients), ("optimizer states", est.optimizer_states),
             ("activations (traced forward + backward peak)", est.activations),

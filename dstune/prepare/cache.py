@@ -37,8 +37,11 @@ def cache_root(cfg: RunConfig) -> Path:
 def _tokenizer_digest(tokenizer) -> str:
     h = hashlib.blake2b(digest_size=16)
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else
-             json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    if backend is not None:  # without the truncation and padding its last call left set: not the tokenizer's own
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        h.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(json.dumps([type(tokenizer).__name__, getattr(tokenizer, "chat_template", None),
                          [getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")]],
                         default=str).encode())

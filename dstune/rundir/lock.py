@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -81,12 +82,25 @@ RESUME_MAY_CHANGE = ("training.max_steps", "training.epochs", "training.checkpoi
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    if prefix == "adapters." and isinstance(tree, list):  # each adapter's keys: adapters[NAME].training.lr
+        return {k: v for a in tree for k, v in _flat(a, f"adapters[{_name(a)}].").items()}
     return {prefix[:-1]: tree}
+
+
+def _name(adapter: Any) -> str:
+    return str(adapter.get("name")) if isinstance(adapter, dict) else str(adapter)
+
+
+def _may_change(key: str) -> bool:
+    """RESUME_MAY_CHANGE holds for the job's keys and for each adapter's own (adapters[NAME].training.max_steps)."""
+    return re.sub(r"^adapters\[[^]]*\]\.", "", key).startswith(RESUME_MAY_CHANGE) and not key.endswith("].name")
 
 
 def _known(key: str, saved: dict) -> bool:
     """Whether the saved recipe has `key` or a value where its section is now (e.g. data.eval: null). A key it
     lacks entirely came with a later dstune, and the run was made with that key's default."""
+    if key.startswith("adapters["):  # an adapter added or dropped is a change, whatever keys it has
+        return any(k.startswith("adapters[") for k in saved)
     parts = key.split(".")
     return any(".".join(parts[:i]) in saved for i in range(1, len(parts) + 1))
 
@@ -114,7 +128,7 @@ def check_recipe_matches(run_dir: Path, current: dict, base: str) -> None:
         return  # no saved recipe (a run dir from before config.yaml was written): nothing to compare
     old, new = _flat(saved), _flat(current)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and _known(k, old)
-                     and not k.startswith(RESUME_MAY_CHANGE))
+                     and not _may_change(k))
     if changed:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:4])
         raise UserError(f"output_dir: {run_dir} holds checkpoints of another recipe; it differs in {shown}"
