@@ -20,9 +20,9 @@ from dstune.engine.adapters import Adapter
 from dstune.engine.best import Best
 from dstune.engine.distributed import gather_objects, mean_over_ranks
 from dstune.engine.evaluate import evaluate, results_table
-from dstune.engine.train_run import (MAX_SKIPPED_IN_A_ROW, Job, engine_bytes, held_out_id, results_columns,
-                                     seed_step, write_memory)
-from dstune.errors import Interrupted, UserError, signal_number
+from dstune.engine.train_run import (MAX_SKIPPED_IN_A_ROW, Job, engine_bytes, held_out_id, interrupted_at,
+                                     results_columns, seed_step, share_of_global, write_memory)
+from dstune.errors import UserError, signal_number
 from dstune.methods.base import base_model_only
 from dstune.methods.routing import draws_dropout, rng_state, route, route_rows, row_local, set_rng_state
 from dstune.rundir import pointer
@@ -110,10 +110,7 @@ class AdaptersRun:
         except KeyboardInterrupt as stop:
             if bar := getattr(self, "bar", None):
                 bar.close()
-            last = pointer.last_complete(str(self.run_dir))
-            raise Interrupted(f"interrupted at step {self.step + 1}; " + (
-                f"the last checkpoint is step {pointer.step_of(last)}: rerun the same command to resume from it"
-                if last else "no checkpoint was written yet: a rerun starts over"), signal_number(stop)) from None
+            raise interrupted_at(str(self.run_dir), self.step, job.total_steps, signal_number(stop)) from None
         finally:
             for r in self.runs:
                 r.log.close()
@@ -210,8 +207,7 @@ class AdaptersRun:
         if r.count_targets is None:
             return loss
         mine = r.count_targets([row["labels"] for row in rows])
-        b = r.a.batches
-        return loss * (mine / max(global_targets, 1) * b.accum * b.world) if mine else logits.sum() * 0.0
+        return loss * share_of_global(mine, global_targets, r.a.batches) if mine else logits.sum() * 0.0
 
     def clip_and_hold(self, training: list[AdapterRun], sums: dict[str, float]) -> None:
         """Per adapter: its gradient norm over its own parameters (the shares every rank holds, one all-reduce

@@ -150,10 +150,7 @@ class TrainRun:
         """The one line a stopped job ends with: where it stopped and what a rerun does."""
         if bar := getattr(self, "bar", None):
             bar.close()
-        last = pointer.last_complete(self.cfg.output_dir)
-        rerun = (f"the last checkpoint is step {pointer.step_of(last)}: rerun the same command to resume from it"
-                 if last else "no checkpoint was written yet (training.checkpoint_every): a rerun starts over")
-        return Interrupted(f"interrupted at step {self.step + 1} of {self.job.total_steps}; {rerun}", signum)
+        return interrupted_at(self.cfg.output_dir, self.step, self.job.total_steps, signum)
 
     def train_step(self) -> StepResult:
         """One optimizer step over this rank's micro-batches of the global batch."""
@@ -220,7 +217,7 @@ class TrainRun:
                 # by its share of the global batch's targets (× accum × ranks, which DeepSpeed's averaging
                 # divides out again), the step's gradient is that of the global batch's mean
                 mine = self.count_targets([r["labels"] for r in rows])
-                weight = mine / max(global_targets, 1) * job.batches.accum * job.batches.world
+                weight = share_of_global(mine, global_targets, job.batches)
                 loss = loss * weight if mine else out.logits.sum() * 0.0  # no targets: no 0/0 mean
             if job.teacher is not None:
                 # the divergence: a mean over the same targets (generative), or over every row, labelled or
@@ -384,6 +381,20 @@ class TrainRun:
         if self.cfg.training.nan_policy == "skip" and self.engine.is_gradient_accumulation_boundary():
             return skip_if_not_finite(self.engine, loss_sum, self.job.dist.device)
         return contextlib.nullcontext()
+
+
+def interrupted_at(run_dir: str, step: int, total: int, signum: int) -> Interrupted:
+    """The one line a stopped job ends with: where it stopped and what a rerun does."""
+    last = pointer.last_complete(run_dir)
+    rerun = (f"the last checkpoint is step {pointer.step_of(last)}: rerun the same command to resume from it"
+             if last else "no checkpoint was written yet (training.checkpoint_every): a rerun starts over")
+    return Interrupted(f"interrupted at step {step + 1} of {total}; {rerun}", signum)
+
+
+def share_of_global(mine: int, global_targets: int, batches: StepBatches) -> float:
+    """The weight of a micro-batch's mean loss over its `mine` targets: its share of the global batch's
+    targets × accumulation × ranks (which DeepSpeed's averaging divides out again)."""
+    return mine / max(global_targets, 1) * batches.accum * batches.world
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
