@@ -446,8 +446,12 @@ class AdapterConfig(_Section):
     """One named adapter of a job that trains several over one shared base (`adapters:`)."""
     name: str = Field(description="the adapter's name (letters, digits, _ and -): its run dir is "
                                   "output_dir/adapters/NAME")
+    task: Literal[TASK_NAMES] | None = Field(
+        None, description="what it learns (default: the job's task); classification and causal_lm adapters can "
+                          "share a decoder-only base, each classifier with a head of its own")
     methods: list[dict[str, Any]] | None = Field(
-        None, description="its tuning methods (only those that leave the base frozen); default: the job's methods")
+        None, description="its own tuning methods (only those that leave the base frozen); default: the job's "
+                          "methods, or none beside shared_methods when the job has them")
     data: dict[str, Any] | None = Field(None, description="its data: keys of `data` over the job's (default: the "
                                                           "job's data)")
     training: dict[str, Any] | None = Field(
@@ -517,6 +521,10 @@ class RunConfig(_Section):
         None, description="train several named adapters over this one base in one job: each its own methods, data, "
                           "learning rate, schedule, steps and evaluation; each ends as a run dir "
                           "output_dir/adapters/NAME (see docs/how-to/many-adapters.md)")
+    shared_methods: list[dict[str, Any]] | None = Field(
+        None, description="with adapters: tuning methods every adapter shares (one LoRA, say), trained on all "
+                          "their rows (multi-task learning by hard parameter sharing); each adapter adds its own "
+                          "methods and head")
 
     @model_validator(mode="after")
     def _preference_section(self) -> "RunConfig":
@@ -538,8 +546,41 @@ class RunConfig(_Section):
         for section in ("distill", "preference"):
             if getattr(self, section) is not None:
                 raise ValueError(f"{section}: not with adapters yet; train it as a job of its own")
+        shared = [str(m.get("name")) for m in self.shared_methods or []]
+        for i, a in enumerate(self.adapters):
+            if twice := next((str(m.get("name")) for m in self.own_methods(a) if str(m.get("name")) in shared), None):
+                raise ValueError(f"adapters[{i}] ({a.name}).methods: {twice} is one of the shared_methods already; "
+                                 "an adapter adds methods of other kinds (or none: its head)")
+        tasks = {a.task or self.task for a in self.adapters}
+        if len(tasks) > 1 and tasks != {"classification", "causal_lm"}:
+            raise ValueError(f"adapters: tasks {', '.join(sorted(tasks))} in one job; adapters of different tasks "
+                             "are classification and causal_lm over one decoder-only base")
+        if len(tasks) > 1 and self.task != "causal_lm":
+            raise ValueError("task: causal_lm for a job whose adapters learn different tasks (the base's task; each "
+                             "classifier sets task: classification)")
         self.adapter_runs()  # each adapter's own recipe must be valid
         return self
+
+    @model_validator(mode="after")
+    def _shared_methods(self) -> "RunConfig":
+        if self.shared_methods is not None and not self.adapters:
+            raise ValueError("shared_methods: methods shared by the adapters of a job; with no adapters, list them "
+                             "under methods")
+        if self.shared_methods == []:
+            raise ValueError("shared_methods: list at least one method (or leave the key out)")
+        return self
+
+    def own_methods(self, adapter: AdapterConfig) -> list[dict[str, Any]]:
+        """An adapter's own methods: its `methods`, else none when the job has shared_methods, else the job's."""
+        if adapter.methods is not None:
+            return adapter.methods
+        return [] if self.shared_methods else self.methods
+
+    def model_task(self) -> str:
+        """The task whose model the job builds: the job's task, or its adapters' one task when they all
+        learn another (a job's classifiers over a causal LM's base add their own heads)."""
+        tasks = {a.task or self.task for a in self.adapters or []}
+        return next(iter(tasks)) if len(tasks) == 1 else self.task
 
     def adapter_runs(self) -> list[tuple[str, "RunConfig"]]:
         """Each adapter of the job as the recipe of a run of its own (its run dir: output_dir/adapters/NAME):
@@ -547,10 +588,10 @@ class RunConfig(_Section):
         values and evaluation. A recipe without `adapters` is one adapter (itself)."""
         if not self.adapters:
             return [("", self)]
-        job = self.model_dump(mode="json", exclude={"adapters"})
+        job = self.model_dump(mode="json", exclude={"adapters", "shared_methods"})
         runs = []
         for i, a in enumerate(self.adapters):
-            own = {"methods": a.methods if a.methods is not None else job["methods"],
+            own = {"task": a.task or self.task, "methods": (self.shared_methods or []) + self.own_methods(a),
                    "data": merge(job["data"], a.data or {}), "training": merge(job["training"], a.training or {}),
                    "evaluation": merge(job["evaluation"], a.evaluation or {}),
                    "output_dir": str(Path(self.output_dir) / "adapters" / a.name)}

@@ -125,9 +125,25 @@ def test_classification_adapters_each_train_their_own_head(ws, built_ops, tmp_pa
     ([{"name": "a", "methods": [{"name": "adapter", "train_norms": True}]}],
      r"adapter changes the base's own weights with these options"),
     ([{"name": "a", "data": {"train": "/nonexistent.jsonl"}}], r"adapters\[0\] \(a\): data.train: .*not found"),
+    ([{"name": "a", "task": "seq2seq"}, {"name": "b"}], r"adapters: tasks classification, seq2seq in one job; adapters of different"),
+    ([{"name": "a", "task": "causal_lm"}, {"name": "b"}], r"task: causal_lm for a job whose adapters learn different"),
+    ([{"name": "a", "methods": []}], r"adapters\[0\] \(a\)\.methods: list at least one tuning method \(or give"),
 ])
 def test_bad_adapters_are_refused_in_one_line(ws, tmp_path, adapters, pattern):
     path, out = write(tmp_path, ws, adapters=adapters, methods=[{"name": "lora"}])
+    assert_user_error(run_cli(["train", str(path)]), pattern, out)
+
+
+@pytest.mark.parametrize("changes, pattern", [
+    ({"shared_methods": [{"name": "lora"}], "adapters": None}, r"shared_methods: methods shared by the adapters"),
+    ({"shared_methods": []}, r"shared_methods: list at least one method"),
+    ({"shared_methods": [{"name": "full"}]}, r"shared_methods: full changes the base's own weights"),
+    ({"shared_methods": [{"name": "lora", "rr": 2}]}, r"shared_methods\[0\] \(lora\)\.rr: unknown option"),
+    ({"shared_methods": [{"name": "lora"}], "adapters": [{"name": "a", "methods": [{"name": "lora", "r": 2}]}]},
+     r"adapters\[0\] \(a\)\.methods: lora is one of the shared_methods already"),
+])
+def test_bad_shared_methods_are_refused_in_one_line(ws, tmp_path, changes, pattern):
+    path, out = write(tmp_path, ws, **{"adapters": [{"name": "a", "methods": [{"name": "ia3"}]}], **changes})
     assert_user_error(run_cli(["train", str(path)]), pattern, out)
 
 
@@ -149,7 +165,7 @@ def test_rows_of_several_adapters_in_one_forward_compute_as_each_alone():
     import torch
 
     from dstune.config import config_from_dict
-    from dstune.methods import apply_adapter_methods, build_methods
+    from dstune.methods import AdapterSpec, apply_adapter_methods, build_methods
     from dstune.methods.routing import draws_dropout, route, route_rows, row_local
     from dstune.models.loading import load_model
 
@@ -160,7 +176,8 @@ def test_rows_of_several_adapters_in_one_forward_compute_as_each_alone():
     specs = {"lora": [{"name": "lora", "r": 4}], "dora": [{"name": "lora", "r": 2, "use_dora": True}],
              "ia3": [{"name": "ia3"}], "adapter": [{"name": "adapter", "bottleneck": 8}],
              "prompt": [{"name": "prompt", "num_virtual_tokens": 2}]}
-    apply_adapter_methods(model, {k: (build_methods(v), None) for k, v in specs.items()}, "causal_lm")
+    apply_adapter_methods(model, {k: AdapterSpec(build_methods(v), "causal_lm") for k, v in specs.items()}, [],
+                          "causal_lm", 0)
     with torch.no_grad():  # trained-looking weights: no adapter is the identity
         for n, p in model.named_parameters():
             if p.requires_grad:
@@ -286,3 +303,142 @@ def test_a_resume_names_what_changed_in_an_adapter_and_allows_its_steps(tmp_path
     more["adapters"].append({"name": "c"})
     with pytest.raises(UserError, match=r"adapters\[c\]\.name \(None -> 'c'\)"):
         check_recipe_matches(tmp_path, more, "base")
+
+
+def topics(path) -> str:
+    """Three-class rows (which of three words the text repeats) beside the workspace's two-class reviews."""
+    import random
+
+    rng, words = random.Random(3), {"sport": "goal", "music": "song", "food": "bread"}
+    rows = []
+    for i in range(48):
+        label = list(words)[i % 3]
+        text = " ".join(rng.choice(["the", "a", "of", words[label], "and", "it"]) for _ in range(8))
+        rows.append({"text": text, "label": label})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+MIXED = [
+    {"name": "lm", "methods": [{"name": "lora", "r": 4}], "training": {"lr": 3e-3}},
+    {"name": "sentiment", "task": "classification", "methods": [{"name": "lora", "r": 2}],
+     "data": {"train": "CLS", "packing": False, "eval_fraction": 0.25}, "training": {"lr": 1e-2}},
+    {"name": "topic", "task": "classification", "methods": [{"name": "prefix", "num_virtual_tokens": 2}],
+     "data": {"train": "TOPICS", "packing": False}, "training": {"lr": 3e-2, "micro_batch_size": 4}},
+    {"name": "sentiment-ia3", "task": "classification", "methods": [{"name": "ia3"}],  # shares sentiment's forwards
+     "data": {"train": "CLS", "packing": False}},
+    {"name": "sentiment-prompt", "task": "classification", "methods": [{"name": "prompt", "num_virtual_tokens": 3}],
+     "data": {"train": "CLS", "packing": False}},
+]
+
+
+def mixed(ws, tmp_path, adapters: list[dict]) -> list[dict]:
+    paths = {"CLS": str(ws / "cls_train.jsonl"), "TOPICS": topics(tmp_path / "topics.jsonl")}
+    return json.loads(json.dumps(adapters).replace('"CLS"', json.dumps(paths["CLS"]))
+                      .replace('"TOPICS"', json.dumps(paths["TOPICS"])))
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_adapters_of_different_tasks_each_train_as_a_run_of_their_own(ws, tmp_path, model):
+    """A causal LM adapter and classifiers (two and three classes; LoRA, prefix, IA3, a soft prompt) over one
+    causal LM's base: each
+    classifier has its own score head over the base's last hidden state, pooled at each row's last token as
+    transformers' classifier pools it, and each adapter equals its own run (a classifier's own run loads the
+    base as a transformers classifier)."""
+    adapters = mixed(ws, tmp_path, MIXED)
+    recipe, out = lm_job(ws, tmp_path, adapters)
+    if model != "gpt2":
+        cfg = json.loads(recipe.read_text())
+        cfg["model"]["path"] = str(ws / model)
+        recipe.write_text(json.dumps(cfg))
+    res = ok(run_cli(["train", str(recipe)]))
+    assert "topic (classification): prefix" in res.stdout
+    for spec in adapters:
+        run_dir = out / "adapters" / spec["name"]
+        assert_same_run(run_dir, solo(run_dir, tmp_path))
+    weights = load_file(out / "adapters" / "topic" / "trainable.safetensors")
+    assert weights["score.weight"].shape[0] == 3
+    res = ok(run_cli(["eval", str(out / "adapters" / "sentiment")]))
+    assert "accuracy" in res.stdout
+    if model == "gpt2":
+        res = ok(run_cli(["estimate", str(recipe)]))
+        assert "5 adapters" in res.stdout
+
+
+def test_shared_methods_train_on_every_task_and_each_head_on_its_own(ws, tmp_path):
+    """Hard parameter sharing: one LoRA shared by a causal LM task and two classifiers (heads only). Against a
+    hand-written loop over the same model and rows: the loss is the sum of each task's mean, the shared LoRA
+    and each head are updated by AdamW with their own lr: the job's per-task losses of both steps match."""
+    import torch
+
+    from dstune.config import load_config
+    from dstune.methods import AdapterSpec, apply_adapter_methods, build_methods
+    from dstune.methods.routing import SLOTS, adapter_state_names, route
+    from dstune.models.loading import load_model
+    from dstune.models.tokenizers import recipe_tokenizer
+    from dstune.prepare.cache import prepared_data
+    from dstune.tasks import get_task
+
+    rows = {"lm": [{"text": "the plot was good and the actor fine"}, {"text": "a dull film with a weak scene"}],
+            "sent": [{"text": "a great lovely film", "label": "pos"}, {"text": "a bad poor plot", "label": "neg"}],
+            "topic": [{"text": t, "label": label} for t, label in [("goal goal the", "sport"), ("a song song", "music"),
+                                                                   ("bread of bread", "food"), ("it goal", "sport")]]}
+    for name, data in rows.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    adapters = [{"name": "lm", "data": {"train": str(tmp_path / "lm.jsonl")}},
+                {"name": "sent", "task": "classification", "data": {"train": str(tmp_path / "sent.jsonl")}},
+                {"name": "topic", "task": "classification", "data": {"train": str(tmp_path / "topic.jsonl")},
+                 "training": {"lr": 3e-2, "micro_batch_size": 4}}]
+    recipe, out = lm_job(ws, tmp_path, adapters, max_steps=2, lr=1e-2, warmup_steps=0, lr_schedule="constant",
+                         max_grad_norm=0.0)
+    cfg = json.loads(recipe.read_text())
+    cfg["data"]["packing"] = False
+    cfg["shared_methods"], cfg["methods"] = [{"name": "lora", "r": 4}], [{"name": "full"}]
+    recipe.write_text(json.dumps(cfg))
+    res = ok(run_cli(["train", str(recipe)]))
+    assert "shared: lora" in res.stdout and "sent (classification): its head" in res.stdout
+
+    job = load_config(recipe)
+    runs = dict(job.adapter_runs())
+    tok = recipe_tokenizer(job)
+    torch.manual_seed(7)
+    model = load_model(runs["lm"], tok)
+    data = {name: prepared_data(run, tok, 0, 60)[0] for name, run in runs.items()}
+    specs = {name: AdapterSpec([], run.task, data[name].labels) for name, run in runs.items()}
+    apply_adapter_methods(model, specs, build_methods(cfg["shared_methods"]), "causal_lm", 7, tok)
+    named = dict(model.named_parameters())
+    shared = [p for n, p in named.items() if p.requires_grad and SLOTS not in n]
+    groups = [{"params": shared, "lr": 1e-2}] + [
+        {"params": [named[n] for n in adapter_state_names(model, name)], "lr": run.training.lr}
+        for name, run in runs.items() if run.task == "classification"]
+    opt = torch.optim.AdamW(groups, betas=tuple(job.training.betas), eps=job.training.eps, weight_decay=0.0)
+    for step in (1, 2):
+        total = 0.0
+        for name, run in runs.items():
+            task = get_task(run.task)
+            batch = task.collate(list(data[name].train), tok.pad_token_id)
+            labels = batch.pop("labels")
+            with route(model, name):
+                loss = task.loss(model, model(**batch).logits, labels)
+            assert abs(loss.item() - read_metrics(out / "adapters" / name)[step]["loss"]) < TOL, (name, step)
+            total = total + loss
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    for name in runs:  # each run dir holds the shared LoRA (the same in all) and its own head
+        saved = load_file(out / "adapters" / name / "trainable.safetensors")
+        assert any("lora_A" in k for k in saved) and ("score.weight" in saved) == (name != "lm")
+
+
+def test_classifiers_of_different_classes_over_one_classifier_base(ws, tmp_path):
+    """A classifier job (the base loaded as a transformers classifier, its head sized for the first adapter's
+    two classes): the three-class adapter gets a head of its own shape, and each equals its own run."""
+    adapters = mixed(ws, tmp_path, MIXED[1:3])
+    recipe, out = lm_job(ws, tmp_path, adapters)
+    cfg = json.loads(recipe.read_text())
+    cfg["task"], cfg["data"]["packing"] = "classification", False
+    recipe.write_text(json.dumps(cfg))
+    ok(run_cli(["train", str(recipe)]))
+    for spec in adapters:
+        run_dir = out / "adapters" / spec["name"]
+        assert_same_run(run_dir, solo(run_dir, tmp_path))

@@ -27,8 +27,10 @@ from dstune.engine.train_run import Job
 from dstune.engine.trainer import (Checkpointing, _agree_on_precision, _mute_progress_bars, first_checkpoint_and_memory,
                                    lr_lambda, planned_steps, resume)
 from dstune.errors import Interrupted, UserError, signal_number
-from dstune.methods import apply_adapter_methods, build_methods, count_trainable, param_groups
-from dstune.methods.routing import adapter_state_names
+from dstune.methods import (AdapterSpec, apply_adapter_methods, build_methods, check_composition, count_trainable,
+                            param_groups)
+from dstune.methods.heads import check_decoder_classifier
+from dstune.methods.routing import SLOTS, adapter_state_names
 from dstune.models.loading import (base_fingerprint, check_buildable, check_positions, load_model, prepare_for_training,
                                    quantize_mode, recipe_config, weights_dtype)
 from dstune.models.quantize import check_quantized_base
@@ -53,10 +55,24 @@ class Adapter:
     schedule: Any = None               # its Schedule (the LR multiplier of its param groups)
     names: dict[str, str] = field(default_factory=dict)  # its parameters: job model name -> its own run's name
     params: list = field(default_factory=list)
+    shared: list[str] = field(default_factory=list)      # the shared methods' parameters (its own run's names too)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.output_dir)
+
+
+@dataclass
+class Shared:
+    """The shared methods' parameters (shared_methods): one param group set trained on every adapter's rows,
+    with the job's lr, schedule over the job's steps, gradient clipping and nan_policy."""
+    params: list = field(default_factory=list)
+    schedule: Any = None
+    skipped: int = 0
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    return getattr(p, "ds_numel", p.numel())
 
 
 class Schedule:
@@ -84,7 +100,9 @@ class CheckedAdapters:
     engine_cfg: RunConfig              # what the DeepSpeed config is built from (micro-batch: every adapter's rows)
     adapters: list[Adapter]
     tokenizer: Any
-    labels: list | None
+    shared: list                       # the shared methods (shared_methods), on the base
+    model_cfg: RunConfig               # the recipe the base model is built from (an adapter of the model's task)
+    labels: list | None                # its classifier head's classes
     resume_from: list[str]
     base: str
     precision_note: str
@@ -101,7 +119,7 @@ def train_adapters(cfg: RunConfig, checkpointing: Checkpointing) -> dict:
     with launcher_env(), stop_signals():
         try:
             checked = check_adapters(cfg, checkpointing)
-            job, adapters = start_adapters(checked)
+            job, adapters, shared = start_adapters(checked)
         except BaseException as failure:
             if fresh and int(os.environ.get("RANK", "0")) == 0:
                 forget_fresh_run_dir(run_dir)
@@ -110,7 +128,7 @@ def train_adapters(cfg: RunConfig, checkpointing: Checkpointing) -> dict:
                     from None
             raise
         with job:
-            return AdaptersRun(job, adapters).run()
+            return AdaptersRun(job, adapters, shared, checked.cfg.training).run()
 
 
 def check_adapters(cfg: RunConfig, checkpointing: Checkpointing) -> CheckedAdapters:
@@ -130,37 +148,51 @@ def check_adapters(cfg: RunConfig, checkpointing: Checkpointing) -> CheckedAdapt
     if int(os.environ.get("RANK", "0")) != 0:
         _mute_progress_bars()
     tokenizer = recipe_tokenizer(cfg)
-    adapters = [_checked_adapter(i, name, run, tokenizer, local_rank)
+    adapters = [_checked_adapter(cfg, i, name, run, tokenizer, local_rank)
                 for i, (name, run) in enumerate(cfg.adapter_runs())]
-    labels = _shared_labels(adapters)
-    engine_cfg = cfg.with_training(micro_batch_size=sum(a.cfg.training.micro_batch_size for a in adapters),
+    try:
+        shared = build_methods(cfg.shared_methods) if cfg.shared_methods else []
+    except UserError as e:
+        raise UserError(f"shared_{e}") from None
+    builds = next(a for a in adapters if a.cfg.task == cfg.model_task())  # the base is built as its model
+    model_cfg, labels = builds.cfg, builds.data.labels
+    rows = sum(a.cfg.training.micro_batch_size for a in adapters)
+    engine_cfg = cfg.model_copy(update={"task": cfg.model_task()}).with_training(micro_batch_size=rows,
                                    max_grad_norm=0.0)  # each adapter clips its own gradients (adapters_run.py)
     build_ds_config(engine_cfg, 1)
     device = torch.device("cuda", local_rank) if on_cuda() else torch.device("cpu")
     on, _ = checkpointing(engine_cfg, int(os.environ.get("WORLD_SIZE", "1")), device, tokenizer, labels)
+    model_cfg = model_cfg.with_training(precision=precision, activation_checkpointing=on)
     cfg, engine_cfg = cfg.with_training(activation_checkpointing=on), engine_cfg.with_training(
         activation_checkpointing=on)
     adapters = [replace(a, cfg=a.cfg.with_training(precision=precision, activation_checkpointing=on))
                 for a in adapters]
     check_output_dir(Path(cfg.output_dir))
-    model_config = recipe_config(adapters[0].cfg, tokenizer, labels)
+    model_config = recipe_config(model_cfg, tokenizer, labels)
     if quantized := quantize_mode(cfg, model_config):
-        check_quantized_base(quantized, [m for a in adapters for m in a.methods], weights_dtype(precision), device)
+        check_quantized_base(quantized, shared + [m for a in adapters for m in a.methods], weights_dtype(precision),
+                             device)
     for a in adapters:
         check_positions(a.cfg, model_config)
-    check_buildable(adapters[0].cfg, model_config)
+    check_buildable(model_cfg, model_config)
+    if model_cfg.task != "classification" and any(a.cfg.task == "classification" for a in adapters):
+        check_decoder_classifier(model_config, cfg.model.trust_remote_code)
     tags = pointer.complete_checkpoints(cfg.output_dir) if cfg.training.resume else []
     base = base_fingerprint(cfg)
     if tags:
         check_recipe_matches(Path(cfg.output_dir), cfg.model_dump(mode="json"), base)
-    return CheckedAdapters(cfg, engine_cfg, adapters, tokenizer, labels, tags, base,
+    return CheckedAdapters(cfg, engine_cfg, adapters, tokenizer, shared, model_cfg, labels, tags, base,
                            f"{precision} ({why})" if cfg.training.precision == "auto" else precision, quantized)
 
 
-def _checked_adapter(i: int, name: str, run: RunConfig, tokenizer, local_rank: int) -> Adapter:
+def _checked_adapter(cfg: RunConfig, i: int, name: str, run: RunConfig, tokenizer, local_rank: int) -> Adapter:
     where = f"adapters[{i}] ({name})"
+    own = cfg.own_methods(cfg.adapters[i])
+    if not own and not cfg.shared_methods:
+        raise UserError(f"{where}.methods: list at least one tuning method (or give the job shared_methods)")
     try:
-        methods = build_methods(run.methods)
+        methods = build_methods(own) if own else []
+        check_composition([s["name"] for s in cfg.shared_methods or []] + [m.name for m in methods])
     except UserError as e:
         raise UserError(f"{where}.{e}") from None
     try:
@@ -173,18 +205,7 @@ def _checked_adapter(i: int, name: str, run: RunConfig, tokenizer, local_rank: i
     return Adapter(name, run, methods, data, entry)
 
 
-def _shared_labels(adapters: list[Adapter]) -> list | None:
-    """The classes of a classification job: one head shape for every adapter (each trains its own copy)."""
-    first = adapters[0]
-    for a in adapters[1:]:
-        if a.data.labels != first.data.labels:
-            raise UserError(f"adapters: {first.name} and {a.name} classify into different labels "
-                            f"({first.data.labels} vs {a.data.labels}); the adapters of one job share the "
-                            "classification head's shape: train them as jobs of their own")
-    return first.data.labels
-
-
-def start_adapters(c: CheckedAdapters) -> tuple[Job, list[Adapter]]:
+def start_adapters(c: CheckedAdapters) -> tuple[Job, list[Adapter], Shared]:
     """Join the process group, build the model with every adapter, write the run headers and start the
     engine, resumed from the newest checkpoint every rank can read."""
     dist_ = init_distributed(c.cfg.training.dist_timeout_s, c.cfg.training.build_timeout_s)
@@ -193,15 +214,16 @@ def start_adapters(c: CheckedAdapters) -> tuple[Job, list[Adapter]]:
         agreed = replace(agreed, engine_cfg=agreed.engine_cfg.with_training(precision=precision),
                          adapters=[replace(a, cfg=a.cfg.with_training(precision=precision)) for a in agreed.adapters])
     c = agreed
-    job = Job(cfg=c.engine_cfg, dist=dist_, methods=[m for a in c.adapters for m in a.methods],
+    job = Job(cfg=c.engine_cfg, dist=dist_, methods=c.shared + [m for a in c.adapters for m in a.methods],
               tokenizer=c.tokenizer, data=None)
     try:
         tag = first_checkpoint_and_memory(c.cfg, c.resume_from, job)
         _build(c, job)
         job.lock = _write_headers(c, job)
-        job.engine, job.scheduler = _initialize(c, job)
+        shared = Shared(schedule=Schedule(c.cfg.training.lr_schedule, c.cfg.training.warmup_steps, job.total_steps))
+        job.engine, job.scheduler = _initialize(c, job, shared)
         resume(job, c.cfg.output_dir, tag)
-        return job, c.adapters
+        return job, c.adapters, shared
     except BaseException:
         job.release(failed=True)
         raise
@@ -227,29 +249,37 @@ def _build(c: CheckedAdapters, job: Job) -> None:
     if job.stage == 3 and not c.cfg.model.tiny and not c.quantize:
         job.hf_ds_config = HfDeepSpeedConfig(job.ds_config)
     torch.manual_seed(t.seed)
-    job.model = load_model(c.adapters[0].cfg, c.tokenizer, c.labels, dist_.device)
+    job.model = load_model(c.model_cfg, c.tokenizer, c.labels, dist_.device)
     job.base_params = count_trainable(job.model)[1]
-    apply_adapter_methods(job.model, {a.name: (a.methods, a.data.leading_inputs) for a in c.adapters}, c.cfg.task,
-                          c.tokenizer)
+    specs = {a.name: AdapterSpec(a.methods, a.cfg.task, a.data.labels, a.data.leading_inputs) for a in c.adapters}
+    apply_adapter_methods(job.model, specs, c.shared, c.model_cfg.task, t.seed, c.tokenizer)
     named = dict(job.model.named_parameters())
+    shared = [n for n, p in named.items() if p.requires_grad and SLOTS not in n.split(".")]
     for a in c.adapters:
         a.names = adapter_state_names(job.model, a.name)
         a.params = [named[n] for n in a.names]
+        a.shared = shared
     prepare_for_training(job.model, c.engine_cfg)
 
 
-def _initialize(c: CheckedAdapters, job: Job):
-    """deepspeed.initialize over every adapter's param groups (its lr, betas, eps, weight decay), each group's
-    LR following its adapter's schedule; the base optimizer steps only the groups not held back."""
+def _initialize(c: CheckedAdapters, job: Job, shared: Shared):
+    """deepspeed.initialize over every adapter's param groups (its lr, betas, eps, weight decay) and the shared
+    methods' (the job's), each group's LR following its adapter's schedule (the shared: the job's); the base
+    optimizer steps only the groups not held back."""
     import deepspeed
 
     groups, schedules = [], []
-    for a in c.adapters:
-        t = a.cfg.training
-        for g in param_groups(job.model, a.methods, t.lr, t.weight_decay, only=a.names.__contains__):
+    owners = [(a.name, a.cfg.training, a.methods, a.names.__contains__, a.schedule) for a in c.adapters]
+    if c.shared:
+        mine = set(c.adapters[0].shared)
+        owners.insert(0, ("", c.cfg.training, c.shared, mine.__contains__, shared.schedule))
+    for name, t, methods, only, schedule in owners:
+        for g in param_groups(job.model, methods, t.lr, t.weight_decay, only=only):
             groups.append({**{k: v for k, v in g.items() if k != "names"}, "betas": tuple(t.betas), "eps": t.eps,
-                           "dstune_adapter": a.name})
-            schedules.append(a.schedule)
+                           "dstune_adapter": name})
+            schedules.append(schedule)
+            if not name:
+                shared.params += g["params"]
     engine, _, _, scheduler = deepspeed.initialize(
         model=job.model, model_parameters=groups, config=job.ds_config,
         lr_scheduler=lambda opt: AdapterLR(_hold_back_groups(opt), schedules))
@@ -293,21 +323,26 @@ def _write_headers(c: CheckedAdapters, job: Job) -> int | None:
          "base_params": job.base_params, "world_size": dist_.world, "zero_stage": job.stage}, indent=1))
     print(f"[dstune] {len(c.adapters)} adapters over one base ({job.base_params:,} parameters); {dist_.world} "
           f"rank(s), ZeRO-{job.stage}, {c.precision_note}, {job.total_steps} steps", flush=True)
+    named = dict(job.model.named_parameters())
+    shared = sum(_numel(named[n]) for n in c.adapters[0].shared)
+    if c.shared:
+        print(f"[dstune] shared: {', '.join(m.label for m in c.shared)}: {shared:,} parameters train on every "
+              f"adapter's rows; lr {c.cfg.training.lr:g}", flush=True)
     for a in c.adapters:
         a.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(a.cfg, a.run_dir / "config.yaml")
         if c.tokenizer is not None:
             c.tokenizer.save_pretrained(a.run_dir / "tokenizer")
-        n_train = sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel for p in a.params)
+        own = sum(_numel(p) for p in a.params)
         labels = [str(x) for x in a.data.labels] if a.data.labels else None
         (a.run_dir / "run.json").write_text(json.dumps(
-            {"task": a.cfg.task, "labels": labels, "methods": [m.name for m in a.methods], "trainable_params": n_train,
-             "total_params": total + n_train, "base_params": job.base_params, "base_fingerprint": c.base,
-             "world_size": dist_.world, "zero_stage": job.stage, "trained_in": str(run_dir),
-             "planned_steps": a.total_steps}, indent=1))
+            {"task": a.cfg.task, "labels": labels, "methods": [m.name for m in c.shared + a.methods],
+             "trainable_params": own + shared, "total_params": total + own, "base_params": job.base_params,
+             "base_fingerprint": c.base, "world_size": dist_.world, "zero_stage": job.stage,
+             "trained_in": str(run_dir), "planned_steps": a.total_steps}, indent=1))
         keep_augmented(a.entry, a.run_dir)
-        names = ", ".join(m.label for m in a.methods)
-        print(f"[dstune] {a.name}: {names}: {n_train:,} parameters train; {a.total_steps} steps of "
+        names = ", ".join(m.label for m in a.methods) or "its head"
+        print(f"[dstune] {a.name} ({a.cfg.task}): {names}: {own:,} parameters train; {a.total_steps} steps of "
               f"{a.batches.global_batch} examples, lr {a.cfg.training.lr:g}; data: {summary(a.data, a.entry)}",
               flush=True)
     return lock

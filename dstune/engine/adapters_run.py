@@ -16,7 +16,7 @@ import torch
 
 from dstune.data.batching import to_device
 from dstune.engine import checkpoint as ckpt
-from dstune.engine.adapters import Adapter
+from dstune.engine.adapters import Adapter, Shared
 from dstune.engine.best import Best
 from dstune.engine.distributed import gather_objects, mean_over_ranks
 from dstune.engine.evaluate import evaluate, results_table
@@ -72,11 +72,12 @@ class AdapterRun:
 class AdaptersRun:
     """The loop of a started job of several adapters."""
 
-    def __init__(self, job: Job, adapters: list[Adapter]):
+    def __init__(self, job: Job, adapters: list[Adapter], shared: Shared, training):
         self.job, self.cfg, self.engine = job, job.cfg, job.engine
         self.run_dir = Path(job.cfg.output_dir)
         self.step = job.step
         self.runs = [AdapterRun(a, job) for a in adapters]
+        self.shared, self.shared_t = shared, training  # the shared methods' parameters; the job's clip, nan_policy
         self.dropout = draws_dropout(job.engine.module)
 
     def run(self) -> dict:
@@ -121,7 +122,7 @@ class AdaptersRun:
         training = [r for r in self.runs if r.trains_at(self.step)]
         lrs = {g["dstune_adapter"]: g["lr"] for g in reversed(self.engine.basic_optimizer.param_groups)}
         for r in training:
-            r.lr = lrs[r.a.name]  # the rate this step's update uses (its first param group's)
+            r.lr = lrs.get(r.a.name, lrs.get(""))  # this step's rate: its first param group's (none: the shared)
         seed_step(t.seed, self.step, job.dist.rank)
         rng = {r.a.name: rng_state() for r in training}  # dropout: each adapter draws as its own run would
         targets = {r.a.name: self.global_targets(r) for r in training}
@@ -161,13 +162,15 @@ class AdaptersRun:
     def forward_groups(self, training: list[AdapterRun]) -> list[list[AdapterRun]]:
         """Adapters whose rows share one forward: the row-local ones (routing.row_local) whose rows batch
         alike (packed or not); each other adapter (a soft prompt, a prefix), and every adapter of a model
-        that draws dropout (routing.draws_dropout), runs forwards of its own."""
-        shared: dict[bool, list[AdapterRun]] = {}
+        that draws dropout (routing.draws_dropout), runs forwards of its own. Adapters of different tasks
+        (or classes) never share a forward."""
+        shared: dict[tuple, list[AdapterRun]] = {}
         alone = []
         sharing = not self.dropout
-        for r in training:
+        for r in training:  # one forward computes one task's rows, batched alike, into logits of one shape
             if sharing and row_local(self.engine.module, r.a.name):
-                shared.setdefault("position_ids" in r.a.data.train.column_names, []).append(r)
+                shared.setdefault((r.task.name, len(r.a.data.labels or ()),
+                                   "position_ids" in r.a.data.train.column_names), []).append(r)
             else:
                 alone.append([r])
         return list(shared.values()) + alone
@@ -176,26 +179,24 @@ class AdaptersRun:
                       rng: dict) -> list[tuple[str, torch.Tensor]]:
         """One forward over the group's micro-batches, each adapter over its own rows: (name, its loss,
         weighted as a run of its own weights it) per adapter. Alone, an adapter draws its dropout as its own
-        run would (a shared forward draws none)."""
-        model, task = self.engine.module, group[0].task
-        if len(group) == 1:
-            r = group[0]
-            with route(model, r.a.name):
-                set_rng_state(rng[r.a.name])
-                batch = self.batch(r, rows[r.a.name])
-                out = self.engine(**batch)
-                rng[r.a.name] = rng_state()
-            return [(r.a.name, self.weighted(r, rows[r.a.name], out.loss, out.logits, targets[r.a.name]))]
+        run would (a shared forward draws none), and a generative one's loss is the model's own; a classifier's
+        is computed from its logits (its head may be of its own shape, or beside a causal LM's)."""
+        model, task, first = self.engine.module, group[0].task, group[0].a.name
         segments, start = [], 0
         for r in group:
             segments.append((r.a.name, start, start + len(rows[r.a.name])))
             start = segments[-1][2]
         batch = self.batch(group[0], [row for r in group for row in rows[r.a.name]])
-        labels = batch["labels"] if task.forward_takes_labels else batch.pop("labels")
-        with route_rows(model, segments):
-            logits = self.engine(**batch).logits
-        return [(r.a.name, self.weighted(r, rows[r.a.name], task.loss(model, logits[s:e], labels[s:e]), logits[s:e],
-                                         targets[r.a.name])) for r, (_, s, e) in zip(group, segments)]
+        models_loss = len(group) == 1 and task.generative and task.name == self.cfg.task
+        labels = batch["labels"] if task.forward_takes_labels or models_loss else batch.pop("labels")
+        with route(model, first) if len(group) == 1 else route_rows(model, segments):
+            set_rng_state(rng[first])
+            out = self.engine(**batch)
+            rng[first] = rng_state()
+        if models_loss:
+            return [(first, self.weighted(group[0], rows[first], out.loss, out.logits, targets[first]))]
+        return [(r.a.name, self.weighted(r, rows[r.a.name], task.loss(model, out.logits[s:e], labels[s:e]),
+                                         out.logits[s:e], targets[r.a.name])) for r, (_, s, e) in zip(group, segments)]
 
     def batch(self, r: AdapterRun, rows: list[dict]) -> dict:
         return to_device(r.task.collate(rows, self.pad_id), self.job.dist.device, r.task)
@@ -210,36 +211,48 @@ class AdaptersRun:
         return loss * share_of_global(mine, global_targets, r.a.batches) if mine else logits.sum() * 0.0
 
     def clip_and_hold(self, training: list[AdapterRun], sums: dict[str, float]) -> None:
-        """Per adapter: its gradient norm over its own parameters (the shares every rank holds, one all-reduce
-        for all adapters); not finite, or its loss not finite on any rank: its update is skipped (nan_policy
-        skip) or the job stops (stop); else clipped to its max_grad_norm, as DeepSpeed clips a run of its own.
-        Adapters not training this step are held out of it."""
+        """Per adapter (and for the shared methods' parameters): its gradient norm over its own parameters (the
+        shares every rank holds, one all-reduce for all), not finite, or its loss not finite on any rank (the
+        shared ones: any adapter's): its update is skipped (nan_policy skip) or the job stops (stop); else
+        clipped to its max_grad_norm, as DeepSpeed clips a run of its own. Adapters not training this step
+        are held out of it."""
         import torch.distributed as dist
 
         device = self.job.dist.device
-        parts = {r.a.name: [(p, local_grad(p)) for p in r.a.params] for r in training}
-        squares = [sum(float(g.float().pow(2).sum()) for _, g in parts[r.a.name] if g is not None) for r in training]
-        stats = torch.tensor([squares, [float(not math.isfinite(sums[r.a.name])) for r in training]], device=device)
+        owners = [(r.a.name, r.a.params) for r in training] + ([("", self.shared.params)] if self.shared.params else [])
+        parts = {name: [(p, local_grad(p)) for p in params] for name, params in owners}
+        squares = [sum(float(g.float().pow(2).sum()) for _, g in parts[name] if g is not None) for name, _ in owners]
+        bad = [float(not math.isfinite(sums[r.a.name])) for r in training]
+        stats = torch.tensor([squares, bad + [max(bad)] * (len(owners) - len(training))], device=device)
         dist.all_reduce(stats[0])  # partitioned: the shares add up; replicated (ZeRO-0): each rank holds it all
         dist.all_reduce(stats[1], op=dist.ReduceOp.MAX)
-        shared = any(partitioned(p) for r in training for p in r.a.params)
-        norms = (stats[0] / (1 if shared else self.job.dist.world)).sqrt().tolist()
+        split = any(partitioned(p) for _, params in owners for p in params)
+        norms = (stats[0] / (1 if split else self.job.dist.world)).sqrt().tolist()
         held = {r.a.name for r in self.runs} - {r.a.name for r in training}
-        for r, norm, loss_bad in zip(training, norms, stats[1].tolist()):
-            max_norm = r.a.cfg.training.max_grad_norm
+        for i, ((name, _), norm, loss_bad) in enumerate(zip(owners, norms, stats[1].tolist())):
+            r = training[i] if i < len(training) else None
             if loss_bad or not math.isfinite(norm):
-                self.refuse_or_skip(r, sums[r.a.name])
-                scale_local_grads(parts[r.a.name], 0.0)  # ZeRO's own overflow check must not skip the others
-                held.add(r.a.name)
+                self.refuse_or_skip(r, sums[r.a.name] if r else float("nan"))
+                scale_local_grads(parts[name], 0.0)  # ZeRO's own overflow check must not skip the others
+                held.add(name)
                 continue
-            r.bad_in_a_row, r.skipped_now = 0, False
-            r.a.schedule.applied += 1
+            if r is not None:
+                r.bad_in_a_row, r.skipped_now = 0, False
+            (r.a.schedule if r else self.shared.schedule).applied += 1
+            max_norm = (r.a.cfg.training if r else self.shared_t).max_grad_norm
             if max_norm > 0 and (coef := max_norm / (norm + 1e-6)) < 1:
-                scale_local_grads(parts[r.a.name], coef)
+                scale_local_grads(parts[name], coef)
         for group in self.engine.basic_optimizer.param_groups:
             group["dstune_hold"] = group["dstune_adapter"] in held
 
-    def refuse_or_skip(self, r: AdapterRun, loss: float) -> None:
+    def refuse_or_skip(self, r: AdapterRun | None, loss: float) -> None:
+        """An adapter's (None: the shared methods') update is skipped this step, or the job stops with one line."""
+        if r is None:
+            self.shared.skipped += 1
+            if self.shared_t.nan_policy == "skip":
+                return
+            raise UserError(f"shared_methods: a loss is not finite at step {self.step + 1}; stopped without saving "
+                            "the weights")
         r.bad_in_a_row += 1
         r.skipped += 1
         r.skipped_now = True
@@ -318,11 +331,12 @@ class AdaptersRun:
 
     def save_trainable(self, r: AdapterRun, file: str, extra: dict) -> None:
         """The adapter's trained state under the names a run of its own gives it (every rank takes part)."""
-        mine = {n: p for n, p in self.engine.module.named_parameters() if n in r.a.names}
+        names = {**dict.fromkeys(r.a.shared), **r.a.names}  # the shared methods' keep their names
+        mine = {n: p for n, p in self.engine.module.named_parameters() if n in names}
         state = ckpt.trainable_state_of(mine)
         if self.job.dist.is_main:
             meta = {"task": r.a.cfg.task, "methods": ",".join(m["name"] for m in r.a.cfg.methods), **extra}
-            save_safetensors({r.a.names[n]: v for n, v in state.items()}, r.a.run_dir / file, meta)
+            save_safetensors({names[n] or n: v for n, v in state.items()}, r.a.run_dir / file, meta)
 
     def finish(self) -> dict:
         """Each adapter's results table and the job's results.json."""

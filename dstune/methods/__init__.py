@@ -1,6 +1,7 @@
 """Tuning-method registry: built-ins register with one line; others via the `dstune.methods` entry point."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
@@ -133,32 +134,74 @@ def _apply_each(model: torch.nn.Module, methods: list[TuningMethod], task: str, 
 SHARES_BASE = ("lora", "ia3", "adapter", "prompt", "prefix")  # built-ins that can leave the base frozen
 
 
-def apply_adapter_methods(model: torch.nn.Module, adapters: dict[str, tuple[list[TuningMethod], Any]], task: str,
-                          tokenizer=None) -> None:
-    """Apply each named adapter's methods (name → (methods, its example_inputs)) over one frozen base, each
-    from the random state a run of its own would start from, and route them (methods/routing.py). Only
-    methods that leave the base frozen can share it."""
-    from dstune.methods.routing import SLOTS, apply_adapters, rng_state, set_rng_state
+@dataclass
+class AdapterSpec:
+    """What one adapter of a job applies: its own methods, the task it learns and its classes, and the first
+    training input tokens of its data (a prefix may start from them)."""
+    methods: list[TuningMethod]
+    task: str
+    labels: list | None = None
+    example_inputs: Callable[[int], list[int]] | None = None
 
-    for name, (methods, _) in adapters.items():
+
+def apply_adapter_methods(model: torch.nn.Module, adapters: dict[str, AdapterSpec], shared: list[TuningMethod],
+                          task: str, seed: int, tokenizer=None) -> None:
+    """Apply the shared methods once (they stay on the base and train on every adapter's rows), then each
+    named adapter's own methods, each from the random state a run of its own would start from (`seed`: the
+    one before the base was loaded), and route them (methods/routing.py). A classifier whose head the base
+    cannot serve (another label count, a causal LM's base) gets a head of its own (methods/heads.py). Only
+    methods that leave the base frozen can share it."""
+    from dstune.methods.heads import class_head, head_for
+    from dstune.methods.routing import apply_adapters, attach_head, pool_last_token, rng_state, set_rng_state
+    from dstune.methods.targets import train_task_head
+
+    for name, methods in [("shared_methods", shared)] + [(n, a.methods) for n, a in adapters.items()]:
         if changer := next((m for m in methods if not m.steps_aside), None):
-            raise UserError(f"adapters ({name}): {changer.label} changes the base's own weights"
+            where = name if name == "shared_methods" else f"adapters ({name})"
+            raise UserError(f"{where}: {changer.label} changes the base's own weights"
                             f"{' with these options' if changer.name in SHARES_BASE else ''}, which every adapter "
                             f"shares; adapters train methods that leave the base frozen ({', '.join(SHARES_BASE)}; "
                             "adapter without train_norms)")
-    start = rng_state()
+    base = {n for n, _ in model.named_parameters()}
+    own_head = class_head(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        seeded = rng_state()
+    state = [rng_state()]  # where each adapter's methods start: after the base was loaded, and the shared methods
 
-    def applying(name: str, methods: list[TuningMethod], inputs) -> Callable[[], None]:
+    def apply_shared() -> None:
+        _apply_each(model, shared, task, tokenizer, None)
+        _freeze_head(own_head)  # heads are never shared: each classifier trains a copy of its own
+        state[0] = rng_state()
+
+    def applying(name: str, a: AdapterSpec) -> Callable[[], None]:
         def apply() -> None:
-            set_rng_state(start)
+            new = head_for(model, len(a.labels or [0, 1])) if a.task == "classification" else None
+            set_rng_state(seeded if new is not None and not shared else state[0])
+            head = new[0]() if new is not None else None  # drawn first: its own run loads its model, then applies
             trained = {id(p) for p in model.parameters() if p.requires_grad}
-            _apply_each(model, methods, task, tokenizer, inputs)
-            if not any(p.requires_grad and id(p) not in trained for p in model.parameters()):
+            _apply_each(model, a.methods, a.task, tokenizer, a.example_inputs)
+            trains_head = a.task == "classification"  # as every method's train_task_head does in its own run
+            if head is not None:
+                _freeze_head(own_head)
+                attach_head(new[1], head.requires_grad_(trains_head), new[2])
+            elif trains_head:
+                train_task_head(model, "classification")
+            if not shared and not any(p.requires_grad and id(p) not in trained for p in model.parameters()):
                 raise UserError(f"adapters ({name}): nothing trains with these methods and options")
         return apply
-    apply_adapters(model, {name: applying(name, *spec) for name, spec in adapters.items()})
+    apply_adapters(model, {name: applying(name, a) for name, a in adapters.items()}, apply_shared if shared else None)
+    if own_head is None and (pooled := {n for n, a in adapters.items() if a.task == "classification"}):
+        pool_last_token(model, pooled, model.config.pad_token_id)
     refuse_trained_quantized(model)
-    model.dstune_added = frozenset(n for n, _ in model.named_parameters() if SLOTS in n)
+    model.dstune_added = frozenset(n for n, _ in model.named_parameters() if n not in base)
+    model.dstune_generate_kwargs = {k: v for m in shared for k, v in m.generate_kwargs.items()}
+
+
+def _freeze_head(head: tuple[str, torch.nn.Module] | None) -> None:
+    """The base's task head frozen (its own weights: the adapters' copies below it train)."""
+    for p in head[1].parameters(recurse=False) if head is not None else ():
+        p.requires_grad_(False)
 
 
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:

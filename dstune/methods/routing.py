@@ -45,17 +45,22 @@ class Router:
         self.segments: list[tuple[str, int, int]] | None = None
 
 
-def apply_adapters(model: nn.Module, adapters: dict[str, Callable[[], None]]) -> Router:
-    """Call each adapter's `apply()` (which applies its methods to `model`, base frozen) in turn and move what
-    it added into that adapter's slots; then install the routing hooks. Returns the model's router."""
+def apply_adapters(model: nn.Module, adapters: dict[str, Callable[[], None]],
+                   shared: Callable[[], None] | None = None) -> Router:
+    """Call `shared()` (which applies the methods every adapter shares: they stay on the base), then each
+    adapter's `apply()` (which applies its methods to `model`, base frozen) in turn and move what it added into
+    that adapter's slots; then install the routing hooks. Returns the model's router."""
     for p in model.parameters():
         p.requires_grad_(False)
+    if shared is not None:
+        shared()
+    common = {id(p) for p in model.parameters() if p.requires_grad}
     for name, apply in adapters.items():
         before = {id(m): _snapshot(m) for m in model.modules()}
         apply()
         for module_name, module in list(model.named_modules()):
             if id(module) in before and not _in_slot(module_name):
-                _stash(module, module_name, name, before[id(module)])
+                _stash(module, module_name, name, before[id(module)], common)
     router = Router()
     for module in model.modules():
         if SLOTS in module._modules:
@@ -66,6 +71,37 @@ def apply_adapters(model: nn.Module, adapters: dict[str, Callable[[], None]]) ->
     return router
 
 
+def attach_head(module: nn.Module, head: nn.Linear, own_name: str | None = None) -> None:
+    """Make `head` compute `module`'s output (during an `apply()` of apply_adapters: the adapter's slot
+    takes it); `own_name`: the name its own run gives the head, where it is not the module's."""
+    module.add_module(HEAD, head)
+    module.register_forward_hook(_head_output)
+    if own_name is not None:
+        module.dstune_head_as = own_name
+
+
+def pool_last_token(model: nn.Module, adapters: set[str], pad_id: int) -> None:
+    """For `adapters` (classifiers over a causal LM's base): the model's logits, one row of scores per token,
+    become each row's scores at its last token that is not padding, as transformers' decoder-only classifiers
+    pool them."""
+    router: Router = model.dstune_router
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output):
+        names = {router.active} if router.segments is None else {name for name, _, _ in router.segments}
+        if not names & adapters:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        logits = output.logits
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        if ids is None or pad_id is None:  # input embeddings (a soft prompt's): the last position, as transformers
+            output.logits = logits[:, -1]
+            return output
+        last = (torch.arange(ids.shape[-1], device=logits.device) * (ids != pad_id).to(logits.device)).argmax(-1)
+        output.logits = logits[rows, last]
+        return output
+    model.register_forward_hook(hook, with_kwargs=True)
+
+
 def _in_slot(module_name: str) -> bool:
     return SLOTS in module_name.split(".")
 
@@ -74,9 +110,10 @@ def _snapshot(module: nn.Module) -> tuple[set, set, set, set]:
     return (set(module._modules), set(module.__dict__), set(module._forward_pre_hooks), set(module._forward_hooks))
 
 
-def _stash(module: nn.Module, module_name: str, adapter: str, before: tuple[set, set, set, set]) -> None:
+def _stash(module: nn.Module, module_name: str, adapter: str, before: tuple[set, set, set, set],
+           common: set[int]) -> None:
     """Move what adapter `adapter` added to `module` (and a task head of the base it made trainable) into the
-    module's slot for it."""
+    module's slot for it; `common`: the shared methods' parameters (ids), which stay."""
     children, attrs, pre, post = before
     slot = Slot()
     # in the order they were added: every rank must list the parameters alike (DeepSpeed broadcasts them in order)
@@ -90,7 +127,7 @@ def _stash(module: nn.Module, module_name: str, adapter: str, before: tuple[set,
     for key in [k for k in module._forward_hooks if k not in post]:
         slot.hooks.append((module._forward_hooks.pop(key), module._forward_hooks_with_kwargs.pop(key, False)))
         module._forward_hooks_always_called.pop(key, None)
-    trained = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    trained = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) not in common]
     if trained:
         if not isinstance(module, nn.Linear):
             raise UserError(f"adapters ({adapter}): its methods train the base's own {module_name or 'model'}."
@@ -312,12 +349,17 @@ def _rerouted(model: nn.Module, adapter: str | None, segments: list | None) -> I
 
 def adapter_state_names(model: nn.Module, adapter: str) -> dict[str, str]:
     """{name in the job's model: the name a run of its own gives it} for `adapter`'s parameters."""
-    marker = f"{SLOTS}.{adapter}."
-    out = {}
-    for name, _ in model.named_parameters():
-        if name.startswith(marker) or f".{marker}" in name:
-            out[name] = name.replace(marker, "", 1).replace(f"{HEAD}.", "", 1)
-    return out
+    own = {}
+    for module_name, module in model.named_modules():
+        slots = module._modules.get(SLOTS)
+        if slots is None or adapter not in slots:
+            continue
+        slot, prefix = slots[adapter], f"{module_name}." if module_name else ""
+        for name, _ in slot.named_parameters():
+            head = name.split(".")[0] == HEAD
+            as_ = slot.attrs.get("dstune_head_as", module_name) if head else None
+            own[f"{prefix}{SLOTS}.{adapter}.{name}"] = (as_ + name[len(HEAD):]) if head else f"{prefix}{name}"
+    return {name: own[name] for name, _ in model.named_parameters() if name in own}
 
 
 def rng_state() -> tuple:

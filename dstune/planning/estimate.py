@@ -21,8 +21,8 @@ from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.precision import resolve
 from dstune.errors import UserError, first_line
 from dstune.families import config_family, num_layers
-from dstune.methods import apply_adapter_methods, apply_methods, build_methods, param_groups
-from dstune.methods.routing import adapter_state_names, route_rows, row_local
+from dstune.methods import AdapterSpec, apply_adapter_methods, apply_methods, build_methods, param_groups
+from dstune.methods.routing import SLOTS, adapter_state_names, route_rows, row_local
 from dstune.models import quantize
 from dstune.models.loading import auto_class, prepare_for_training, quantize_mode, recipe_config, weights_dtype
 from dstune.planning.activations import ActivationTrace, default_dtype, trace_step
@@ -205,14 +205,18 @@ def _as_loaded(cfg: RunConfig, model: torch.nn.Module, precision: str, methods: 
 
 
 def _with_methods(cfg: RunConfig, config, tokenizer, quantized: bool = False):
-    """The recipe's model with its methods applied (with `adapters`: every adapter's, routed)."""
-    model = auto_class(cfg.task).from_config(config)
-    runs = {name: build_methods(run.methods) for name, run in cfg.adapter_runs()}
-    methods = [m for ms in runs.values() for m in ms]
+    """The recipe's model with its methods applied (with `adapters`: the shared methods on the base and every
+    adapter's own, routed)."""
+    model = auto_class(cfg.model_task()).from_config(config)
+    shared = build_methods(cfg.shared_methods) if cfg.shared_methods else []
+    runs = {name: run for name, run in cfg.adapter_runs()}
+    own = {a.name: build_methods(m) if (m := cfg.own_methods(a)) else [] for a in cfg.adapters or []}
+    methods = shared + [m for ms in own.values() for m in ms] if cfg.adapters else build_methods(cfg.methods)
     if quantized:
         _as_loaded(cfg, model, cfg.training.precision, methods)
     if cfg.adapters:
-        apply_adapter_methods(model, {name: (ms, None) for name, ms in runs.items()}, cfg.task, tokenizer)
+        specs = {name: AdapterSpec(own[name], run.task) for name, run in runs.items()}
+        apply_adapter_methods(model, specs, shared, cfg.model_task(), cfg.training.seed, tokenizer)
     else:
         apply_methods(model, methods, cfg.task, tokenizer)
     return model, methods
@@ -308,14 +312,18 @@ def parameter_table(model: torch.nn.Module, methods, cfg: RunConfig) -> ParamTab
 
 
 def _groups(model: torch.nn.Module, methods, cfg: RunConfig) -> list[dict]:
-    """The optimizer's param groups as the run makes them: with adapters, each adapter's own."""
+    """The optimizer's param groups as the run makes them: with adapters, the shared methods' and each
+    adapter's own."""
+    t = cfg.training
     if not cfg.adapters:
-        return param_groups(model, methods, cfg.training.lr, cfg.training.weight_decay)
-    groups = []
-    for name, run in cfg.adapter_runs():
+        return param_groups(model, methods, t.lr, t.weight_decay)
+    shared = build_methods(cfg.shared_methods) if cfg.shared_methods else []
+    groups = param_groups(model, shared, t.lr, t.weight_decay, only=lambda n: SLOTS not in n.split(".")) \
+        if shared else []
+    for a, (name, run) in zip(cfg.adapters, cfg.adapter_runs()):
         own = adapter_state_names(model, name)
-        groups += param_groups(model, build_methods(run.methods), run.training.lr, run.training.weight_decay,
-                               only=own.__contains__)
+        groups += param_groups(model, build_methods(cfg.own_methods(a)) if cfg.own_methods(a) else [],
+                               run.training.lr, run.training.weight_decay, only=own.__contains__)
     return groups
 
 
@@ -333,7 +341,8 @@ def _routed(model: torch.nn.Module, cfg: RunConfig, rows: int):
     segments, start = [], 0
     for name, run in cfg.adapter_runs():
         n = run.training.micro_batch_size
-        segments.append((name if row_local(model, name) else "", start, start + n))
+        mine = row_local(model, name) and run.task == cfg.model_task()  # else counted as the base's rows
+        segments.append((name if mine else "", start, start + n))
         start += n
     return route_rows(model, segments)
 
