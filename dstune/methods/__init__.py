@@ -176,7 +176,7 @@ def apply_adapter_methods(model: torch.nn.Module, adapters: dict[str, AdapterSpe
 
     def applying(name: str, a: AdapterSpec) -> Callable[[], None]:
         def apply() -> None:
-            new = head_for(model, len(a.labels or [0, 1])) if a.task == "classification" else None
+            new = head_for(model, task, len(a.labels or [0, 1])) if a.task == "classification" else None
             set_rng_state(seeded if new is not None and not shared else state[0])
             head = new[0]() if new is not None else None  # drawn first: its own run loads its model, then applies
             trained = {id(p) for p in model.parameters() if p.requires_grad}
@@ -191,7 +191,7 @@ def apply_adapter_methods(model: torch.nn.Module, adapters: dict[str, AdapterSpe
                 raise UserError(f"adapters ({name}): nothing trains with these methods and options")
         return apply
     apply_adapters(model, {name: applying(name, a) for name, a in adapters.items()}, apply_shared if shared else None)
-    if own_head is None and (pooled := {n for n, a in adapters.items() if a.task == "classification"}):
+    if task != "classification" and (pooled := {n for n, a in adapters.items() if a.task == "classification"}):
         pool_last_token(model, pooled, model.config.pad_token_id)
     refuse_trained_quantized(model)
     model.dstune_added = frozenset(n for n, _ in model.named_parameters() if n not in base)

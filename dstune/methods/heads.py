@@ -55,15 +55,20 @@ def draw_head(in_features: int, labels: int, bias: bool, std: float) -> nn.Linea
     return head
 
 
-def head_for(model: nn.Module, labels: int) -> tuple[Callable[[], nn.Linear], nn.Module, str | None] | None:
+NewHead = tuple[Callable[[], nn.Linear], nn.Module, "str | None"]
+
+
+def head_for(model: nn.Module, model_task: str, labels: int) -> NewHead | None:
     """For an adapter with `labels` classes that the model's own head cannot serve: (a function drawing its
     new head, the module whose output that head replaces, the name its own run gives the head where it is
-    not that module's). Over a causal LM: a score head beside the LM head; over a classifier of another label
-    count: one like its head. None: the model's head serves."""
+    not that module's). Over a causal LM: a score head beside the LM head; over a classifier with a Linear
+    head of another label count: one like it. None: the model's head serves (or is not one Linear layer)."""
     std = getattr(model.config, "initializer_range", 0.02)
-    if (own := class_head(model)) is None:
+    if model_task != "classification":
         hidden = _hidden(model.config)
         return (lambda: draw_head(hidden, labels, False, std)), model.get_output_embeddings(), DECODER_HEAD
+    if (own := class_head(model)) is None:
+        return None
     _, layer = own
     shape = getattr(layer.weight, "ds_shape", layer.weight.shape)
     if shape[0] == labels:
