@@ -66,6 +66,7 @@ class Adapter:
 class Shared:
     """The shared methods' parameters (shared_methods): one param group set trained on every adapter's rows,
     with the job's lr, schedule over the job's steps, gradient clipping and nan_policy."""
+    methods: list = field(default_factory=list)
     params: list = field(default_factory=list)
     schedule: Any = None
     skipped: int = 0
@@ -220,7 +221,7 @@ def start_adapters(c: CheckedAdapters) -> tuple[Job, list[Adapter], Shared]:
         tag = first_checkpoint_and_memory(c.cfg, c.resume_from, job)
         _build(c, job)
         job.lock = _write_headers(c, job)
-        shared = Shared(schedule=Schedule(c.cfg.training.lr_schedule, c.cfg.training.warmup_steps, job.total_steps))
+        shared = Shared(c.shared, schedule=Schedule(c.cfg.training.lr_schedule, c.cfg.training.warmup_steps, job.total_steps))
         job.engine, job.scheduler = _initialize(c, job, shared)
         resume(job, c.cfg.output_dir, tag)
         return job, c.adapters, shared

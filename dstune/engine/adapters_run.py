@@ -17,56 +17,45 @@ import torch
 from dstune.data.batching import to_device
 from dstune.engine import checkpoint as ckpt
 from dstune.engine.adapters import Adapter, Shared
-from dstune.engine.best import Best
-from dstune.engine.distributed import gather_objects, mean_over_ranks
+from dstune.engine.distributed import mean_over_ranks
 from dstune.engine.evaluate import evaluate, results_table
-from dstune.engine.train_run import (MAX_SKIPPED_IN_A_ROW, Job, engine_bytes, held_out_id, interrupted_at,
-                                     results_columns, seed_step, share_of_global, write_memory)
+from dstune.engine.held_out import HeldOut, results_columns
+from dstune.engine.train_run import (MAX_SKIPPED_IN_A_ROW, Job, engine_bytes, interrupted_at, seed_step,
+                                     share_of_global, write_memory)
 from dstune.errors import UserError, signal_number
 from dstune.methods.base import base_model_only
 from dstune.methods.routing import draws_dropout, rng_state, route, route_rows, row_local, set_rng_state
 from dstune.rundir import pointer
 from dstune.rundir.trainable import BEST, TRAINABLE, save_safetensors
 from dstune.tasks import get_task
-from dstune.telemetry.trackers import RunLog
 
 
 class AdapterRun:
-    """One adapter's side of the loop: its targets counter, log, results, best state and whether it is done."""
+    """One adapter's side of the loop: its targets counter, log, held-out scores and results, best state and
+    whether it is done."""
 
-    def __init__(self, adapter: Adapter, job: Job):
+    def __init__(self, adapter: Adapter, job: Job, loop: "AdaptersRun"):
         self.a, self.job = adapter, job
         self.task = get_task(adapter.cfg.task)
-        self.log = RunLog(adapter.run_dir, adapter.cfg, job.dist.is_main, job.step)
-        self.results = self._earlier_results()
-        self.stopped = self.results.get("stopped_early")  # the step its early stopping ended it at
+        self.methods = loop.shared.methods + adapter.methods  # what its own run applies
+        self.held = HeldOut(adapter.cfg, adapter.data, job.dist, job.step, lambda: loop.evaluate(self),
+                            lambda step: loop.save_trainable(self, BEST, {"step": step}))
+        self.log = self.held.log
+        self.stopped = self.held.earlier.get("stopped_early")  # the step its early stopping ended it at
         self.bad_in_a_row = 0
         self.lr, self.tokens = 0.0, 0.0
-        self.skipped = self.results.get("skipped_steps", 0)  # steps whose update it skipped (nan_policy skip)
+        self.skipped = self.held.earlier.get("skipped_steps", 0)  # steps whose update it skipped (nan_policy skip)
         self.skipped_now = False
-        self.last_eval: tuple[int, dict] | None = None
-        first = any(m.first_label_is_target for m in adapter.methods)
+        first = any(m.first_label_is_target for m in self.methods)
         labeled = all(s.labeled for s in adapter.cfg.data.sources())
         self.count_targets = None if not self.task.generative and labeled else \
             (lambda rows: self.task.target_tokens(rows, first_label_is_target=first))
-        ev = adapter.cfg.evaluation
-        watch = ev.watched() if adapter.data.eval is not None else None
-        self.best = Best.resumed(watch, ev.early_stopping is not None, self.results) if watch else None
-
-    def _earlier_results(self) -> dict:
-        path = self.a.run_dir / "results.json"
-        mine = json.loads(path.read_text()) if self.job.dist.is_main and self.job.step and path.exists() else {}
-        return gather_objects(mine)[0]
 
     def last_step(self) -> int:
         return self.stopped or self.a.total_steps
 
     def trains_at(self, step: int) -> bool:
         return step < self.last_step()
-
-    def write_results(self) -> None:
-        if self.job.dist.is_main:
-            (self.a.run_dir / "results.json").write_text(json.dumps(self.results, indent=1))
 
 
 class AdaptersRun:
@@ -76,8 +65,8 @@ class AdaptersRun:
         self.job, self.cfg, self.engine = job, job.cfg, job.engine
         self.run_dir = Path(job.cfg.output_dir)
         self.step = job.step
-        self.runs = [AdapterRun(a, job) for a in adapters]
         self.shared, self.shared_t = shared, training  # the shared methods' parameters; the job's clip, nan_policy
+        self.runs = [AdapterRun(a, job, self) for a in adapters]
         self.dropout = draws_dropout(job.engine.module)
 
     def run(self) -> dict:
@@ -274,7 +263,7 @@ class AdaptersRun:
     def after_step(self, r: AdapterRun, loss: float) -> None:
         """The adapter's metric line, evaluation every N steps (best state, early stopping), and its end."""
         ev, t = r.a.cfg.evaluation, r.a.cfg.training
-        r.results["skipped_steps"] = r.skipped
+        r.held.results["skipped_steps"] = r.skipped
         if r.skipped_now:  # strict JSON: a loss that is not finite is left out
             r.log.write(self.step, "train", {"skipped": True, **({"loss": loss} if math.isfinite(loss) else {})})
         elif self.step % t.log_every == 0 or self.step == r.last_step():
@@ -282,13 +271,12 @@ class AdaptersRun:
             r.log.write(self.step, "train", {"loss": loss, "lr": r.lr, "step_s": self.seconds, "tokens": r.tokens,
                                              "tokens_per_s": r.tokens / self.seconds})
         if ev.every and self.step % ev.every == 0 and r.a.data.eval is not None and self.step < r.last_step():
-            self.evaluate_now(r)
-            if r.best is not None and r.best.exhausted():
-                r.stopped = r.results["stopped_early"] = self.step
+            r.held.now(self.step)
+            if (best := r.held.best) is not None and best.exhausted():
+                r.stopped = r.held.results["stopped_early"] = self.step
                 if self.job.dist.is_main:
                     print(f"[dstune] {r.a.name}: early stopping at step {self.step} of {r.a.total_steps}: "
-                          f"{r.best.watch.metric} has not improved on step {r.best.step}'s {r.best.value:.4g}",
-                          flush=True)
+                          f"{best.watch.metric} has not improved on step {best.step}'s {best.value:.4g}", flush=True)
         if self.step == r.last_step():
             self.end(r)
 
@@ -296,35 +284,13 @@ class AdaptersRun:
         with route(self.engine.module, r.a.name):
             return evaluate(self.engine, r.a.data, r.a.cfg, self.job.tokenizer, self.job.dist)
 
-    def evaluate_now(self, r: AdapterRun) -> dict[str, float]:
-        scores = self.evaluate(r)
-        r.log.write(self.step, "eval", scores)
-        r.last_eval = (self.step, scores)
-        if r.best is not None:
-            if r.best.improved(self.step, scores):
-                self.save_trainable(r, BEST, {"step": self.step})
-            r.results["best"] = r.best.as_dict()
-        r.write_results()
-        return scores
-
     def evaluate_before(self, r: AdapterRun) -> None:
-        if r.a.data.eval is None or self.step != 0:
-            return
-        r.results["held_out"] = held_out_id(r.a.data.eval)
-        if any(m.changes_output_at_init for m in r.a.methods):
-            with base_model_only(self.engine.module):
-                r.results["base"] = self.evaluate(r)
-        r.results["before"] = self.evaluate(r)
-        r.log.write(0, "eval", r.results["before"])
-        r.write_results()
+        r.held.before(self.step, any(m.changes_output_at_init for m in r.methods),
+                      lambda: base_model_only(self.engine.module))
 
     def end(self, r: AdapterRun) -> None:
         """The adapter's last step: evaluate, write its results and its trainable weights; hold it from now on."""
-        if r.a.data.eval is not None:
-            done = r.last_eval
-            r.results["after"] = done[1] if done and done[0] == self.step else self.evaluate_now(r)
-        r.results["steps"] = self.step
-        r.write_results()
+        r.held.after(self.step)
         if r.a.cfg.training.save_final:
             self.save_trainable(r, TRAINABLE, {})
         self.hold(r)
@@ -340,11 +306,11 @@ class AdaptersRun:
 
     def finish(self) -> dict:
         """Each adapter's results table and the job's results.json."""
-        summary = {"steps": self.step, "adapters": {r.a.name: r.results for r in self.runs}}
+        summary = {"steps": self.step, "adapters": {r.a.name: r.held.results for r in self.runs}}
         if self.job.dist.is_main:
             for r in self.runs:
-                if "after" in r.results:
-                    print(f"[dstune] {r.a.name} ({r.a.run_dir}):\n{results_table(results_columns(r.results))}",
+                if "after" in r.held.results:
+                    print(f"[dstune] {r.a.name} ({r.a.run_dir}):\n{results_table(results_columns(r.held.results))}",
                           flush=True)
             (self.run_dir / "results.json").write_text(json.dumps(summary, indent=1))
             print(f"[dstune] run dirs: {self.run_dir / 'adapters'}/{{{','.join(r.a.name for r in self.runs)}}}",

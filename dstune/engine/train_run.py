@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
@@ -20,7 +19,8 @@ from dstune.config import RunConfig
 from dstune.data.batching import StepBatches, to_device
 from dstune.engine import checkpoint as ckpt
 from dstune.engine.best import Best
-from dstune.engine.distributed import Dist, gather_objects, mean_over_ranks, shutdown
+from dstune.engine.held_out import HeldOut, results_columns
+from dstune.engine.distributed import Dist, mean_over_ranks, shutdown
 from dstune.engine.evaluate import evaluate, results_table
 from dstune.errors import Interrupted, UserError, signal_number
 from dstune.methods.base import base_model_only
@@ -30,9 +30,7 @@ from dstune.rundir.trainable import BEST, TRAINABLE
 from dstune.tasks import get_task
 from dstune.telemetry.phases import NoMemory
 from dstune.telemetry.step_profile import StepProfile
-from dstune.telemetry.trackers import RunLog
 
-COLUMNS = {"base": "base model", "before": "before", "after": "after"}  # results.json key → table column
 MAX_SKIPPED_IN_A_ROW = 8  # with nan_policy=skip: more means the weights are broken, not a batch or two
 
 
@@ -103,12 +101,19 @@ class TrainRun:
         self.run_dir = Path(job.cfg.output_dir)
         self.task = get_task(job.cfg.task)
         self.step = job.step
-        self.results: dict = {}
         self.bad_in_a_row = 0
-        self.log = RunLog(self.run_dir, job.cfg, job.dist.is_main, job.step)
         self.count_targets = self._target_counter()
-        self.last_eval: tuple[int, dict] | None = None  # (step, scores) of the newest evaluation
-        self.best = self._best_so_far()
+        self.held = HeldOut(job.cfg, job.data, job.dist, job.step, self.evaluate, self._save_best)
+        self.log = self.held.log
+
+    @property
+    def results(self) -> dict:
+        """results.json as this process knows it (engine/held_out.py)."""
+        return self.held.results
+
+    @property
+    def best(self) -> Best | None:
+        return self.held.best
 
     def run(self) -> dict:
         """Train to the last step; the results (results.json) with the before/after evaluations."""
@@ -266,18 +271,11 @@ class TrainRun:
         return evaluate(self.engine, job.data, self.cfg, job.tokenizer, job.dist, objective=job.objective)
 
     def evaluate_now(self) -> dict[str, float]:
-        """The held-out metrics at this step, logged; with keep_best, the trainable state kept when they are
-        the best yet (every rank takes part)."""
-        scores = self.evaluate()
-        self.log.write(self.step, "eval", scores)
-        self.last_eval = (self.step, scores)
-        if self.best is not None:
-            if self.best.improved(self.step, scores):
-                ckpt.save_trainable(self.engine.module, self.run_dir / BEST, self.job.dist.is_main,
-                                    {**self._trainable_meta(), "step": self.step})
-            self.results["best"] = self.best.as_dict()
-            self.results = write_results(self.job, self.results)
-        return scores
+        return self.held.now(self.step)
+
+    def _save_best(self, step: int) -> None:
+        ckpt.save_trainable(self.engine.module, self.run_dir / BEST, self.job.dist.is_main,
+                            {**self._trainable_meta(), "step": step})
 
     def stop_early(self) -> None:
         """End training here: early stopping's patience is used up."""
@@ -289,44 +287,11 @@ class TrainRun:
                   f"{watch.patience})", flush=True)
 
     def evaluate_before(self) -> None:
-        """At step 0: the held-out metrics before training, and of the untouched base when the methods change
-        the model before any step (prompt tuning, an ungated prefix)."""
-        if self.job.data.eval is None:
-            return
-        held_out = held_out_id(self.job.data.eval)
-        if self.step != 0:
-            self.keep_or_restart_table(held_out)
-            return
-        self.results["held_out"] = held_out
-        if any(m.changes_output_at_init for m in self.job.methods):
-            with base_model_only(self.engine.module):
-                self.results["base"] = self.evaluate()
-        self.results["before"] = self.evaluate()
-        self.log.write(0, "eval", self.results["before"])
-        self.results = write_results(self.job, self.results)
-
-    def keep_or_restart_table(self, held_out: dict) -> None:
-        """A continued run scores 'after' on the rows its 'before' was scored on. When the held-out set changed
-        since (another evaluation.max_samples or data.eval), the results table starts anew: the earlier
-        columns are dropped and one line says so, so no table compares two sets of rows."""
-        path = self.run_dir / "results.json"
-        if not self.job.dist.is_main or not path.exists():
-            return
-        earlier = json.loads(path.read_text())
-        if earlier.get("held_out", held_out) == held_out:
-            return
-        print(f"[dstune] the held-out rows differ from those this run was first scored on "
-              f"({earlier['held_out']['rows']:,} rows then, {held_out['rows']:,} now): its results table starts "
-              f"anew at step {self.step}, without the earlier columns", flush=True)
-        kept = {k: v for k, v in earlier.items() if k not in COLUMNS}
-        path.write_text(json.dumps({**kept, "held_out": held_out}, indent=1))
+        self.held.before(self.step, any(m.changes_output_at_init for m in self.job.methods),
+                         lambda: base_model_only(self.engine.module))
 
     def evaluate_after(self) -> None:
-        if self.job.data.eval is not None:  # the evaluation of this very step when there was one (early stopping)
-            done = self.last_eval is not None and self.last_eval[0] == self.step
-            self.results["after"] = self.last_eval[1] if done else self.evaluate_now()
-        self.results["steps"] = self.step
-        self.results = write_results(self.job, self.results)
+        self.held.after(self.step)
 
     def save(self) -> None:
         """A DeepSpeed checkpoint of what trains, every rank; the pointer moves once all have written."""
@@ -350,15 +315,6 @@ class TrainRun:
 
     def _trainable_meta(self) -> dict:
         return {"task": self.cfg.task, "methods": ",".join(m["name"] for m in self.cfg.methods)}
-
-    def _best_so_far(self) -> Best | None:
-        """With keep_best: the best score so far (an earlier start's, read by rank 0, on a resume)."""
-        ev = self.cfg.evaluation
-        if (watch := ev.watched()) is None or self.job.data.eval is None:
-            return None
-        path = self.run_dir / "results.json"
-        mine = json.loads(path.read_text()) if self.job.dist.is_main and self.step and path.exists() else {}
-        return Best.resumed(watch, ev.early_stopping is not None, gather_objects(mine)[0])
 
     def due(self, every: int) -> bool:
         """Whether an every-N-steps action (N > 0) falls on this step."""
@@ -453,29 +409,3 @@ def write_memory(job: Job, key: str, mine: dict) -> None:
         path = Path(job.cfg.output_dir) / "memory.json"
         current = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({**current, key: ranks}, indent=1))
-
-
-def results_columns(results: dict) -> dict[str, dict]:
-    """results.json as the results table's columns: base model, before, after, and the best step's."""
-    columns = {COLUMNS[k]: results[k] for k in COLUMNS if k in results}
-    if best := results.get("best"):
-        columns[f"best (step {best['step']})"] = best["scores"]
-    return columns
-
-
-def held_out_id(ds) -> dict:
-    """Which rows a held-out set holds: their number and a digest of their tokens and targets."""
-    digest = hashlib.sha256()
-    for batch in ds.select_columns([c for c in ("input_ids", "labels") if c in ds.column_names]).iter(1024):
-        digest.update(json.dumps(batch).encode())
-    return {"rows": len(ds), "sha256": digest.hexdigest()[:16]}
-
-
-def write_results(job: Job, results: dict) -> dict:
-    """Merge into results.json (rank 0), so a resumed run keeps the 'before' score of its first start."""
-    if not job.dist.is_main:
-        return results
-    path = Path(job.cfg.output_dir) / "results.json"
-    merged = {**(json.loads(path.read_text()) if path.exists() else {}), **results}
-    path.write_text(json.dumps(merged, indent=1))
-    return merged

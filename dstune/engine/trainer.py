@@ -29,7 +29,8 @@ from dstune.engine.distributed import barrier, init_distributed, launcher_env, s
 from dstune.engine.ds_config import build_ds_config, zero_stage
 from dstune.engine.precision import on_cuda, resolve, slow_warning, unsupported
 from dstune.engine.evaluate import results_table
-from dstune.engine.train_run import Job, TrainRun, results_columns
+from dstune.engine.held_out import results_columns
+from dstune.engine.train_run import Job, TrainRun
 from dstune.errors import Interrupted, UserError, signal_number
 from dstune.methods import apply_methods, build_methods, count_trainable, param_groups
 from dstune.models.loading import (base_fingerprint, check_buildable, check_positions, compile_layers, load_model,
