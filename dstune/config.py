@@ -568,6 +568,9 @@ class RunConfig(_Section):
                              "under methods")
         if self.shared_methods == []:
             raise ValueError("shared_methods: list at least one method (or leave the key out)")
+        if self.shared_methods and self.methods != [{"name": "full"}]:  # the default: a dumped job's config.yaml
+            raise ValueError("methods: unused with shared_methods (each adapter lists its own methods, none by "
+                             "default); move them into shared_methods or into the adapters")
         return self
 
     def own_methods(self, adapter: AdapterConfig) -> list[dict[str, Any]]:
@@ -668,6 +671,48 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return tree
 
 
+_ITEM = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\[([A-Za-z0-9_-]+)\]$")  # methods[0], adapters[topic]
+
+
+def apply_overrides(raw: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """The recipe with `key=value` overrides applied: dotted keys merge into sections (parse_overrides); a key
+    with a list item in it, `methods[0].r=16` or `adapters[topic].training.lr=1e-4` (an adapter by its index
+    or its name), sets that item's key."""
+    plain = [i for i in items if "[" not in i.partition("=")[0]]
+    raw = merge(raw, parse_overrides(plain))
+    for item in items:
+        if item in plain:
+            continue
+        key, _, text = item.partition("=")
+        value = parse_overrides([f"v={text}"])["v"]
+        node: Any = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            m = _ITEM.match(part)
+            name, index = (m.group(1), m.group(2)) if m else (part, None)
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r}: {'.'.join(parts[:i])} is not a section")
+            if index is None:
+                if i == len(parts) - 1:
+                    node[name] = value
+                else:
+                    node = node.setdefault(name, {})
+                continue
+            node = node.get(name)
+            if not isinstance(node, list):
+                raise UserError(f"override {item!r}: the recipe has no list {name}")
+            names = [x.get("name") if isinstance(x, dict) else None for x in node]
+            at = int(index) if index.isdigit() else names.index(index) if index in names else None
+            if at is None or at >= len(node):
+                raise UserError(f"override {item!r}: {name} has no item {index!r} (it holds "
+                                f"{', '.join(str(n) for n in names) or 'none'})")
+            if i == len(parts) - 1:
+                node[at] = value
+            else:
+                node = node[at]
+    return raw
+
+
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
@@ -763,7 +808,7 @@ def load_config(recipe: str | os.PathLike, overrides: list[str] | None = None) -
         raise UserError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a mapping of sections (task, model, data, ...)")
-    raw = merge(raw, parse_overrides(overrides or []))
+    raw = apply_overrides(raw, overrides or [])
     given = {tuple(item.partition("=")[0].split(".")): item for item in overrides or []}
     try:
         cfg = RunConfig.model_validate(raw)

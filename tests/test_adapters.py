@@ -139,6 +139,7 @@ def test_bad_adapters_are_refused_in_one_line(ws, tmp_path, adapters, pattern):
     ({"shared_methods": []}, r"shared_methods: list at least one method"),
     ({"shared_methods": [{"name": "full"}]}, r"shared_methods: full changes the base's own weights"),
     ({"shared_methods": [{"name": "lora", "rr": 2}]}, r"shared_methods\[0\] \(lora\)\.rr: unknown option"),
+    ({"shared_methods": [{"name": "lora"}], "methods": [{"name": "ia3"}]}, r"methods: unused with shared_methods"),
     ({"shared_methods": [{"name": "lora"}], "adapters": [{"name": "a", "methods": [{"name": "lora", "r": 2}]}]},
      r"adapters\[0\] \(a\)\.methods: lora is one of the shared_methods already"),
 ])
@@ -362,7 +363,13 @@ def test_adapters_of_different_tasks_each_train_as_a_run_of_their_own(ws, tmp_pa
     assert "accuracy" in res.stdout
     if model == "gpt2":
         res = ok(run_cli(["estimate", str(recipe)]))
-        assert "5 adapters" in res.stdout
+        assert "5 adapters" in res.stdout and "rule of thumb" not in res.stdout + res.stderr
+        res = ok(run_cli(["train", str(recipe)]))  # a rerun: nothing to do, every adapter's results kept
+        assert "already holds this job" in res.stdout
+        summary = json.loads((out / "results.json").read_text())["adapters"]
+        assert "after" in summary["sentiment"] and all(
+            summary[a["name"]] == json.loads((out / "adapters" / a["name"] / "results.json").read_text())
+            for a in adapters)
         student = tmp_path / "solo-sentiment-ia3"  # a run dir of the job teaches another run
         res = ok(run_cli(["train", str(student / "config.yaml"), f"output_dir={tmp_path / 'student'}",
                           f"distill.teacher={out / 'adapters' / 'sentiment'}"]))
@@ -446,3 +453,17 @@ def test_classifiers_of_different_classes_over_one_classifier_base(ws, tmp_path)
     for spec in adapters:
         run_dir = out / "adapters" / spec["name"]
         assert_same_run(run_dir, solo(run_dir, tmp_path))
+
+
+def test_overrides_reach_list_items_by_index_or_adapter_name(ws, tmp_path):
+    from dstune.config import load_config
+    from dstune.errors import UserError
+
+    path, _ = write(tmp_path, ws, shared_methods=[{"name": "lora"}],
+                    adapters=[{"name": "a"}, {"name": "b", "methods": [{"name": "ia3"}], "training": {"lr": 1e-3}}])
+    cfg = load_config(path, ["adapters[b].training.lr=0.05", "shared_methods[0].r=16", "adapters[0].data.max_length=16",
+                             "adapters[b].methods[0].target_modules=[query]"])
+    assert cfg.adapters[1].training == {"lr": 0.05} and cfg.shared_methods == [{"name": "lora", "r": 16}]
+    assert cfg.adapters[0].data == {"max_length": 16} and cfg.adapters[1].methods[0]["target_modules"] == ["query"]
+    with pytest.raises(UserError, match=r"adapters has no item 'c' \(it holds a, b\)"):
+        load_config(path, ["adapters[c].training.lr=1"])

@@ -19,6 +19,10 @@ RUNS = {  # name: (family, task, data, methods)
     "lora_bert_cls": ("bert", "classification", "cls_train.jsonl", [{"name": "lora", "r": 4}]),
     "ia3_gpt2": ("gpt2", "causal_lm", "lm.jsonl", [{"name": "ia3"}]),
     "adapter_gpt2": ("gpt2", "causal_lm", "lm.jsonl", [{"name": "adapter", "bottleneck": 8}]),
+    # two methods on one layer: merged as their hooks compose (IA3 scales LoRA's output; or, listed first, not)
+    "lora_ia3_gpt2": ("gpt2", "causal_lm", "lm.jsonl", [{"name": "lora", "r": 4}, {"name": "ia3"}]),
+    "ia3_lora_llama": ("llama", "causal_lm", "lm.jsonl", [{"name": "ia3"},
+                                                          {"name": "lora", "r": 4, "target_modules": "all-linear"}]),
     "full_gpt2": ("gpt2", "causal_lm", "lm.jsonl", [{"name": "full"}]),
     "prompt_gpt2": ("gpt2", "causal_lm", "lm.jsonl", [{"name": "prompt", "num_virtual_tokens": 4}]),
     "prompt_bert_cls": ("bert", "classification", "cls_train.jsonl",
@@ -100,7 +104,7 @@ def test_peft_export_loads_in_peft_with_same_logits(ws, trained, tmp_path, name)
             - logits(mine, task)).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("name", ["lora_llama_all", "ia3_gpt2", "dora_rslora_gpt2"])
+@pytest.mark.parametrize("name", ["lora_llama_all", "ia3_gpt2", "dora_rslora_gpt2", "lora_ia3_gpt2", "ia3_lora_llama"])
 def test_merged_export_is_a_plain_model_with_same_logits(ws, trained, tmp_path, name):
     family, task = RUNS[name][:2]
     run_dir = trained(name)

@@ -342,7 +342,8 @@ def _write_headers(c: CheckedAdapters, job: Job) -> int | None:
              "base_fingerprint": c.base, "world_size": dist_.world, "zero_stage": job.stage,
              "trained_in": str(run_dir), "planned_steps": a.total_steps}, indent=1))
         keep_augmented(a.entry, a.run_dir)
-        names = ", ".join(m.label for m in a.methods) or "its head"
+        names = ", ".join(m.label for m in a.methods) or ("its head" if a.cfg.task == "classification" else
+                                                          "the shared methods only")
         print(f"[dstune] {a.name} ({a.cfg.task}): {names}: {own:,} parameters train; {a.total_steps} steps of "
               f"{a.batches.global_batch} examples, lr {a.cfg.training.lr:g}; data: {summary(a.data, a.entry)}",
               flush=True)

@@ -80,6 +80,10 @@ class AdaptersRun:
                 self.evaluate_before(r)
                 if not r.trains_at(self.step):  # a resumed job: it finished before
                     self.hold(r)
+            if not any(r.trains_at(self.step) for r in self.runs) and job.dist.is_main:
+                print(f"[dstune] {self.run_dir} already holds this job, every adapter trained to its last step: "
+                      "nothing to do (train longer with a larger training.max_steps, or start over with "
+                      "training.resume=false)", flush=True)
             self.engine.train()
             self.bar = tqdm(total=job.total_steps, initial=self.step, disable=not job.dist.is_main, desc="train",
                             dynamic_ncols=True)

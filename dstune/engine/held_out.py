@@ -29,7 +29,7 @@ class HeldOut:
         self.score, self.save_best = score, save_best
         self.log = RunLog(self.run_dir, cfg, dist.is_main, step)  # the run's metric log (its loop logs there too)
         self.earlier = self._earlier(step)
-        self.results: dict = {}
+        self.results: dict = dict(self.earlier)  # an earlier start's scores stay (a finished adapter's, 'before')
         self.last_eval: tuple[int, dict] | None = None  # (step, scores) of the newest evaluation
         ev = cfg.evaluation
         watch = ev.watched() if data.eval is not None else None
@@ -80,6 +80,7 @@ class HeldOut:
               f"({earlier['held_out']['rows']:,} rows then, {held_out['rows']:,} now): its results table starts "
               f"anew at step {step}, without the earlier columns", flush=True)
         kept = {k: v for k, v in earlier.items() if k not in COLUMNS}
+        self.results = {**{k: v for k, v in self.results.items() if k not in COLUMNS}, "held_out": held_out}
         path.write_text(json.dumps({**kept, "held_out": held_out}, indent=1))
 
     def now(self, step: int) -> dict[str, float]:

@@ -44,10 +44,15 @@ def _hidden(config) -> int:
     return getattr(text, "hidden_size", None) or getattr(text, "n_embd")
 
 
-def draw_head(in_features: int, labels: int, bias: bool, std: float) -> nn.Linear:
-    """A new head, drawn from the global random state as transformers initializes one the checkpoint lacks
-    (weights normal with the config's initializer_range, bias zero)."""
-    head = torch.nn.utils.skip_init(nn.Linear, in_features, labels, bias=bias)  # draws nothing before
+def draw_head(in_features: int, labels: int, bias: bool, std: float, like: torch.Tensor) -> nn.Linear:
+    """A new head, drawn from the global (CPU) random state as transformers initializes one the checkpoint
+    lacks (weights normal with the config's initializer_range, bias zero); shapes only beside a meta or fake
+    `like` (the estimate's model)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if like.is_meta or is_fake(like):
+        return nn.Linear(in_features, labels, bias=bias, device=like.device)
+    head = torch.nn.utils.skip_init(nn.Linear, in_features, labels, bias=bias)  # draws nothing before its weights
     with torch.no_grad():
         head.weight.normal_(0.0, std)
         if bias:
@@ -65,12 +70,12 @@ def head_for(model: nn.Module, model_task: str, labels: int) -> NewHead | None:
     head of another label count: one like it. None: the model's head serves (or is not one Linear layer)."""
     std = getattr(model.config, "initializer_range", 0.02)
     if model_task != "classification":
-        hidden = _hidden(model.config)
-        return (lambda: draw_head(hidden, labels, False, std)), model.get_output_embeddings(), DECODER_HEAD
+        hidden, out = _hidden(model.config), model.get_output_embeddings()
+        return (lambda: draw_head(hidden, labels, False, std, out.weight)), out, DECODER_HEAD
     if (own := class_head(model)) is None:
         return None
     _, layer = own
     shape = getattr(layer.weight, "ds_shape", layer.weight.shape)
     if shape[0] == labels:
         return None
-    return (lambda: draw_head(shape[1], labels, layer.bias is not None, std)), layer, None
+    return (lambda: draw_head(shape[1], labels, layer.bias is not None, std, layer.weight)), layer, None

@@ -52,8 +52,7 @@ def export(run_dir: str, out: str, fmt: str, checkpoint: str | None = None) -> P
         keys = plain.state_dict()
         state = {k: v for k, v in model.state_dict().items() if k in keys and v.shape == keys[k].shape}
         state.update(quantize.dequantized_state(model))
-        for m in methods:
-            state.update(m.merged_state(model))
+        state.update(merged_layers(model, methods))
         plain.load_state_dict(state, strict=True)
         if mode:
             print(f"merged into the dequantized {mode} base: max |Δ logit| against the quantized run "
@@ -69,6 +68,39 @@ def export(run_dir: str, out: str, fmt: str, checkpoint: str | None = None) -> P
     if mode:
         print(_full_precision_note(run_dir, cfg, model, mode, fmt, checkpoint))
     return path
+
+
+def merged_layers(model: torch.nn.Module, methods: list) -> dict[str, torch.Tensor]:
+    """Each changed base tensor with what trained folded in: a layer one method changes as that method merges
+    it; a layer several change (LoRA and IA3 on one projection) as their hooks compose in the forward,
+    read off the layer itself: its output for no input is the bias, for each unit input a column."""
+    parts = [m.merged_state(model) for m in methods]
+    names = [n for part in parts for n in part]
+    out = {n: t for part in parts for n, t in part.items() if names.count(n) == 1}
+    for layer in {n.rsplit(".", 1)[0] for n in names if names.count(n) > 1}:
+        out.update(_composed(layer, model.get_submodule(layer)))
+    return out
+
+
+def _composed(name: str, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{name.weight, name.bias}: the affine map the layer computes now, with every hook on it (a Linear's
+    weight [out, in], GPT-2's Conv1D's [in, out])."""
+    linear = isinstance(layer, torch.nn.Linear)
+    w = quantize.dequantized(layer)
+    n_in = w.shape[1] if linear else w.shape[0]
+    was = layer.training
+    layer.eval()
+    with torch.no_grad():
+        probe = torch.cat([torch.zeros(1, n_in), torch.eye(n_in)]).to(w.device, w.dtype)
+        y = layer(probe)
+    layer.train(was)
+    bias, columns = y[0], (y[1:] - y[0]).T  # [out], [out, in]
+    out = {f"{name}.weight": columns if linear else columns.T}
+    if layer.bias is not None:
+        out[f"{name}.bias"] = bias
+    elif bias.abs().max() > 0:
+        raise UserError(f"--format merged: {name} computes a bias it has no parameter for")
+    return out
 
 
 def _plain_base(cfg, tokenizer, labels, model, mode: str | None):
