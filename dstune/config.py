@@ -556,8 +556,8 @@ class RunConfig(_Section):
             raise ValueError(f"adapters: tasks {', '.join(sorted(tasks))} in one job; adapters of different tasks "
                              "are classification and causal_lm over one decoder-only base")
         if len(tasks) > 1 and self.task != "causal_lm":
-            raise ValueError("task: causal_lm for a job whose adapters learn different tasks (the base's task; each "
-                             "classifier sets task: classification)")
+            raise ValueError(f"task: {self.task}, but adapters of different tasks share a causal LM's base: set "
+                             "task: causal_lm (each classifier sets task: classification)")
         self.adapter_runs()  # each adapter's own recipe must be valid
         return self
 

@@ -125,8 +125,10 @@ def test_classification_adapters_each_train_their_own_head(ws, built_ops, tmp_pa
     ([{"name": "a", "methods": [{"name": "adapter", "train_norms": True}]}],
      r"adapter changes the base's own weights with these options"),
     ([{"name": "a", "data": {"train": "/nonexistent.jsonl"}}], r"adapters\[0\] \(a\): data.train: .*not found"),
-    ([{"name": "a", "task": "seq2seq"}, {"name": "b"}], r"adapters: tasks classification, seq2seq in one job; adapters of different"),
-    ([{"name": "a", "task": "causal_lm"}, {"name": "b"}], r"task: causal_lm for a job whose adapters learn different"),
+    ([{"name": "a", "task": "seq2seq"}, {"name": "b"}],
+     r"adapters: tasks classification, seq2seq in one job; adapters of different"),
+    ([{"name": "a", "task": "causal_lm"}, {"name": "b"}],
+     r"task: classification, but adapters of different tasks share a causal LM's base: set task: causal_lm"),
     ([{"name": "a", "methods": []}], r"adapters\[0\] \(a\)\.methods: list at least one tuning method \(or give"),
 ])
 def test_bad_adapters_are_refused_in_one_line(ws, tmp_path, adapters, pattern):
