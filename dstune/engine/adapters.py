@@ -55,7 +55,6 @@ class Adapter:
     schedule: Any = None               # its Schedule (the LR multiplier of its param groups)
     names: dict[str, str] = field(default_factory=dict)  # its parameters: job model name -> its own run's name
     params: list = field(default_factory=list)
-    shared: list[str] = field(default_factory=list)      # the shared methods' parameters (its own run's names too)
 
     @property
     def run_dir(self) -> Path:
@@ -67,6 +66,7 @@ class Shared:
     """The shared methods' parameters (shared_methods): one param group set trained on every adapter's rows,
     with the job's lr, schedule over the job's steps, gradient clipping and nan_policy."""
     methods: list = field(default_factory=list)
+    names: list[str] = field(default_factory=list)       # their parameters' names (its own run's too)
     params: list = field(default_factory=list)
     schedule: Any = None
     skipped: int = 0
@@ -219,9 +219,9 @@ def start_adapters(c: CheckedAdapters) -> tuple[Job, list[Adapter], Shared]:
               tokenizer=c.tokenizer, data=None)
     try:
         tag = first_checkpoint_and_memory(c.cfg, c.resume_from, job)
-        _build(c, job)
-        job.lock = _write_headers(c, job)
-        shared = Shared(c.shared, schedule=Schedule(c.cfg.training.lr_schedule, c.cfg.training.warmup_steps, job.total_steps))
+        shared = Shared(c.shared)
+        _build(c, job, shared)
+        job.lock = _write_headers(c, job, shared)
         job.engine, job.scheduler = _initialize(c, job, shared)
         resume(job, c.cfg.output_dir, tag)
         return job, c.adapters, shared
@@ -230,7 +230,7 @@ def start_adapters(c: CheckedAdapters) -> tuple[Job, list[Adapter], Shared]:
         raise
 
 
-def _build(c: CheckedAdapters, job: Job) -> None:
+def _build(c: CheckedAdapters, job: Job, shared: Shared) -> None:
     """The DeepSpeed config, every adapter's batches and the model with every adapter applied."""
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -255,11 +255,11 @@ def _build(c: CheckedAdapters, job: Job) -> None:
     specs = {a.name: AdapterSpec(a.methods, a.cfg.task, a.data.labels, a.data.leading_inputs) for a in c.adapters}
     apply_adapter_methods(job.model, specs, c.shared, c.model_cfg.task, t.seed, c.tokenizer)
     named = dict(job.model.named_parameters())
-    shared = [n for n, p in named.items() if p.requires_grad and SLOTS not in n.split(".")]
+    shared.names = [n for n, p in named.items() if p.requires_grad and SLOTS not in n.split(".")]
+    shared.schedule = Schedule(t.lr_schedule, t.warmup_steps, job.total_steps)  # over the job's steps
     for a in c.adapters:
         a.names = adapter_state_names(job.model, a.name)
         a.params = [named[n] for n in a.names]
-        a.shared = shared
     prepare_for_training(job.model, c.engine_cfg)
 
 
@@ -272,8 +272,7 @@ def _initialize(c: CheckedAdapters, job: Job, shared: Shared):
     groups, schedules = [], []
     owners = [(a.name, a.cfg.training, a.methods, a.names.__contains__, a.schedule) for a in c.adapters]
     if c.shared:
-        mine = set(c.adapters[0].shared)
-        owners.insert(0, ("", c.cfg.training, c.shared, mine.__contains__, shared.schedule))
+        owners.insert(0, ("", c.cfg.training, c.shared, set(shared.names).__contains__, shared.schedule))
     for name, t, methods, only, schedule in owners:
         for g in param_groups(job.model, methods, t.lr, t.weight_decay, only=only):
             groups.append({**{k: v for k, v in g.items() if k != "names"}, "betas": tuple(t.betas), "eps": t.eps,
@@ -308,7 +307,7 @@ def _hold_back_groups(optimizer):
     return optimizer
 
 
-def _write_headers(c: CheckedAdapters, job: Job) -> int | None:
+def _write_headers(c: CheckedAdapters, job: Job, shared: Shared) -> int | None:
     """Lock the job's run dir (rank 0) and write its config.yaml, and each adapter's run dir header as a run
     of its own writes it (config.yaml, tokenizer, run.json); then the start-up lines."""
     run_dir, dist_ = Path(c.cfg.output_dir), job.dist
@@ -325,9 +324,9 @@ def _write_headers(c: CheckedAdapters, job: Job) -> int | None:
     print(f"[dstune] {len(c.adapters)} adapters over one base ({job.base_params:,} parameters); {dist_.world} "
           f"rank(s), ZeRO-{job.stage}, {c.precision_note}, {job.total_steps} steps", flush=True)
     named = dict(job.model.named_parameters())
-    shared = sum(_numel(named[n]) for n in c.adapters[0].shared)
+    n_shared = sum(_numel(named[n]) for n in shared.names)
     if c.shared:
-        print(f"[dstune] shared: {', '.join(m.label for m in c.shared)}: {shared:,} parameters train on every "
+        print(f"[dstune] shared: {', '.join(m.label for m in c.shared)}: {n_shared:,} parameters train on every "
               f"adapter's rows; lr {c.cfg.training.lr:g}", flush=True)
     for a in c.adapters:
         a.run_dir.mkdir(parents=True, exist_ok=True)
@@ -338,7 +337,7 @@ def _write_headers(c: CheckedAdapters, job: Job) -> int | None:
         labels = [str(x) for x in a.data.labels] if a.data.labels else None
         (a.run_dir / "run.json").write_text(json.dumps(
             {"task": a.cfg.task, "labels": labels, "methods": [m.name for m in c.shared + a.methods],
-             "trainable_params": own + shared, "total_params": total + own, "base_params": job.base_params,
+             "trainable_params": own + n_shared, "total_params": total + own, "base_params": job.base_params,
              "base_fingerprint": c.base, "world_size": dist_.world, "zero_stage": job.stage,
              "trained_in": str(run_dir), "planned_steps": a.total_steps}, indent=1))
         keep_augmented(a.entry, a.run_dir)

@@ -301,7 +301,7 @@ class AdaptersRun:
 
     def save_trainable(self, r: AdapterRun, file: str, extra: dict) -> None:
         """The adapter's trained state under the names a run of its own gives it (every rank takes part)."""
-        names = {**dict.fromkeys(r.a.shared), **r.a.names}  # the shared methods' keep their names
+        names = {**dict.fromkeys(self.shared.names), **r.a.names}  # the shared methods' keep their names
         mine = {n: p for n, p in self.engine.module.named_parameters() if n in names}
         state = ckpt.trainable_state_of(mine)
         if self.job.dist.is_main:

@@ -18,10 +18,9 @@ COLUMNS = {"base": "base model", "before": "before", "after": "after"}  # result
 
 
 class HeldOut:
-    """The run's metric log and held-out side. `score()`: the held-out metrics now (every rank takes part); `save_best(step)`: keep the trainable
-    state as best.safetensors (every rank takes part); `base_only()`: a context in which the model is its
-    untouched base. `results` is the run's results.json as this process knows it (rank 0: merged with the
-    file's)."""
+    """The run's metric log and held-out side. `score()`: the held-out metrics now; `save_best(step)`: keep
+    the trainable state as best.safetensors (every rank takes part in both). `results` is the run's
+    results.json as this process knows it (rank 0: merged with the file's)."""
 
     def __init__(self, cfg: RunConfig, data, dist: Dist, step: int, score: Callable[[], dict],
                  save_best: Callable[[int], None]):
